@@ -1,0 +1,6 @@
+"""EdgeMesh: what spans devices (discovery, scheduling, gateway, transport, metrics)."""
+
+__version__ = "0.1.0"
+
+# Bumped when the wire changes incompatibly; nodes of another version are not planned onto.
+PROTOCOL_VERSION = 1

@@ -1,0 +1,149 @@
+"""`edgemesh bench`: streaming speed through a local mesh as a ratio to llama-cpp-python.
+
+Both sides run in the same process run, interleaved (baseline, mesh, baseline, mesh, ...)
+so that thermal and background drift hit both alike. The baseline is llama-cpp-python's
+own streaming completion with the same model, threads, prompt and greedy sampling; the
+mesh side is a real `edgemesh up` (node processes + gateway) measured over HTTP/SSE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from mesh.local_mesh import LocalMeshOptions, run_local_mesh
+from mesh.model_store import resolve
+
+log = logging.getLogger(__name__)
+
+BENCH_PROMPT = "Write a detailed essay about the history of the printing press and its effect on Europe."
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str = "default"
+    nodes: int = 1
+    tokens: int = 128
+    runs: int = 3
+    threads: int = 0
+    strategy: str = "replica"
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    tokens: int
+    first_token_s: float  # request sent -> first token
+    total_s: float  # request sent -> last token
+
+    @property
+    def decode_tps(self) -> float:
+        """Tokens per second after the first token (prefill excluded)."""
+        span = self.total_s - self.first_token_s
+        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else 0.0
+
+    @property
+    def end_to_end_tps(self) -> float:
+        return self.tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+def baseline_run(llm: Any, tokens: int) -> RunTiming:
+    """llama-cpp-python called directly, streaming, greedy."""
+    llm.reset()
+    start = time.perf_counter()
+    first = 0.0
+    count = 0
+    for _chunk in llm.create_completion(BENCH_PROMPT, max_tokens=tokens, temperature=0.0, stream=True):
+        count += 1
+        if count == 1:
+            first = time.perf_counter() - start
+    return RunTiming(count, first, time.perf_counter() - start)
+
+
+async def mesh_run(client: httpx.AsyncClient, url: str, tokens: int) -> RunTiming:
+    body = {"prompt": BENCH_PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = 0.0
+    usage_tokens = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage_tokens = int(chunk["usage"]["completion_tokens"])
+            elif chunk.get("choices") and chunk["choices"][0].get("text") and not first:
+                first = time.perf_counter() - start
+    end = time.perf_counter() - start
+    return RunTiming(usage_tokens, first, end)
+
+
+def _summary(name: str, runs: list[RunTiming]) -> tuple[float, float, float]:
+    decode = statistics.median(r.decode_tps for r in runs)
+    e2e = statistics.median(r.end_to_end_tps for r in runs)
+    ttft = statistics.median(r.first_token_s for r in runs)
+    sys.stdout.write(f"{name:24s} decode {decode:7.1f} tok/s   end-to-end {e2e:7.1f} tok/s   "
+                     f"first token {ttft * 1000:7.1f} ms   tokens {runs[0].tokens}\n")
+    return decode, e2e, ttft
+
+
+async def _bench(options: BenchOptions) -> dict[str, float]:
+    import llama_cpp
+
+    threads = options.threads or os.cpu_count() or 1
+    model_path = await asyncio.to_thread(resolve, options.model)
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                          n_batch=512, verbose=False)
+    stop = asyncio.Event()
+    with tempfile.TemporaryDirectory(prefix="edgemesh-bench-") as tmp:
+        ready = Path(tmp) / "ready"
+        mesh = asyncio.create_task(run_local_mesh(LocalMeshOptions(
+            nodes=options.nodes, port=0, model=str(model_path), strategy=options.strategy, threads=threads,
+            ready_file=str(ready)), stop))
+        try:
+            while not ready.exists():
+                if mesh.done():
+                    mesh.result()
+                    raise RuntimeError("the local mesh stopped before it was ready")
+                await asyncio.sleep(0.1)
+            host, port = ready.read_text().split()
+            url = f"http://{host}:{port}"
+            base: list[RunTiming] = []
+            ours: list[RunTiming] = []
+            async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
+                await mesh_run(client, url, 8)  # warm-up: first request pays for lazy set-up
+                await asyncio.to_thread(baseline_run, llm, 8)
+                for i in range(options.runs):
+                    base.append(await asyncio.to_thread(baseline_run, llm, options.tokens))
+                    ours.append(await mesh_run(client, url, options.tokens))
+                    log.info("run %d/%d: llama.cpp %.1f tok/s, mesh %.1f tok/s", i + 1, options.runs,
+                             base[-1].decode_tps, ours[-1].decode_tps)
+        finally:
+            stop.set()
+            await asyncio.gather(mesh, return_exceptions=True)
+    sys.stdout.write(f"\nmodel {model_path.name}, {threads} thread(s), {options.tokens} tokens, "
+                     f"{options.runs} run(s), median of runs\n")
+    b_dec, b_e2e, b_ttft = _summary("llama-cpp-python direct", base)
+    m_dec, m_e2e, m_ttft = _summary(f"edgemesh gateway ({options.nodes} node)", ours)
+    result = {"decode_ratio": m_dec / b_dec if b_dec else 0.0, "end_to_end_ratio": m_e2e / b_e2e if b_e2e else 0.0,
+              "baseline_decode_tps": b_dec, "mesh_decode_tps": m_dec,
+              "baseline_ttft_s": b_ttft, "mesh_ttft_s": m_ttft}
+    sys.stdout.write(f"ratio mesh / llama.cpp: decode {result['decode_ratio']:.3f}x, "
+                     f"end-to-end {result['end_to_end_ratio']:.3f}x\n")
+    return result
+
+
+def run_bench(options: BenchOptions) -> dict[str, float]:
+    return asyncio.run(_bench(options))

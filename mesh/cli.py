@@ -1,0 +1,180 @@
+"""`edgemesh`: the command line of every EdgeMesh role.
+
+Subcommands: node, gateway, up (a whole local mesh), status, chat, model, bench.
+Each long-running command stops cleanly on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from mesh import __version__
+from mesh.config import GatewayConfig, NodeConfig, add_arguments, from_arguments
+from mesh.errors import EdgeMeshError
+from mesh.logs import setup_logging
+
+log = logging.getLogger("edgemesh")
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    """Run `main(stop)` where `stop` is set by the first SIGINT or SIGTERM."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+# ---------------------------------------------------------------------------- roles
+
+def cmd_node(args: argparse.Namespace) -> None:
+    from node.daemon import run_node
+
+    config = from_arguments(NodeConfig, args)
+    run_until_signalled(lambda stop: run_node(config, stop))
+
+
+def cmd_gateway(args: argparse.Namespace) -> None:
+    from mesh.gateway.runtime import GatewayRuntime, check_bind_is_safe, serve
+    from mesh.model_store import resolve
+
+    config = from_arguments(GatewayConfig, args)
+    check_bind_is_safe(config)  # before the slow parts, so a wrong bind fails at once
+    runtime = GatewayRuntime(config, resolve(config.model))
+    run_until_signalled(lambda stop: serve(runtime, stop))
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    from mesh.local_mesh import LocalMeshOptions, run_local_mesh
+
+    options = LocalMeshOptions(
+        nodes=args.nodes, host=args.host, port=args.port, model=args.model, strategy=args.strategy,
+        threads=args.threads, slots=args.slots, n_ctx=args.n_ctx, api_key=args.api_key,
+        cluster_key=args.cluster_key, ready_file=args.ready_file, memory_limit=args.memory_limit)
+    run_until_signalled(lambda stop: run_local_mesh(options, stop))
+
+
+# ---------------------------------------------------------------------------- clients
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from mesh.client_cli import print_status
+
+    print_status(args.url, args.api_key)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from mesh.client_cli import chat_loop
+
+    chat_loop(args.url, args.api_key, max_tokens=args.max_tokens, temperature=args.temperature,
+              system=args.system)
+
+
+def cmd_model(args: argparse.Namespace) -> None:
+    from mesh import model_store
+
+    if args.action == "pull":
+        path = model_store.resolve(args.name, pull=True) if args.name != "default" else model_store.pull_default()
+        sys.stdout.write(f"{path}\n")
+    elif args.action == "path":
+        sys.stdout.write(f"{model_store.resolve(args.name, pull=True)}\n")
+    else:
+        cached = model_store.list_cached()
+        if not cached:
+            sys.stdout.write("no models cached; run `edgemesh model pull default`\n")
+        for m in cached:
+            sys.stdout.write(f"{m.name:40s} {m.size / 1e6:9.1f} MB  {m.sha256}  {m.path}\n")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from mesh.bench import BenchOptions, run_bench
+
+    run_bench(BenchOptions(model=args.model, nodes=args.nodes, tokens=args.tokens, runs=args.runs,
+                           threads=args.threads, strategy=args.strategy))
+
+
+# ---------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgemesh", description="Pool your devices into one private AI assistant.")
+    parser.add_argument("--version", action="version", version=f"edgemesh {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("node", help="serve a model on this device")
+    add_arguments(p, NodeConfig)
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("gateway", help="serve the OpenAI API in front of the mesh")
+    add_arguments(p, GatewayConfig)
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("up", help="start N nodes and a gateway on this machine")
+    p.add_argument("--nodes", type=int, default=2, help="how many nodes to start [default: 2]")
+    p.add_argument("--host", default="127.0.0.1", help="address of the gateway [default: 127.0.0.1]")
+    p.add_argument("--port", type=int, default=8080, help="gateway HTTP port (0 picks one) [default: 8080]")
+    p.add_argument("--model", default="default", help="'default', a cached model name, or a GGUF path")
+    p.add_argument("--strategy", choices=["replica"], default="replica",
+                   help="replica: every node serves the whole model")
+    p.add_argument("--threads", type=int, default=0, help="threads per node (0 = cores / nodes)")
+    p.add_argument("--slots", type=int, default=1, help="concurrent requests per node [default: 1]")
+    p.add_argument("--n-ctx", type=int, default=2048, help="context length per request [default: 2048]")
+    p.add_argument("--memory-limit", default="0", help="memory each node may use, e.g. 60MB (0 = no limit)")
+    p.add_argument("--api-key", default="", help="bearer key for the API (required off loopback)")
+    p.add_argument("--cluster-key", default="", help="cluster key (default: a fresh one for this mesh)")
+    p.add_argument("--ready-file", default="", help="write 'host port' of the gateway here once all nodes are up")
+    p.set_defaults(func=cmd_up)
+
+    for name, helptext, func in (("status", "show the nodes of a mesh", cmd_status),
+                                 ("chat", "chat with a mesh in the terminal", cmd_chat)):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--url", default=DEFAULT_URL, help=f"gateway URL [default: {DEFAULT_URL}]")
+        p.add_argument("--api-key", default="", help="bearer key, if the gateway asks for one")
+        p.set_defaults(func=func)
+        if name == "chat":
+            p.add_argument("--max-tokens", type=int, default=512)
+            p.add_argument("--temperature", type=float, default=0.7)
+            p.add_argument("--system", default="", help="system prompt")
+
+    p = sub.add_parser("model", help="pull, locate and list models")
+    p.add_argument("action", choices=["pull", "path", "list"])
+    p.add_argument("name", nargs="?", default="default", help="model name or path [default: default]")
+    p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("bench", help="gateway streaming speed as a ratio to llama-cpp-python")
+    p.add_argument("--model", default="default")
+    p.add_argument("--nodes", type=int, default=1, help="nodes in the benchmarked mesh [default: 1]")
+    p.add_argument("--strategy", choices=["replica"], default="replica")
+    p.add_argument("--tokens", type=int, default=128, help="tokens generated per run [default: 128]")
+    p.add_argument("--runs", type=int, default=3, help="timed runs of each side [default: 3]")
+    p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, process=(args.name if args.command == "node" and args.name else args.command))
+    try:
+        args.func(args)
+    except EdgeMeshError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""One typed configuration for every EdgeMesh process.
+
+Each field carries its help text; the CLI builds its flags from these dataclasses and
+every flag can also come from the environment as EDGEMESH_<FIELD> (for example
+EDGEMESH_CLUSTER_KEY), so there is exactly one list of settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import re
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mesh.errors import ConfigError
+
+ENV_PREFIX = "EDGEMESH_"
+LOOPBACK = "127.0.0.1"
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, secret: bool = False) -> Any:
+    """A config field with its help text. `secret` fields are never shown in logs."""
+    return field(default=default, metadata={"help": help, "flag": flag, "secret": secret})
+
+
+def home_dir() -> Path:
+    """Where EdgeMesh keeps its model cache, cluster key and shard cache."""
+    configured = os.environ.get(ENV_PREFIX + "HOME")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgemesh"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
+          "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'60MB' -> 60_000_000, '2GiB' -> 2147483648, '0' -> 0."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m or (m.group(2) or "").lower() not in _UNITS:
+        raise ConfigError(f"cannot read {text!r} as a size (examples: 512MB, 2GiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every timeout and protocol timing in one place; tests shorten them, nothing hard-codes them."""
+
+    connect_s: float = setting(5.0, "deadline to reach a peer before it counts as unreachable")
+    info_rpc_s: float = setting(5.0, "deadline of the Info RPC")
+    first_token_s: float = setting(120.0, "deadline for a node's first token (covers prefill and queueing)")
+    token_idle_s: float = setting(30.0, "longest silence between two tokens before a stream counts as failed")
+    request_s: float = setting(1800.0, "deadline of a whole generation stream")
+    keepalive_time_s: float = setting(10.0, "gRPC keepalive ping interval on idle and busy channels")
+    keepalive_timeout_s: float = setting(5.0, "how long a keepalive ping may go unanswered")
+    auth_skew_s: float = setting(120.0, "largest clock difference accepted in a cluster-key signature")
+    refresh_s: float = setting(5.0, "how often the gateway refreshes each node's Info")
+    drain_s: float = setting(60.0, "longest a draining node waits for in-flight streams before it exits")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes a process accepts from peers and clients."""
+
+    max_message_bytes: int = setting(64 * 2**20, "largest gRPC message sent or received")
+    max_prompt_chars: int = setting(1_000_000, "largest prompt text the gateway accepts")
+    max_body_bytes: int = setting(4 * 2**20, "largest HTTP request body the gateway accepts")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    model: str = setting("default", "GGUF model to serve: 'default', a cached model name, or a path")
+    name: str = setting("", "human name of this node (default: host name)")
+    host: str = setting(LOOPBACK, "address to bind gRPC and metrics on (0.0.0.0 for the LAN)")
+    port: int = setting(7471, "gRPC port (0 picks a free one)")
+    metrics_port: int = setting(9471, "Prometheus metrics port (0 picks a free one)")
+    threads: int = setting(0, "compute threads (0 = all cores)")
+    memory_limit: str = setting("0", "memory this node may use, e.g. 2GiB (0 = free memory)")
+    cluster_key: str = setting("", "shared secret of the mesh (default: $EDGEMESH_HOME/cluster.key)",
+                               secret=True)
+    slots: int = setting(1, "requests generated at the same time")
+    max_queue: int = setting(8, "requests queued beyond the running ones before RESOURCE_EXHAUSTED")
+    n_ctx: int = setting(2048, "context length (tokens) per request")
+    advertise: bool = setting(True, "advertise this node with mDNS")
+    ready_file: str = setting("", "write 'host port metrics_port node_id' here once serving (for supervisors)")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = setting(LOOPBACK, "address to bind the HTTP API on")
+    port: int = setting(8080, "HTTP port (0 picks a free one)")
+    cluster_key: str = setting("", "shared secret of the mesh (default: $EDGEMESH_HOME/cluster.key)",
+                               secret=True)
+    api_key: str = setting("", "bearer key clients must send; required on a non-loopback address",
+                           secret=True)
+    peer: tuple[str, ...] = setting((), "static node address HOST:PORT (repeatable), besides mDNS")
+    model: str = setting("default", "GGUF model whose tokenizer and chat template the gateway uses")
+    discovery: bool = setting(True, "browse mDNS for nodes")
+    ready_file: str = setting("", "write 'host port' here once serving (for supervisors)")
+
+
+T = TypeVar("T")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Any], *, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of a config dataclass; env EDGEMESH_<FIELD> sets the default."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        env = os.environ.get(ENV_PREFIX + f.name.upper())
+        help_text = f.metadata.get("help", "")
+        default: Any = f.default
+        if isinstance(default, bool):
+            flag_on = default if env is None else env.lower() in ("1", "true", "yes", "on")
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=flag_on,
+                                help=help_text)
+        elif isinstance(default, tuple):
+            listed = tuple(env.split(",")) if env else default
+            parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text)
+            parser.set_defaults(**{f"_default_{f.name}": listed})
+        else:
+            kind = type(default)
+            value = default if env is None else kind(env)
+            shown = "(hidden)" if f.metadata.get("secret") else repr(default)
+            parser.add_argument(flag, dest=f.name, type=kind, default=value,
+                                help=f"{help_text} [default: {shown}]")
+
+
+def from_arguments(cls: type[T], args: argparse.Namespace) -> T:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if isinstance(f.default, tuple):
+            value = tuple(value) if value is not None else getattr(args, f"_default_{f.name}", ())
+        values[f.name] = value
+    return cls(**values)
+
+
+def resolve_cluster_key(explicit: str) -> str:
+    """The cluster key from the flag/env, else from $EDGEMESH_HOME/cluster.key, created on first use
+    so that nodes and a gateway on one machine agree without any set-up."""
+    if explicit:
+        return explicit
+    path = home_dir() / "cluster.key"
+    try:
+        text = path.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it first: use theirs
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def default_node_name() -> str:
+    return socket.gethostname().split(".")[0] or "node"

@@ -1,0 +1,80 @@
+"""The one error hierarchy of EdgeMesh.
+
+Each error knows how it is shown to a caller: an HTTP status for the gateway and a
+gRPC status code name for nodes, so the edges translate errors in one place.
+"""
+
+from __future__ import annotations
+
+
+class EdgeMeshError(Exception):
+    """Base of every error EdgeMesh raises on purpose."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+    kind = "internal_error"
+
+
+class ConfigError(EdgeMeshError):
+    """A flag, environment variable or file makes no sense; raised before anything starts."""
+
+    kind = "config_error"
+
+
+class InvalidInput(EdgeMeshError):
+    """The caller sent something malformed or out of range."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+    kind = "invalid_request_error"
+
+
+class NotFound(EdgeMeshError):
+    """A model, session or route that does not exist."""
+
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+    kind = "not_found_error"
+
+
+class Unauthenticated(EdgeMeshError):
+    """Missing or wrong API key or cluster key."""
+
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+    kind = "authentication_error"
+
+
+class CapacityExhausted(EdgeMeshError):
+    """Every node that could serve is busy; retrying later can succeed."""
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+    kind = "capacity_error"
+
+
+class Unavailable(EdgeMeshError):
+    """Nothing can serve the request right now (no nodes, nodes down, draining)."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+    kind = "unavailable_error"
+
+
+class ModelError(EdgeMeshError):
+    """A model file is missing, corrupt or cannot be loaded."""
+
+    kind = "model_error"
+
+
+class PeerError(EdgeMeshError):
+    """A peer answered with an error or broke the stream; the request may be retried elsewhere."""
+
+    http_status = 502
+    grpc_code = "UNAVAILABLE"
+    kind = "upstream_error"
+
+    def __init__(self, message: str, *, retryable: bool = True, code: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.code = code

@@ -1,0 +1,131 @@
+"""HTTP routes of the gateway: OpenAI API, cluster view, health, metrics, web UI."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mesh.errors import EdgeMeshError, InvalidInput, NotFound, Unauthenticated
+from mesh.gateway.completions import CHAT, TEXT, error_response
+from mesh.gateway.schemas import ChatRequest, CompletionRequest, parse
+
+if TYPE_CHECKING:
+    from mesh.gateway.runtime import GatewayRuntime
+
+log = logging.getLogger(__name__)
+
+PROTECTED_PREFIXES = ("/v1/", "/api/")
+
+
+class ApiKeyMiddleware:
+    """Bearer-key check on the API; the page, health and metrics stay open. Plain ASGI, so
+    streaming responses and client disconnects pass through untouched."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self._app = app
+        self._key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._key and scope["type"] == "http" and str(scope["path"]).startswith(PROTECTED_PREFIXES):
+            given = Headers(scope=scope).get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self._key):
+                response = error_response(Unauthenticated("missing or wrong API key (send 'Authorization: Bearer KEY')"))
+                await response(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise InvalidInput(f"request body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise InvalidInput(f"request body is larger than {limit} bytes")
+    return bytes(body)
+
+
+def build_app(runtime: GatewayRuntime) -> Starlette:
+    limits = runtime.limits
+
+    async def completion(request: Request, schema: type[Any], flavor: Any) -> Response:
+        try:
+            body = parse(schema, await _read_body(request, limits.max_body_bytes))
+            if isinstance(body, CompletionRequest) and len(body.prompt_text()) > limits.max_prompt_chars:
+                raise InvalidInput(f"prompt is longer than {limits.max_prompt_chars} characters")
+        except EdgeMeshError as exc:
+            runtime.metrics.requests.labels("mesh", str(exc.http_status)).inc()
+            runtime.metrics.rejected.labels("invalid").inc()
+            return error_response(exc)
+        return await runtime.completions.handle(body, flavor)
+
+    async def chat_completions(request: Request) -> Response:
+        return await completion(request, ChatRequest, CHAT)
+
+    async def text_completions(request: Request) -> Response:
+        return await completion(request, CompletionRequest, TEXT)
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": runtime.model_name, "object": "model", "created": int(runtime.started_at),
+             "owned_by": "edgemesh", "ready": bool(runtime.scheduler.placements())}]})
+
+    async def cluster(request: Request) -> Response:
+        return JSONResponse(runtime.cluster_view())
+
+    async def healthz(request: Request) -> Response:
+        ready = len(runtime.membership.ready())
+        return JSONResponse({"status": "ok", "nodes_ready": ready, "uptime_s": round(time.time() - runtime.started_at, 1)})
+
+    async def metrics(request: Request) -> Response:
+        runtime.refresh_gauges()
+        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    static_dir = resources.files("mesh.gateway") / "static"
+
+    async def index(request: Request) -> Response:
+        page = static_dir / "index.html"
+        if not page.is_file():
+            return PlainTextResponse("EdgeMesh gateway: the web UI is not installed; the API is at /v1/")
+        return FileResponse(str(page))
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": {"message": f"{request.method} is not allowed on {request.url.path}",
+                                       "type": "invalid_request_error", "param": None, "code": 405}},
+                            status_code=405)
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", text_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/api/cluster", cluster, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/", index, methods=["GET"]),
+        Route("/cluster", index, methods=["GET"]),
+        Mount("/static", app=StaticFiles(directory=str(static_dir), check_dir=False), name="static"),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(ApiKeyMiddleware, api_key=runtime.api_key)],
+        exception_handlers={404: not_found, 405: method_not_allowed},
+    )

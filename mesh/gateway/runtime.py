@@ -1,0 +1,152 @@
+"""The gateway process: discovery + membership + scheduler + tokenizer behind the HTTP app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from mesh.config import GatewayConfig, Limits, Timeouts, is_loopback, resolve_cluster_key
+from mesh.discovery import Browser, Peer, browse_interfaces, static_peers
+from mesh.errors import ConfigError
+from mesh.gateway.completions import Completions
+from mesh.membership import Member, Membership, MemberState
+from mesh.metrics import GatewayMetrics
+from mesh.scheduler import Scheduler
+from mesh.tokenizer import Tokenizer
+from mesh.transport.auth import cluster_hash
+from mesh.types import ModelSha
+
+log = logging.getLogger(__name__)
+
+
+def check_bind_is_safe(config: GatewayConfig) -> None:
+    """Secure by default: a gateway reachable from the network must ask for a key."""
+    if not is_loopback(config.host) and not config.api_key:
+        raise ConfigError(
+            f"refusing to serve on {config.host} without an API key: anyone on the network could use "
+            "the mesh. Pass --api-key KEY (or EDGEMESH_API_KEY), or bind 127.0.0.1.")
+
+
+class GatewayRuntime:
+    def __init__(self, config: GatewayConfig, model_path: Path, *, timeouts: Timeouts | None = None,
+                 limits: Limits | None = None) -> None:
+        from node.gguf import file_sha256
+
+        check_bind_is_safe(config)
+        self.config = config
+        self.timeouts = timeouts or Timeouts()
+        self.limits = limits or Limits()
+        self.api_key = config.api_key
+        self.cluster_key = resolve_cluster_key(config.cluster_key)
+        self.started_at = time.time()
+        self.model_path = model_path
+        self.model_name = model_path.stem
+        self.model_sha = ModelSha(file_sha256(model_path))
+        self.tokenizer = Tokenizer.load(model_path)
+        self.metrics = GatewayMetrics(CollectorRegistry())
+        self.membership = Membership(self.cluster_key, self.timeouts, self.limits)
+        self.scheduler = Scheduler(self.membership, self.model_sha, self.metrics)
+        self.completions = Completions(self.scheduler, self.tokenizer, self.model_name, self.metrics)
+        self._browser: Browser | None = None
+
+    def add_peer(self, peer: Peer) -> None:
+        self.membership.add(peer)
+
+    async def start(self) -> None:
+        for peer in static_peers(self.config.peer):
+            self.add_peer(peer)
+        if self.config.discovery:
+            self._browser = Browser(cluster_hash(self.cluster_key), self.add_peer,
+                                    browse_interfaces(self.config.host))
+            await self._browser.start()
+
+    async def stop(self) -> None:
+        if self._browser is not None:
+            await self._browser.stop()
+        await self.membership.stop()
+
+    # ------------------------------------------------------------------ views
+
+    def _node_view(self, member: Member) -> dict[str, Any]:
+        info = member.info
+        holds = [m for m in info.models if m.sha256 == self.model_sha] if info else []
+        return {
+            "id": info.node_id if info else None,
+            "name": info.name if info else member.address,
+            "address": member.address,
+            "state": member.state.value,
+            "since": member.since,
+            "reason": member.reason,
+            "pid": info.pid if info else None,
+            "memory_total": info.memory_total if info else None,
+            "memory_free": info.memory_free if info else None,
+            "models": [{"name": m.name, "sha256": m.sha256, "n_layers": m.n_layers, "bytes": m.file_bytes}
+                       for m in (info.models if info else ())],
+            "role": "replica" if holds else ("stage" if info and info.stages else "idle"),
+            "layers": [0, holds[0].n_layers] if holds else None,
+            "in_flight": self.scheduler.outstanding(info.node_id) if info else 0,
+            "capacity": info.capacity if info else 0,
+            "version": info.version if info else None,
+        }
+
+    def cluster_view(self) -> dict[str, Any]:
+        return {
+            "model": {"name": self.model_name, "sha256": self.model_sha},
+            "nodes": [self._node_view(m) for m in sorted(self.membership.members(), key=lambda m: m.address)],
+            "placements": [
+                {"kind": p.kind, "model": p.model_name,
+                 "stages": [{"node": s.node_id, "layers": s.layers.as_list()} for s in p.stages]}
+                for p in self.scheduler.placements()
+            ],
+        }
+
+    def refresh_gauges(self) -> None:
+        members = self.membership.members()
+        for state in MemberState:
+            self.metrics.mesh_nodes.labels(state.value).set(sum(1 for m in members if m.state == state))
+        for m in members:
+            if m.info is not None:
+                self.metrics.mesh_node_up.labels(m.info.node_id, m.info.name).set(
+                    1 if m.state == MemberState.READY else 0)
+        placements = self.scheduler.placements()
+        for kind in ("replica", "pipeline"):
+            self.metrics.placements.labels(kind).set(sum(1 for p in placements if p.kind == kind))
+
+
+async def serve(runtime: GatewayRuntime, stop: asyncio.Event,
+                on_listening: Callable[[int], None] | None = None) -> None:
+    """Serve HTTP until `stop` is set; once listening, writes the ready file and calls
+    `on_listening(port)` (which `edgemesh up` uses to wait for its nodes)."""
+    from mesh.gateway.app import build_app
+
+    await runtime.start()
+    server = uvicorn.Server(uvicorn.Config(
+        build_app(runtime), host=runtime.config.host, port=runtime.config.port, log_level="warning",
+        lifespan="off", access_log=False, timeout_graceful_shutdown=5))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise ConfigError(f"gateway could not listen on {runtime.config.host}:{runtime.config.port}")
+            await asyncio.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        log.info("gateway listening on http://%s:%d", runtime.config.host, port)
+        if runtime.config.ready_file:
+            Path(runtime.config.ready_file).write_text(f"{runtime.config.host} {port}\n")
+        if on_listening is not None:
+            on_listening(port)
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+    finally:
+        server.should_exit = True
+        await asyncio.gather(task, return_exceptions=True)
+        await runtime.stop()

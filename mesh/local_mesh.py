@@ -1,0 +1,203 @@
+"""`edgemesh up`: N node processes and an in-process gateway on this machine.
+
+Nodes are real `edgemesh node` processes on ephemeral loopback ports, sharing a cluster
+key made for this mesh (so two local meshes never adopt each other's nodes over mDNS).
+The gateway finds them by mDNS and, to be quick, also by the address each node writes
+to its ready file; membership deduplicates by node id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mesh.config import GatewayConfig, Timeouts
+from mesh.discovery import Peer
+from mesh.errors import ConfigError, ModelError
+from mesh.model_store import resolve
+from mesh.types import NodeId
+
+if TYPE_CHECKING:
+    from mesh.gateway.runtime import GatewayRuntime
+
+log = logging.getLogger(__name__)
+
+NODE_START_TIMEOUT_S = 300.0  # a slow device may take minutes to hash and load a big model
+NODE_STOP_GRACE_S = 70.0  # a node drains for up to Timeouts.drain_s (60 s) before exiting
+
+
+@dataclass(frozen=True)
+class LocalMeshOptions:
+    nodes: int = 2
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model: str = "default"
+    strategy: str = "replica"
+    threads: int = 0
+    slots: int = 1
+    n_ctx: int = 2048
+    api_key: str = ""
+    cluster_key: str = ""
+    ready_file: str = ""
+    memory_limit: str = "0"
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    ready_file: Path
+    peer: Peer | None = None
+
+    def poll_ready(self) -> Peer | None:
+        """Where the node serves, once it has written its ready file ('host port metrics_port id')."""
+        if self.peer is None and self.ready_file.exists():
+            fields = self.ready_file.read_text().split()
+            if len(fields) >= 4:
+                self.peer = Peer(address=f"{fields[0]}:{fields[1]}", node_id=NodeId(fields[3]),
+                                 metrics_port=int(fields[2]))
+        return self.peer
+
+
+def threads_per_node(nodes: int, requested: int) -> int:
+    """Share the cores: N replicas each using every core would only fight over them."""
+    if requested > 0:
+        return requested
+    return max(1, (os.cpu_count() or 1) // nodes)
+
+
+def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_key: str,
+               workdir: Path) -> NodeProcess:
+    name = f"node-{index + 1}"
+    ready = workdir / f"{name}.ready"
+    command = [
+        sys.executable, "-m", "mesh.cli", "node", "--model", str(model_path), "--name", name,
+        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+        "--threads", str(threads_per_node(options.nodes, options.threads)),
+        "--slots", str(options.slots), "--n-ctx", str(options.n_ctx),
+        "--memory-limit", options.memory_limit, "--ready-file", str(ready),
+    ]
+    # The key goes by environment, not argv, so `ps` does not show it.
+    env = {**os.environ, "EDGEMESH_CLUSTER_KEY": cluster_key}
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+    log.info("started %s (pid %d)", name, process.pid)
+    return NodeProcess(name, process, ready)
+
+
+def stop_nodes(nodes: list[NodeProcess], grace_s: float = NODE_STOP_GRACE_S) -> None:
+    """SIGTERM (drain) every node we started, then SIGKILL what outlives the grace period."""
+    for node in nodes:
+        if node.process.poll() is None:
+            node.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for node in nodes:
+        try:
+            node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs; killing it", node.name, grace_s)
+            node.process.kill()
+            node.process.wait()
+
+
+def _banner(url: str, model_name: str, nodes: int, api_key: str) -> str:
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    return (
+        f"\nEdgeMesh is up: {nodes} node(s) serving {model_name}\n"
+        f"  web page: {url}/\n"
+        f"  API:      {url}/v1\n"
+        f"  metrics:  {url}/metrics\n"
+        f"  try:      curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+        "              -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 64}'\n"
+        "  stop:     Ctrl-C\n\n")
+
+
+async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None:
+    from mesh.gateway.runtime import GatewayRuntime, check_bind_is_safe, serve
+
+    if options.nodes < 1:
+        raise ConfigError("--nodes must be at least 1")
+    if options.strategy != "replica":
+        raise ConfigError(f"unknown strategy {options.strategy!r}")
+    cluster_key = options.cluster_key or secrets.token_urlsafe(32)
+    config = GatewayConfig(host=options.host, port=options.port, cluster_key=cluster_key,
+                           api_key=options.api_key, model=options.model)
+    check_bind_is_safe(config)
+    model_path = await asyncio.to_thread(resolve, options.model)
+    timeouts = Timeouts()
+    runtime = GatewayRuntime(GatewayConfig(host=options.host, port=options.port, cluster_key=cluster_key,
+                                           api_key=options.api_key, model=str(model_path)),
+                             model_path, timeouts=timeouts)
+
+    with tempfile.TemporaryDirectory(prefix="edgemesh-up-") as tmp:
+        nodes = [spawn_node(i, model_path, options, cluster_key, Path(tmp)) for i in range(options.nodes)]
+        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        gateway_stop = asyncio.Event()
+        gateway = asyncio.create_task(serve(runtime, gateway_stop, on_listening=listening.set_result))
+        try:
+            await _wait_for_mesh(runtime, nodes, listening, gateway, stop)
+            if stop.is_set():
+                return
+            port = listening.result()
+            url = f"http://{options.host}:{port}"
+            sys.stdout.write(_banner(url, model_path.stem, len(nodes), options.api_key))
+            sys.stdout.flush()
+            if options.ready_file:
+                Path(options.ready_file).write_text(f"{options.host} {port}\n")
+            await _supervise(nodes, gateway, stop)
+        finally:
+            log.info("stopping the local mesh")
+            gateway_stop.set()
+            await asyncio.to_thread(stop_nodes, nodes)
+            await asyncio.gather(gateway, return_exceptions=True)
+
+
+async def _wait_for_mesh(runtime: GatewayRuntime, nodes: list[NodeProcess], listening: asyncio.Future[int],
+                         gateway: asyncio.Task[None], stop: asyncio.Event) -> None:
+    """Until the gateway listens and has every node READY (or stop/failure)."""
+    deadline = time.monotonic() + NODE_START_TIMEOUT_S
+    announced: set[str] = set()
+    while not stop.is_set():
+        if gateway.done():
+            gateway.result()  # raises what stopped it
+            raise ConfigError("the gateway stopped during start-up")
+        for node in nodes:
+            code = node.process.poll()
+            if code is not None:
+                raise ModelError(f"{node.name} exited with code {code} during start-up (see its log above)")
+            peer = node.poll_ready()
+            if peer is not None and peer.address not in announced and listening.done():
+                announced.add(peer.address)
+                runtime.add_peer(peer)
+        if listening.done() and len(runtime.membership.ready()) >= len(nodes):
+            return
+        if time.monotonic() > deadline:
+            raise ModelError(f"nodes were not ready after {NODE_START_TIMEOUT_S:.0f}s")
+        await asyncio.sleep(0.1)
+
+
+async def _supervise(nodes: list[NodeProcess], gateway: asyncio.Task[None], stop: asyncio.Event) -> None:
+    reported: set[str] = set()
+    while not stop.is_set():
+        if gateway.done():
+            gateway.result()
+            return
+        for node in nodes:
+            code = node.process.poll()
+            if code is not None and node.name not in reported:
+                reported.add(node.name)
+                log.warning("%s (pid %d) exited with code %d; the mesh goes on without it",
+                            node.name, node.process.pid, code)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+        except asyncio.TimeoutError:
+            pass

@@ -1,0 +1,206 @@
+"""Who is in the mesh and whether they are alive.
+
+Discovery hands us addresses; for each one a watcher task asks Info over authenticated
+gRPC, then follows the node's standard health Watch stream (plus periodic Info refresh).
+A broken stream or failed Info marks the node down at once; keepalive on the channel
+bounds how long a silent peer can look alive. mDNS records are never liveness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mesh import PROTOCOL_VERSION
+from mesh.config import Limits, Timeouts
+from mesh.discovery import Peer
+from mesh.errors import EdgeMeshError, Unauthenticated
+from mesh.transport.channels import NodeClient
+from mesh.types import NodeId, NodeInfo
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN_S = 0.5  # first reconnect delay after a failure; doubles up to RETRY_MAX_S
+RETRY_MAX_S = 10.0
+UNAUTHENTICATED_RETRY_S = 30.0  # a node with another key rarely changes its mind quickly
+
+
+class MemberState(str, enum.Enum):
+    JOINING = "joining"
+    READY = "ready"
+    DRAINING = "draining"
+    DOWN = "down"
+    UNAUTHENTICATED = "unauthenticated"
+    INCOMPATIBLE = "incompatible"
+
+
+@dataclass(frozen=True)
+class Member:
+    address: str
+    state: MemberState
+    since: float  # time.time() of the last state change
+    info: NodeInfo | None
+    source: str
+    reason: str = ""
+
+    @property
+    def node_id(self) -> NodeId | None:
+        return self.info.node_id if self.info else None
+
+
+class _Watcher:
+    def __init__(self, owner: Membership, peer: Peer) -> None:
+        self.owner = owner
+        self.peer = peer
+        self.client = NodeClient(peer.address, owner.cluster_key, owner.timeouts, owner.limits)
+        self.member = Member(address=peer.address, state=MemberState.JOINING, since=time.time(),
+                             info=None, source=peer.source)
+        self.task: asyncio.Task[None] | None = None
+
+    def set(self, state: MemberState, info: NodeInfo | None = None, reason: str = "") -> None:
+        old = self.member
+        info = info if info is not None else old.info
+        since = old.since if old.state == state else time.time()
+        self.member = Member(address=old.address, state=state, since=since, info=info,
+                             source=old.source, reason=reason)
+        if old.state != state:
+            log.info("node %s at %s: %s -> %s %s", info.name if info else "?", old.address,
+                     old.state.value, state.value, reason)
+            self.owner.changed()
+
+    async def run(self) -> None:
+        """Follow the node until it turns out to duplicate another watcher's node."""
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                await self._follow()
+            except _Duplicate:
+                return
+            except Unauthenticated as exc:
+                self.set(MemberState.UNAUTHENTICATED, reason=str(exc))
+                await asyncio.sleep(UNAUTHENTICATED_RETRY_S)
+                continue
+            except EdgeMeshError as exc:
+                self.set(MemberState.DOWN, reason=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S) if self.member.state == MemberState.DOWN else RETRY_MIN_S
+
+    def _accept(self, info: NodeInfo) -> None:
+        if info.protocol_version != PROTOCOL_VERSION:
+            self.set(MemberState.INCOMPATIBLE, info, f"protocol {info.protocol_version}, ours {PROTOCOL_VERSION}")
+        elif info.draining:
+            self.set(MemberState.DRAINING, info)
+        else:
+            self.set(MemberState.READY, info)
+
+    async def _follow(self) -> None:
+        info = await self.client.info()
+        if self.owner.is_duplicate(self, info.node_id):
+            raise _Duplicate
+        self._accept(info)
+        tasks = {asyncio.create_task(self._watch_health()), asyncio.create_task(self._refresh())}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raises why following stopped
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch_health(self) -> None:
+        async for serving in self.client.health_watch():
+            if not serving:
+                self.set(MemberState.DRAINING, reason="health NOT_SERVING")
+            elif self.member.state == MemberState.DRAINING:
+                self._accept(await self.client.info())
+        raise EdgeMeshError("health stream ended")
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.owner.timeouts.refresh_s)
+            self._accept(await self.client.info())
+
+
+class _Duplicate(Exception):
+    """This address reaches a node that another watcher already follows."""
+
+
+class Membership:
+    """The gateway's view of every node it has heard of."""
+
+    def __init__(self, cluster_key: str, timeouts: Timeouts, limits: Limits,
+                 on_change: Callable[[], None] | None = None) -> None:
+        self.cluster_key = cluster_key
+        self.timeouts = timeouts
+        self.limits = limits
+        self._on_change = on_change
+        self._watchers: dict[str, _Watcher] = {}
+
+    def changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    def add(self, peer: Peer) -> None:
+        """Start following an address (idempotent)."""
+        if peer.address in self._watchers:
+            return
+        if peer.node_id is not None and any(
+                w.member.node_id == peer.node_id and w.member.state != MemberState.DOWN
+                for w in self._watchers.values()):
+            return
+        watcher = _Watcher(self, peer)
+        self._watchers[peer.address] = watcher
+        watcher.task = asyncio.get_running_loop().create_task(self._supervise(watcher))
+
+    async def _supervise(self, watcher: _Watcher) -> None:
+        await watcher.run()
+        # run() only returns for a duplicate address of a node already followed
+        self._watchers.pop(watcher.peer.address, None)
+        await watcher.client.close()
+
+    def is_duplicate(self, watcher: _Watcher, node_id: NodeId) -> bool:
+        return any(w is not watcher and w.member.node_id == node_id and w.member.state != MemberState.DOWN
+                   for w in self._watchers.values())
+
+    def members(self) -> list[Member]:
+        return [w.member for w in self._watchers.values()]
+
+    def ready(self) -> list[Member]:
+        return [w.member for w in self._watchers.values() if w.member.state == MemberState.READY]
+
+    def client_for(self, node_id: NodeId) -> NodeClient | None:
+        for w in self._watchers.values():
+            if w.member.node_id == node_id:
+                return w.client
+        return None
+
+    def mark_down(self, node_id: NodeId, reason: str) -> None:
+        """The scheduler saw a node fail mid-call: stop routing to it until it proves itself again."""
+        for w in self._watchers.values():
+            if w.member.node_id == node_id and w.member.state == MemberState.READY:
+                # Until its next Info answer proves otherwise (within refresh_s).
+                w.set(MemberState.DOWN, reason=reason)
+
+    async def wait_ready(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.ready()) >= count:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def stop(self) -> None:
+        for w in self._watchers.values():
+            if w.task is not None:
+                w.task.cancel()
+        for w in self._watchers.values():
+            if w.task is not None:
+                # Shutting down: a watcher's last error has nobody left to report to.
+                await asyncio.gather(w.task, return_exceptions=True)
+            await w.client.close()
+        self._watchers.clear()

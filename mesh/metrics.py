@@ -1,0 +1,91 @@
+"""The whole metric catalogue, in one place. Every name starts with `edgemesh_`.
+
+Each process builds its metrics on its own CollectorRegistry, so several components
+can live in one test process without clashing. Label values are bounded: status codes,
+routes, node ids of the mesh, RPC method names, never request ids or free text.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency buckets from 5 ms (one decode step of a small model) to 2 minutes (a long prefill).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_GAP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class NodeMetrics:
+    """Exported by every node on its --metrics-port."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.up = Gauge("edgemesh_node_up", "1 while the node serves, 0 while it drains", registry=registry)
+        self.info = Gauge("edgemesh_node_info", "Constant 1, labelled with the node's identity",
+                          ["node_id", "name", "version"], registry=registry)
+        self.memory = Gauge("edgemesh_node_memory_bytes", "Device memory: total, free, and the node's limit",
+                            ["kind"], registry=registry)
+        self.role = Gauge("edgemesh_node_role", "1 for each role the node holds (replica or stage)",
+                          ["role"], registry=registry)
+        self.layers_held = Gauge("edgemesh_node_layers_held", "Transformer layers this node holds",
+                                 registry=registry)
+        self.requests = Counter("edgemesh_node_requests_total", "Generation requests by outcome",
+                                ["status"], registry=registry)
+        self.tokens = Counter("edgemesh_node_tokens_generated_total", "Tokens generated", registry=registry)
+        self.prompt_tokens = Counter("edgemesh_node_prompt_tokens_total", "Prompt tokens received",
+                                     registry=registry)
+        self.in_flight = Gauge("edgemesh_node_in_flight_requests", "Requests running or queued",
+                               registry=registry)
+        self.slots_in_use = Gauge("edgemesh_node_kv_slots_in_use", "KV cache slots holding a session",
+                                  registry=registry)
+        self.time_to_first_token = Histogram("edgemesh_node_time_to_first_token_seconds",
+                                             "From request arrival to its first token, on the node",
+                                             buckets=LATENCY_BUCKETS, registry=registry)
+        self.tokens_per_second = Gauge("edgemesh_node_decode_tokens_per_second",
+                                       "Decode speed of the last finished request", registry=registry)
+        self.rpc_duration = Histogram("edgemesh_node_rpc_duration_seconds", "Duration of RPCs by method",
+                                      ["method"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.rpc_errors = Counter("edgemesh_node_rpc_errors_total", "RPCs that ended in an error, by code",
+                                  ["method", "code"], registry=registry)
+        self.auth_failures = Counter("edgemesh_node_auth_failures_total",
+                                     "Calls refused for a missing or wrong cluster key", registry=registry)
+        self.bytes_in = Counter("edgemesh_node_bytes_received_total", "Payload bytes received in RPCs",
+                                registry=registry)
+        self.bytes_out = Counter("edgemesh_node_bytes_sent_total", "Payload bytes sent in RPCs",
+                                 registry=registry)
+
+
+class GatewayMetrics:
+    """Exported by the gateway at /metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter("edgemesh_requests_total", "Completion requests by route and HTTP status",
+                                ["route", "status"], registry=registry)
+        self.tokens = Counter("edgemesh_tokens_generated_total", "Tokens streamed to clients, by route",
+                              ["route"], registry=registry)
+        self.prompt_tokens = Counter("edgemesh_prompt_tokens_total", "Prompt tokens of served requests",
+                                     ["route"], registry=registry)
+        self.time_to_first_token = Histogram("edgemesh_time_to_first_token_seconds",
+                                             "From request arrival to the first token sent to the client",
+                                             ["route"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.inter_token = Histogram("edgemesh_inter_token_latency_seconds",
+                                     "Gap between consecutive tokens sent to the client",
+                                     ["route"], buckets=TOKEN_GAP_BUCKETS, registry=registry)
+        self.duration = Histogram("edgemesh_request_duration_seconds", "Whole request duration",
+                                  ["route"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.in_flight = Gauge("edgemesh_in_flight_requests", "Requests being served", registry=registry)
+        self.queue_depth = Gauge("edgemesh_queue_depth", "Requests admitted and waiting for their first token",
+                                 registry=registry)
+        self.retries = Counter("edgemesh_retries_total",
+                               "Requests moved to another node before their first token, by reason",
+                               ["reason"], registry=registry)
+        self.rejected = Counter("edgemesh_rejected_total", "Requests refused before any work, by reason",
+                                ["reason"], registry=registry)
+        self.mesh_node_up = Gauge("edgemesh_mesh_node_up", "1 per node the gateway sees as ready, else 0",
+                                  ["node_id", "name"], registry=registry)
+        self.mesh_nodes = Gauge("edgemesh_mesh_nodes", "Nodes known to the gateway, by state",
+                                ["state"], registry=registry)
+        self.node_in_flight = Gauge("edgemesh_mesh_node_in_flight", "Requests the gateway has on each node",
+                                    ["node_id"], registry=registry)
+        self.placements = Gauge("edgemesh_placements", "Placements the scheduler can route to, by kind",
+                                ["kind"], registry=registry)

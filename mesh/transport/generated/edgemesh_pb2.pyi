@@ -1,0 +1,241 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_F32: _ClassVar[DType]
+    DTYPE_F16: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_F32: DType
+DTYPE_F16: DType
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelHeld(_message.Message):
+    __slots__ = ("name", "sha256", "n_layers", "file_bytes", "n_ctx", "architecture", "n_vocab")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    N_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    N_CTX_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    N_VOCAB_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    n_layers: int
+    file_bytes: int
+    n_ctx: int
+    architecture: str
+    n_vocab: int
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., n_layers: _Optional[int] = ..., file_bytes: _Optional[int] = ..., n_ctx: _Optional[int] = ..., architecture: _Optional[str] = ..., n_vocab: _Optional[int] = ...) -> None: ...
+
+class LayerRange(_message.Message):
+    __slots__ = ("first", "last_exclusive")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    first: int
+    last_exclusive: int
+    def __init__(self, first: _Optional[int] = ..., last_exclusive: _Optional[int] = ...) -> None: ...
+
+class StageHeld(_message.Message):
+    __slots__ = ("model_sha256", "layers", "slots", "weight_bytes", "kv_cache_bytes", "compute_bytes")
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model_sha256: str
+    layers: LayerRange
+    slots: int
+    weight_bytes: int
+    kv_cache_bytes: int
+    compute_bytes: int
+    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., slots: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., compute_bytes: _Optional[int] = ...) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "name", "version", "protocol_version", "pid", "memory_total", "memory_free", "memory_limit", "threads", "models", "slots", "max_queue", "in_flight", "draining", "grpc_port", "metrics_port", "stages", "decode_tokens_per_second")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FREE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    GRPC_PORT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    name: str
+    version: str
+    protocol_version: int
+    pid: int
+    memory_total: int
+    memory_free: int
+    memory_limit: int
+    threads: int
+    models: _containers.RepeatedCompositeFieldContainer[ModelHeld]
+    slots: int
+    max_queue: int
+    in_flight: int
+    draining: bool
+    grpc_port: int
+    metrics_port: int
+    stages: _containers.RepeatedCompositeFieldContainer[StageHeld]
+    decode_tokens_per_second: float
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., pid: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., memory_limit: _Optional[int] = ..., threads: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelHeld, _Mapping]]] = ..., slots: _Optional[int] = ..., max_queue: _Optional[int] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., grpc_port: _Optional[int] = ..., metrics_port: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageHeld, _Mapping]]] = ..., decode_tokens_per_second: _Optional[float] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "repeat_last_n")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    REPEAT_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    REPEAT_LAST_N_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repeat_penalty: float
+    seed: int
+    repeat_last_n: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repeat_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., repeat_last_n: _Optional[int] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("request_id", "model_sha256", "prompt_tokens", "sampling", "max_tokens", "stop_token_ids", "logprobs")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model_sha256: str
+    prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
+    sampling: SamplingParams
+    max_tokens: int
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: bool
+    def __init__(self, request_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[bool] = ...) -> None: ...
+
+class GenerateEvent(_message.Message):
+    __slots__ = ("token_id", "logprob", "position", "finish_reason", "prompt_tokens_reused")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    position: int
+    finish_reason: str
+    prompt_tokens_reused: int
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., position: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prompt_tokens_reused: _Optional[int] = ...) -> None: ...
+
+class LoadStageRequest(_message.Message):
+    __slots__ = ("model_sha256", "layers", "n_ctx", "slots")
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    N_CTX_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    model_sha256: str
+    layers: LayerRange
+    n_ctx: int
+    slots: int
+    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., n_ctx: _Optional[int] = ..., slots: _Optional[int] = ...) -> None: ...
+
+class LoadStageReply(_message.Message):
+    __slots__ = ("stage",)
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    stage: StageHeld
+    def __init__(self, stage: _Optional[_Union[StageHeld, _Mapping]] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("session_id", "start_position", "tokens", "hidden", "sampling", "logprobs", "reply_dtype", "step", "history_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    start_position: int
+    tokens: TokenIds
+    hidden: Tensor
+    sampling: SamplingParams
+    logprobs: bool
+    reply_dtype: DType
+    step: int
+    history_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[bool] = ..., reply_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., history_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ("session_id", "step", "hidden", "token")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    hidden: Tensor
+    token: SampledToken
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ...) -> None: ...
+
+class SampledToken(_message.Message):
+    __slots__ = ("token_id", "logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class ReleaseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseSessionReply(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...

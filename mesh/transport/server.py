@@ -1,0 +1,60 @@
+"""Server side of the wire: an aio gRPC server with auth, size limits, keepalive policy
+and the standard health service."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from mesh.config import Limits, Timeouts
+from mesh.transport.auth import ClusterKeyInterceptor
+
+
+def server_options(timeouts: Timeouts, limits: Limits) -> list[tuple[str, int]]:
+    """Accept the keepalive pings our clients send; gRPC's server default would answer
+    them with GOAWAY (too_many_pings) and drop healthy connections."""
+    return [
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(timeouts.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeouts.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(timeouts.keepalive_time_s * 500)),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),  # two nodes must never share a port by accident
+    ]
+
+
+class HealthState:
+    """The node's grpc.health.v1 status."""
+
+    def __init__(self) -> None:
+        self.servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+
+    async def set(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        result = self.servicer.set("", status)
+        if result is not None:
+            await result
+
+
+def make_server(cluster_key: str, timeouts: Timeouts, limits: Limits, health_state: HealthState,
+                on_reject: Callable[[str], None] | None = None) -> grpc.aio.Server:
+    server = grpc.aio.server(
+        interceptors=[ClusterKeyInterceptor(cluster_key, timeouts.auth_skew_s, on_reject)],
+        options=server_options(timeouts, limits),
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)
+    return server
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Bind and return the port actually bound (port 0 picks a free one)."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = int(server.add_insecure_port(address))
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC on {address}")
+    return bound

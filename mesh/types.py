@@ -1,0 +1,151 @@
+"""Domain types shared by the mesh and the node: frozen dataclasses and NewType ids.
+
+Protobuf classes never travel past mesh/transport and node/service; everything else
+speaks in these types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, NewType
+
+NodeId = NewType("NodeId", str)
+RequestId = NewType("RequestId", str)
+ModelSha = NewType("ModelSha", str)
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen from logits. temperature <= 0 means greedy."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    """Transformer blocks [first, last_exclusive) of a model."""
+
+    first: int
+    last_exclusive: int
+
+    def __post_init__(self) -> None:
+        if self.first < 0 or self.last_exclusive <= self.first:
+            raise ValueError(f"invalid layer range [{self.first}, {self.last_exclusive})")
+
+    @property
+    def count(self) -> int:
+        return self.last_exclusive - self.first
+
+    def as_list(self) -> list[int]:
+        return [self.first, self.last_exclusive]
+
+
+@dataclass(frozen=True)
+class ModelHeld:
+    """A GGUF model a node has loaded."""
+
+    name: str
+    sha256: ModelSha
+    n_layers: int
+    file_bytes: int
+    n_ctx: int
+    architecture: str
+    n_vocab: int
+
+
+@dataclass(frozen=True)
+class StageHeld:
+    """A layer range of a model a node has loaded as a pipeline stage."""
+
+    model_sha256: ModelSha
+    layers: LayerRange
+    slots: int
+    weight_bytes: int
+    kv_cache_bytes: int
+    compute_bytes: int
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node says about itself (the Info RPC)."""
+
+    node_id: NodeId
+    name: str
+    version: str
+    protocol_version: int
+    pid: int
+    memory_total: int
+    memory_free: int
+    memory_limit: int
+    threads: int
+    models: tuple[ModelHeld, ...]
+    slots: int
+    max_queue: int
+    in_flight: int
+    draining: bool
+    grpc_port: int
+    metrics_port: int
+    stages: tuple[StageHeld, ...] = ()
+    decode_tokens_per_second: float = 0.0
+
+    @property
+    def capacity(self) -> int:
+        """Requests the node accepts at once: running plus queued."""
+        return self.slots + self.max_queue
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request for tokens, as the scheduler hands it to a placement."""
+
+    request_id: RequestId
+    prompt_tokens: tuple[int, ...]
+    sampling: SamplingParams
+    max_tokens: int
+    stop_token_ids: frozenset[int]
+    logprobs: bool = False
+    model_sha256: ModelSha = ModelSha("")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token; finish_reason is set on the last one."""
+
+    token_id: int
+    position: int
+    logprob: float = 0.0
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class StagePlacement:
+    """One stage of a placement: a node and the layers it serves."""
+
+    node_id: NodeId
+    layers: LayerRange
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model runs: one replica node, or a pipeline of stages covering all layers."""
+
+    kind: Literal["replica", "pipeline"]
+    model_sha256: ModelSha
+    model_name: str
+    stages: tuple[StagePlacement, ...] = field(default_factory=tuple)
+
+    @property
+    def node_ids(self) -> tuple[NodeId, ...]:
+        return tuple(stage.node_id for stage in self.stages)

@@ -1,0 +1,108 @@
+"""Node process lifecycle: load, serve gRPC + metrics, advertise, drain on SIGTERM.
+
+Draining means: health turns NOT_SERVING and Info says draining (so gateways stop
+sending new work at once), the mDNS goodbye goes out, in-flight streams run to their
+end (bounded by Timeouts.drain_s), and only then the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from mesh import __version__
+from mesh.config import Limits, NodeConfig, Timeouts, default_node_name, parse_bytes, resolve_cluster_key
+from mesh.discovery import Advertisement, Advertiser
+from mesh.metrics import NodeMetrics
+from mesh.model_store import ProgressLog, resolve
+from mesh.transport.auth import cluster_hash
+from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
+from mesh.transport.server import HealthState, bind, make_server
+from mesh.types import ModelHeld, ModelSha, NodeId
+from node import gguf, probe
+from node.engines.llamacpp import LlamaCppEngine
+from node.service import NodeIdentity, NodeService, NodeState
+
+log = logging.getLogger(__name__)
+
+
+def load_model(path: Path, config: NodeConfig, threads: int) -> tuple[ModelHeld, LlamaCppEngine]:
+    summary = gguf.inspect(path)
+    log.info("model %s: %s, %d layers, %.1f MB", path.name, summary.architecture, summary.n_layers,
+             summary.file_bytes / 1e6)
+    sha = gguf.file_sha256(path, lambda done, total: ProgressLog()(f"hashing {path.name}", done, total))
+    log.info("loading %s with llama.cpp (%d threads, context %d, %d slot(s))", path.name, threads,
+             config.n_ctx, config.slots)
+    engine = LlamaCppEngine(path, n_ctx=config.n_ctx, threads=threads, slots=config.slots)
+    model = ModelHeld(name=path.stem, sha256=ModelSha(sha), n_layers=summary.n_layers,
+                      file_bytes=summary.file_bytes, n_ctx=config.n_ctx, architecture=summary.architecture,
+                      n_vocab=engine.n_vocab)
+    return model, engine
+
+
+async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeouts | None = None,
+                   limits: Limits | None = None) -> None:
+    timeouts = timeouts or Timeouts()
+    limits = limits or Limits()
+    cluster_key = resolve_cluster_key(config.cluster_key)
+    threads = config.threads or probe.default_threads()
+    identity = NodeIdentity(
+        node_id=NodeId(uuid.uuid4().hex[:16]), name=config.name or default_node_name(), threads=threads,
+        memory_limit=parse_bytes(config.memory_limit), slots=config.slots, max_queue=config.max_queue)
+
+    model_path = await asyncio.to_thread(resolve, config.model)
+    model, engine = await asyncio.to_thread(load_model, model_path, config, threads)
+
+    registry = CollectorRegistry()
+    metrics = NodeMetrics(registry)
+    metrics.info.labels(identity.node_id, identity.name, __version__).set(1)
+    metrics.role.labels("replica").set(1)
+    metrics.layers_held.set(model.n_layers)
+    mem = probe.memory()
+    metrics.memory.labels("total").set(mem.total)
+    metrics.memory.labels("free").set(mem.free)
+    metrics.memory.labels("limit").set(identity.memory_limit)
+    metrics_server, _thread = start_http_server(config.metrics_port, addr=config.host, registry=registry)
+    metrics_port = int(metrics_server.server_port)
+
+    state = NodeState()
+    health = HealthState()
+    service = NodeService(identity, engine, model, metrics, state)
+    server = make_server(cluster_key, timeouts, limits, health, on_reject=lambda _m: metrics.auth_failures.inc())
+    pb_grpc.add_NodeServicer_to_server(service, server)
+    port = bind(server, config.host, config.port)
+    state.grpc_port, state.metrics_port = port, metrics_port
+    await server.start()
+    await health.set(True)
+    metrics.up.set(1)
+
+    advertiser = None
+    if config.advertise:
+        advertiser = Advertiser(Advertisement(identity.node_id, identity.name, cluster_hash(cluster_key),
+                                              port, metrics_port), config.host)
+        await advertiser.start()
+    log.info("node %s (%s) serving %s on %s:%d, metrics on :%d, pid %d", identity.name, identity.node_id,
+             model.name, config.host, port, metrics_port, os.getpid())
+    if config.ready_file:
+        Path(config.ready_file).write_text(f"{config.host} {port} {metrics_port} {identity.node_id}\n")
+
+    try:
+        await stop.wait()
+    finally:
+        log.info("draining: %d request(s) in flight", state.in_flight)
+        state.draining = True
+        metrics.up.set(0)
+        await health.set(False)
+        if advertiser is not None:
+            await advertiser.stop()
+        if not await service.wait_idle(timeouts.drain_s):
+            log.warning("drain timed out after %.0fs; %d request(s) cut", timeouts.drain_s, state.in_flight)
+        await server.stop(grace=2.0)
+        service.shutdown()
+        metrics_server.shutdown()
+        log.info("node %s stopped", identity.name)

@@ -1,0 +1,1 @@
+"""Compute engines, one module each: llamacpp (whole-model replicas), ggml + stage (layer ranges)."""

@@ -1,0 +1,136 @@
+"""Whole-model replica engine on llama-cpp-python.
+
+llama.cpp runs the forward pass (prefill in n_batch chunks, then one token per step);
+the token is chosen by mesh.sampling so that a replica and a pipeline draw identical
+tokens for the same session. Each slot is one llama.cpp context over the same mmap'd
+weights, and remembers its last sequence so that a follow-up chat turn reuses the KV
+cache of the shared prefix instead of prefilling the whole conversation again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from mesh.errors import CapacityExhausted, InvalidInput, ModelError
+from mesh.sampling import sample
+from mesh.types import GenerationRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+
+PREFILL_BATCH = 512  # llama.cpp's default n_batch; matching it keeps outputs identical to llama.cpp's
+
+
+class _Slot:
+    def __init__(self, model_path: Path, n_ctx: int, threads: int) -> None:
+        from llama_cpp import Llama  # heavy import kept out of module import
+
+        self.llm = Llama(
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            n_batch=PREFILL_BATCH,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        self.n_vocab = int(self.llm.n_vocab())
+
+    def cached_prefix(self, tokens: list[int]) -> int:
+        """Prepare the context for `tokens`: keep the longest cached prefix, drop the rest.
+        Returns how many tokens are already in the KV cache."""
+        llm = self.llm
+        common = 0
+        for cached, new in zip(llm._input_ids.tolist(), tokens):
+            if cached != new:
+                break
+            common += 1
+        # At least the last prompt token must be evaluated again to produce fresh logits.
+        reuse = min(common, len(tokens) - 1)
+        if reuse > 0 and llm._ctx.kv_cache_seq_rm(-1, reuse, -1):
+            llm.n_tokens = reuse
+            return reuse
+        llm.reset()  # type: ignore[no-untyped-call]
+        return 0
+
+    def last_logits(self) -> np.ndarray:
+        import llama_cpp
+
+        pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        logits: np.ndarray = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+        return logits
+
+
+class LlamaCppEngine:
+    """Generates whole streams on llama.cpp, `slots` at a time."""
+
+    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, slots: int) -> None:
+        if slots < 1:
+            raise ModelError("a replica engine needs at least one slot")
+        self.model_path = model_path
+        self.n_ctx = n_ctx
+        try:
+            self._free = [_Slot(model_path, n_ctx, threads) for _ in range(slots)]
+        except ValueError as exc:  # llama-cpp-python reports load failures as ValueError
+            raise ModelError(f"llama.cpp could not load {model_path}: {exc}") from exc
+        self.n_vocab = self._free[0].n_vocab
+        self.slots = slots
+        self._lock = threading.Lock()
+
+    def _acquire(self) -> _Slot:
+        with self._lock:
+            if not self._free:
+                raise CapacityExhausted("no free generation slot")
+            return self._free.pop()
+
+    def _release(self, slot: _Slot) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def validate(self, request: GenerationRequest) -> None:
+        prompt = request.prompt_tokens
+        if not prompt:
+            raise InvalidInput("prompt_tokens is empty")
+        if len(prompt) >= self.n_ctx:
+            raise InvalidInput(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
+        bad = [t for t in prompt if not 0 <= t < self.n_vocab]
+        if bad:
+            raise InvalidInput(f"token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
+        if request.max_tokens < 1:
+            raise InvalidInput("max_tokens must be at least 1")
+
+    def generate(self, request: GenerationRequest, cancelled: Callable[[], bool]) -> Iterator[TokenEvent]:
+        """Blocking generator of tokens; run it on a worker thread. Stops early when
+        `cancelled()` turns true, and always returns its slot."""
+        self.validate(request)
+        slot = self._acquire()
+        try:
+            yield from self._generate_on(slot, request, cancelled)
+        finally:
+            self._release(slot)
+
+    def _generate_on(self, slot: _Slot, request: GenerationRequest,
+                     cancelled: Callable[[], bool]) -> Iterator[TokenEvent]:
+        history = list(request.prompt_tokens)
+        reused = slot.cached_prefix(history)
+        slot.llm.eval(history[reused:])
+        log.debug("request %s: %d prompt tokens, %d from cache", request.request_id, len(history), reused)
+        produced = 0
+        while not cancelled():
+            position = len(history)
+            chosen = sample(slot.last_logits(), request.sampling, history, position, request.logprobs)
+            history.append(chosen.token_id)
+            produced += 1
+            finish: str | None = None
+            if chosen.token_id in request.stop_token_ids:
+                finish = "stop"
+            elif produced >= request.max_tokens or position + 1 >= self.n_ctx:
+                finish = "length"
+            yield TokenEvent(token_id=chosen.token_id, position=position, logprob=chosen.logprob,
+                             finish_reason=finish)  # type: ignore[arg-type]
+            if finish is not None:
+                return
+            slot.llm.eval([chosen.token_id])

@@ -1,0 +1,214 @@
+"""gRPC servicer of a node: validate, convert proto <-> domain, call an engine.
+
+Generation runs on worker threads (llama.cpp blocks); tokens cross back to the event
+loop through an asyncio queue. A request the node cannot take gets a clear status at
+once (RESOURCE_EXHAUSTED when full, UNAVAILABLE while draining, INVALID_ARGUMENT for bad
+input) and never disturbs the requests already running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from mesh import PROTOCOL_VERSION, __version__
+from mesh.errors import EdgeMeshError
+from mesh.metrics import NodeMetrics
+from mesh.transport import convert
+from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
+from mesh.types import GenerationRequest, ModelHeld, NodeId, NodeInfo, TokenEvent
+from node import probe
+from node.engines.llamacpp import LlamaCppEngine
+
+log = logging.getLogger(__name__)
+
+_END = object()  # marks the end of a worker's token stream
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    node_id: NodeId
+    name: str
+    threads: int
+    memory_limit: int
+    slots: int
+    max_queue: int
+
+
+class NodeState:
+    """Mutable runtime facts of a node that Info reports."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self.grpc_port = 0
+        self.metrics_port = 0
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: EdgeMeshError) -> None:
+    await context.abort(getattr(grpc.StatusCode, error.grpc_code), str(error))
+
+
+class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
+    def __init__(self, identity: NodeIdentity, engine: LlamaCppEngine, model: ModelHeld,
+                 metrics: NodeMetrics, state: NodeState) -> None:
+        self._id = identity
+        self._engine = engine
+        self._model = model
+        self._metrics = metrics
+        self._state = state
+        self._running = asyncio.Semaphore(identity.slots)
+        self._pool = ThreadPoolExecutor(max_workers=identity.slots, thread_name_prefix="generate")
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------------ info
+
+    def info(self) -> NodeInfo:
+        mem = probe.memory()
+        return NodeInfo(
+            node_id=self._id.node_id, name=self._id.name, version=__version__,
+            protocol_version=PROTOCOL_VERSION, pid=os.getpid(), memory_total=mem.total,
+            memory_free=mem.free, memory_limit=self._id.memory_limit, threads=self._id.threads,
+            models=(self._model,), slots=self._id.slots, max_queue=self._id.max_queue,
+            in_flight=self._state.in_flight, draining=self._state.draining,
+            grpc_port=self._state.grpc_port, metrics_port=self._state.metrics_port,
+        )
+
+    async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with self._metrics.rpc_duration.labels("Info").time():
+            return convert.node_info_to_pb(self.info())
+
+    # ------------------------------------------------------------------ generation
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def _admit(self) -> EdgeMeshError | None:
+        from mesh.errors import CapacityExhausted, Unavailable
+
+        if self._state.draining:
+            return Unavailable("node is draining and takes no new requests")
+        if self._state.in_flight >= self._id.slots + self._id.max_queue:
+            return CapacityExhausted(
+                f"node {self._id.name} is full: {self._state.in_flight} requests running or queued "
+                f"(limit {self._id.slots + self._id.max_queue})")
+        return None
+
+    def _validate(self, request: GenerationRequest) -> None:
+        from mesh.errors import NotFound
+
+        if request.model_sha256 and request.model_sha256 != self._model.sha256:
+            raise NotFound(f"this node does not hold model {request.model_sha256[:12]}")
+        self._engine.validate(request)
+
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        started = time.monotonic()
+        try:
+            domain = convert.generate_request_from_pb(request)
+            self._validate(domain)
+        except EdgeMeshError as exc:
+            self._metrics.requests.labels("invalid").inc()
+            self._metrics.rpc_errors.labels("Generate", exc.grpc_code).inc()
+            await _abort(context, exc)
+            return
+        refused = self._admit()
+        if refused is not None:
+            self._metrics.requests.labels("rejected").inc()
+            self._metrics.rpc_errors.labels("Generate", refused.grpc_code).inc()
+            await _abort(context, refused)
+            return
+        self._enter()
+        status = "cancelled"
+        try:
+            async with self._running:
+                self._metrics.slots_in_use.inc()
+                try:
+                    produced = 0
+                    first_at = 0.0
+                    async for event in self._run_on_worker(domain):
+                        if produced == 0:
+                            first_at = time.monotonic()
+                            self._metrics.time_to_first_token.observe(first_at - started)
+                        produced += 1
+                        self._metrics.tokens.inc()
+                        yield convert.token_event_to_pb(event)
+                    status = "ok"
+                    if produced > 1:
+                        self._metrics.tokens_per_second.set((produced - 1) / max(time.monotonic() - first_at, 1e-9))
+                finally:
+                    self._metrics.slots_in_use.dec()
+        except EdgeMeshError as exc:
+            status = "error"
+            self._metrics.rpc_errors.labels("Generate", exc.grpc_code).inc()
+            await _abort(context, exc)
+        except Exception as exc:  # an engine failure must not take the node down with it
+            status = "error"
+            log.exception("generation of %s failed", domain.request_id)
+            self._metrics.rpc_errors.labels("Generate", "INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {exc}")
+        finally:
+            self._metrics.prompt_tokens.inc(len(domain.prompt_tokens))
+            self._metrics.requests.labels(status).inc()
+            self._metrics.rpc_duration.labels("Generate").observe(time.monotonic() - started)
+            self._leave()
+
+    def _enter(self) -> None:
+        self._state.in_flight += 1
+        self._metrics.in_flight.set(self._state.in_flight)
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._state.in_flight -= 1
+        self._metrics.in_flight.set(self._state.in_flight)
+        if self._state.in_flight == 0:
+            self._idle.set()
+
+    async def _run_on_worker(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Run the blocking engine generator on a worker thread and relay its events.
+        When the consumer stops (client cancelled), the worker is told to stop and awaited,
+        so the slot is free again before the next request takes it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        stop = threading.Event()
+        def put(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                for event in self._engine.generate(request, stop.is_set):
+                    put(event)
+            except BaseException as exc:  # noqa: BLE001 - relayed to the event loop and raised there
+                put(exc)
+            finally:
+                put(_END)
+
+        future = loop.run_in_executor(self._pool, work)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, TokenEvent)
+                yield item
+        finally:
+            stop.set()
+            await asyncio.shield(future)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

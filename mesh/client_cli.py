@@ -42,7 +42,7 @@ def format_status(cluster: dict[str, Any]) -> str:
             str(node.get("address")), str(node.get("pid") or "-"), _mb(node.get("memory_free")),
             _mb(node.get("memory_total")), f"{node.get('in_flight', 0)}/{node.get('capacity', 0)}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     model = cluster.get("model", {})
     lines.insert(0, f"model {model.get('name', '?')}  ({len(rows) - 1} node(s))")
     for placement in cluster.get("placements", []):

@@ -215,9 +215,7 @@ class Session:
         await self._release_node()
         if failed is not None:
             self._s._membership.mark_down(failed, str(cause))
-        remaining = self.request.max_tokens - len(self.generated)
-        replay = replace(self.request, prompt_tokens=self.request.prompt_tokens + tuple(self.generated),
-                         max_tokens=remaining)
+        replay = replace(self.request, replay_tokens=tuple(self.generated))
         node_id = self._s._pick({failed} if failed else set())
         self._first = await self._connect(node_id, replay)
         self._s._metrics.retries.labels("midstream_failover").inc()

@@ -117,6 +117,8 @@ class GenerationRequest:
     stop_token_ids: frozenset[int]
     logprobs: bool = False
     model_sha256: ModelSha = ModelSha("")
+    # Already generated before a failover; evaluated one per step, not streamed again.
+    replay_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,9 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
             await advertiser.stop()
         if not await service.wait_idle(timeouts.drain_s):
             log.warning("drain timed out after %.0fs; %d request(s) cut", timeouts.drain_s, state.in_flight)
+        # Stopping cancels open health Watch streams, which grpc logs as an unhandled
+        # CancelledError although nothing is wrong; the drain above already ended real work.
+        logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
         await server.stop(grace=2.0)
         service.shutdown()
         metrics_server.shutdown()

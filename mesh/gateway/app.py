@@ -43,7 +43,8 @@ class ApiKeyMiddleware:
             given = Headers(scope=scope).get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), self._key):
-                response = error_response(Unauthenticated("missing or wrong API key (send 'Authorization: Bearer KEY')"))
+                response = error_response(
+                    Unauthenticated("missing or wrong API key (send 'Authorization: Bearer KEY')"))
                 await response(scope, receive, send)
                 return
         await self._app(scope, receive, send)
@@ -91,7 +92,8 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
 
     async def healthz(request: Request) -> Response:
         ready = len(runtime.membership.ready())
-        return JSONResponse({"status": "ok", "nodes_ready": ready, "uptime_s": round(time.time() - runtime.started_at, 1)})
+        uptime = round(time.time() - runtime.started_at, 1)
+        return JSONResponse({"status": "ok", "nodes_ready": ready, "uptime_s": uptime})
 
     async def metrics(request: Request) -> Response:
         runtime.refresh_gauges()

@@ -41,6 +41,7 @@ def generate_request_to_pb(req: GenerationRequest) -> Any:
         request_id=req.request_id, model_sha256=req.model_sha256, prompt_tokens=list(req.prompt_tokens),
         sampling=sampling_to_pb(req.sampling), max_tokens=req.max_tokens,
         stop_token_ids=sorted(req.stop_token_ids), logprobs=req.logprobs,
+        replay_tokens=list(req.replay_tokens),
     )
 
 
@@ -49,6 +50,7 @@ def generate_request_from_pb(msg: Any) -> GenerationRequest:
         request_id=RequestId(msg.request_id), prompt_tokens=tuple(msg.prompt_tokens),
         sampling=sampling_from_pb(msg.sampling), max_tokens=msg.max_tokens,
         stop_token_ids=frozenset(msg.stop_token_ids), logprobs=msg.logprobs,
+        replay_tokens=tuple(msg.replay_tokens),
         model_sha256=ModelSha(msg.model_sha256),
     )
 

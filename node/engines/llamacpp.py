@@ -3,8 +3,14 @@
 llama.cpp runs the forward pass (prefill in n_batch chunks, then one token per step);
 the token is chosen by mesh.sampling so that a replica and a pipeline draw identical
 tokens for the same session. Each slot is one llama.cpp context over the same mmap'd
-weights, and remembers its last sequence so that a follow-up chat turn reuses the KV
-cache of the shared prefix instead of prefilling the whole conversation again.
+weights.
+
+Determinism over prefix caching: llama.cpp's kernels give slightly different numbers
+for a token evaluated alone and the same token evaluated inside a batch, which is enough
+to flip a greedy choice. So every request is evaluated exactly as a fresh llama.cpp run
+would: the prompt in n_batch chunks, then one token per step, and a failover replay
+evaluates the already generated tokens one per step too. The output then depends only
+on the request, never on which node served it or what that node served before.
 """
 
 from __future__ import annotations
@@ -38,23 +44,6 @@ class _Slot:
             verbose=False,
         )
         self.n_vocab = int(self.llm.n_vocab())
-
-    def cached_prefix(self, tokens: list[int]) -> int:
-        """Prepare the context for `tokens`: keep the longest cached prefix, drop the rest.
-        Returns how many tokens are already in the KV cache."""
-        llm = self.llm
-        common = 0
-        for cached, new in zip(llm._input_ids.tolist(), tokens):
-            if cached != new:
-                break
-            common += 1
-        # At least the last prompt token must be evaluated again to produce fresh logits.
-        reuse = min(common, len(tokens) - 1)
-        if reuse > 0 and llm._ctx.kv_cache_seq_rm(-1, reuse, -1):
-            llm.n_tokens = reuse
-            return reuse
-        llm.reset()  # type: ignore[no-untyped-call]
-        return 0
 
     def last_logits(self) -> np.ndarray:
         import llama_cpp
@@ -101,6 +90,13 @@ class LlamaCppEngine:
             raise InvalidInput(f"token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
         if request.max_tokens < 1:
             raise InvalidInput("max_tokens must be at least 1")
+        if len(request.replay_tokens) >= request.max_tokens:
+            raise InvalidInput("replay_tokens must be fewer than max_tokens")
+        if len(prompt) + len(request.replay_tokens) >= self.n_ctx:
+            raise InvalidInput("prompt and replayed tokens do not fit the context")
+        bad = [t for t in request.replay_tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise InvalidInput(f"replay token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
 
     def generate(self, request: GenerationRequest, cancelled: Callable[[], bool]) -> Iterator[TokenEvent]:
         """Blocking generator of tokens; run it on a worker thread. Stops early when
@@ -115,11 +111,17 @@ class LlamaCppEngine:
     def _generate_on(self, slot: _Slot, request: GenerationRequest,
                      cancelled: Callable[[], bool]) -> Iterator[TokenEvent]:
         history = list(request.prompt_tokens)
-        reused = slot.cached_prefix(history)
-        slot.llm.eval(history[reused:])
-        log.debug("request %s: %d prompt tokens, %d from cache", request.request_id, len(history), reused)
-        produced = 0
-        while not cancelled():
+        slot.llm.reset()  # type: ignore[no-untyped-call]
+        slot.llm.eval(history)
+        for token in request.replay_tokens:  # one per step, as they were first generated
+            if cancelled():
+                return
+            slot.llm.eval([token])
+            history.append(token)
+        log.debug("request %s: %d prompt tokens, %d replayed", request.request_id, len(request.prompt_tokens),
+                  len(request.replay_tokens))
+        produced = len(request.replay_tokens)
+        while not cancelled() and produced < request.max_tokens:
             position = len(history)
             chosen = sample(slot.last_logits(), request.sampling, history, position, request.logprobs)
             history.append(chosen.token_id)

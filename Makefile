@@ -1,0 +1,56 @@
+# Two commands for a newcomer (see README.md):
+#   make up     set up, pull the default model, start a local mesh of 2 nodes + gateway
+#   make test   set up (including test tools) and run every test
+# Everything lives in .venv; nothing is installed system-wide except Debian test tools.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+NODES ?= 2
+PORT ?= 8080
+PYTEST_ARGS ?=
+
+.PHONY: setup up test test-tools lint bench proto clean
+
+$(BIN)/edgemesh: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip >/dev/null
+	@echo "installing EdgeMesh (the first time, pip builds llama-cpp-python from source: ~5-8 minutes)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $(BIN)/edgemesh
+
+setup: $(BIN)/edgemesh
+	$(BIN)/edgemesh model pull default
+
+up: setup
+	$(BIN)/edgemesh up --nodes $(NODES) --port $(PORT)
+
+# Browser and Prometheus tests use Debian's chromium and prometheus; install them when missing.
+test-tools:
+	@missing=""; \
+	for pkg in chromium:/usr/bin/chromium prometheus:/usr/bin/prometheus; do \
+	  [ -x "$${pkg#*:}" ] || missing="$$missing $${pkg%%:*}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || echo "could not install$$missing; tests needing them will say so"; \
+	  else echo "not root: not installing$$missing; tests needing them will say so"; fi; \
+	fi
+
+test: setup test-tools
+	$(BIN)/mypy
+	$(BIN)/ruff check mesh node tests scripts
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); code=$$?; \
+	if [ $$code -eq 5 ]; then echo "EDGEMESH-CI: pytest collected no tests (exit code 5)"; fi; \
+	exit $$code
+
+bench: setup
+	$(BIN)/edgemesh bench --nodes 1 --tokens 128 --runs 3
+
+proto: $(BIN)/edgemesh
+	$(BIN)/python scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache test-artifacts

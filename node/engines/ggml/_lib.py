@@ -138,25 +138,27 @@ class _Libs:
                 raise GgmlBindingError(
                     f"cannot load {path} ({exc}); the stage engine needs llama-cpp-python=={EXPECTED_LLAMA_CPP_PYTHON}"
                 ) from exc
-        missing: list[str] = []
-        self.fns: dict[str, Any] = {}
-        for name, (lib, restype, argtypes) in _SIGNATURES.items():
-            try:
-                fn = getattr(libs[lib], name)
-            except AttributeError:
-                missing.append(name)
-                continue
-            fn.restype = restype
-            fn.argtypes = argtypes
-            self.fns[name] = fn
-        if missing:
-            raise GgmlBindingError(
-                f"the ggml libraries in {directory} (llama-cpp-python {version}) lack {', '.join(sorted(missing))}; "
-                f"this binding expects llama-cpp-python=={EXPECTED_LLAMA_CPP_PYTHON}"
-            )
+        self.fns = bind(libs, directory, version)
         self.libs = libs
         self.directory = directory
         self.version = version
+
+
+def bind(libs: dict[str, ctypes.CDLL], directory: Path, version: str) -> dict[str, Any]:
+    """Type every function of the signature table; raise GgmlBindingError naming all missing symbols."""
+    missing = check_symbols(libs)
+    if missing:
+        raise GgmlBindingError(
+            f"the ggml libraries in {directory} (llama-cpp-python {version}) lack {', '.join(sorted(missing))}; "
+            f"this binding expects llama-cpp-python=={EXPECTED_LLAMA_CPP_PYTHON}"
+        )
+    fns: dict[str, Any] = {}
+    for name, (lib, restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(libs[lib], name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+        fns[name] = fn
+    return fns
 
 
 def required_symbols() -> tuple[str, ...]:

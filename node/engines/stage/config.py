@@ -1,0 +1,107 @@
+"""ModelArgs: the architecture hyper-parameters a stage needs, read from GGUF metadata."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.errors import ModelError
+from node.engines.ggml.structs import ROPE_TYPE_NEOX, ROPE_TYPE_NORMAL
+
+# architecture -> rope mode, as llama.cpp assigns them (llama_model_rope_type)
+SUPPORTED_ARCHITECTURES: dict[str, int] = {
+    "llama": ROPE_TYPE_NORMAL,
+    "qwen2": ROPE_TYPE_NEOX,
+    "qwen3": ROPE_TYPE_NEOX,
+}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int  # per-head size of Q, K and V (llama.cpp asserts they agree for these archs)
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    rms_eps: float
+    rope_mode: int
+    n_rot: int
+    rope_freq_base: float
+    rope_freq_scale: float
+    attn_scale: float  # applied to QK^T inside soft_max
+
+    @property
+    def n_embd_q(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def n_embd_kv(self) -> int:
+        return self.n_head_kv * self.head_dim
+
+
+def _scalar(value: Any, key: str) -> Any:
+    if isinstance(value, list):
+        # per-layer arrays (e.g. head_count_kv for hybrid models) belong to architectures we do not run
+        if len(set(value)) != 1:
+            raise ModelError(f"{key} varies per layer ({value}); not supported by the stage engine")
+        return value[0]
+    return value
+
+
+def model_args_from_metadata(meta: dict[str, Any], n_vocab_tokens: int) -> ModelArgs:
+    """Build ModelArgs from a dict of GGUF key -> value, with llama.cpp's defaults for optional keys."""
+    arch = str(meta.get("general.architecture", ""))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(
+            f"architecture {arch!r} is not supported by the stage engine; supported: "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        full = f"{arch}.{key}"
+        if full not in meta:
+            if default is None:
+                raise ModelError(f"GGUF metadata lacks {full}")
+            return default
+        return _scalar(meta[full], full)
+
+    n_embd = int(get("embedding_length"))
+    n_head = int(get("attention.head_count"))
+    n_head_kv = int(get("attention.head_count_kv", n_head))
+    head_k = int(get("attention.key_length", n_embd // n_head))
+    head_v = int(get("attention.value_length", n_embd // n_head))
+    if head_k != head_v:
+        raise ModelError(f"key_length {head_k} != value_length {head_v}: not supported")
+    n_rot = int(get("rope.dimension_count", head_k))
+    if arch == "llama" and n_rot != head_k:
+        raise ModelError(f"llama needs rope.dimension_count == head size, got {n_rot} and {head_k}")
+
+    scaling = str(meta.get(f"{arch}.rope.scaling.type", "linear"))
+    if scaling not in ("none", "linear"):
+        raise ModelError(f"rope scaling {scaling!r} is not supported by the stage engine (none, linear)")
+    factor = float(meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear", 0.0)))
+    attn_scale = float(meta.get(f"{arch}.attention.scale", 0.0)) if arch == "llama" else 0.0
+
+    n_vocab = int(meta.get(f"{arch}.vocab_size", n_vocab_tokens))
+    return ModelArgs(
+        arch=arch,
+        n_layer=int(get("block_count")),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_k,
+        n_ff=int(get("feed_forward_length")),
+        n_vocab=n_vocab,
+        n_ctx_train=int(get("context_length", 0)),
+        rms_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_mode=SUPPORTED_ARCHITECTURES[arch],
+        n_rot=n_rot,
+        rope_freq_base=float(get("rope.freq_base", 10000.0)),
+        rope_freq_scale=1.0 if factor == 0.0 else 1.0 / factor,
+        attn_scale=attn_scale if attn_scale != 0.0 else 1.0 / math.sqrt(head_k),
+    )

@@ -1,0 +1,250 @@
+"""StageEngine: runs layers [first, last) of a GGUF model for many sessions on ggml.
+
+Reads like the algorithm: `forward` validates and splits the input into chunks,
+`_step` runs one chunk through a (cached or fresh) graph. All compute is serialized
+by one lock: the CPU backend already uses every thread it is given for one graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mesh.errors import InvalidInput, ModelError
+from node.engines import ggml
+from node.engines.stage.config import ModelArgs
+from node.engines.stage.graph import KvCache, StepGraph, build_step, new_kv_cache
+from node.engines.stage.sessions import SlotTable
+from node.engines.stage.weights import StageWeights, load_weights, read_header
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNK = 512  # tokens per graph; longer inputs are split (llama.cpp's default n_batch)
+KV_PAD = 256  # attend over the first multiple of 256 cells, as llama.cpp pads n_kv (keeps graphs reusable)
+_DECODE_GRAPH_CACHE = 32  # decode graphs kept, keyed by (slot, n_kv)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    weight_bytes: int
+    kv_cache_bytes: int
+    compute_bytes: int
+
+
+class StageEngine:
+    def __init__(self, path: Path, args: ModelArgs, first: int, last_exclusive: int, weights: StageWeights,
+                 kv: KvCache, backend: ggml.CpuBackend, allocator: ggml.GraphAllocator) -> None:
+        self.path = path
+        self.args = args
+        self.first = first
+        self.last_exclusive = last_exclusive
+        self.is_first = first == 0
+        self.is_last = last_exclusive == args.n_layer
+        self.n_embd = args.n_embd
+        self.n_vocab = args.n_vocab
+        self.n_layer = args.n_layer
+        self.n_ctx = kv.n_ctx
+        self._w = weights
+        self._kv = kv
+        self._backend = backend
+        self._alloc = allocator
+        self._slots = SlotTable(kv.slots)
+        self._lock = threading.Lock()
+        self._decode_graphs: OrderedDict[tuple[int, int], StepGraph] = OrderedDict()
+        self._closed = False
+        self.memory = StageMemory(weight_bytes=weights.buffer.size if weights.buffer else 0,
+                                  kv_cache_bytes=kv.buffer.size, compute_bytes=allocator.size)
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def load(cls, path: Path, first: int, last_exclusive: int, *, n_ctx: int, slots: int,
+             threads: int) -> StageEngine:
+        args, tensors = read_header(path)
+        if not 0 <= first < last_exclusive <= args.n_layer:
+            raise InvalidInput(f"layer range [{first}, {last_exclusive}) is not inside [0, {args.n_layer})")
+        if n_ctx < 1 or slots < 1 or threads < 1:
+            raise InvalidInput("n_ctx, slots and threads must all be >= 1")
+        backend = ggml.CpuBackend(threads)
+        weights: StageWeights | None = None
+        kv: KvCache | None = None
+        allocator: ggml.GraphAllocator | None = None
+        try:
+            weights = load_weights(path, args, tensors, first, last_exclusive, backend)
+            kv = new_kv_cache(args, last_exclusive - first, n_ctx, slots, backend)
+            allocator = ggml.GraphAllocator(backend)
+            # reserve for the largest step (a full chunk attending over the whole context), so that the
+            # compute buffer never grows later and memory is reported up front
+            worst = build_step(args, weights, kv, n_tokens=min(MAX_CHUNK, n_ctx), n_kv=n_ctx, slot=0,
+                               is_first=first == 0, is_last=last_exclusive == args.n_layer)
+            try:
+                allocator.reserve(worst.graph)
+            finally:
+                worst.close()
+        except BaseException:
+            for res in (allocator, kv, weights, backend):
+                if res is not None:
+                    res.close()
+            raise
+        engine = cls(path, args, first, last_exclusive, weights, kv, backend, allocator)
+        log.info("stage [%d, %d) of %s (%s): weights %.1f MB, KV %.1f MB (%d slots x %d), compute %.1f MB",
+                 first, last_exclusive, path.name, args.arch, engine.memory.weight_bytes / 1e6,
+                 engine.memory.kv_cache_bytes / 1e6, slots, n_ctx, engine.memory.compute_bytes / 1e6)
+        return engine
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def threads(self) -> int:
+        return self._backend.threads
+
+    def set_threads(self, threads: int) -> None:
+        with self._lock:
+            self._backend.set_threads(threads)
+
+    def forward(self, session_id: str, start_position: int, *, tokens: Sequence[int] | None = None,
+                hidden: np.ndarray | None = None) -> np.ndarray:
+        """Run tokens (first stage) or hidden states [n, n_embd] (later stages) at positions
+        start_position.. of a session. Returns hidden [n, n_embd] float32, or for the last stage
+        the logits of the last token, [n_vocab] float32. A start_position below the session's
+        length truncates the session there first (replay)."""
+        data = self._validate_input(tokens, hidden)
+        n = len(data)
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidInput("session_id must be a non-empty string")
+        if not isinstance(start_position, int) or start_position < 0:
+            raise InvalidInput(f"start_position must be a non-negative int, got {start_position!r}")
+        with self._lock:
+            if self._closed:
+                raise ModelError("stage engine is closed")
+            state = self._slots.get(session_id)
+            length = 0 if state is None else state.length
+            if start_position > length:
+                raise InvalidInput(f"session {session_id!r} holds {length} positions; start_position "
+                                   f"{start_position} would leave a gap")
+            if start_position + n > self.n_ctx:
+                raise InvalidInput(f"positions up to {start_position + n} exceed this stage's context of "
+                                   f"{self.n_ctx}")
+            if state is None:
+                state = self._slots.open(session_id)
+            state.length = start_position  # truncation: later cells are masked and then overwritten
+            outputs: list[np.ndarray] = []
+            for lo in range(0, n, MAX_CHUNK):
+                chunk = data[lo:lo + MAX_CHUNK]
+                outputs.append(self._step(state.slot, start_position + lo, chunk))
+                state.length = start_position + lo + len(chunk)
+            if self.is_last:
+                return outputs[-1]
+            return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=0)
+
+    def release(self, session_id: str) -> bool:
+        with self._lock:
+            return self._slots.release(session_id)
+
+    def sessions(self) -> int:
+        with self._lock:
+            return len(self._slots)
+
+    def session_length(self, session_id: str) -> int | None:
+        with self._lock:
+            state = self._slots.get(session_id)
+            return None if state is None else state.length
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for g in self._decode_graphs.values():
+                g.close()
+            self._decode_graphs.clear()
+            self._alloc.close()
+            self._kv.close()
+            self._w.close()
+            self._backend.close()
+
+    def __enter__(self) -> StageEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- internals
+
+    def _validate_input(self, tokens: Sequence[int] | None, hidden: np.ndarray | None) -> np.ndarray:
+        if self.is_first:
+            if hidden is not None or tokens is None:
+                raise InvalidInput("the first stage takes token ids, not hidden states")
+            try:
+                ids = np.asarray(tokens, dtype=np.int64)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise InvalidInput(f"token ids must be integers: {exc}") from exc
+            if ids.ndim != 1 or ids.size == 0:
+                raise InvalidInput("tokens must be a non-empty 1-D sequence")
+            if ids.min() < 0 or ids.max() >= self.n_vocab:
+                raise InvalidInput(f"token ids must lie in [0, {self.n_vocab})")
+            return ids.astype(np.int32)
+        if tokens is not None or hidden is None:
+            raise InvalidInput("a non-first stage takes hidden states, not token ids")
+        if not isinstance(hidden, np.ndarray) or hidden.ndim != 2 or hidden.shape[1] != self.n_embd \
+                or hidden.shape[0] == 0:
+            got = getattr(hidden, "shape", type(hidden).__name__)
+            raise InvalidInput(f"hidden must have shape [n_tokens, {self.n_embd}], got {got}")
+        if hidden.dtype != np.float32:
+            raise InvalidInput(f"hidden must be float32, got {hidden.dtype}")
+        return np.ascontiguousarray(hidden)
+
+    def _n_kv(self, end: int) -> int:
+        return min(self.n_ctx, max(KV_PAD, -(-end // KV_PAD) * KV_PAD))
+
+    def _graph(self, n_tokens: int, n_kv: int, slot: int) -> tuple[StepGraph, bool]:
+        """The graph for a step, and whether it is cached (else the caller closes it)."""
+        def build() -> StepGraph:
+            return build_step(self.args, self._w, self._kv, n_tokens=n_tokens, n_kv=n_kv, slot=slot,
+                              is_first=self.is_first, is_last=self.is_last)
+
+        if n_tokens != 1:
+            return build(), False
+        key = (slot, n_kv)
+        g = self._decode_graphs.get(key)
+        if g is None:
+            g = build()
+            self._decode_graphs[key] = g
+            if len(self._decode_graphs) > _DECODE_GRAPH_CACHE:
+                _, old = self._decode_graphs.popitem(last=False)
+                old.close()
+        else:
+            self._decode_graphs.move_to_end(key)
+        return g, True
+
+    def _step(self, slot: int, start: int, data: np.ndarray) -> np.ndarray:
+        n = len(data)
+        end = start + n
+        n_kv = self._n_kv(end)
+        g, cached = self._graph(n, n_kv, slot)
+        try:
+            self._alloc.alloc(g.graph)
+            positions = np.arange(start, end, dtype=np.int32)
+            ggml.tensor_set(g.inp, data)
+            ggml.tensor_set(g.pos, positions)
+            e, n_ctx = self.args.n_embd_kv, self.n_ctx
+            ggml.tensor_set(g.k_idx, positions.astype(np.int64) + slot * n_ctx)
+            v_idx = (slot * n_ctx * e + np.arange(e, dtype=np.int64)[None, :] * n_ctx
+                     + positions.astype(np.int64)[:, None])
+            ggml.tensor_set(g.v_idx, np.ascontiguousarray(v_idx.ravel()))
+            cells = np.arange(n_kv, dtype=np.int32)
+            mask = np.where(cells[None, :] <= positions[:, None], np.float32(0.0), np.float32(-np.inf))
+            ggml.tensor_set(g.mask, mask.astype(np.float32))
+            self._backend.compute(g.graph)
+            if self.is_last:
+                return ggml.tensor_get(g.out, np.empty(self.n_vocab, dtype=np.float32))
+            return ggml.tensor_get(g.out, np.empty((n, self.n_embd), dtype=np.float32))
+        finally:
+            if not cached:
+                g.close()

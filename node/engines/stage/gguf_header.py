@@ -1,0 +1,97 @@
+"""A minimal GGUF header reader: metadata scalars and the tensor directory, nothing else.
+
+The gguf package's GGUFReader materialises every metadata array as numpy objects; for a
+49k-token vocabulary that takes seconds, which a stage (re)load during failover should
+not pay. This reader skips arrays it does not need (it only counts the vocabulary) and
+reads the header with a handful of buffered reads.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from mesh.errors import ModelError
+
+_MAGIC = b"GGUF"
+_SCALARS: dict[int, str] = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_DEFAULT_ALIGNMENT = 32
+
+
+class _Reader:
+    def __init__(self, f: BinaryIO, path: Path) -> None:
+        self.f = f
+        self.path = path
+
+    def take(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise ModelError(f"{self.path} ends inside its GGUF header")
+        return data
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.take(self.unpack("<Q")).decode("utf-8", errors="replace")
+
+    def skip_string(self) -> None:
+        self.f.seek(self.unpack("<Q"), 1)
+
+    def value(self, vtype: int, keep_array: bool) -> Any:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype = self.unpack("<I")
+            count = self.unpack("<Q")
+            if etype in _SCALARS:
+                size = struct.calcsize(_SCALARS[etype])
+                if keep_array:
+                    return list(struct.unpack(f"<{count}{_SCALARS[etype][1]}", self.take(size * count)))
+                self.f.seek(size * count, 1)
+                return count
+            if etype == _STRING:
+                for _ in range(count):
+                    self.skip_string()
+                return count  # string arrays (vocabularies, merges) are reported by length only
+            raise ModelError(f"{self.path}: nested GGUF arrays are not supported")
+        raise ModelError(f"{self.path}: unknown GGUF value type {vtype}")
+
+
+def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, int, tuple[int, ...], int]], int]:
+    """(metadata, tensors as (name, ggml type, ggml shape, offset relative to data start), data start).
+    String arrays in the metadata are replaced by their length; numeric arrays are kept."""
+    try:
+        f = path.open("rb", buffering=1 << 20)
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc}") from exc
+    with f:
+        r = _Reader(f, path)
+        if r.take(4) != _MAGIC:
+            raise ModelError(f"{path} is not a GGUF file")
+        version = r.unpack("<I")
+        if version not in (2, 3):
+            raise ModelError(f"{path}: GGUF version {version} is not supported")
+        n_tensors = r.unpack("<Q")
+        n_kv = r.unpack("<Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = r.string()
+            meta[key] = r.value(r.unpack("<I"), keep_array=not key.startswith("tokenizer."))
+        tensors = []
+        for _ in range(n_tensors):
+            name = r.string()
+            n_dims = r.unpack("<I")
+            shape = tuple(r.unpack("<Q") for _ in range(n_dims))
+            ggml_type = r.unpack("<I")
+            offset = r.unpack("<Q")
+            tensors.append((name, ggml_type, shape, offset))
+        alignment = int(meta.get("general.alignment", _DEFAULT_ALIGNMENT))
+        pos = f.tell()
+        data_start = -(-pos // alignment) * alignment
+    return meta, tensors, data_start

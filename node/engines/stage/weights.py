@@ -1,0 +1,201 @@
+"""Load the tensors of one layer range from a GGUF file into a ggml backend buffer.
+
+Only the bytes of the tensors the stage runs are read (positioned reads at each
+tensor's offset), and quantized tensors keep their GGUF type: ggml runs the same
+quantized kernels llama.cpp would.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mesh.errors import ModelError
+from node.engines import ggml
+from node.engines.ggml import ops
+from node.engines.ggml.structs import BUFFER_USAGE_WEIGHTS, TYPE_COUNT
+from node.engines.stage.config import ModelArgs, model_args_from_metadata
+from node.engines.stage.gguf_header import read_gguf_header
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK = 16 * 1024 * 1024
+_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]  # ggml order: fastest-varying dimension first
+    n_bytes: int
+    offset: int  # absolute file offset
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: ggml.Tensor
+    wq: ggml.Tensor
+    wk: ggml.Tensor
+    wv: ggml.Tensor
+    wo: ggml.Tensor
+    ffn_norm: ggml.Tensor
+    ffn_gate: ggml.Tensor
+    ffn_up: ggml.Tensor
+    ffn_down: ggml.Tensor
+    bq: ggml.Tensor | None = None
+    bk: ggml.Tensor | None = None
+    bv: ggml.Tensor | None = None
+    bo: ggml.Tensor | None = None
+    q_norm: ggml.Tensor | None = None
+    k_norm: ggml.Tensor | None = None
+
+
+@dataclass
+class StageWeights:
+    layers: list[LayerWeights]
+    tok_embd: ggml.Tensor | None = None
+    output_norm: ggml.Tensor | None = None
+    output: ggml.Tensor | None = None
+    output_b: ggml.Tensor | None = None
+    rope_freqs: ggml.Tensor | None = None
+    ctx: ggml.MetaContext | None = None
+    buffer: ggml.Buffer | None = None
+    tensor_bytes: int = 0  # sum of the GGUF tensor sizes loaded
+    names: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.buffer is not None:
+            self.buffer.close()
+        if self.ctx is not None:
+            self.ctx.close()
+
+
+def read_header(path: Path) -> tuple[ModelArgs, dict[str, TensorInfo]]:
+    """Architecture hyper-parameters and the tensor directory (absolute offsets, byte sizes) of a GGUF file."""
+    meta, entries, data_start = read_gguf_header(path)
+    arch = str(meta.get("general.architecture", ""))
+    n_vocab_tokens = meta.get("tokenizer.ggml.tokens", 0)
+    args = model_args_from_metadata(
+        {k: v for k, v in meta.items() if k == "general.architecture" or k.startswith(f"{arch}.")},
+        int(n_vocab_tokens) if isinstance(n_vocab_tokens, int) else 0,
+    )
+    file_size = path.stat().st_size
+    tensors: dict[str, TensorInfo] = {}
+    for name, ggml_type, shape, offset in entries:
+        if not 0 <= ggml_type < TYPE_COUNT or not shape or ops.blck_size(ggml_type) == 0:
+            raise ModelError(f"tensor {name} has unsupported type {ggml_type} or shape {shape}")
+        rows = 1
+        for d in shape[1:]:
+            rows *= d
+        n_bytes = ops.row_size(ggml_type, shape[0]) * rows
+        if data_start + offset + n_bytes > file_size:
+            raise ModelError(f"{path} is truncated: tensor {name} lies past the end of the file")
+        tensors[name] = TensorInfo(name=name, ggml_type=ggml_type, shape=shape, n_bytes=n_bytes,
+                                   offset=data_start + offset)
+    if args.n_vocab == 0 and "token_embd.weight" in tensors:
+        args = _with_vocab(args, tensors["token_embd.weight"].shape[1])
+    return args, tensors
+
+
+def _with_vocab(args: ModelArgs, n_vocab: int) -> ModelArgs:
+    from dataclasses import replace
+
+    return replace(args, n_vocab=n_vocab)
+
+
+def _needed(args: ModelArgs, tensors: dict[str, TensorInfo], first: int, last: int) -> list[str]:
+    names: list[str] = []
+    for name in tensors:
+        m = _LAYER.match(name)
+        if m and first <= int(m.group(1)) < last:
+            names.append(name)
+    if "rope_freqs.weight" in tensors and last > first:
+        names.append("rope_freqs.weight")
+    if first == 0:
+        names.append("token_embd.weight")
+    if last == args.n_layer:
+        names.append("output_norm.weight")
+        if "output.weight" in tensors:
+            names.append("output.weight")
+        elif "token_embd.weight" not in names:
+            names.append("token_embd.weight")  # tied embeddings: the head reuses the embedding matrix
+        if "output.bias" in tensors:
+            names.append("output.bias")
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ModelError(f"GGUF file lacks tensors {missing}")
+    return names
+
+
+def load_weights(path: Path, args: ModelArgs, tensors: dict[str, TensorInfo], first: int, last: int,
+                 backend: ggml.CpuBackend) -> StageWeights:
+    names = _needed(args, tensors, first, last)
+    ctx = ggml.MetaContext(len(names) + 1)
+    made: dict[str, ggml.Tensor] = {}
+    for name in names:
+        info = tensors[name]
+        if not 0 <= info.ggml_type < TYPE_COUNT or len(info.shape) > 3:
+            raise ModelError(f"tensor {name} has unsupported type {info.ggml_type} or rank {len(info.shape)}")
+        shape = list(info.shape) + [1] * (3 - len(info.shape))
+        t = ops.new_tensor_3d(ctx.ptr, info.ggml_type, shape[0], shape[1], shape[2])
+        if ops.nbytes(t) != info.n_bytes:
+            raise ModelError(f"tensor {name}: GGUF says {info.n_bytes} bytes, ggml expects {ops.nbytes(t)}")
+        ops.set_name(t, name.encode()[:63])
+        made[name] = t
+    buffer = ggml.Buffer(ctx, backend, usage=BUFFER_USAGE_WEIGHTS)
+    total = 0
+    with path.open("rb") as f:
+        for name in names:
+            info = tensors[name]
+            done = 0
+            while done < info.n_bytes:
+                n = min(_READ_CHUNK, info.n_bytes - done)
+                chunk = np.empty(n, dtype=np.uint8)
+                f.seek(info.offset + done)
+                if f.readinto(chunk.data) != n:
+                    raise ModelError(f"{path} is truncated inside tensor {name}")
+                ggml.tensor_set(made[name], chunk, done)
+                done += n
+            total += info.n_bytes
+
+    def opt(name: str) -> ggml.Tensor | None:
+        return made.get(name)
+
+    layers: list[LayerWeights] = []
+    for il in range(first, last):
+        p = f"blk.{il}."
+        try:
+            layers.append(LayerWeights(
+                attn_norm=made[p + "attn_norm.weight"], wq=made[p + "attn_q.weight"],
+                wk=made[p + "attn_k.weight"], wv=made[p + "attn_v.weight"], wo=made[p + "attn_output.weight"],
+                ffn_norm=made[p + "ffn_norm.weight"], ffn_gate=made[p + "ffn_gate.weight"],
+                ffn_up=made[p + "ffn_up.weight"], ffn_down=made[p + "ffn_down.weight"],
+                bq=opt(p + "attn_q.bias"), bk=opt(p + "attn_k.bias"), bv=opt(p + "attn_v.bias"),
+                bo=opt(p + "attn_output.bias"),
+                q_norm=opt(p + "attn_q_norm.weight"), k_norm=opt(p + "attn_k_norm.weight"),
+            ))
+        except KeyError as exc:
+            raise ModelError(
+                f"layer {il} lacks tensor {exc.args[0]} (fused QKV or MoE layers are not supported)"
+            ) from exc
+        if args.arch == "qwen3" and (layers[-1].q_norm is None or layers[-1].k_norm is None):
+            raise ModelError(f"qwen3 layer {il} lacks attn_q_norm/attn_k_norm")
+    tied = "output.weight" not in tensors
+    log.info("loaded %d tensors (%.1f MB) of layers [%d, %d) from %s", len(names), total / 1e6, first, last, path.name)
+    return StageWeights(
+        layers=layers,
+        tok_embd=opt("token_embd.weight") if first == 0 else None,
+        output_norm=opt("output_norm.weight"),
+        output=(made["token_embd.weight"] if tied else made["output.weight"]) if last == args.n_layer else None,
+        output_b=opt("output.bias"),
+        rope_freqs=opt("rope_freqs.weight"),
+        ctx=ctx,
+        buffer=buffer,
+        tensor_bytes=total,
+        names=names,
+    )

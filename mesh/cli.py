@@ -16,7 +16,7 @@ from typing import Any
 
 from mesh import __version__
 from mesh.config import GatewayConfig, NodeConfig, add_arguments, from_arguments
-from mesh.errors import EdgeMeshError
+from mesh.errors import ConfigError, EdgeMeshError
 from mesh.logs import setup_logging
 
 log = logging.getLogger("edgemesh")
@@ -62,8 +62,18 @@ def cmd_up(args: argparse.Namespace) -> None:
     options = LocalMeshOptions(
         nodes=args.nodes, host=args.host, port=args.port, model=args.model, strategy=args.strategy,
         threads=args.threads, slots=args.slots, n_ctx=args.n_ctx, api_key=args.api_key,
-        cluster_key=args.cluster_key, ready_file=args.ready_file, memory_limit=args.memory_limit)
+        cluster_key=args.cluster_key, ready_file=args.ready_file, memory_limit=args.memory_limit,
+        stages=args.stages, split=parse_split(args.split))
     run_until_signalled(lambda stop: run_local_mesh(options, stop))
+
+
+def parse_split(text: str) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--split takes layer counts separated by commas (like 10,10,10), not {text!r}") from None
 
 
 # ---------------------------------------------------------------------------- clients
@@ -125,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address of the gateway [default: 127.0.0.1]")
     p.add_argument("--port", type=int, default=8080, help="gateway HTTP port (0 picks one) [default: 8080]")
     p.add_argument("--model", default="default", help="'default', a cached model name, or a GGUF path")
-    p.add_argument("--strategy", choices=["replica"], default="replica",
-                   help="replica: every node serves the whole model")
+    p.add_argument("--strategy", choices=["replica", "pipeline"], default="replica",
+                   help="replica: every node serves the whole model; pipeline: the nodes split its layers")
+    p.add_argument("--stages", type=int, default=0, help="pipeline stages (0 = one per node; the rest are spare)")
+    p.add_argument("--split", default="", help="layers per stage, e.g. 10,10,10 (default: even)")
     p.add_argument("--threads", type=int, default=0, help="threads per node (0 = cores / nodes)")
     p.add_argument("--slots", type=int, default=1, help="concurrent requests per node [default: 1]")
     p.add_argument("--n-ctx", type=int, default=2048, help="context length per request [default: 2048]")
@@ -155,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="gateway streaming speed as a ratio to llama-cpp-python")
     p.add_argument("--model", default="default")
     p.add_argument("--nodes", type=int, default=1, help="nodes in the benchmarked mesh [default: 1]")
-    p.add_argument("--strategy", choices=["replica"], default="replica")
+    p.add_argument("--strategy", choices=["replica", "pipeline"], default="replica")
     p.add_argument("--tokens", type=int, default=128, help="tokens generated per run [default: 128]")
     p.add_argument("--runs", type=int, default=3, help="timed runs of each side [default: 3]")
     p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")

@@ -101,6 +101,8 @@ class NodeConfig:
     slots: int = setting(1, "requests generated at the same time")
     max_queue: int = setting(8, "requests queued beyond the running ones before RESOURCE_EXHAUSTED")
     n_ctx: int = setting(2048, "context length (tokens) per request")
+    role: str = setting("replica", "replica: serve the whole model with llama.cpp; stage: serve only the "
+                        "pipeline stages (layer ranges) a planner asks for")
     advertise: bool = setting(True, "advertise this node with mDNS")
     ready_file: str = setting("", "write 'host port metrics_port node_id' here once serving (for supervisors)")
 

@@ -74,7 +74,9 @@ class PeerError(EdgeMeshError):
     grpc_code = "UNAVAILABLE"
     kind = "upstream_error"
 
-    def __init__(self, message: str, *, retryable: bool = True, code: str = "UNAVAILABLE") -> None:
+    def __init__(self, message: str, *, retryable: bool = True, code: str = "UNAVAILABLE",
+                 node_id: str | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.code = code
+        self.node_id = node_id  # which node failed, when the caller knows (a pipeline stage)

@@ -25,7 +25,7 @@ from mesh.config import GatewayConfig, Timeouts
 from mesh.discovery import Peer
 from mesh.errors import ConfigError, ModelError
 from mesh.model_store import resolve
-from mesh.types import NodeId
+from mesh.types import LayerRange, NodeId
 
 if TYPE_CHECKING:
     from mesh.gateway.runtime import GatewayRuntime
@@ -50,6 +50,8 @@ class LocalMeshOptions:
     cluster_key: str = ""
     ready_file: str = ""
     memory_limit: str = "0"
+    stages: int = 0  # pipeline: how many stages (0 = one per node); the other nodes stay spare
+    split: tuple[int, ...] = ()  # pipeline: layers per stage (default: an even split)
 
 
 @dataclass
@@ -69,11 +71,39 @@ class NodeProcess:
         return self.peer
 
 
+STRATEGIES = ("replica", "pipeline")
+STAGE_LOAD_TIMEOUT_S = 300.0
+
+
 def threads_per_node(nodes: int, requested: int) -> int:
-    """Share the cores: N replicas each using every core would only fight over them."""
+    """Share the cores among the nodes of this machine. Even pipeline stages, which take
+    turns on each token, do better this way: ggml's worker threads spin between steps, and
+    a spinning idle stage steals the core the busy stage needs (measured on 2 cores, 3
+    stages: 44 tok/s with 1 thread each, 30 tok/s with 2)."""
     if requested > 0:
         return requested
     return max(1, (os.cpu_count() or 1) // nodes)
+
+
+def split_layers(n_layers: int, stages: int, split: tuple[int, ...] = ()) -> list[LayerRange]:
+    """Contiguous layer ranges: the given split, or as even as possible (earlier stages
+    take the remainder)."""
+    if split:
+        if len(split) != stages:
+            raise ConfigError(f"--split has {len(split)} parts but there are {stages} stages")
+        if any(n < 1 for n in split) or sum(split) != n_layers:
+            raise ConfigError(f"--split must be positive and add up to the model's {n_layers} layers, "
+                              f"not {sum(split)}")
+        sizes = list(split)
+    else:
+        if not 1 <= stages <= n_layers:
+            raise ConfigError(f"cannot split {n_layers} layers into {stages} stages")
+        sizes = [n_layers // stages + (1 if i < n_layers % stages else 0) for i in range(stages)]
+    ranges, first = [], 0
+    for size in sizes:
+        ranges.append(LayerRange(first, first + size))
+        first += size
+    return ranges
 
 
 def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_key: str,
@@ -84,6 +114,7 @@ def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_
         sys.executable, "-m", "mesh.cli", "node", "--model", str(model_path), "--name", name,
         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
         "--threads", str(threads_per_node(options.nodes, options.threads)),
+        "--role", "stage" if options.strategy == "pipeline" else "replica",
         "--slots", str(options.slots), "--n-ctx", str(options.n_ctx),
         "--memory-limit", options.memory_limit, "--ready-file", str(ready),
     ]
@@ -126,8 +157,11 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
 
     if options.nodes < 1:
         raise ConfigError("--nodes must be at least 1")
-    if options.strategy != "replica":
-        raise ConfigError(f"unknown strategy {options.strategy!r}")
+    if options.strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {options.strategy!r} (choose from {', '.join(STRATEGIES)})")
+    stage_count = options.stages or options.nodes
+    if options.strategy == "pipeline" and stage_count > options.nodes:
+        raise ConfigError(f"{stage_count} stages need at least {stage_count} nodes, not {options.nodes}")
     cluster_key = options.cluster_key or secrets.token_urlsafe(32)
     config = GatewayConfig(host=options.host, port=options.port, cluster_key=cluster_key,
                            api_key=options.api_key, model=options.model)
@@ -147,6 +181,9 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
             await _wait_for_mesh(runtime, nodes, listening, gateway, stop)
             if stop.is_set():
                 return
+            if options.strategy == "pipeline":
+                ranges = split_layers(runtime.n_layers, stage_count, options.split)
+                await load_pipeline(runtime, nodes, ranges, options)
             port = listening.result()
             url = f"http://{options.host}:{port}"
             sys.stdout.write(_banner(url, model_path.stem, len(nodes), options.api_key))
@@ -201,3 +238,26 @@ async def _supervise(nodes: list[NodeProcess], gateway: asyncio.Task[None], stop
             await asyncio.wait_for(stop.wait(), timeout=0.5)
         except asyncio.TimeoutError:
             pass
+
+
+async def load_pipeline(runtime: GatewayRuntime, nodes: list[NodeProcess], ranges: list[LayerRange],
+                        options: LocalMeshOptions) -> None:
+    """Load one layer range per node (in node order; nodes beyond the ranges stay spare),
+    then wait until the gateway routes to the pipeline they form."""
+    for index, (node, layers) in enumerate(zip(nodes, ranges, strict=False)):
+        assert node.peer is not None and node.peer.node_id is not None
+        client = runtime.membership.client_for(node.peer.node_id)
+        if client is None:
+            raise ModelError(f"{node.name} is not connected to the gateway")
+        log.info("loading stage %d/%d: layers [%d, %d) on %s", index + 1, len(ranges), layers.first,
+                 layers.last_exclusive, node.name)
+        await client.load_stage(runtime.model_sha, layers, options.n_ctx, options.slots, STAGE_LOAD_TIMEOUT_S)
+    for node in nodes[len(ranges):]:
+        log.info("%s stays spare", node.name)
+    deadline = time.monotonic() + 30
+    while not any(p.kind == "pipeline" for p in runtime.scheduler.placements()):
+        if time.monotonic() > deadline:
+            raise ModelError("the stages were loaded but no complete pipeline formed")
+        await runtime.membership.refresh()
+        await asyncio.sleep(0.1)
+    runtime.metrics.replans.labels("start").inc()

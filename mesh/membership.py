@@ -186,6 +186,16 @@ class Membership:
                 # Until its next Info answer proves otherwise (within refresh_s).
                 w.set(MemberState.DOWN, reason=reason)
 
+    async def refresh(self) -> None:
+        """Ask every ready node for fresh Info now (after a planner changed what they hold),
+        instead of waiting for the periodic refresh."""
+        for w in list(self._watchers.values()):
+            if w.member.state == MemberState.READY:
+                try:
+                    w._accept(await w.client.info())
+                except EdgeMeshError as exc:  # the watcher's own loop notices and reports it
+                    log.debug("refresh of %s failed: %s", w.peer.address, exc)
+
     async def wait_ready(self, count: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -52,6 +52,14 @@ class NodeMetrics:
                                 registry=registry)
         self.bytes_out = Counter("edgemesh_node_bytes_sent_total", "Payload bytes sent in RPCs",
                                  registry=registry)
+        self.stage_step = Histogram("edgemesh_node_stage_step_seconds",
+                                    "Compute time of one pipeline-stage step, by kind (prefill or decode)",
+                                    ["kind"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.stage_sessions = Gauge("edgemesh_node_stage_sessions", "Pipeline sessions holding a KV slot",
+                                    registry=registry)
+        self.stage_memory = Gauge("edgemesh_node_stage_memory_bytes",
+                                  "Memory of the loaded pipeline stage, by kind (weights, kv_cache, compute)",
+                                  ["kind"], registry=registry)
 
 
 class GatewayMetrics:
@@ -89,3 +97,18 @@ class GatewayMetrics:
                                     ["node_id"], registry=registry)
         self.placements = Gauge("edgemesh_placements", "Placements the scheduler can route to, by kind",
                                 ["kind"], registry=registry)
+        self.failovers = Counter("edgemesh_failovers_total",
+                                 "Requests moved mid-answer, by what failed (from), what took over (to) and why",
+                                 ["from", "to", "reason"], registry=registry)
+        self.replans = Counter("edgemesh_replans_total", "Placement changes, by reason", ["reason"],
+                               registry=registry)
+        self.replayed_tokens = Counter("edgemesh_replayed_tokens_total",
+                                       "Tokens replayed into a new placement after a failover", registry=registry)
+        self.stage_bytes = Counter("edgemesh_pipeline_bytes_total",
+                                   "Hidden-state bytes moved between pipeline stages, by direction",
+                                   ["direction"], registry=registry)
+        self.cloud_up = Gauge("edgemesh_cloud_up", "1 while the cloud upstream answers, 0 when it fails "
+                              "(stays 0 when no cloud is configured)", registry=registry)
+        self.breaker_state = Gauge("edgemesh_cloud_breaker_state",
+                                   "1 for the circuit breaker's current state (closed, open, half_open)",
+                                   ["state"], registry=registry)

@@ -1,12 +1,13 @@
 """Admission, routing and sessions.
 
-The scheduler turns the membership view into placements (today: one replica per ready
-node holding the model; pipelines join with the stage engine), admits a request onto
-the placement with the least outstanding work that still has capacity, and keeps the
-session's token history. A node that fails before the first token is replaced once by
-another; a node that fails mid-stream is replaced by replaying the history (prompt plus
-tokens already sent) onto another replica, and because sampling depends only on
-(logits, params, seed, position) the stream goes on as if nothing happened.
+The scheduler turns the membership view into placements (whole-model replicas, and
+pipelines of loaded stages: see mesh.placements), admits a request onto the placement
+with the least outstanding work that still has capacity, and keeps the session's token
+history. A placement that fails before the first token is replaced once by another; one
+that fails mid-stream is replaced by replaying the history (prompt plus tokens already
+sent) onto another placement, and because sampling depends only on (logits, params,
+seed, position) and replay evaluates tokens as they were first evaluated, the stream
+goes on as if nothing happened.
 """
 
 from __future__ import annotations
@@ -18,16 +19,9 @@ from dataclasses import dataclass, replace
 from mesh.errors import CapacityExhausted, InvalidInput, NotFound, PeerError, Unavailable
 from mesh.membership import Membership
 from mesh.metrics import GatewayMetrics
-from mesh.types import (
-    FinishReason,
-    GenerationRequest,
-    LayerRange,
-    ModelSha,
-    NodeId,
-    Placement,
-    StagePlacement,
-    TokenEvent,
-)
+from mesh.pipeline import PipelineOptions, PipelineRun
+from mesh.placements import pipeline_placements, replica_placements, stage_slots
+from mesh.types import FinishReason, GenerationRequest, ModelSha, NodeId, NodeInfo, Placement, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -52,47 +46,58 @@ class Scheduler:
 
     # ------------------------------------------------------------------ placements
 
+    def _infos(self) -> dict[NodeId, NodeInfo]:
+        return {m.info.node_id: m.info for m in self._membership.ready() if m.info is not None}
+
     def placements(self) -> list[Placement]:
-        result = []
-        for member in self._membership.ready():
-            info = member.info
-            assert info is not None
-            for model in info.models:
-                if model.sha256 == self._model_sha:
-                    result.append(Placement(
-                        kind="replica", model_sha256=model.sha256, model_name=model.name,
-                        stages=(StagePlacement(info.node_id, LayerRange(0, model.n_layers)),)))
-        return result
+        infos = list(self._infos().values())
+        return replica_placements(infos, self._model_sha) + pipeline_placements(infos, self._model_sha)
 
     def context_length(self) -> int | None:
         """The smallest context any placement serves the model with (None: no placement)."""
-        sizes = [m.n_ctx for member in self._membership.ready() if member.info
-                 for m in member.info.models if m.sha256 == self._model_sha]
+        placements = self.placements()
+        if not placements:
+            return None
+        infos = self._infos()
+        sizes = []
+        for placement in placements:
+            for stage in placement.stages:
+                info = infos[stage.node_id]
+                sizes += [m.n_ctx for m in (*info.models, *info.files) if m.sha256 == self._model_sha]
         return min(sizes) if sizes else None
 
     def outstanding(self, node_id: NodeId) -> int:
         return self._outstanding.get(node_id, 0)
 
-    def _capacity(self, node_id: NodeId) -> int:
-        for member in self._membership.ready():
-            if member.info is not None and member.info.node_id == node_id:
-                return member.info.capacity
-        return 0
+    def capacity(self, placement: Placement) -> int:
+        """Sessions a placement takes at once: a replica's slots plus queue; a pipeline's
+        smallest stage slot count (stages do not queue)."""
+        infos = self._infos()
+        if placement.kind == "replica":
+            info = infos.get(placement.stages[0].node_id)
+            return info.capacity if info is not None else 0
+        return min((stage_slots(infos[s.node_id], self._model_sha, s.layers) if s.node_id in infos else 0)
+                   for s in placement.stages)
 
-    def _pick(self, exclude: set[NodeId]) -> NodeId:
-        """Least outstanding work (relative to the node's slots), skipping full nodes."""
-        candidates = [p.stages[0].node_id for p in self.placements() if p.stages[0].node_id not in exclude]
+    def _load(self, placement: Placement) -> tuple[float, int]:
+        busiest = max(self.outstanding(n) for n in placement.node_ids)
+        return busiest / max(self.capacity(placement), 1), busiest
+
+    def _pick(self, exclude: set[NodeId]) -> Placement:
+        """Least outstanding work relative to capacity, skipping full placements and any
+        placement that uses an excluded (failed) node. Ties go to the fewest stages, then
+        node-id order, so routing is deterministic."""
+        candidates = [p for p in self.placements() if not exclude.intersection(p.node_ids)]
         if not candidates:
             if exclude:
                 raise Unavailable("no other node can take this request")
             raise Unavailable("no node serving this model is ready; start one with `edgemesh node`")
-        open_nodes = [n for n in candidates if self.outstanding(n) < self._capacity(n)]
-        if not open_nodes:
-            total = sum(self._capacity(n) for n in candidates)
+        open_ones = [p for p in candidates if all(self.outstanding(n) < self.capacity(p) for n in p.node_ids)]
+        if not open_ones:
+            total = sum(self.capacity(p) for p in candidates)
             raise CapacityExhausted(
-                f"all {len(candidates)} node(s) are at capacity ({total} requests in flight); retry shortly")
-        return min(open_nodes, key=lambda n: (self.outstanding(n) / max(self._capacity(n), 1),
-                                              self.outstanding(n), n))
+                f"all {len(candidates)} placement(s) are at capacity ({total} requests in flight); retry shortly")
+        return min(open_ones, key=lambda p: (*self._load(p), len(p.stages), p.node_ids))
 
     # ------------------------------------------------------------------ sessions
 
@@ -102,17 +107,30 @@ class Scheduler:
         await session.start()
         return session
 
-    def _reserve(self, node_id: NodeId) -> None:
-        self._outstanding[node_id] = self.outstanding(node_id) + 1
-        self._metrics.node_in_flight.labels(node_id).set(self._outstanding[node_id])
+    def _reserve(self, placement: Placement) -> None:
+        for node_id in placement.node_ids:
+            self._outstanding[node_id] = self.outstanding(node_id) + 1
+            self._metrics.node_in_flight.labels(node_id).set(self._outstanding[node_id])
 
-    def _unreserve(self, node_id: NodeId) -> None:
-        self._outstanding[node_id] = max(0, self.outstanding(node_id) - 1)
-        self._metrics.node_in_flight.labels(node_id).set(self._outstanding[node_id])
+    def _unreserve(self, placement: Placement) -> None:
+        for node_id in placement.node_ids:
+            self._outstanding[node_id] = max(0, self.outstanding(node_id) - 1)
+            self._metrics.node_in_flight.labels(node_id).set(self._outstanding[node_id])
+
+    def _runner(self, placement: Placement, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        clients = [self._membership.client_for(n) for n in placement.node_ids]
+        missing = [n for n, c in zip(placement.node_ids, clients, strict=True) if c is None]
+        if missing:
+            raise PeerError(f"node {missing[0]} has no connection")
+        ready = [c for c in clients if c is not None]
+        if placement.kind == "replica":
+            return ready[0].generate(request)
+        n_ctx = self.context_length() or 0
+        return PipelineRun(placement, ready, PipelineOptions(n_ctx=n_ctx), self._metrics).generate(request)
 
 
 class Session:
-    """One request's life: its node, its token history, its failovers."""
+    """One request's life: its placement, its token history, its failovers."""
 
     def __init__(self, scheduler: Scheduler, request: GenerationRequest) -> None:
         self._s = scheduler
@@ -121,7 +139,7 @@ class Session:
         self.nodes: list[NodeId] = []
         self.finish_reason: FinishReason | None = None
         self._stream: AsyncIterator[TokenEvent] | None = None
-        self._node: NodeId | None = None
+        self._placement: Placement | None = None
         self._first: TokenEvent | None = None
 
     @property
@@ -132,48 +150,47 @@ class Session:
         tried: set[NodeId] = set()
         attempts = 0
         while True:
-            node_id = self._s._pick(tried)
-            tried.add(node_id)
+            placement = self._s._pick(tried)
             try:
-                self._first = await self._connect(node_id, self.request)
+                self._first = await self._connect(placement, self.request)
                 return
             except (PeerError, CapacityExhausted) as exc:
                 attempts += 1
                 reason = "capacity" if isinstance(exc, CapacityExhausted) else "node_error"
-                if isinstance(exc, PeerError):
-                    self._s._membership.mark_down(node_id, str(exc))
+                culprit = _culprit(placement, exc)
+                tried.update([culprit] if culprit else placement.node_ids)
+                if isinstance(exc, PeerError) and culprit:
+                    self._s._membership.mark_down(culprit, str(exc))
                 if attempts > FIRST_TOKEN_RETRIES:
                     raise
-                log.warning("request %s: node %s failed before the first token (%s); trying another",
-                            self.request.request_id, node_id, exc)
+                log.warning("request %s: %s failed before the first token (%s); trying another",
+                            self.request.request_id, ",".join(placement.node_ids), exc)
                 self._s._metrics.retries.labels(reason).inc()
 
-    async def _connect(self, node_id: NodeId, request: GenerationRequest) -> TokenEvent:
-        client = self._s._membership.client_for(node_id)
-        if client is None:
-            raise PeerError(f"node {node_id} has no connection")
-        self._s._reserve(node_id)
-        stream = client.generate(request)
+    async def _connect(self, placement: Placement, request: GenerationRequest) -> TokenEvent:
+        self._s._reserve(placement)
         try:
+            stream = self._s._runner(placement, request)
             first = await stream.__anext__()
         except StopAsyncIteration:
-            self._s._unreserve(node_id)
-            raise PeerError(f"node {node_id} ended the stream without a token") from None
+            self._s._unreserve(placement)
+            raise PeerError(f"{','.join(placement.node_ids)} ended the stream without a token") from None
         except BaseException:
-            self._s._unreserve(node_id)
-            await stream.aclose()  # type: ignore[attr-defined]
+            self._s._unreserve(placement)
+            if "stream" in locals():
+                await stream.aclose()  # type: ignore[attr-defined]
             raise
-        self._stream, self._node = stream, node_id
-        self.nodes.append(node_id)
+        self._stream, self._placement = stream, placement
+        self.nodes.extend(n for n in placement.node_ids if n not in self.nodes)
         return first
 
-    async def _release_node(self) -> None:
+    async def _release(self) -> None:
         if self._stream is not None:
             await self._stream.aclose()  # type: ignore[attr-defined]
             self._stream = None
-        if self._node is not None:
-            self._s._unreserve(self._node)
-            self._node = None
+        if self._placement is not None:
+            self._s._unreserve(self._placement)
+            self._placement = None
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """Every token of the request, failing over mid-stream by replay."""
@@ -198,7 +215,7 @@ class Session:
                         raise
                     await self._failover(exc)
         finally:
-            await self._release_node()
+            await self._release()
 
     def _accept(self, event: TokenEvent) -> TokenEvent:
         expected = len(self.request.prompt_tokens) + len(self.generated)
@@ -209,16 +226,26 @@ class Session:
         return event
 
     async def _failover(self, cause: PeerError) -> None:
-        failed = self._node
-        log.warning("request %s: node %s failed after %d tokens (%s); replaying on another node",
-                    self.request.request_id, failed, len(self.generated), cause)
-        await self._release_node()
-        if failed is not None:
-            self._s._membership.mark_down(failed, str(cause))
+        failed = self._placement
+        culprit = _culprit(failed, cause) if failed else None
+        log.warning("request %s: %s failed after %d tokens (%s); replaying on another placement",
+                    self.request.request_id, culprit or (",".join(failed.node_ids) if failed else "?"),
+                    len(self.generated), cause)
+        await self._release()
+        excluded = {culprit} if culprit else set(failed.node_ids if failed else ())
+        for node_id in excluded:
+            self._s._membership.mark_down(node_id, str(cause))
         replay = replace(self.request, replay_tokens=tuple(self.generated))
-        node_id = self._s._pick({failed} if failed else set())
-        self._first = await self._connect(node_id, replay)
+        placement = self._s._pick(excluded)
+        self._first = await self._connect(placement, replay)
         self._s._metrics.retries.labels("midstream_failover").inc()
+        self._s._metrics.failovers.labels(failed.kind if failed else "?", placement.kind, "node_error").inc()
+        self._s._metrics.replayed_tokens.inc(len(self.generated))
+
+
+def _culprit(placement: Placement, exc: Exception) -> NodeId | None:
+    """Which node of a placement an error came from (errors name the address they came from)."""
+    return getattr(exc, "node_id", None) or (placement.node_ids[0] if len(placement.node_ids) == 1 else None)
 
 
 def check_model(requested: str | None, served: str) -> None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, NewType
 
+import numpy as np
+import numpy.typing as npt
+
 NodeId = NewType("NodeId", str)
 RequestId = NewType("RequestId", str)
 ModelSha = NewType("ModelSha", str)
@@ -99,6 +102,7 @@ class NodeInfo:
     metrics_port: int
     stages: tuple[StageHeld, ...] = ()
     decode_tokens_per_second: float = 0.0
+    files: tuple[ModelHeld, ...] = ()  # GGUF files stages can be loaded from
 
     @property
     def capacity(self) -> int:
@@ -151,3 +155,40 @@ class Placement:
     @property
     def node_ids(self) -> tuple[NodeId, ...]:
         return tuple(stage.node_id for stage in self.stages)
+
+
+HiddenDType = Literal["f32", "f16"]
+
+
+@dataclass(frozen=True, eq=False)
+class StageStep:
+    """One step of one session through one pipeline stage: token ids into the first stage,
+    hidden states ([n_tokens, n_embd], float32 in memory) into the others."""
+
+    session_id: str
+    model_sha256: ModelSha
+    layers: LayerRange
+    start_position: int
+    tokens: tuple[int, ...] | None
+    hidden: npt.NDArray[np.float32] | None
+    sampling: SamplingParams
+    logprobs: bool = False
+    reply_dtype: HiddenDType = "f32"
+    step: int = 0
+    history: tuple[int, ...] = ()  # recent tokens, for the repetition penalty on the last stage
+
+    @property
+    def n_tokens(self) -> int:
+        if self.tokens is not None:
+            return len(self.tokens)
+        return 0 if self.hidden is None else int(self.hidden.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class StageOutput:
+    """What a stage returns: hidden states for the next stage, or (last stage) the sampled token."""
+
+    step: int
+    hidden: npt.NDArray[np.float32] | None = None
+    token_id: int | None = None
+    logprob: float = 0.0

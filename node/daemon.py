@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from mesh import __version__
 from mesh.config import Limits, NodeConfig, Timeouts, default_node_name, parse_bytes, resolve_cluster_key
 from mesh.discovery import Advertisement, Advertiser
+from mesh.errors import ConfigError
 from mesh.metrics import NodeMetrics
 from mesh.model_store import ProgressLog, resolve
 from mesh.transport.auth import cluster_hash
@@ -27,22 +28,29 @@ from mesh.types import ModelHeld, ModelSha, NodeId
 from node import gguf, probe
 from node.engines.llamacpp import LlamaCppEngine
 from node.service import NodeIdentity, NodeService, NodeState
+from node.stage_host import LocalFile, StageHost
 
 log = logging.getLogger(__name__)
 
 
-def load_model(path: Path, config: NodeConfig, threads: int) -> tuple[ModelHeld, LlamaCppEngine]:
+ROLES = ("replica", "stage")
+
+
+def describe_file(path: Path, n_ctx: int) -> ModelHeld:
     summary = gguf.inspect(path)
     log.info("model %s: %s, %d layers, %.1f MB", path.name, summary.architecture, summary.n_layers,
              summary.file_bytes / 1e6)
-    sha = gguf.file_sha256(path, lambda done, total: ProgressLog()(f"hashing {path.name}", done, total))
+    progress = ProgressLog()
+    sha = gguf.file_sha256(path, lambda done, total: progress(f"hashing {path.name}", done, total))
+    return ModelHeld(name=path.stem, sha256=ModelSha(sha), n_layers=summary.n_layers,
+                     file_bytes=summary.file_bytes, n_ctx=n_ctx, architecture=summary.architecture,
+                     n_vocab=summary.n_vocab)
+
+
+def load_replica(path: Path, config: NodeConfig, threads: int) -> LlamaCppEngine:
     log.info("loading %s with llama.cpp (%d threads, context %d, %d slot(s))", path.name, threads,
              config.n_ctx, config.slots)
-    engine = LlamaCppEngine(path, n_ctx=config.n_ctx, threads=threads, slots=config.slots)
-    model = ModelHeld(name=path.stem, sha256=ModelSha(sha), n_layers=summary.n_layers,
-                      file_bytes=summary.file_bytes, n_ctx=config.n_ctx, architecture=summary.architecture,
-                      n_vocab=engine.n_vocab)
-    return model, engine
+    return LlamaCppEngine(path, n_ctx=config.n_ctx, threads=threads, slots=config.slots)
 
 
 async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeouts | None = None,
@@ -55,14 +63,19 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         node_id=NodeId(uuid.uuid4().hex[:16]), name=config.name or default_node_name(), threads=threads,
         memory_limit=parse_bytes(config.memory_limit), slots=config.slots, max_queue=config.max_queue)
 
+    if config.role not in ROLES:
+        raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {config.role!r}")
     model_path = await asyncio.to_thread(resolve, config.model)
-    model, engine = await asyncio.to_thread(load_model, model_path, config, threads)
+    model = await asyncio.to_thread(describe_file, model_path, config.n_ctx)
+    engine = await asyncio.to_thread(load_replica, model_path, config, threads) if config.role == "replica" \
+        else None
 
     registry = CollectorRegistry()
     metrics = NodeMetrics(registry)
     metrics.info.labels(identity.node_id, identity.name, __version__).set(1)
-    metrics.role.labels("replica").set(1)
-    metrics.layers_held.set(model.n_layers)
+    if engine is not None:
+        metrics.role.labels("replica").set(1)
+        metrics.layers_held.set(model.n_layers)
     mem = probe.memory()
     metrics.memory.labels("total").set(mem.total)
     metrics.memory.labels("free").set(mem.free)
@@ -72,7 +85,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
 
     state = NodeState()
     health = HealthState()
-    service = NodeService(identity, engine, model, metrics, state)
+    stages = StageHost([LocalFile(model_path, model)], threads, metrics)
+    service = NodeService(identity, engine, model if engine is not None else None, stages, metrics, state)
     server = make_server(cluster_key, timeouts, limits, health, on_reject=lambda _m: metrics.auth_failures.inc())
     pb_grpc.add_NodeServicer_to_server(service, server)
     port = bind(server, config.host, config.port)

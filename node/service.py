@@ -21,13 +21,14 @@ from typing import Any
 import grpc
 
 from mesh import PROTOCOL_VERSION, __version__
-from mesh.errors import EdgeMeshError
+from mesh.errors import EdgeMeshError, Unavailable
 from mesh.metrics import NodeMetrics
 from mesh.transport import convert
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
-from mesh.types import GenerationRequest, ModelHeld, NodeId, NodeInfo, TokenEvent
+from mesh.types import GenerationRequest, ModelHeld, ModelSha, NodeId, NodeInfo, TokenEvent
 from node import probe
 from node.engines.llamacpp import LlamaCppEngine
+from node.stage_host import StageHost
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,22 @@ async def _abort(context: grpc.aio.ServicerContext, error: EdgeMeshError) -> Non
 
 
 class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
-    def __init__(self, identity: NodeIdentity, engine: LlamaCppEngine, model: ModelHeld,
-                 metrics: NodeMetrics, state: NodeState) -> None:
+    """`engine`/`model` are the whole-model replica (None on a stage-only node); `stages`
+    holds the pipeline stages loaded on request."""
+
+    def __init__(self, identity: NodeIdentity, engine: LlamaCppEngine | None, model: ModelHeld | None,
+                 stages: StageHost, metrics: NodeMetrics, state: NodeState) -> None:
         self._id = identity
         self._engine = engine
         self._model = model
+        self._stages = stages
         self._metrics = metrics
         self._state = state
         self._running = asyncio.Semaphore(identity.slots)
         self._pool = ThreadPoolExecutor(max_workers=identity.slots, thread_name_prefix="generate")
+        # Stage steps block on ggml; each engine serializes its compute, so a few threads are
+        # enough to keep several stages (or a load beside a step) from waiting on each other.
+        self._stage_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stage")
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -79,7 +87,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             node_id=self._id.node_id, name=self._id.name, version=__version__,
             protocol_version=PROTOCOL_VERSION, pid=os.getpid(), memory_total=mem.total,
             memory_free=mem.free, memory_limit=self._id.memory_limit, threads=self._id.threads,
-            models=(self._model,), slots=self._id.slots, max_queue=self._id.max_queue,
+            models=(self._model,) if self._model is not None else (), files=self._stages.files,
+            stages=self._stages.held(), slots=self._id.slots, max_queue=self._id.max_queue,
             in_flight=self._state.in_flight, draining=self._state.draining,
             grpc_port=self._state.grpc_port, metrics_port=self._state.metrics_port,
         )
@@ -111,6 +120,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
     def _validate(self, request: GenerationRequest) -> None:
         from mesh.errors import NotFound
 
+        if self._engine is None or self._model is None:
+            raise NotFound("this node serves pipeline stages only, not whole-model generation")
         if request.model_sha256 and request.model_sha256 != self._model.sha256:
             raise NotFound(f"this node does not hold model {request.model_sha256[:12]}")
         self._engine.validate(request)
@@ -189,6 +200,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
 
         def work() -> None:
             try:
+                assert self._engine is not None  # checked by _validate
                 for event in self._engine.generate(request, stop.is_set):
                     put(event)
             except BaseException as exc:  # noqa: BLE001 - relayed to the event loop and raised there
@@ -210,5 +222,67 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             stop.set()
             await asyncio.shield(future)
 
+    # ------------------------------------------------------------------ pipeline stages
+
+    async def LoadStage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.monotonic()
+        try:
+            if self._state.draining:
+                raise Unavailable("node is draining and loads no new stages")
+            layers = convert.layer_range_from_pb(request.layers)
+            held = await asyncio.get_running_loop().run_in_executor(
+                self._stage_pool, self._stages.load, ModelSha(request.model_sha256), layers, request.n_ctx,
+                request.slots)
+        except ValueError as exc:  # an impossible layer range
+            self._metrics.rpc_errors.labels("LoadStage", "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # unreachable: abort raises
+        except EdgeMeshError as exc:
+            self._metrics.rpc_errors.labels("LoadStage", exc.grpc_code).inc()
+            await _abort(context, exc)
+            raise
+        finally:
+            self._metrics.rpc_duration.labels("LoadStage").observe(time.monotonic() - started)
+        return convert.load_stage_reply_to_pb(held)
+
+    async def Forward(self, request_iterator: AsyncIterator[Any],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """One long-lived stream per (session driver, stage). Sessions opened on a stream are
+        freed when the stream ends however it ends: done, cancelled, timed out or broken."""
+        loop = asyncio.get_running_loop()
+        opened: set[str] = set()
+        self._enter()
+        try:
+            async for msg in request_iterator:
+                started = time.monotonic()
+                self._metrics.bytes_in.inc(msg.ByteSize())
+                try:
+                    step = convert.stage_step_from_pb(msg)
+                    if self._state.draining and step.session_id not in opened:
+                        raise Unavailable("node is draining and takes no new sessions")
+                    opened.add(step.session_id)
+                    output = await loop.run_in_executor(self._stage_pool, self._stages.step, step)
+                except EdgeMeshError as exc:
+                    self._metrics.rpc_errors.labels("Forward", exc.grpc_code).inc()
+                    await _abort(context, exc)
+                    return
+                reply = convert.stage_output_to_pb(step.session_id, output, step.reply_dtype)
+                self._metrics.bytes_out.inc(reply.ByteSize())
+                if output.token_id is not None:
+                    self._metrics.tokens.inc()
+                self._metrics.rpc_duration.labels("Forward").observe(time.monotonic() - started)
+                yield reply
+        finally:
+            for session_id in opened:
+                self._stages.release(session_id)
+            self._leave()
+
+    async def ReleaseSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        released = await asyncio.get_running_loop().run_in_executor(
+            self._stage_pool, self._stages.release, request.session_id)
+        return convert.release_reply_to_pb(released)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._stage_pool.shutdown(wait=True, cancel_futures=True)
+        self._stages.close()

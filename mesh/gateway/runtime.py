@@ -38,6 +38,7 @@ class GatewayRuntime:
     def __init__(self, config: GatewayConfig, model_path: Path, *, timeouts: Timeouts | None = None,
                  limits: Limits | None = None) -> None:
         from node.gguf import file_sha256
+        from node.gguf import inspect as inspect_gguf
 
         check_bind_is_safe(config)
         self.config = config
@@ -50,6 +51,7 @@ class GatewayRuntime:
         self.model_name = model_path.stem
         self.model_sha = ModelSha(file_sha256(model_path))
         self.tokenizer = Tokenizer.load(model_path)
+        self.n_layers = inspect_gguf(model_path).n_layers
         self.metrics = GatewayMetrics(CollectorRegistry())
         self.membership = Membership(self.cluster_key, self.timeouts, self.limits)
         self.scheduler = Scheduler(self.membership, self.model_sha, self.metrics)
@@ -77,6 +79,8 @@ class GatewayRuntime:
     def _node_view(self, member: Member) -> dict[str, Any]:
         info = member.info
         holds = [m for m in info.models if m.sha256 == self.model_sha] if info else []
+        stages = sorted((s for s in info.stages if s.model_sha256 == self.model_sha),
+                        key=lambda s: s.layers.first) if info else []
         return {
             "id": info.node_id if info else None,
             "name": info.name if info else member.address,
@@ -89,8 +93,12 @@ class GatewayRuntime:
             "memory_free": info.memory_free if info else None,
             "models": [{"name": m.name, "sha256": m.sha256, "n_layers": m.n_layers, "bytes": m.file_bytes}
                        for m in (info.models if info else ())],
-            "role": "replica" if holds else ("stage" if info and info.stages else "idle"),
-            "layers": [0, holds[0].n_layers] if holds else None,
+            "role": "replica" if holds else ("stage" if stages else "idle"),
+            "layers": [0, holds[0].n_layers] if holds else (stages[0].layers.as_list() if stages else None),
+            "stages": [{"layers": s.layers.as_list(), "slots": s.slots, "weight_bytes": s.weight_bytes,
+                        "kv_cache_bytes": s.kv_cache_bytes, "compute_bytes": s.compute_bytes} for s in stages],
+            "files": [{"name": m.name, "sha256": m.sha256, "n_layers": m.n_layers, "bytes": m.file_bytes}
+                      for m in (info.files if info else ())],
             "in_flight": self.scheduler.outstanding(info.node_id) if info else 0,
             "capacity": info.capacity if info else 0,
             "version": info.version if info else None,
@@ -98,7 +106,7 @@ class GatewayRuntime:
 
     def cluster_view(self) -> dict[str, Any]:
         return {
-            "model": {"name": self.model_name, "sha256": self.model_sha},
+            "model": {"name": self.model_name, "sha256": self.model_sha, "n_layers": self.n_layers},
             "nodes": [self._node_view(m) for m in sorted(self.membership.members(), key=lambda m: m.address)],
             "placements": [
                 {"kind": p.kind, "model": p.model_name,

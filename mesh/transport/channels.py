@@ -14,7 +14,7 @@ from mesh.config import Limits, Timeouts
 from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, NotFound, PeerError, Unauthenticated
 from mesh.transport import auth, convert
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
-from mesh.types import GenerationRequest, NodeInfo, TokenEvent
+from mesh.types import GenerationRequest, LayerRange, NodeInfo, StageHeld, StageOutput, StageStep, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +113,74 @@ class NodeClient:
         finally:
             call.cancel()
 
-    @property
-    def stub(self) -> Any:
-        """The raw stub, for the pipeline driver (stage RPCs); callers must sign with `metadata`."""
-        return self._stub
+    async def load_stage(self, model_sha256: str, layers: LayerRange, n_ctx: int, slots: int,
+                         timeout_s: float) -> StageHeld:
+        """Ask the node to load a layer range (reads its bytes from disk: may take a while)."""
+        try:
+            reply = await self._stub.LoadStage(convert.load_stage_request_to_pb(model_sha256, layers, n_ctx, slots),
+                                               timeout=timeout_s, metadata=self._meta("LoadStage"))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"LoadStage on {self.address}") from exc
+        return convert.stage_from_pb(reply.stage)
 
-    def metadata(self, method: str) -> tuple[tuple[str, str], ...]:
-        return self._meta(method)
+    def open_forward(self) -> StageStream:
+        """A long-lived Forward stream for one session's steps through one stage."""
+        call = self._stub.Forward(timeout=self._timeouts.request_s, metadata=self._meta("Forward"))
+        return StageStream(self.address, call, self._timeouts)
+
+    async def release_session(self, session_id: str) -> bool:
+        try:
+            reply = await self._stub.ReleaseSession(convert.release_request_to_pb(session_id),
+                                                    timeout=self._timeouts.info_rpc_s,
+                                                    metadata=self._meta("ReleaseSession"))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"ReleaseSession on {self.address}") from exc
+        return bool(reply.released)
 
     async def close(self) -> None:
         await self._channel.close(grace=None)
+
+
+class StageStream:
+    """One Forward stream: send a step, read its reply. A reply slower than the step
+    deadline (first_token_s for prefill, token_idle_s for decode) counts as a failed peer."""
+
+    def __init__(self, address: str, call: Any, timeouts: Timeouts) -> None:
+        self.address = address
+        self._call = call
+        self._timeouts = timeouts
+
+    async def step(self, step: StageStep) -> StageOutput:
+        import asyncio
+
+        wait = self._timeouts.first_token_s if step.n_tokens > 1 else self._timeouts.token_idle_s
+        try:
+            await asyncio.wait_for(self._call.write(convert.stage_step_to_pb(step)), timeout=wait)
+            msg = await asyncio.wait_for(self._call.read(), timeout=wait)
+        except asyncio.TimeoutError:
+            self._call.cancel()
+            raise PeerError(f"Forward on {self.address}: no reply within {wait:.0f}s") from None
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"Forward on {self.address}") from exc
+        except (grpc.aio.UsageError, RuntimeError) as exc:  # writing to a call that already ended
+            raise await self._ended(exc) from exc
+        if msg is grpc.aio.EOF:
+            raise await self._ended(None)
+        output = convert.stage_output_from_pb(msg)
+        if output.step != step.step:
+            raise PeerError(f"Forward on {self.address}: reply to step {output.step}, expected {step.step}",
+                            retryable=False)
+        return output
+
+    async def _ended(self, cause: Exception | None) -> EdgeMeshError:
+        """Why the stream is over: the node's status when it sent one, else a broken peer."""
+        if self._call.done():
+            code, detail = await self._call.code(), await self._call.details()
+            if code != grpc.StatusCode.OK:
+                status = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=detail)
+                return error_from_rpc(status, f"Forward on {self.address}")
+        return PeerError(f"Forward on {self.address}: stream ended ({cause or 'no reply'})")
+
+    def close(self) -> None:
+        """End the stream; the node frees every session it opened on it."""
+        self._call.cancel()

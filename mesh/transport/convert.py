@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
+from mesh.errors import InvalidInput
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.types import (
     FinishReason,
     GenerationRequest,
+    HiddenDType,
     LayerRange,
     ModelHeld,
     ModelSha,
@@ -16,6 +21,8 @@ from mesh.types import (
     RequestId,
     SamplingParams,
     StageHeld,
+    StageOutput,
+    StageStep,
     TokenEvent,
 )
 
@@ -85,14 +92,22 @@ def stage_from_pb(msg: Any) -> StageHeld:
                      compute_bytes=msg.compute_bytes)
 
 
+def model_to_pb(m: ModelHeld) -> Any:
+    return pb.ModelHeld(name=m.name, sha256=m.sha256, n_layers=m.n_layers, file_bytes=m.file_bytes,
+                        n_ctx=m.n_ctx, architecture=m.architecture, n_vocab=m.n_vocab)
+
+
+def model_from_pb(m: Any) -> ModelHeld:
+    return ModelHeld(name=m.name, sha256=ModelSha(m.sha256), n_layers=m.n_layers, file_bytes=m.file_bytes,
+                     n_ctx=m.n_ctx, architecture=m.architecture, n_vocab=m.n_vocab)
+
+
 def node_info_to_pb(info: NodeInfo) -> Any:
     return pb.NodeInfo(
         node_id=info.node_id, name=info.name, version=info.version, protocol_version=info.protocol_version,
         pid=info.pid, memory_total=info.memory_total, memory_free=info.memory_free,
         memory_limit=info.memory_limit, threads=info.threads,
-        models=[pb.ModelHeld(name=m.name, sha256=m.sha256, n_layers=m.n_layers, file_bytes=m.file_bytes,
-                             n_ctx=m.n_ctx, architecture=m.architecture, n_vocab=m.n_vocab)
-                for m in info.models],
+        models=[model_to_pb(m) for m in info.models], files=[model_to_pb(m) for m in info.files],
         slots=info.slots, max_queue=info.max_queue, in_flight=info.in_flight, draining=info.draining,
         grpc_port=info.grpc_port, metrics_port=info.metrics_port,
         stages=[stage_to_pb(s) for s in info.stages],
@@ -105,9 +120,7 @@ def node_info_from_pb(msg: Any) -> NodeInfo:
         node_id=NodeId(msg.node_id), name=msg.name, version=msg.version,
         protocol_version=msg.protocol_version, pid=msg.pid, memory_total=msg.memory_total,
         memory_free=msg.memory_free, memory_limit=msg.memory_limit, threads=msg.threads,
-        models=tuple(ModelHeld(name=m.name, sha256=ModelSha(m.sha256), n_layers=m.n_layers,
-                               file_bytes=m.file_bytes, n_ctx=m.n_ctx, architecture=m.architecture,
-                               n_vocab=m.n_vocab) for m in msg.models),
+        models=tuple(model_from_pb(m) for m in msg.models), files=tuple(model_from_pb(m) for m in msg.files),
         slots=msg.slots, max_queue=msg.max_queue, in_flight=msg.in_flight, draining=msg.draining,
         grpc_port=msg.grpc_port, metrics_port=msg.metrics_port,
         stages=tuple(stage_from_pb(s) for s in msg.stages),
@@ -117,3 +130,108 @@ def node_info_from_pb(msg: Any) -> NodeInfo:
 
 def info_request() -> Any:
     return pb.InfoRequest()
+
+
+# ---------------------------------------------------------------------------- pipeline steps
+
+_DTYPES: dict[HiddenDType, tuple[Any, type[np.floating[Any]]]] = {
+    "f32": (pb.DTYPE_F32, np.float32), "f16": (pb.DTYPE_F16, np.float16)}
+_DTYPE_NAMES: dict[int, HiddenDType] = {pb.DTYPE_F32: "f32", pb.DTYPE_F16: "f16"}
+MAX_STEP_TOKENS = 4096  # far above a prefill chunk; bounds what one message may ask a stage to do
+
+
+def tensor_to_pb(hidden: npt.NDArray[np.float32], dtype: HiddenDType) -> Any:
+    code, numpy_type = _DTYPES[dtype]
+    data = np.ascontiguousarray(hidden, dtype=np.dtype(numpy_type).newbyteorder("<")).tobytes()
+    return pb.Tensor(shape=list(hidden.shape), dtype=code, data=data)
+
+
+def tensor_from_pb(msg: Any) -> npt.NDArray[np.float32]:
+    """Hidden states from the wire, checked for a consistent shape, dtype and byte length."""
+    dtype = _DTYPE_NAMES.get(msg.dtype)
+    if dtype is None:
+        raise InvalidInput(f"hidden states: unsupported dtype {msg.dtype} (send DTYPE_F32 or DTYPE_F16)")
+    shape = tuple(int(d) for d in msg.shape)
+    if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+        raise InvalidInput(f"hidden states must have shape [n_tokens, n_embd], got {list(shape)}")
+    if shape[0] > MAX_STEP_TOKENS:
+        raise InvalidInput(f"hidden states of {shape[0]} tokens exceed the step limit of {MAX_STEP_TOKENS}")
+    _, numpy_type = _DTYPES[dtype]
+    itemsize = np.dtype(numpy_type).itemsize
+    if len(msg.data) != shape[0] * shape[1] * itemsize:
+        raise InvalidInput(f"hidden states: {len(msg.data)} bytes do not match shape {list(shape)} of {dtype}")
+    array = np.frombuffer(msg.data, dtype=np.dtype(numpy_type).newbyteorder("<")).reshape(shape)
+    out: npt.NDArray[np.float32] = array.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise InvalidInput("hidden states contain NaN or infinity")
+    return out
+
+
+def stage_step_to_pb(step: StageStep) -> Any:
+    msg = pb.ForwardRequest(
+        session_id=step.session_id, start_position=step.start_position, sampling=sampling_to_pb(step.sampling),
+        logprobs=step.logprobs, reply_dtype=_DTYPES[step.reply_dtype][0], step=step.step,
+        history_tokens=list(step.history), model_sha256=step.model_sha256, layers=layer_range_to_pb(step.layers))
+    if step.tokens is not None:
+        msg.tokens.ids.extend(step.tokens)
+    elif step.hidden is not None:
+        msg.hidden.CopyFrom(tensor_to_pb(step.hidden, step.reply_dtype))
+    return msg
+
+
+def stage_step_from_pb(msg: Any) -> StageStep:
+    kind = msg.WhichOneof("input")
+    if kind is None:
+        raise InvalidInput("a Forward step needs token ids or hidden states")
+    if not msg.session_id or len(msg.session_id) > 128:
+        raise InvalidInput("session_id must be 1 to 128 characters")
+    if not msg.HasField("layers"):
+        raise InvalidInput("a Forward step must name the stage's layer range")
+    try:
+        layers = layer_range_from_pb(msg.layers)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    tokens = tuple(msg.tokens.ids) if kind == "tokens" else None
+    if tokens is not None and not 0 < len(tokens) <= MAX_STEP_TOKENS:
+        raise InvalidInput(f"a step carries 1 to {MAX_STEP_TOKENS} token ids, got {len(tokens)}")
+    reply = _DTYPE_NAMES.get(msg.reply_dtype, "f32") if msg.reply_dtype else "f32"
+    return StageStep(
+        session_id=msg.session_id, model_sha256=ModelSha(msg.model_sha256), layers=layers,
+        start_position=msg.start_position, tokens=tokens,
+        hidden=tensor_from_pb(msg.hidden) if kind == "hidden" else None,
+        sampling=sampling_from_pb(msg.sampling), logprobs=msg.logprobs, reply_dtype=reply, step=msg.step,
+        history=tuple(msg.history_tokens))
+
+
+def stage_output_to_pb(session_id: str, output: StageOutput, dtype: HiddenDType) -> Any:
+    if output.hidden is not None:
+        return pb.ForwardReply(session_id=session_id, step=output.step, hidden=tensor_to_pb(output.hidden, dtype))
+    assert output.token_id is not None
+    return pb.ForwardReply(session_id=session_id, step=output.step,
+                           token=pb.SampledToken(token_id=output.token_id, logprob=output.logprob))
+
+
+def stage_output_from_pb(msg: Any) -> StageOutput:
+    kind = msg.WhichOneof("output")
+    if kind == "hidden":
+        return StageOutput(step=msg.step, hidden=tensor_from_pb(msg.hidden))
+    if kind == "token":
+        return StageOutput(step=msg.step, token_id=msg.token.token_id, logprob=msg.token.logprob)
+    raise InvalidInput("a Forward reply carries neither hidden states nor a token")
+
+
+def load_stage_request_to_pb(model_sha256: str, layers: LayerRange, n_ctx: int, slots: int) -> Any:
+    return pb.LoadStageRequest(model_sha256=model_sha256, layers=layer_range_to_pb(layers), n_ctx=n_ctx,
+                               slots=slots)
+
+
+def release_request_to_pb(session_id: str) -> Any:
+    return pb.ReleaseSessionRequest(session_id=session_id)
+
+
+def load_stage_reply_to_pb(held: StageHeld) -> Any:
+    return pb.LoadStageReply(stage=stage_to_pb(held))
+
+
+def release_reply_to_pb(released: bool) -> Any:
+    return pb.ReleaseSessionReply(released=released)

@@ -63,7 +63,7 @@ class StageHeld(_message.Message):
     def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., slots: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., compute_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "version", "protocol_version", "pid", "memory_total", "memory_free", "memory_limit", "threads", "models", "slots", "max_queue", "in_flight", "draining", "grpc_port", "metrics_port", "stages", "decode_tokens_per_second")
+    __slots__ = ("node_id", "name", "version", "protocol_version", "pid", "memory_total", "memory_free", "memory_limit", "threads", "models", "slots", "max_queue", "in_flight", "draining", "grpc_port", "metrics_port", "stages", "decode_tokens_per_second", "files")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class NodeInfo(_message.Message):
     METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     version: str
@@ -100,7 +101,8 @@ class NodeInfo(_message.Message):
     metrics_port: int
     stages: _containers.RepeatedCompositeFieldContainer[StageHeld]
     decode_tokens_per_second: float
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., pid: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., memory_limit: _Optional[int] = ..., threads: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelHeld, _Mapping]]] = ..., slots: _Optional[int] = ..., max_queue: _Optional[int] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., grpc_port: _Optional[int] = ..., metrics_port: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageHeld, _Mapping]]] = ..., decode_tokens_per_second: _Optional[float] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[ModelHeld]
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., pid: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., memory_limit: _Optional[int] = ..., threads: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelHeld, _Mapping]]] = ..., slots: _Optional[int] = ..., max_queue: _Optional[int] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., grpc_port: _Optional[int] = ..., metrics_port: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageHeld, _Mapping]]] = ..., decode_tokens_per_second: _Optional[float] = ..., files: _Optional[_Iterable[_Union[ModelHeld, _Mapping]]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "repeat_last_n")
@@ -141,18 +143,16 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[bool] = ..., replay_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("token_id", "logprob", "position", "finish_reason", "prompt_tokens_reused")
+    __slots__ = ("token_id", "logprob", "position", "finish_reason")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     logprob: float
     position: int
     finish_reason: str
-    prompt_tokens_reused: int
-    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., position: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prompt_tokens_reused: _Optional[int] = ...) -> None: ...
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., position: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class LoadStageRequest(_message.Message):
     __slots__ = ("model_sha256", "layers", "n_ctx", "slots")
@@ -183,7 +183,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "start_position", "tokens", "hidden", "sampling", "logprobs", "reply_dtype", "step", "history_tokens")
+    __slots__ = ("session_id", "start_position", "tokens", "hidden", "sampling", "logprobs", "reply_dtype", "step", "history_tokens", "model_sha256", "layers")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,8 @@ class ForwardRequest(_message.Message):
     REPLY_DTYPE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     HISTORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_position: int
     tokens: TokenIds
@@ -202,7 +204,9 @@ class ForwardRequest(_message.Message):
     reply_dtype: DType
     step: int
     history_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[bool] = ..., reply_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., history_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    model_sha256: str
+    layers: LayerRange
+    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[bool] = ..., reply_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., history_tokens: _Optional[_Iterable[int]] = ..., model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)

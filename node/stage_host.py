@@ -1,0 +1,149 @@
+"""The pipeline stages a node holds: load a layer range on request, run session steps
+through it, sample on the last stage, free sessions.
+
+A node may hold several stages (of one file or several); each Forward step names the
+stage it is for by model sha256 and layer range, so a re-plan can load a new range beside
+the old one without confusing sessions in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mesh.errors import InvalidInput, NotFound
+from mesh.metrics import NodeMetrics
+from mesh.sampling import sample
+from mesh.types import LayerRange, ModelHeld, ModelSha, StageHeld, StageOutput, StageStep
+from node.engines.stage import StageEngine
+
+log = logging.getLogger(__name__)
+
+MAX_STAGE_SLOTS = 64
+MAX_STAGE_CTX = 32768
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A GGUF file on this node's disk, as stages see it."""
+
+    path: Path
+    model: ModelHeld
+
+
+StageKey = tuple[ModelSha, int, int]
+
+
+class StageHost:
+    def __init__(self, files: list[LocalFile], threads: int, metrics: NodeMetrics) -> None:
+        self._files = {f.model.sha256: f for f in files}
+        self._threads = threads
+        self._metrics = metrics
+        self._stages: dict[StageKey, tuple[StageEngine, StageHeld]] = {}
+        self._lock = threading.Lock()  # guards the dict; each engine serializes its own compute
+
+    @property
+    def files(self) -> tuple[ModelHeld, ...]:
+        return tuple(f.model for f in self._files.values())
+
+    def held(self) -> tuple[StageHeld, ...]:
+        with self._lock:
+            return tuple(held for _engine, held in self._stages.values())
+
+    def load(self, model_sha256: ModelSha, layers: LayerRange, n_ctx: int, slots: int) -> StageHeld:
+        """Blocking: reads the layer range's tensors from disk. Loading a range already held
+        with the same shape returns it as it is (idempotent, so a planner may retry)."""
+        local = self._files.get(model_sha256)
+        if local is None:
+            raise NotFound(f"this node has no file with sha256 {model_sha256[:12]}…")
+        if layers.last_exclusive > local.model.n_layers:
+            raise InvalidInput(f"layers [{layers.first}, {layers.last_exclusive}) exceed the model's "
+                               f"{local.model.n_layers} layers")
+        if not 0 < slots <= MAX_STAGE_SLOTS:
+            raise InvalidInput(f"slots must be 1..{MAX_STAGE_SLOTS}, got {slots}")
+        if not 0 < n_ctx <= MAX_STAGE_CTX:
+            raise InvalidInput(f"n_ctx must be 1..{MAX_STAGE_CTX}, got {n_ctx}")
+        key: StageKey = (model_sha256, layers.first, layers.last_exclusive)
+        with self._lock:
+            existing = self._stages.get(key)
+        if existing is not None and existing[1].slots == slots and existing[0].n_ctx == n_ctx:
+            return existing[1]
+        started = time.monotonic()
+        log.info("loading stage layers [%d, %d) of %s (%d slots, context %d)", layers.first,
+                 layers.last_exclusive, local.path.name, slots, n_ctx)
+        engine = StageEngine.load(local.path, layers.first, layers.last_exclusive, n_ctx=n_ctx, slots=slots,
+                                  threads=self._threads)
+        held = StageHeld(model_sha256=model_sha256, layers=layers, slots=slots,
+                         weight_bytes=engine.memory.weight_bytes, kv_cache_bytes=engine.memory.kv_cache_bytes,
+                         compute_bytes=engine.memory.compute_bytes)
+        with self._lock:
+            old = self._stages.pop(key, None)
+            self._stages[key] = (engine, held)
+        if old is not None:
+            old[0].close()
+        log.info("stage [%d, %d) ready in %.1fs", layers.first, layers.last_exclusive, time.monotonic() - started)
+        self._update_gauges()
+        return held
+
+    def _engine(self, step: StageStep) -> StageEngine:
+        key: StageKey = (step.model_sha256, step.layers.first, step.layers.last_exclusive)
+        with self._lock:
+            found = self._stages.get(key)
+        if found is None:
+            raise NotFound(f"no stage [{step.layers.first}, {step.layers.last_exclusive}) of "
+                           f"{step.model_sha256[:12]}… is loaded here")
+        return found[0]
+
+    def step(self, step: StageStep) -> StageOutput:
+        """Blocking: one step of one session. Validates the input against the stage before
+        any compute; the last stage samples so that only a token id goes back."""
+        engine = self._engine(step)
+        if engine.is_first != (step.tokens is not None):
+            raise InvalidInput("the first stage takes token ids; later stages take hidden states")
+        if step.tokens is not None and any(not 0 <= t < engine.n_vocab for t in step.tokens):
+            raise InvalidInput(f"token ids must be below the vocabulary size {engine.n_vocab}")
+        if step.hidden is not None and step.hidden.shape[1] != engine.n_embd:
+            raise InvalidInput(f"hidden states have width {step.hidden.shape[1]}; this model's is {engine.n_embd}")
+        started = time.monotonic()
+        result = engine.forward(step.session_id, step.start_position, tokens=step.tokens, hidden=step.hidden)
+        kind = "decode" if step.n_tokens == 1 else "prefill"
+        self._metrics.stage_step.labels(kind).observe(time.monotonic() - started)
+        self._metrics.stage_sessions.set(sum(e.sessions() for e, _ in self._snapshot()))
+        if not engine.is_last:
+            return StageOutput(step=step.step, hidden=result)
+        position = step.start_position + step.n_tokens  # where the sampled token will sit
+        chosen = sample(result, step.sampling, step.history, position, step.logprobs)
+        return StageOutput(step=step.step, token_id=chosen.token_id, logprob=chosen.logprob)
+
+    def release(self, session_id: str) -> bool:
+        released = False
+        for engine, _held in self._snapshot():
+            released = engine.release(session_id) or released
+        self._metrics.stage_sessions.set(sum(e.sessions() for e, _ in self._snapshot()))
+        return released
+
+    def sessions(self) -> int:
+        return sum(e.sessions() for e, _ in self._snapshot())
+
+    def _snapshot(self) -> list[tuple[StageEngine, StageHeld]]:
+        with self._lock:
+            return list(self._stages.values())
+
+    def _update_gauges(self) -> None:
+        stages = self._snapshot()
+        self._metrics.layers_held.set(sum(h.layers.count for _, h in stages))
+        for kind, value in (("weights", sum(h.weight_bytes for _, h in stages)),
+                            ("kv_cache", sum(h.kv_cache_bytes for _, h in stages)),
+                            ("compute", sum(h.compute_bytes for _, h in stages))):
+            self._metrics.stage_memory.labels(kind).set(value)
+        if stages:
+            self._metrics.role.labels("stage").set(1)
+
+    def close(self) -> None:
+        for engine, _ in self._snapshot():
+            engine.close()
+        with self._lock:
+            self._stages.clear()

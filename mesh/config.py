@@ -75,6 +75,8 @@ class Timeouts:
     keepalive_timeout_s: float = setting(5.0, "how long a keepalive ping may go unanswered")
     auth_skew_s: float = setting(120.0, "largest clock difference accepted in a cluster-key signature")
     refresh_s: float = setting(5.0, "how often the gateway refreshes each node's Info")
+    stage_step_s: float = setting(5.0, "deadline of one decode step through one pipeline stage; slower "
+                                  "counts as a failed stage (a 0.5 s stall does not)")
     drain_s: float = setting(60.0, "longest a draining node waits for in-flight streams before it exits")
 
 

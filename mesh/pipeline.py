@@ -42,6 +42,7 @@ PREFILL_CHUNK = 512  # llama.cpp's default n_batch: the prompt is evaluated in t
 class PipelineOptions:
     n_ctx: int
     hidden_dtype: HiddenDType = "f32"
+    step_timeout_s: float = 5.0  # a decode step slower than this counts as a failed stage
 
 
 class PipelineRun:
@@ -58,7 +59,7 @@ class PipelineRun:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         session_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # fresh per attempt: replays never collide
-        self._streams = [client.open_forward() for client in self._clients]
+        self._streams = [client.open_forward(self._options.step_timeout_s) for client in self._clients]
         try:
             history = list(request.prompt_tokens)
             out = StageOutput(step=-1)

@@ -16,11 +16,13 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
+from mesh.config import Timeouts
 from mesh.errors import CapacityExhausted, InvalidInput, NotFound, PeerError, Unavailable
 from mesh.membership import Membership
 from mesh.metrics import GatewayMetrics
 from mesh.pipeline import PipelineOptions, PipelineRun
 from mesh.placements import pipeline_placements, replica_placements, stage_slots
+from mesh.replan import Replanner
 from mesh.types import FinishReason, GenerationRequest, ModelSha, NodeId, NodeInfo, Placement, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,14 @@ class Route:
 
 
 class Scheduler:
-    def __init__(self, membership: Membership, model_sha256: ModelSha, metrics: GatewayMetrics) -> None:
+    def __init__(self, membership: Membership, model_sha256: ModelSha, metrics: GatewayMetrics,
+                 timeouts: Timeouts | None = None) -> None:
         self._membership = membership
         self._model_sha = model_sha256
         self._metrics = metrics
+        self._timeouts = timeouts or Timeouts()
         self._outstanding: dict[NodeId, int] = {}
+        self.replanner = Replanner(membership, model_sha256, metrics)
 
     # ------------------------------------------------------------------ placements
 
@@ -126,7 +131,22 @@ class Scheduler:
         if placement.kind == "replica":
             return ready[0].generate(request)
         n_ctx = self.context_length() or 0
-        return PipelineRun(placement, ready, PipelineOptions(n_ctx=n_ctx), self._metrics).generate(request)
+        options = PipelineOptions(n_ctx=n_ctx, step_timeout_s=self._timeouts.stage_step_s)
+        return PipelineRun(placement, ready, options, self._metrics).generate(request)
+
+    async def pick_or_repair(self, exclude: set[NodeId],
+                             failed: tuple[Placement, NodeId | None] | None) -> Placement:
+        """Pick a placement; when none is left after a failure, re-plan the failed pipeline
+        (a spare takes the lost layers, or the survivors split them) and pick again."""
+        try:
+            return self._pick(exclude)
+        except (Unavailable, CapacityExhausted):
+            if failed is None or not await self.replanner.repair(failed[0], failed[1], self.in_use() | exclude):
+                raise
+            return self._pick(exclude)
+
+    def in_use(self) -> set[NodeId]:
+        return {n for n, count in self._outstanding.items() if count > 0}
 
 
 class Session:
@@ -149,8 +169,9 @@ class Session:
     async def start(self) -> None:
         tried: set[NodeId] = set()
         attempts = 0
+        failed: tuple[Placement, NodeId | None] | None = None
         while True:
-            placement = self._s._pick(tried)
+            placement = await self._s.pick_or_repair(tried, failed)
             try:
                 self._first = await self._connect(placement, self.request)
                 return
@@ -159,6 +180,7 @@ class Session:
                 reason = "capacity" if isinstance(exc, CapacityExhausted) else "node_error"
                 culprit = _culprit(placement, exc)
                 tried.update([culprit] if culprit else placement.node_ids)
+                failed = (placement, culprit) if isinstance(exc, PeerError) else None
                 if isinstance(exc, PeerError) and culprit:
                     self._s._membership.mark_down(culprit, str(exc))
                 if attempts > FIRST_TOKEN_RETRIES:
@@ -236,7 +258,10 @@ class Session:
         for node_id in excluded:
             self._s._membership.mark_down(node_id, str(cause))
         replay = replace(self.request, replay_tokens=tuple(self.generated))
-        placement = self._s._pick(excluded)
+        try:
+            placement = await self._s.pick_or_repair(excluded, (failed, culprit) if failed else None)
+        except (Unavailable, CapacityExhausted) as exc:
+            raise Unavailable(f"no capacity left to continue after {culprit or 'a node'} failed: {exc}") from cause
         self._first = await self._connect(placement, replay)
         self._s._metrics.retries.labels("midstream_failover").inc()
         self._s._metrics.failovers.labels(failed.kind if failed else "?", placement.kind, "node_error").inc()

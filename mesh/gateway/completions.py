@@ -185,6 +185,10 @@ class Completions:
             status = str(exc.http_status)
             log.warning("stream %s failed: %s", session.request.request_id, exc)
             yield "data: " + json.dumps(error_body(exc)) + "\n\n"
+        except Exception as exc:  # a bug must still end the client's stream cleanly, and be logged
+            status = "500"
+            log.exception("stream %s failed unexpectedly", session.request.request_id)
+            yield "data: " + json.dumps(error_body(EdgeMeshError(f"internal error: {exc}"))) + "\n\n"
         finally:
             self._metrics.requests.labels(MESH_ROUTE, status).inc()
             self._metrics.in_flight.dec()

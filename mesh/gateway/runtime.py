@@ -54,7 +54,7 @@ class GatewayRuntime:
         self.n_layers = inspect_gguf(model_path).n_layers
         self.metrics = GatewayMetrics(CollectorRegistry())
         self.membership = Membership(self.cluster_key, self.timeouts, self.limits)
-        self.scheduler = Scheduler(self.membership, self.model_sha, self.metrics)
+        self.scheduler = Scheduler(self.membership, self.model_sha, self.metrics, self.timeouts)
         self.completions = Completions(self.scheduler, self.tokenizer, self.model_name, self.metrics)
         self._browser: Browser | None = None
 

@@ -3,6 +3,7 @@ only way the mesh calls a node. Every call it makes is signed and has a deadline
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -79,8 +80,6 @@ class NodeClient:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Stream tokens. The whole call has the request deadline, the first token its own
         deadline and every later token the idle deadline, so a stalled node is noticed."""
-        import asyncio
-
         call = self._stub.Generate(convert.generate_request_to_pb(request), timeout=self._timeouts.request_s,
                                    metadata=self._meta("Generate"))
         first = True
@@ -123,10 +122,10 @@ class NodeClient:
             raise error_from_rpc(exc, f"LoadStage on {self.address}") from exc
         return convert.stage_from_pb(reply.stage)
 
-    def open_forward(self) -> StageStream:
+    def open_forward(self, step_timeout_s: float) -> StageStream:
         """A long-lived Forward stream for one session's steps through one stage."""
         call = self._stub.Forward(timeout=self._timeouts.request_s, metadata=self._meta("Forward"))
-        return StageStream(self.address, call, self._timeouts)
+        return StageStream(self.address, call, self._timeouts, step_timeout_s)
 
     async def release_session(self, session_id: str) -> bool:
         try:
@@ -143,17 +142,17 @@ class NodeClient:
 
 class StageStream:
     """One Forward stream: send a step, read its reply. A reply slower than the step
-    deadline (first_token_s for prefill, token_idle_s for decode) counts as a failed peer."""
+    deadline (first_token_s for a prefill chunk, step_timeout_s for one token) counts as a
+    failed stage, so a stage behind a cut link is replaced within seconds."""
 
-    def __init__(self, address: str, call: Any, timeouts: Timeouts) -> None:
+    def __init__(self, address: str, call: Any, timeouts: Timeouts, step_timeout_s: float) -> None:
         self.address = address
         self._call = call
         self._timeouts = timeouts
+        self._step_timeout_s = step_timeout_s
 
     async def step(self, step: StageStep) -> StageOutput:
-        import asyncio
-
-        wait = self._timeouts.first_token_s if step.n_tokens > 1 else self._timeouts.token_idle_s
+        wait = self._timeouts.first_token_s if step.n_tokens > 1 else self._step_timeout_s
         try:
             await asyncio.wait_for(self._call.write(convert.stage_step_to_pb(step)), timeout=wait)
             msg = await asyncio.wait_for(self._call.read(), timeout=wait)
@@ -162,7 +161,7 @@ class StageStream:
             raise PeerError(f"Forward on {self.address}: no reply within {wait:.0f}s") from None
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"Forward on {self.address}") from exc
-        except (grpc.aio.UsageError, RuntimeError) as exc:  # writing to a call that already ended
+        except (grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError) as exc:  # the call already ended
             raise await self._ended(exc) from exc
         if msg is grpc.aio.EOF:
             raise await self._ended(None)

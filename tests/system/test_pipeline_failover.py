@@ -1,0 +1,124 @@
+"""A stage dies mid-stream: the stream completes with exactly the no-fault output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Launcher, gateway_url
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The history of the printing press"
+BODY = {"prompt": PROMPT, "max_tokens": 64, "temperature": 0, "stream": True}
+
+
+def stream_tokens(url: str, on_chunk: Any = None) -> tuple[str, float, str]:
+    """The streamed text, the seconds it took, and the last finish_reason."""
+    pieces: list[str] = []
+    finish = ""
+    started = time.monotonic()
+    with httpx.stream("POST", f"{url}/v1/completions", json=BODY, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            choice = event["choices"][0]
+            pieces.append(choice["text"])
+            finish = choice["finish_reason"] or finish
+            if on_chunk is not None:
+                on_chunk(len(pieces))
+    return "".join(pieces), time.monotonic() - started, finish
+
+
+def test_sigkill_of_a_stage_at_token_20_with_a_spare(launcher: Launcher, default_model: Path,
+                                                     reference_llm: Any) -> None:
+    up = launcher.start("up", ["up", "--strategy", "pipeline", "--nodes", "4", "--stages", "3", "--port", "0",
+                               "--model", str(default_model)])
+    url = gateway_url(up)
+    view = httpx.get(f"{url}/api/cluster", timeout=10).json()
+    stages = view["placements"][0]["stages"]
+    pid_of = {n["id"]: n["pid"] for n in view["nodes"]}
+    spare = [n for n in view["nodes"] if n["role"] == "idle"]
+    assert len(stages) == 3 and len(spare) == 1
+
+    reference_llm.reset()
+    expected = reference_llm.create_completion(PROMPT, max_tokens=64, temperature=0)["choices"][0]["text"]
+    clean_text, clean_s, _ = stream_tokens(url)
+    assert clean_text == expected
+
+    victim = stages[1]["node"]
+    killed: list[float] = []
+
+    def kill_at_20(chunks: int) -> None:
+        if chunks == 20 and not killed:
+            os.kill(pid_of[victim], signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    text, faulty_s, finish = stream_tokens(url, kill_at_20)
+    assert killed, "the stream ended before token 20"
+    assert text == expected
+    assert finish == "length"
+    extra = faulty_s - clean_s
+    print(f"clean {clean_s:.2f}s, with a SIGKILLed stage {faulty_s:.2f}s, extra {extra:.2f}s")
+    assert extra <= 3.0
+
+    after = httpx.get(f"{url}/api/cluster", timeout=10).json()
+    new_stages = next(p for p in after["placements"] if p["kind"] == "pipeline")["stages"]
+    assert spare[0]["id"] in {s["node"] for s in new_stages}
+    assert victim not in {s["node"] for s in new_stages}
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert 'edgemesh_failovers_total{from="pipeline",reason="node_error",to="pipeline"} 1.0' in metrics
+    assert 'edgemesh_replans_total{reason="spare"} 1.0' in metrics
+    replayed = next(line for line in metrics.splitlines() if line.startswith("edgemesh_replayed_tokens_total"))
+    assert float(replayed.split()[-1]) >= 19
+
+
+def test_with_no_capacity_left_the_client_gets_a_clear_error_fast(launcher: Launcher,
+                                                                  default_model: Path) -> None:
+    up = launcher.start("up", ["up", "--strategy", "pipeline", "--nodes", "2", "--port", "0",
+                               "--model", str(default_model)])
+    url = gateway_url(up)
+    view = httpx.get(f"{url}/api/cluster", timeout=10).json()
+    for node in view["nodes"]:
+        os.kill(node["pid"], signal.SIGKILL)
+    started = time.monotonic()
+    response = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 8}, timeout=30)
+    assert time.monotonic() - started < 10
+    assert response.status_code in (502, 503), response.text
+    assert response.json()["error"]["message"]
+
+
+def test_without_a_spare_the_survivors_take_the_layers(launcher: Launcher, default_model: Path,
+                                                       reference_llm: Any) -> None:
+    up = launcher.start("up", ["up", "--strategy", "pipeline", "--nodes", "3", "--port", "0",
+                               "--model", str(default_model)])
+    url = gateway_url(up)
+    view = httpx.get(f"{url}/api/cluster", timeout=10).json()
+    stages = view["placements"][0]["stages"]
+    pid_of = {n["id"]: n["pid"] for n in view["nodes"]}
+    reference_llm.reset()
+    expected = reference_llm.create_completion(PROMPT, max_tokens=64, temperature=0)["choices"][0]["text"]
+    victim = stages[2]["node"]  # the last stage, which samples
+    killed: list[bool] = []
+
+    def kill_at_20(chunks: int) -> None:
+        if chunks == 20 and not killed:
+            os.kill(pid_of[victim], signal.SIGKILL)
+            killed.append(True)
+
+    text, _, _ = stream_tokens(url, kill_at_20)
+    assert killed and text == expected
+    after = httpx.get(f"{url}/api/cluster", timeout=10).json()
+    pipeline = next(p for p in after["placements"] if p["kind"] == "pipeline")
+    assert [s["layers"] for s in pipeline["stages"]] == [[0, 15], [15, 30]]
+    assert victim not in {s["node"] for s in pipeline["stages"]}

@@ -107,6 +107,26 @@ def cmd_model(args: argparse.Namespace) -> None:
             sys.stdout.write(f"{m.name:40s} {m.size / 1e6:9.1f} MB  {m.sha256}  {m.path}\n")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from mesh.local_mesh import local_plan
+    from mesh.model_store import resolve
+
+    if not args.dry_run:
+        raise ConfigError("only `edgemesh plan --dry-run` exists: plans are applied by `edgemesh up`")
+    speeds = tuple(float(s) for s in args.speeds.split(",")) if args.speeds else ()
+    result, names = local_plan(resolve(args.model), args.nodes, args.memory_limit, args.n_ctx, args.strategy,
+                               args.stages, speeds)
+    for placement in result.placements:
+        stages = ", ".join(f"{names[s.node_id]} layers [{s.layers.first}, {s.layers.last_exclusive})"
+                           for s in placement.stages)
+        sys.stdout.write(f"{placement.kind}: {stages}\n")
+    for spare in result.spares:
+        sys.stdout.write(f"spare: {names[spare]}\n")
+    sys.stdout.write("why:\n" + "".join(f"  - {reason}\n" for reason in result.reasons))
+    if not result.feasible:
+        raise ConfigError("no feasible plan")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from mesh.bench import BenchOptions, run_bench
 
@@ -135,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address of the gateway [default: 127.0.0.1]")
     p.add_argument("--port", type=int, default=8080, help="gateway HTTP port (0 picks one) [default: 8080]")
     p.add_argument("--model", default="default", help="'default', a cached model name, or a GGUF path")
-    p.add_argument("--strategy", choices=["replica", "pipeline"], default="replica",
-                   help="replica: every node serves the whole model; pipeline: the nodes split its layers")
+    p.add_argument("--strategy", choices=["auto", "replica", "pipeline"], default="auto",
+                   help="auto: replicas where the model fits, pipelines where it does not (see `edgemesh plan`); "
+                        "replica: every node serves the whole model; pipeline: the nodes split its layers")
     p.add_argument("--stages", type=int, default=0, help="pipeline stages (0 = one per node; the rest are spare)")
     p.add_argument("--split", default="", help="layers per stage, e.g. 10,10,10 (default: even)")
     p.add_argument("--threads", type=int, default=0, help="threads per node (0 = cores / nodes)")
@@ -163,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["pull", "path", "list"])
     p.add_argument("name", nargs="?", default="default", help="model name or path [default: default]")
     p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("plan", help="show how a local mesh would place the model, and why")
+    p.add_argument("--dry-run", action="store_true", help="print the plan without starting anything")
+    p.add_argument("--model", default="default")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--memory-limit", default="0", help="memory each node may use (0 = free memory / nodes)")
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--strategy", choices=["auto", "replica", "pipeline"], default="auto")
+    p.add_argument("--stages", type=int, default=0)
+    p.add_argument("--speeds", default="", help="decode tokens/s per node, e.g. 30,10,10 (default: equal)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="gateway streaming speed as a ratio to llama-cpp-python")
     p.add_argument("--model", default="default")

@@ -25,7 +25,9 @@ from mesh.config import GatewayConfig, Timeouts
 from mesh.discovery import Peer
 from mesh.errors import ConfigError, ModelError
 from mesh.model_store import resolve
+from mesh.planner import PeerCapability, Plan, Policy, plan
 from mesh.types import LayerRange, NodeId
+from node.gguf import inspect as inspect_gguf
 
 if TYPE_CHECKING:
     from mesh.gateway.runtime import GatewayRuntime
@@ -42,7 +44,7 @@ class LocalMeshOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     model: str = "default"
-    strategy: str = "replica"
+    strategy: str = "auto"
     threads: int = 0
     slots: int = 1
     n_ctx: int = 2048
@@ -71,7 +73,7 @@ class NodeProcess:
         return self.peer
 
 
-STRATEGIES = ("replica", "pipeline")
+STRATEGIES = ("auto", "replica", "pipeline")
 STAGE_LOAD_TIMEOUT_S = 300.0
 
 
@@ -107,14 +109,14 @@ def split_layers(n_layers: int, stages: int, split: tuple[int, ...] = ()) -> lis
 
 
 def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_key: str,
-               workdir: Path) -> NodeProcess:
+               workdir: Path, role: str) -> NodeProcess:
     name = f"node-{index + 1}"
     ready = workdir / f"{name}.ready"
     command = [
         sys.executable, "-m", "mesh.cli", "node", "--model", str(model_path), "--name", name,
         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
         "--threads", str(threads_per_node(options.nodes, options.threads)),
-        "--role", "stage" if options.strategy == "pipeline" else "replica",
+        "--role", role,
         "--slots", str(options.slots), "--n-ctx", str(options.n_ctx),
         "--memory-limit", options.memory_limit, "--ready-file", str(ready),
     ]
@@ -172,8 +174,32 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
                                            api_key=options.api_key, model=str(model_path)),
                              model_path, timeouts=timeouts)
 
+    # Which node does what: explicit pipelines split evenly (or by --split) over the first
+    # nodes; auto asks the planner, which also decides between replicas and pipelines.
+    pipelines: list[list[tuple[int, LayerRange]]] = []
+    replicas: set[int] = set()
+    if options.strategy == "pipeline":
+        ranges = split_layers(inspect_gguf(model_path).n_layers, stage_count, options.split)
+        pipelines.append(list(enumerate(ranges)))
+    elif options.strategy == "replica":
+        replicas = set(range(options.nodes))
+    else:
+        planned, _ = await asyncio.to_thread(local_plan, model_path, options.nodes, options.memory_limit,
+                                             options.n_ctx, "auto", options.stages)
+        for reason in planned.reasons:
+            log.info("plan: %s", reason)
+        if not planned.feasible:
+            raise ConfigError("no placement fits: " + "; ".join(planned.reasons[-2:]))
+        index_of = {NodeId(f"node-{i + 1}"): i for i in range(options.nodes)}
+        for placement in planned.placements:
+            if placement.kind == "replica":
+                replicas.add(index_of[placement.stages[0].node_id])
+            else:
+                pipelines.append([(index_of[s.node_id], s.layers) for s in placement.stages])
+
     with tempfile.TemporaryDirectory(prefix="edgemesh-up-") as tmp:
-        nodes = [spawn_node(i, model_path, options, cluster_key, Path(tmp)) for i in range(options.nodes)]
+        nodes = [spawn_node(i, model_path, options, cluster_key, Path(tmp), "replica" if i in replicas else "stage")
+                 for i in range(options.nodes)]
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         gateway_stop = asyncio.Event()
         gateway = asyncio.create_task(serve(runtime, gateway_stop, on_listening=listening.set_result))
@@ -181,9 +207,8 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
             await _wait_for_mesh(runtime, nodes, listening, gateway, stop)
             if stop.is_set():
                 return
-            if options.strategy == "pipeline":
-                ranges = split_layers(runtime.n_layers, stage_count, options.split)
-                await load_pipeline(runtime, nodes, ranges, options)
+            for chain in pipelines:
+                await load_pipeline(runtime, [(nodes[i], layers) for i, layers in chain], options)
             port = listening.result()
             url = f"http://{options.host}:{port}"
             sys.stdout.write(_banner(url, model_path.stem, len(nodes), options.api_key))
@@ -240,24 +265,41 @@ async def _supervise(nodes: list[NodeProcess], gateway: asyncio.Task[None], stop
             pass
 
 
-async def load_pipeline(runtime: GatewayRuntime, nodes: list[NodeProcess], ranges: list[LayerRange],
+async def load_pipeline(runtime: GatewayRuntime, chain: list[tuple[NodeProcess, LayerRange]],
                         options: LocalMeshOptions) -> None:
-    """Load one layer range per node (in node order; nodes beyond the ranges stay spare),
-    then wait until the gateway routes to the pipeline they form."""
-    for index, (node, layers) in enumerate(zip(nodes, ranges, strict=False)):
+    """Load one layer range per node, then wait until the gateway routes to the pipeline
+    they form. Nodes not in any chain stay spare: a failed stage's layers go to them."""
+    for index, (node, layers) in enumerate(chain):
         assert node.peer is not None and node.peer.node_id is not None
         client = runtime.membership.client_for(node.peer.node_id)
         if client is None:
             raise ModelError(f"{node.name} is not connected to the gateway")
-        log.info("loading stage %d/%d: layers [%d, %d) on %s", index + 1, len(ranges), layers.first,
+        log.info("loading stage %d/%d: layers [%d, %d) on %s", index + 1, len(chain), layers.first,
                  layers.last_exclusive, node.name)
         await client.load_stage(runtime.model_sha, layers, options.n_ctx, options.slots, STAGE_LOAD_TIMEOUT_S)
-    for node in nodes[len(ranges):]:
-        log.info("%s stays spare", node.name)
     deadline = time.monotonic() + 30
-    while not any(p.kind == "pipeline" for p in runtime.scheduler.placements()):
+    wanted = {node.peer.node_id for node, _ in chain if node.peer is not None}
+    while not any(p.kind == "pipeline" and set(p.node_ids) == wanted for p in runtime.scheduler.placements()):
         if time.monotonic() > deadline:
             raise ModelError("the stages were loaded but no complete pipeline formed")
         await runtime.membership.refresh()
         await asyncio.sleep(0.1)
     runtime.metrics.replans.labels("start").inc()
+
+
+def local_plan(model_path: Path, nodes: int, memory_limit: str, n_ctx: int, strategy: str, stages: int,
+               speeds: tuple[float, ...] = ()) -> tuple[Plan, dict[NodeId, str]]:
+    """Plan N local nodes (named node-1..N, ids alike): each may use --memory-limit, or an
+    equal share of free memory."""
+    from mesh.config import parse_bytes
+    from node.gguf import file_sha256
+    from node.probe import memory
+    from node.profile import model_profile
+
+    limit = parse_bytes(memory_limit)
+    budget = limit if limit else memory().free // max(nodes, 1)
+    names = {NodeId(f"node-{i + 1}"): f"node-{i + 1}" for i in range(nodes)}
+    peers = [PeerCapability(node_id, name, budget, speeds[i] if i < len(speeds) else 0.0)
+             for i, (node_id, name) in enumerate(names.items())]
+    profile = model_profile(model_path, file_sha256(model_path))
+    return plan(peers, profile, Policy(n_ctx=n_ctx, strategy=strategy, stages=stages)), names

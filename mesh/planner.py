@@ -170,15 +170,15 @@ def plan(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy)
     rest: list[PeerCapability] = []
     for peer in candidates:
         fits = peer.memory_budget >= need
-        if policy.strategy == "replica" or (policy.strategy == "auto" and fits):
-            if fits:
-                placements.append(Placement("replica", profile.sha256, profile.name,
-                                            (StagePlacement(peer.node_id, LayerRange(0, profile.n_layers)),)))
-                reasons.append(f"{peer.name}: replica ({peer.memory_budget / 2**20:.0f} MiB budget holds the "
-                               f"model's {need / 2**20:.0f} MiB)")
-                continue
+        if fits and policy.strategy in ("replica", "auto"):
+            placements.append(Placement("replica", profile.sha256, profile.name,
+                                        (StagePlacement(peer.node_id, LayerRange(0, profile.n_layers)),)))
+            reasons.append(f"{peer.name}: replica ({peer.memory_budget / 2**20:.0f} MiB budget holds the "
+                           f"model's {need / 2**20:.0f} MiB)")
+            continue
+        if not fits:
             reasons.append(f"{peer.name}: {peer.memory_budget / 2**20:.0f} MiB cannot hold a replica "
-                           f"({need / 2**20:.0f} MiB)")
+                           f"({need / 2**20:.0f} MiB); a pipeline stage at most")
         rest.append(peer)
     spares: list[NodeId] = []
     if policy.strategy != "replica":

@@ -93,7 +93,7 @@ class GatewayRuntime:
             "memory_free": info.memory_free if info else None,
             "models": [{"name": m.name, "sha256": m.sha256, "n_layers": m.n_layers, "bytes": m.file_bytes}
                        for m in (info.models if info else ())],
-            "role": "replica" if holds else ("stage" if stages else "idle"),
+            "role": "replica" if holds else ("stage" if stages else ("spare" if info and info.files else "idle")),
             "layers": [0, holds[0].n_layers] if holds else (stages[0].layers.as_list() if stages else None),
             "stages": [{"layers": s.layers.as_list(), "slots": s.slots, "weight_bytes": s.weight_bytes,
                         "kv_cache_bytes": s.kv_cache_bytes, "compute_bytes": s.compute_bytes} for s in stages],

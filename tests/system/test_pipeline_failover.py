@@ -48,7 +48,7 @@ def test_sigkill_of_a_stage_at_token_20_with_a_spare(launcher: Launcher, default
     view = httpx.get(f"{url}/api/cluster", timeout=10).json()
     stages = view["placements"][0]["stages"]
     pid_of = {n["id"]: n["pid"] for n in view["nodes"]}
-    spare = [n for n in view["nodes"] if n["role"] == "idle"]
+    spare = [n for n in view["nodes"] if n["role"] == "spare"]
     assert len(stages) == 3 and len(spare) == 1
 
     reference_llm.reset()

@@ -92,3 +92,31 @@ def test_model_pull_into_an_empty_cache(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "mesh.cli", "model", "path", str(tmp_path / "nope.gguf")],
                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert bad.returncode == 2 and "nope.gguf" in bad.stderr
+
+
+def test_auto_strategy_forms_a_pipeline_when_no_node_holds_the_model(launcher: Launcher, default_model: Path,
+                                                                     reference_llm: object) -> None:
+    plan = subprocess.run([sys.executable, "-m", "mesh.cli", "plan", "--dry-run", "--nodes", "4",
+                           "--memory-limit", "60MB", "--n-ctx", "512", "--model", str(default_model)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.startswith("pipeline: node-1 layers [0, ") and "cannot hold a replica" in plan.stdout
+
+    up = launcher.start("up", ["up", "--nodes", "4", "--memory-limit", "60MB", "--n-ctx", "512", "--port", "0",
+                               "--model", str(default_model)])
+    url = gateway_url(up)
+    view = httpx.get(f"{url}/api/cluster", timeout=10).json()
+    assert [p["kind"] for p in view["placements"]] == ["pipeline"]
+    assert all(n["role"] == "stage" for n in view["nodes"])
+    reference_llm.reset()  # type: ignore[attr-defined]
+    expected = reference_llm.create_completion("Hello, my name is", max_tokens=24,  # type: ignore[attr-defined]
+                                               temperature=0)["choices"][0]["text"]
+    got = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello, my name is", "max_tokens": 24,
+                                                    "temperature": 0}, timeout=120).json()
+    assert got["choices"][0]["text"] == expected
+
+
+def test_auto_strategy_serves_replicas_when_the_model_fits(launcher: Launcher, default_model: Path) -> None:
+    up = launcher.start("up", ["up", "--nodes", "1", "--port", "0", "--model", str(default_model)])
+    view = httpx.get(f"{gateway_url(up)}/api/cluster", timeout=10).json()
+    assert [p["kind"] for p in view["placements"]] == ["replica"]

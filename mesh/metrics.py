@@ -102,6 +102,13 @@ class GatewayMetrics:
                                  ["from", "to", "reason"], registry=registry)
         self.replans = Counter("edgemesh_replans_total", "Placement changes, by reason", ["reason"],
                                registry=registry)
+        self.failover_detect = Histogram("edgemesh_failover_detect_seconds",
+                                         "From the last good token to a mid-stream failure surfacing",
+                                         buckets=LATENCY_BUCKETS, registry=registry)
+        self.failover_recover = Histogram("edgemesh_failover_recover_seconds",
+                                          "From a mid-stream failure to the first token of the replayed stream "
+                                          "(re-plan and replay included)", buckets=LATENCY_BUCKETS,
+                                          registry=registry)
         self.replayed_tokens = Counter("edgemesh_replayed_tokens_total",
                                        "Tokens replayed into a new placement after a failover", registry=registry)
         self.stage_bytes = Counter("edgemesh_pipeline_bytes_total",

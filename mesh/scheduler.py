@@ -13,6 +13,7 @@ goes on as if nothing happened.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
@@ -161,6 +162,7 @@ class Session:
         self._stream: AsyncIterator[TokenEvent] | None = None
         self._placement: Placement | None = None
         self._first: TokenEvent | None = None
+        self._last_event_at = time.monotonic()
 
     @property
     def route(self) -> Route:
@@ -245,9 +247,13 @@ class Session:
             raise PeerError(f"node sent position {event.position}, expected {expected}", retryable=False)
         self.generated.append(event.token_id)
         self.finish_reason = event.finish_reason
+        self._last_event_at = time.monotonic()
         return event
 
     async def _failover(self, cause: PeerError) -> None:
+        detected_at = time.monotonic()
+        # Time from the last good token to the failure surfacing: how long detection took.
+        self._s._metrics.failover_detect.observe(detected_at - self._last_event_at)
         failed = self._placement
         culprit = _culprit(failed, cause) if failed else None
         log.warning("request %s: %s failed after %d tokens (%s); replaying on another placement",
@@ -263,6 +269,7 @@ class Session:
         except (Unavailable, CapacityExhausted) as exc:
             raise Unavailable(f"no capacity left to continue after {culprit or 'a node'} failed: {exc}") from cause
         self._first = await self._connect(placement, replay)
+        self._s._metrics.failover_recover.observe(time.monotonic() - detected_at)
         self._s._metrics.retries.labels("midstream_failover").inc()
         self._s._metrics.failovers.labels(failed.kind if failed else "?", placement.kind, "node_error").inc()
         self._s._metrics.replayed_tokens.inc(len(self.generated))

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from mesh import __version__
 from mesh.config import Limits, NodeConfig, Timeouts, default_node_name, parse_bytes, resolve_cluster_key
 from mesh.discovery import Advertisement, Advertiser
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, EdgeMeshError
 from mesh.metrics import NodeMetrics
 from mesh.model_store import ProgressLog, resolve
 from mesh.transport.auth import cluster_hash
@@ -69,6 +69,12 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     model = await asyncio.to_thread(describe_file, model_path, config.n_ctx)
     engine = await asyncio.to_thread(load_replica, model_path, config, threads) if config.role == "replica" \
         else None
+    try:
+        speed = await asyncio.to_thread(probe.measure_decode_speed, model_path, model.n_layers, threads)
+        log.info("probe: about %.1f decode tokens/s on the whole model with %d thread(s)", speed, threads)
+    except EdgeMeshError as exc:  # an architecture the stage engine does not run: no speed to offer
+        log.info("probe: decode speed not measured (%s)", exc)
+        speed = 0.0
 
     registry = CollectorRegistry()
     metrics = NodeMetrics(registry)
@@ -84,6 +90,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     metrics_port = int(metrics_server.server_port)
 
     state = NodeState()
+    state.decode_tokens_per_second = speed
     health = HealthState()
     stages = StageHost([LocalFile(model_path, model)], threads, metrics)
     service = NodeService(identity, engine, model if engine is not None else None, stages, metrics, state)

@@ -53,6 +53,7 @@ class NodeState:
         self.draining = False
         self.grpc_port = 0
         self.metrics_port = 0
+        self.decode_tokens_per_second = 0.0  # from the start-up probe
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: EdgeMeshError) -> None:
@@ -91,6 +92,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             stages=self._stages.held(), slots=self._id.slots, max_queue=self._id.max_queue,
             in_flight=self._state.in_flight, draining=self._state.draining,
             grpc_port=self._state.grpc_port, metrics_port=self._state.metrics_port,
+            decode_tokens_per_second=self._state.decode_tokens_per_second,
         )
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -91,6 +91,9 @@ class GatewayRuntime:
             "pid": info.pid if info else None,
             "memory_total": info.memory_total if info else None,
             "memory_free": info.memory_free if info else None,
+            "memory_limit": info.memory_limit if info else None,
+            "threads": info.threads if info else None,
+            "decode_tokens_per_second": round(info.decode_tokens_per_second, 1) if info else None,
             "models": [{"name": m.name, "sha256": m.sha256, "n_layers": m.n_layers, "bytes": m.file_bytes}
                        for m in (info.models if info else ())],
             "role": "replica" if holds else ("stage" if stages else ("spare" if info and info.files else "idle")),

@@ -34,6 +34,7 @@ def test_node_rpcs_need_the_cluster_key(launcher: Launcher, default_model: Path)
         info = await right.info()
         assert info.node_id == node.ready[3] and info.pid == node.pid
         assert info.models[0].n_layers == 30 and info.memory_total > 0 and info.threads == 1
+        assert info.decode_tokens_per_second > 5  # measured by the start-up probe
         await right.close()
 
         wrong = NodeClient(address, "not-the-key", Timeouts(), Limits())

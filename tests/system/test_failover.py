@@ -1,4 +1,4 @@
-"""A stage dies mid-stream: the stream completes with exactly the no-fault output."""
+"""A node dies mid-stream: the stream completes with exactly the no-fault output."""
 
 from __future__ import annotations
 
@@ -81,6 +81,10 @@ def test_sigkill_of_a_stage_at_token_20_with_a_spare(launcher: Launcher, default
     assert 'edgemesh_replans_total{reason="spare"} 1.0' in metrics
     replayed = next(line for line in metrics.splitlines() if line.startswith("edgemesh_replayed_tokens_total"))
     assert float(replayed.split()[-1]) >= 19
+    assert "edgemesh_failover_recover_seconds_count 1.0" in metrics
+    recover = next(li for li in metrics.splitlines() if li.startswith("edgemesh_failover_recover_seconds_sum"))
+    detect = next(li for li in metrics.splitlines() if li.startswith("edgemesh_failover_detect_seconds_sum"))
+    print(f"detected in {float(detect.split()[-1]):.3f}s, recovered in {float(recover.split()[-1]):.3f}s")
 
 
 def test_with_no_capacity_left_the_client_gets_a_clear_error_fast(launcher: Launcher,
@@ -122,3 +126,28 @@ def test_without_a_spare_the_survivors_take_the_layers(launcher: Launcher, defau
     pipeline = next(p for p in after["placements"] if p["kind"] == "pipeline")
     assert [s["layers"] for s in pipeline["stages"]] == [[0, 15], [15, 30]]
     assert victim not in {s["node"] for s in pipeline["stages"]}
+
+
+def test_sigkill_of_a_replica_mid_stream_continues_on_another(launcher: Launcher, default_model: Path,
+                                                             reference_llm: Any) -> None:
+    up = launcher.start("up", ["up", "--strategy", "replica", "--nodes", "2", "--port", "0",
+                               "--model", str(default_model)])
+    url = gateway_url(up)
+    view = httpx.get(f"{url}/api/cluster", timeout=10).json()
+    pid_of = {n["id"]: n["pid"] for n in view["nodes"]}
+    reference_llm.reset()
+    expected = reference_llm.create_completion(PROMPT, max_tokens=64, temperature=0)["choices"][0]["text"]
+    serving: list[str] = []
+    killed: list[bool] = []
+
+    def kill_at_20(chunks: int) -> None:
+        if chunks == 20 and not killed:
+            busy = httpx.get(f"{url}/api/cluster", timeout=10).json()
+            serving.extend(n["id"] for n in busy["nodes"] if n["in_flight"])
+            os.kill(pid_of[serving[0]], signal.SIGKILL)
+            killed.append(True)
+
+    text, _, finish = stream_tokens(url, kill_at_20)
+    assert killed and text == expected and finish == "length"
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert 'edgemesh_failovers_total{from="replica",reason="node_error",to="replica"} 1.0' in metrics

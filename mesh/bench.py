@@ -40,6 +40,7 @@ class BenchOptions:
     runs: int = 3
     threads: int = 0
     strategy: str = "replica"
+    prefill_tokens: int = 512
 
 
 @dataclass(frozen=True)
@@ -59,21 +60,31 @@ class RunTiming:
         return self.tokens / self.total_s if self.total_s > 0 else 0.0
 
 
-def baseline_run(llm: Any, tokens: int) -> RunTiming:
+def long_prompt(llm: Any, n_tokens: int) -> str:
+    """Counting text of about n_tokens tokens, for the prefill measurement."""
+    words: list[str] = []
+    i = 1
+    while len(llm.tokenize(", ".join(words).encode(), add_bos=False)) < n_tokens - 2:
+        words.append(str(i))
+        i += 1
+    return ", ".join(words)
+
+
+def baseline_run(llm: Any, tokens: int, prompt: str = BENCH_PROMPT) -> RunTiming:
     """llama-cpp-python called directly, streaming, greedy."""
     llm.reset()
     start = time.perf_counter()
     first = 0.0
     count = 0
-    for _chunk in llm.create_completion(BENCH_PROMPT, max_tokens=tokens, temperature=0.0, stream=True):
+    for _chunk in llm.create_completion(prompt, max_tokens=tokens, temperature=0.0, stream=True):
         count += 1
         if count == 1:
             first = time.perf_counter() - start
     return RunTiming(count, first, time.perf_counter() - start)
 
 
-async def mesh_run(client: httpx.AsyncClient, url: str, tokens: int) -> RunTiming:
-    body = {"prompt": BENCH_PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+async def mesh_run(client: httpx.AsyncClient, url: str, tokens: int, prompt: str = BENCH_PROMPT) -> RunTiming:
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = 0.0
@@ -125,6 +136,9 @@ async def _bench(options: BenchOptions) -> dict[str, float]:
             url = f"http://{host}:{port}"
             base: list[RunTiming] = []
             ours: list[RunTiming] = []
+            prefill_prompt = long_prompt(llm, options.prefill_tokens)
+            base_prefill: list[float] = []
+            ours_prefill: list[float] = []
             async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
                 await mesh_run(client, url, 8)  # warm-up: first request pays for lazy set-up
                 await asyncio.to_thread(baseline_run, llm, 8)
@@ -133,6 +147,9 @@ async def _bench(options: BenchOptions) -> dict[str, float]:
                     ours.append(await mesh_run(client, url, options.tokens))
                     log.info("run %d/%d: llama.cpp %.1f tok/s, mesh %.1f tok/s", i + 1, options.runs,
                              base[-1].decode_tps, ours[-1].decode_tps)
+                    # Prefill: time to the first token of a long prompt (prompt evaluation).
+                    base_prefill.append((await asyncio.to_thread(baseline_run, llm, 1, prefill_prompt)).first_token_s)
+                    ours_prefill.append((await mesh_run(client, url, 1, prefill_prompt)).total_s)
         finally:
             stop.set()
             await asyncio.gather(mesh, return_exceptions=True)
@@ -142,12 +159,18 @@ async def _bench(options: BenchOptions) -> dict[str, float]:
     sys.stdout.write(f"\nmodel {model_path.name}, {threads} thread(s), {options.tokens} tokens, "
                      f"{options.runs} run(s), median of runs\n")
     b_dec, b_e2e, b_ttft = _summary("llama-cpp-python direct", base)
-    m_dec, m_e2e, m_ttft = _summary(f"edgemesh gateway ({options.nodes} node)", ours)
+    m_dec, m_e2e, m_ttft = _summary(f"edgemesh {options.strategy} x{options.nodes}", ours)
+    n_prefill = len(llm.tokenize(prefill_prompt.encode(), add_bos=True))
+    b_pre = n_prefill / statistics.median(base_prefill)
+    m_pre = n_prefill / statistics.median(ours_prefill)
+    sys.stdout.write(f"prefill of {n_prefill} tokens: llama-cpp-python {b_pre:7.1f} tok/s, "
+                     f"edgemesh {m_pre:7.1f} tok/s\n")
     result = {"decode_ratio": m_dec / b_dec if b_dec else 0.0, "end_to_end_ratio": m_e2e / b_e2e if b_e2e else 0.0,
+              "prefill_ratio": m_pre / b_pre if b_pre else 0.0,
               "baseline_decode_tps": b_dec, "mesh_decode_tps": m_dec,
               "baseline_ttft_s": b_ttft, "mesh_ttft_s": m_ttft}
     sys.stdout.write(f"ratio mesh / llama.cpp: decode {result['decode_ratio']:.3f}x, "
-                     f"end-to-end {result['end_to_end_ratio']:.3f}x\n")
+                     f"end-to-end {result['end_to_end_ratio']:.3f}x, prefill {result['prefill_ratio']:.3f}x\n")
     return result
 
 

@@ -63,7 +63,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         nodes=args.nodes, host=args.host, port=args.port, model=args.model, strategy=args.strategy,
         threads=args.threads, slots=args.slots, n_ctx=args.n_ctx, api_key=args.api_key,
         cluster_key=args.cluster_key, ready_file=args.ready_file, memory_limit=args.memory_limit,
-        stages=args.stages, split=parse_split(args.split))
+        stages=args.stages, split=parse_split(args.split), decode_threads=args.decode_threads)
     run_until_signalled(lambda stop: run_local_mesh(options, stop))
 
 
@@ -131,7 +131,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from mesh.bench import BenchOptions, run_bench
 
     run_bench(BenchOptions(model=args.model, nodes=args.nodes, tokens=args.tokens, runs=args.runs,
-                           threads=args.threads, strategy=args.strategy))
+                           threads=args.threads, strategy=args.strategy, prefill_tokens=args.prefill_tokens))
 
 
 # ---------------------------------------------------------------------------- parser
@@ -160,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "replica: every node serves the whole model; pipeline: the nodes split its layers")
     p.add_argument("--stages", type=int, default=0, help="pipeline stages (0 = one per node; the rest are spare)")
     p.add_argument("--split", default="", help="layers per stage, e.g. 10,10,10 (default: even)")
-    p.add_argument("--threads", type=int, default=0, help="threads per node (0 = cores / nodes)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads per node (0 = cores / nodes for replicas, all cores for pipeline stages)")
+    p.add_argument("--decode-threads", type=int, default=0,
+                   help="threads of a single-token pipeline step (0 = cores / nodes)")
     p.add_argument("--slots", type=int, default=1, help="concurrent requests per node [default: 1]")
     p.add_argument("--n-ctx", type=int, default=2048, help="context length per request [default: 2048]")
     p.add_argument("--memory-limit", default="0", help="memory each node may use, e.g. 60MB (0 = no limit)")
@@ -203,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=128, help="tokens generated per run [default: 128]")
     p.add_argument("--runs", type=int, default=3, help="timed runs of each side [default: 3]")
     p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement")
     p.set_defaults(func=cmd_bench)
     return parser
 

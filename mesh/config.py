@@ -97,6 +97,7 @@ class NodeConfig:
     port: int = setting(7471, "gRPC port (0 picks a free one)")
     metrics_port: int = setting(9471, "Prometheus metrics port (0 picks a free one)")
     threads: int = setting(0, "compute threads (0 = all cores)")
+    decode_threads: int = setting(0, "threads of single-token pipeline steps (0 = --threads)")
     memory_limit: str = setting("0", "memory this node may use, e.g. 2GiB (0 = free memory)")
     cluster_key: str = setting("", "shared secret of the mesh (default: $EDGEMESH_HOME/cluster.key)",
                                secret=True)

@@ -28,6 +28,7 @@ from mesh.model_store import resolve
 from mesh.planner import PeerCapability, Plan, Policy, plan
 from mesh.types import LayerRange, NodeId
 from node.gguf import inspect as inspect_gguf
+from node.probe import default_threads
 
 if TYPE_CHECKING:
     from mesh.gateway.runtime import GatewayRuntime
@@ -52,6 +53,7 @@ class LocalMeshOptions:
     cluster_key: str = ""
     ready_file: str = ""
     memory_limit: str = "0"
+    decode_threads: int = 0  # threads of single-token pipeline steps (0 = a fair share of the cores)
     stages: int = 0  # pipeline: how many stages (0 = one per node); the other nodes stay spare
     split: tuple[int, ...] = ()  # pipeline: layers per stage (default: an even split)
 
@@ -112,16 +114,26 @@ def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_
                workdir: Path, role: str) -> NodeProcess:
     name = f"node-{index + 1}"
     ready = workdir / f"{name}.ready"
+    shared = threads_per_node(options.nodes, options.threads)
+    # Replicas run at once and share the cores; stages take turns, so a prefill chunk (long
+    # enough to win from every core) uses them all, and a decode step uses a fair share.
+    threads = (options.threads or default_threads()) if role == "stage" else shared
+    decode_threads = options.decode_threads or shared
     command = [
         sys.executable, "-m", "mesh.cli", "node", "--model", str(model_path), "--name", name,
         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-        "--threads", str(threads_per_node(options.nodes, options.threads)),
+        "--threads", str(threads),
+        "--decode-threads", str(decode_threads),
         "--role", role,
         "--slots", str(options.slots), "--n-ctx", str(options.n_ctx),
         "--memory-limit", options.memory_limit, "--ready-file", str(ready),
     ]
     # The key goes by environment, not argv, so `ps` does not show it.
     env = {**os.environ, "EDGEMESH_CLUSTER_KEY": cluster_key}
+    if role == "stage":
+        # Stages of one machine take turns; an idle stage's OpenMP workers must sleep at once
+        # instead of spinning on the cores the busy stage needs.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
     log.info("started %s (pid %d)", name, process.pid)
     return NodeProcess(name, process, ready)

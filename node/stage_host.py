@@ -38,9 +38,13 @@ StageKey = tuple[ModelSha, int, int]
 
 
 class StageHost:
-    def __init__(self, files: list[LocalFile], threads: int, metrics: NodeMetrics) -> None:
+    def __init__(self, files: list[LocalFile], threads: int, metrics: NodeMetrics, decode_threads: int = 0) -> None:
         self._files = {f.model.sha256: f for f in files}
         self._threads = threads
+        # Single-token steps may use fewer threads than prefill chunks: when several stages
+        # share one machine, a decode step is too short to win from a second thread that it
+        # has to wake and synchronise with on every op.
+        self._decode_threads = decode_threads or threads
         self._metrics = metrics
         self._stages: dict[StageKey, tuple[StageEngine, StageHeld]] = {}
         self._lock = threading.Lock()  # guards the dict; each engine serializes its own compute
@@ -108,7 +112,9 @@ class StageHost:
         if step.hidden is not None and step.hidden.shape[1] != engine.n_embd:
             raise InvalidInput(f"hidden states have width {step.hidden.shape[1]}; this model's is {engine.n_embd}")
         started = time.monotonic()
-        result = engine.forward(step.session_id, step.start_position, tokens=step.tokens, hidden=step.hidden)
+        threads = self._decode_threads if step.n_tokens == 1 else self._threads
+        result = engine.forward(step.session_id, step.start_position, tokens=step.tokens, hidden=step.hidden,
+                                threads=threads)
         kind = "decode" if step.n_tokens == 1 else "prefill"
         self._metrics.stage_step.labels(kind).observe(time.monotonic() - started)
         self._metrics.stage_sessions.set(sum(e.sessions() for e, _ in self._snapshot()))

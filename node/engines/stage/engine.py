@@ -109,7 +109,7 @@ class StageEngine:
             self._backend.set_threads(threads)
 
     def forward(self, session_id: str, start_position: int, *, tokens: Sequence[int] | None = None,
-                hidden: np.ndarray | None = None) -> np.ndarray:
+                hidden: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
         """Run tokens (first stage) or hidden states [n, n_embd] (later stages) at positions
         start_position.. of a session. Returns hidden [n, n_embd] float32, or for the last stage
         the logits of the last token, [n_vocab] float32. A start_position below the session's
@@ -133,6 +133,9 @@ class StageEngine:
                                    f"{self.n_ctx}")
             if state is None:
                 state = self._slots.open(session_id)
+            if threads is not None and threads != self._backend.threads:
+                # Decode and prefill may want different thread counts (see node.stage_host).
+                self._backend.set_threads(threads)
             state.length = start_position  # truncation: later cells are masked and then overwritten
             outputs: list[np.ndarray] = []
             for lo in range(0, n, MAX_CHUNK):

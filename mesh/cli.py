@@ -63,7 +63,8 @@ def cmd_up(args: argparse.Namespace) -> None:
         nodes=args.nodes, host=args.host, port=args.port, model=args.model, strategy=args.strategy,
         threads=args.threads, slots=args.slots, n_ctx=args.n_ctx, api_key=args.api_key,
         cluster_key=args.cluster_key, ready_file=args.ready_file, memory_limit=args.memory_limit,
-        stages=args.stages, split=parse_split(args.split), decode_threads=args.decode_threads)
+        stages=args.stages, split=parse_split(args.split), decode_threads=args.decode_threads,
+        policy=args.policy, cloud_url=args.cloud_url, cloud_model=args.cloud_model, cloud_key_env=args.cloud_key_env)
     run_until_signalled(lambda stop: run_local_mesh(options, stop))
 
 
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default="", help="bearer key for the API (required off loopback)")
     p.add_argument("--cluster-key", default="", help="cluster key (default: a fresh one for this mesh)")
     p.add_argument("--ready-file", default="", help="write 'host port' of the gateway here once all nodes are up")
+    add_arguments(p, GatewayConfig, only=("policy", "cloud_url", "cloud_model", "cloud_key_env"))
     p.set_defaults(func=cmd_up)
 
     for name, helptext, func in (("status", "show the nodes of a mesh", cmd_status),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -48,6 +49,19 @@ def format_status(cluster: dict[str, Any]) -> str:
     for placement in cluster.get("placements", []):
         stages = ", ".join(f"{s['node']}[{s['layers'][0]}-{s['layers'][1]}]" for s in placement.get("stages", []))
         lines.append(f"placement {placement.get('kind')}: {stages}")
+    routing = cluster.get("routing") or {}
+    cloud = routing.get("cloud")
+    cloud_text = "none configured" if not cloud else \
+        f"{'up' if cloud.get('up') else 'DOWN'}, breaker {cloud.get('breaker')} ({cloud.get('url')})"
+    lines.append(f"routing {routing.get('policy', 'local-only')}; cloud: {cloud_text}; "
+                 f"last route: {routing.get('last_route') or '-'}")
+    last = cluster.get("last_failover")
+    if last:
+        when = time.strftime("%H:%M:%S", time.localtime(float(last.get("at", 0))))
+        lines.append(f"last failover {when}: {last.get('from')} -> {last.get('to')} ({last.get('reason')}) "
+                     f"{last.get('detail', '')}".rstrip())
+    else:
+        lines.append("last failover: none")
     return "\n".join(lines) + "\n"
 
 

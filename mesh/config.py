@@ -122,15 +122,21 @@ class GatewayConfig:
     model: str = setting("default", "GGUF model whose tokenizer and chat template the gateway uses")
     discovery: bool = setting(True, "browse mDNS for nodes")
     ready_file: str = setting("", "write 'host port' here once serving (for supervisors)")
+    policy: str = setting("local-only", "routing: local-only, cloud-first (the cloud unless it is down, then "
+                          "the mesh) or local-first (the mesh unless it is full, then the cloud)")
+    cloud_url: str = setting("", "base URL of an OpenAI-compatible cloud API, e.g. https://api.example.com/v1")
+    cloud_model: str = setting("", "model name to ask the cloud for (default: the client's)")
+    cloud_key_env: str = setting("", "name of the environment variable that holds the cloud API key")
 
 
 T = TypeVar("T")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type[Any], *, skip: tuple[str, ...] = ()) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Any], *, skip: tuple[str, ...] = (),
+                  only: tuple[str, ...] = ()) -> None:
     """Add one flag per field of a config dataclass; env EDGEMESH_<FIELD> sets the default."""
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only and f.name not in only):
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         env = os.environ.get(ENV_PREFIX + f.name.upper())

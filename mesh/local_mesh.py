@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +50,10 @@ class LocalMeshOptions:
     slots: int = 1
     n_ctx: int = 2048
     api_key: str = ""
+    policy: str = "local-only"  # routing between the mesh and a cloud upstream (see GatewayConfig)
+    cloud_url: str = ""
+    cloud_model: str = ""
+    cloud_key_env: str = ""
     cluster_key: str = ""
     ready_file: str = ""
     memory_limit: str = "0"
@@ -178,13 +182,12 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
         raise ConfigError(f"{stage_count} stages need at least {stage_count} nodes, not {options.nodes}")
     cluster_key = options.cluster_key or secrets.token_urlsafe(32)
     config = GatewayConfig(host=options.host, port=options.port, cluster_key=cluster_key,
-                           api_key=options.api_key, model=options.model)
+                           api_key=options.api_key, model=options.model, policy=options.policy,
+                           cloud_url=options.cloud_url, cloud_model=options.cloud_model,
+                           cloud_key_env=options.cloud_key_env)
     check_bind_is_safe(config)
     model_path = await asyncio.to_thread(resolve, options.model)
-    timeouts = Timeouts()
-    runtime = GatewayRuntime(GatewayConfig(host=options.host, port=options.port, cluster_key=cluster_key,
-                                           api_key=options.api_key, model=str(model_path)),
-                             model_path, timeouts=timeouts)
+    runtime = GatewayRuntime(replace(config, model=str(model_path)), model_path, timeouts=Timeouts())
 
     # Which node does what: explicit pipelines split evenly (or by --split) over the first
     # nodes; auto asks the planner, which also decides between replicas and pipelines.

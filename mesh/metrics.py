@@ -7,6 +7,8 @@ routes, node ids of the mesh, RPC method names, never request ids or free text.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Latency buckets from 5 ms (one decode step of a small model) to 2 minutes (a long prefill).
@@ -67,6 +69,7 @@ class GatewayMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.last_failover: dict[str, object] | None = None  # shown by /api/cluster and `edgemesh status`
         self.requests = Counter("edgemesh_requests_total", "Completion requests by route and HTTP status",
                                 ["route", "status"], registry=registry)
         self.tokens = Counter("edgemesh_tokens_generated_total", "Tokens streamed to clients, by route",
@@ -119,3 +122,8 @@ class GatewayMetrics:
         self.breaker_state = Gauge("edgemesh_cloud_breaker_state",
                                    "1 for the circuit breaker's current state (closed, open, half_open)",
                                    ["state"], registry=registry)
+
+    def failover(self, source: str, target: str, reason: str, detail: str = "") -> None:
+        """Count a failover and remember it as the last one."""
+        self.failovers.labels(source, target, reason).inc()
+        self.last_failover = {"from": source, "to": target, "reason": reason, "detail": detail, "at": time.time()}

@@ -271,7 +271,8 @@ class Session:
         self._first = await self._connect(placement, replay)
         self._s._metrics.failover_recover.observe(time.monotonic() - detected_at)
         self._s._metrics.retries.labels("midstream_failover").inc()
-        self._s._metrics.failovers.labels(failed.kind if failed else "?", placement.kind, "node_error").inc()
+        self._s._metrics.failover(failed.kind if failed else "?", placement.kind, "node_error",
+                                  f"{culprit or '?'} failed after {len(self.generated)} tokens")
         self._s._metrics.replayed_tokens.inc(len(self.generated))
 
 

@@ -124,6 +124,11 @@ class Tokenizer:
             tokens.append(self.eos_id)
         return tokens
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Tokens of answer text already sent (by a cloud that then failed), to append to the
+        prompt so the mesh continues it. Plain text: markup in it is not special here."""
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)) if text else []
+
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         if self.chat_template is None:
             raise InvalidInput("this model has no chat template; use /v1/completions")

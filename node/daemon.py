@@ -92,7 +92,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     state = NodeState()
     state.decode_tokens_per_second = speed
     health = HealthState()
-    stages = StageHost([LocalFile(model_path, model)], threads, metrics, config.decode_threads)
+    stages = StageHost([LocalFile(model_path, model)], threads, metrics, config.decode_threads,
+                       identity.memory_limit)
     service = NodeService(identity, engine, model if engine is not None else None, stages, metrics, state)
     server = make_server(cluster_key, timeouts, limits, health, on_reject=lambda _m: metrics.auth_failures.inc())
     pb_grpc.add_NodeServicer_to_server(service, server)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.errors import InvalidInput, NotFound
+from mesh.errors import CapacityExhausted, InvalidInput, NotFound
 from mesh.metrics import NodeMetrics
 from mesh.sampling import sample
 from mesh.types import LayerRange, ModelHeld, ModelSha, StageHeld, StageOutput, StageStep
@@ -38,8 +38,10 @@ StageKey = tuple[ModelSha, int, int]
 
 
 class StageHost:
-    def __init__(self, files: list[LocalFile], threads: int, metrics: NodeMetrics, decode_threads: int = 0) -> None:
+    def __init__(self, files: list[LocalFile], threads: int, metrics: NodeMetrics, decode_threads: int = 0,
+                 memory_limit: int = 0) -> None:
         self._files = {f.model.sha256: f for f in files}
+        self._memory_limit = memory_limit  # bytes the stages may take in all (0 = no limit)
         self._threads = threads
         # Single-token steps may use fewer threads than prefill chunks: when several stages
         # share one machine, a decode step is too short to win from a second thread that it
@@ -75,6 +77,7 @@ class StageHost:
             existing = self._stages.get(key)
         if existing is not None and existing[1].slots == slots and existing[0].n_ctx == n_ctx:
             return existing[1]
+        self._check_memory(local, layers, n_ctx, slots, replacing=existing[1] if existing else None)
         started = time.monotonic()
         log.info("loading stage layers [%d, %d) of %s (%d slots, context %d)", layers.first,
                  layers.last_exclusive, local.path.name, slots, n_ctx)
@@ -91,6 +94,23 @@ class StageHost:
         log.info("stage [%d, %d) ready in %.1fs", layers.first, layers.last_exclusive, time.monotonic() - started)
         self._update_gauges()
         return held
+
+    def _check_memory(self, local: LocalFile, layers: LayerRange, n_ctx: int, slots: int,
+                      replacing: StageHeld | None) -> None:
+        """Refuse a stage that would take this node past --memory-limit, before reading any byte."""
+        if not self._memory_limit:
+            return
+        from mesh.planner import Policy, stage_bytes
+        from node.profile import model_profile
+
+        need = stage_bytes(model_profile(local.path, local.model.sha256),
+                           Policy(n_ctx=n_ctx, sessions_per_stage=slots), layers)
+        held = sum(h.weight_bytes + h.kv_cache_bytes + h.compute_bytes for h in self.held() if h is not replacing)
+        if held + need > self._memory_limit:
+            raise CapacityExhausted(
+                f"layers [{layers.first}, {layers.last_exclusive}) need about {need / 2**20:.0f} MiB; with "
+                f"{held / 2**20:.0f} MiB already held that exceeds this node's limit of "
+                f"{self._memory_limit / 2**20:.0f} MiB")
 
     def _engine(self, step: StageStep) -> StageEngine:
         key: StageKey = (step.model_sha256, step.layers.first, step.layers.last_exclusive)

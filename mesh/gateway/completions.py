@@ -13,21 +13,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from mesh.errors import EdgeMeshError, InvalidInput
+from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, Unavailable
+from mesh.gateway.answers import CLOUD_ROUTE, MESH_ROUTE, Answer, CloudAnswer, MeshAnswer
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, _Common
 from mesh.metrics import GatewayMetrics
-from mesh.scheduler import Scheduler, Session, check_model, check_prompt
-from mesh.tokenizer import TextStream, Tokenizer
+from mesh.scheduler import Scheduler, check_model, check_prompt
+from mesh.tokenizer import Tokenizer
 from mesh.types import GenerationRequest, RequestId
+
+if TYPE_CHECKING:
+    from mesh.cloud import CloudUpstream
 
 log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "X-EdgeMesh-Route"
-MESH_ROUTE = "mesh"
 
 
 def error_body(error: EdgeMeshError) -> dict[str, Any]:
@@ -60,13 +63,27 @@ TEXT = Flavor("text_completion", "text_completion",
               None)
 
 
+POLICIES = ("local-only", "cloud-first", "local-first")
+
+
 class Completions:
+    """Chooses where an answer comes from (the routing policy), then shapes it as JSON or SSE.
+
+    local-only: the mesh. cloud-first: the cloud unless its circuit breaker is open or it
+    fails before its first token, then the mesh. local-first: the mesh unless it has no
+    capacity, then the cloud. A cloud answer that breaks mid-way is completed by the mesh."""
+
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, model_name: str,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, cloud: CloudUpstream | None = None, policy: str = "local-only") -> None:
+        if policy not in POLICIES:
+            raise InvalidInput(f"unknown routing policy {policy!r}; choose from {', '.join(POLICIES)}")
         self._scheduler = scheduler
         self._tokenizer = tokenizer
         self._model_name = model_name
         self._metrics = metrics
+        self._cloud = cloud
+        self.policy = policy if cloud is not None else "local-only"
+        self.last_route = ""
 
     def _prompt_tokens(self, body: _Common) -> list[int]:
         if isinstance(body, ChatRequest):
@@ -74,46 +91,99 @@ class Completions:
         assert isinstance(body, CompletionRequest)
         return self._tokenizer.encode_completion(body.prompt_text())
 
-    def _generation_request(self, body: _Common) -> GenerationRequest:
+    def _generation_request(self, body: _Common, continuation: str = "") -> GenerationRequest:
         check_model(body.model, self._model_name)
         n_ctx = self._scheduler.context_length()
         if n_ctx is None:
-            from mesh.errors import Unavailable
-
             raise Unavailable("no node serving this model is ready; start one with `edgemesh node`")
         prompt = self._prompt_tokens(body)
-        check_prompt(len(prompt), n_ctx)
-        room = n_ctx - len(prompt)
+        sent = self._tokenizer.encode_continuation(continuation)
+        check_prompt(len(prompt) + len(sent), n_ctx)
+        room = n_ctx - len(prompt) - len(sent)
         limit = body.token_limit()
+        if limit is not None:
+            limit = max(1, limit - len(sent))
         return GenerationRequest(
-            request_id=RequestId(uuid.uuid4().hex), prompt_tokens=tuple(prompt), sampling=body.sampling(),
+            request_id=RequestId(uuid.uuid4().hex), prompt_tokens=tuple(prompt + sent), sampling=body.sampling(),
             max_tokens=min(limit, room) if limit else room,
             stop_token_ids=self._tokenizer.eog_ids, logprobs=body.wants_logprobs(),
         )
+
+    async def _mesh_answer(self, body: _Common, started: float, continuation: str = "") -> MeshAnswer:
+        request = self._generation_request(body, continuation)
+        self._metrics.queue_depth.inc()
+        try:
+            session = await self._scheduler.open(request)
+        finally:
+            self._metrics.queue_depth.dec()
+        return MeshAnswer(session, self._tokenizer, body.stop_strings(), self._metrics, started)
+
+    async def _cloud_answer(self, body: _Common, flavor: Flavor, started: float) -> CloudAnswer:
+        """Open the cloud stream up to its first delta; raises CloudError if it cannot."""
+        assert self._cloud is not None
+        kind: Literal["chat", "text"] = "chat" if flavor is CHAT else "text"
+        upstream_body = body.model_dump(exclude_none=True, exclude=_NOT_OPENAI)
+        stream = self._cloud.stream(kind, upstream_body)
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            raise Unavailable("the cloud ended its answer before any text") from None
+        prompt_tokens = len(self._prompt_tokens(body))
+        return CloudAnswer(stream, first, uuid.uuid4().hex, self._metrics,
+                           lambda text: self._mesh_answer(body, started, text),
+                           lambda text: len(self._tokenizer.encode_continuation(text)), prompt_tokens, started)
+
+    async def _answer(self, body: _Common, flavor: Flavor, started: float) -> Answer:
+        cloud = self._cloud
+        if cloud is None:
+            return await self._mesh_answer(body, started)
+        from mesh.cloud import CloudError
+
+        if self.policy == "cloud-first":
+            if cloud.breaker.allow():
+                try:
+                    return await self._cloud_answer(body, flavor, started)
+                except CloudError as exc:
+                    log.warning("cloud failed before its first token (%s); answering from the mesh", exc.reason)
+                    self._metrics.failover(CLOUD_ROUTE, MESH_ROUTE, "cloud_" + exc.reason.split("_")[0],
+                                           "before the first token")
+            return await self._mesh_answer(body, started)
+        try:
+            return await self._mesh_answer(body, started)
+        except (CapacityExhausted, Unavailable) as exc:
+            if self.policy != "local-first" or not cloud.breaker.allow():
+                raise
+            log.info("the mesh cannot take this request (%s); asking the cloud", exc)
+            self._metrics.failover(MESH_ROUTE, CLOUD_ROUTE, "no_capacity")
+            try:
+                return await self._cloud_answer(body, flavor, started)
+            except CloudError:
+                raise exc from None
 
     async def handle(self, body: _Common, flavor: Flavor) -> Response:
         started = time.monotonic()
         self._metrics.in_flight.inc()
         handed_to_stream = False
         try:
-            request = self._generation_request(body)
-            self._metrics.queue_depth.inc()
-            try:
-                session = await self._scheduler.open(request)
-            finally:
-                self._metrics.queue_depth.dec()
-            self._metrics.time_to_first_token.labels(MESH_ROUTE).observe(time.monotonic() - started)
-            headers = {ROUTE_HEADER: session.route.header()}
+            check_model(body.model, self._model_name)
+            answer = await self._answer(body, flavor, started)
+            self._metrics.time_to_first_token.labels(answer.route).observe(time.monotonic() - started)
+            self.last_route = answer.route
+            headers = {ROUTE_HEADER: answer.header}
             if body.stream:
                 handed_to_stream = True
-                return StreamingResponse(self._sse(body, flavor, session, started), headers=headers,
+                return StreamingResponse(self._sse(body, flavor, answer), headers=headers,
                                          media_type="text/event-stream")
-            return JSONResponse(await self._collect(body, flavor, session, started), headers=headers)
+            return JSONResponse(await self._collect(flavor, answer), headers=headers)
         except EdgeMeshError as exc:
             self._metrics.requests.labels(MESH_ROUTE, str(exc.http_status)).inc()
             if isinstance(exc, InvalidInput):
                 self._metrics.rejected.labels("invalid").inc()
             return error_response(exc)
+        except Exception as exc:  # a bug: still an OpenAI-shaped answer, and the gateway goes on
+            log.exception("request failed unexpectedly")
+            self._metrics.requests.labels(MESH_ROUTE, "500").inc()
+            return error_response(EdgeMeshError(f"internal error: {exc}"))
         finally:
             if not handed_to_stream:
                 self._metrics.in_flight.dec()
@@ -122,50 +192,15 @@ class Completions:
         return {"id": f"{'chatcmpl' if flavor is CHAT else 'cmpl'}-{request_id}", "object": object_name,
                 "created": int(time.time()), "model": self._model_name}
 
-    @staticmethod
-    def _usage(session: Session) -> dict[str, int]:
-        completion = len(session.generated)
-        if session.finish_reason == "stop" and session.generated and \
-                session.generated[-1] in session.request.stop_token_ids:
-            completion -= 1  # the end-of-generation token is not part of the answer
-        prompt = len(session.request.prompt_tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    async def _collect(self, flavor: Flavor, answer: Answer) -> dict[str, Any]:
+        pieces = [delta async for delta in answer.deltas()]
+        self._metrics.requests.labels(answer.route, "200").inc()
+        result = self._envelope(answer.request_id, flavor, flavor.object_name)
+        choice = {"index": 0, **flavor.wrap_text("".join(pieces)), "finish_reason": answer.finish_reason}
+        return {**result, "choices": [choice], "usage": answer.usage()}
 
-    async def _text_deltas(self, body: _Common, session: Session, started: float) -> AsyncIterator[str]:
-        """Text pieces of the answer; sets session.finish_reason to what the client should see."""
-        text = TextStream(self._tokenizer, body.stop_strings())
-        last = time.monotonic()
-        produced = 0
-        async for event in session.events():
-            now = time.monotonic()
-            if produced:
-                self._metrics.inter_token.labels(MESH_ROUTE).observe(now - last)
-            last = now
-            produced += 1
-            if event.token_id in session.request.stop_token_ids:
-                break
-            delta = text.push(event.token_id)
-            if delta:
-                yield delta
-            if text.stopped:
-                session.finish_reason = "stop"
-                break
-        tail = text.finish()
-        if tail:
-            yield tail
-        self._metrics.tokens.labels(MESH_ROUTE).inc(produced)
-        self._metrics.prompt_tokens.labels(MESH_ROUTE).inc(len(session.request.prompt_tokens))
-        self._metrics.duration.labels(MESH_ROUTE).observe(time.monotonic() - started)
-
-    async def _collect(self, body: _Common, flavor: Flavor, session: Session, started: float) -> dict[str, Any]:
-        pieces = [delta async for delta in self._text_deltas(body, session, started)]
-        self._metrics.requests.labels(MESH_ROUTE, "200").inc()
-        result = self._envelope(session.request.request_id, flavor, flavor.object_name)
-        choice = {"index": 0, **flavor.wrap_text("".join(pieces)), "finish_reason": session.finish_reason}
-        return {**result, "choices": [choice], "usage": self._usage(session)}
-
-    async def _sse(self, body: _Common, flavor: Flavor, session: Session, started: float) -> AsyncIterator[str]:
-        envelope = self._envelope(session.request.request_id, flavor, flavor.chunk_object)
+    async def _sse(self, body: _Common, flavor: Flavor, answer: Answer) -> AsyncIterator[str]:
+        envelope = self._envelope(answer.request_id, flavor, flavor.chunk_object)
 
         def chunk(choice: dict[str, Any], **extra: Any) -> str:
             return "data: " + json.dumps({**envelope, "choices": [choice] if choice else [], **extra}) + "\n\n"
@@ -174,22 +209,26 @@ class Completions:
         try:
             if flavor.first_delta is not None:
                 yield chunk({"index": 0, **flavor.first_delta, "finish_reason": None})
-            async for delta in self._text_deltas(body, session, started):
+            async for delta in answer.deltas():
                 yield chunk({"index": 0, **flavor.wrap_delta(delta), "finish_reason": None})
             final = flavor.wrap_delta("") if flavor is TEXT else {"delta": {}}
-            yield chunk({"index": 0, **final, "finish_reason": session.finish_reason})
+            yield chunk({"index": 0, **final, "finish_reason": answer.finish_reason})
             if body.stream_options is not None and body.stream_options.include_usage:
-                yield chunk({}, usage=self._usage(session))
+                yield chunk({}, usage=answer.usage())
         except EdgeMeshError as exc:
             # Headers are gone already: tell the client in-band, then end the stream cleanly.
             status = str(exc.http_status)
-            log.warning("stream %s failed: %s", session.request.request_id, exc)
+            log.warning("stream %s failed: %s", answer.request_id, exc)
             yield "data: " + json.dumps(error_body(exc)) + "\n\n"
         except Exception as exc:  # a bug must still end the client's stream cleanly, and be logged
             status = "500"
-            log.exception("stream %s failed unexpectedly", session.request.request_id)
+            log.exception("stream %s failed unexpectedly", answer.request_id)
             yield "data: " + json.dumps(error_body(EdgeMeshError(f"internal error: {exc}"))) + "\n\n"
         finally:
-            self._metrics.requests.labels(MESH_ROUTE, status).inc()
+            self._metrics.requests.labels(answer.route, status).inc()
             self._metrics.in_flight.dec()
         yield "data: [DONE]\n\n"
+
+
+# Our sampling extensions: an OpenAI-compatible cloud may refuse unknown fields.
+_NOT_OPENAI = {"stream", "stream_options", "top_k", "min_p", "repeat_penalty", "model"}

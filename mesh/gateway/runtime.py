@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from mesh.config import GatewayConfig, Limits, Timeouts, is_loopback, resolve_cluster_key
 from mesh.discovery import Browser, Peer, browse_interfaces, static_peers
 from mesh.errors import ConfigError
-from mesh.gateway.completions import Completions
+from mesh.gateway.completions import POLICIES, Completions
 from mesh.membership import Member, Membership, MemberState
 from mesh.metrics import GatewayMetrics
 from mesh.scheduler import Scheduler
@@ -23,7 +23,12 @@ from mesh.tokenizer import Tokenizer
 from mesh.transport.auth import cluster_hash
 from mesh.types import ModelSha
 
+if TYPE_CHECKING:
+    from mesh.cloud import CloudUpstream
+
 log = logging.getLogger(__name__)
+
+CLOUD_PROBE_S = 2.0  # how often the cloud's health is checked in the background
 
 
 def check_bind_is_safe(config: GatewayConfig) -> None:
@@ -55,8 +60,49 @@ class GatewayRuntime:
         self.metrics = GatewayMetrics(CollectorRegistry())
         self.membership = Membership(self.cluster_key, self.timeouts, self.limits)
         self.scheduler = Scheduler(self.membership, self.model_sha, self.metrics, self.timeouts)
-        self.completions = Completions(self.scheduler, self.tokenizer, self.model_name, self.metrics)
+        self.cloud_up = False
+        self.cloud = self._make_cloud(config)
+        self.completions = Completions(self.scheduler, self.tokenizer, self.model_name, self.metrics, self.cloud,
+                                       config.policy)
         self._browser: Browser | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+
+    def _make_cloud(self, config: GatewayConfig) -> CloudUpstream | None:
+        if config.policy not in POLICIES:
+            raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, not {config.policy!r}")
+        if not config.cloud_url:
+            if config.policy != "local-only":
+                raise ConfigError(f"--policy {config.policy} needs --cloud-url")
+            return None
+        from mesh.cloud import CircuitBreaker, CloudConfig, CloudUpstream
+
+        cloud_config = CloudConfig.from_flags(config.cloud_url, config.cloud_model, config.cloud_key_env)
+        breaker = CircuitBreaker(cloud_config.breaker, on_change=self._breaker_changed)
+        self._breaker_changed(None, breaker.state)
+        self._set_cloud_up(True)  # until a request or a probe says otherwise
+        return CloudUpstream(cloud_config, breaker)
+
+    def _set_cloud_up(self, up: bool) -> None:
+        self.cloud_up = up
+        self.metrics.cloud_up.set(1 if up else 0)
+
+    def _breaker_changed(self, old: object, new: object) -> None:
+        state = str(getattr(new, "value", new))
+        for name in ("closed", "open", "half_open"):
+            self.metrics.breaker_state.labels(name).set(1 if name == state else 0)
+        if state == "open":
+            self._set_cloud_up(False)
+        elif state == "closed":
+            self._set_cloud_up(True)
+        if old is not None:
+            log.warning("cloud circuit breaker: %s -> %s", getattr(old, "value", old), state)
+
+    async def _probe_cloud(self) -> None:
+        """Keep edgemesh_cloud_up true to the cloud's health even when no request goes there."""
+        assert self.cloud is not None
+        while True:
+            await asyncio.sleep(CLOUD_PROBE_S)
+            self._set_cloud_up(await self.cloud.probe())
 
     def add_peer(self, peer: Peer) -> None:
         self.membership.add(peer)
@@ -68,8 +114,15 @@ class GatewayRuntime:
             self._browser = Browser(cluster_hash(self.cluster_key), self.add_peer,
                                     browse_interfaces(self.config.host))
             await self._browser.start()
+        if self.cloud is not None:
+            self._probe_task = asyncio.create_task(self._probe_cloud())
 
     async def stop(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            await asyncio.gather(self._probe_task, return_exceptions=True)
+        if self.cloud is not None:
+            await self.cloud.close()
         if self._browser is not None:
             await self._browser.stop()
         await self.membership.stop()
@@ -111,12 +164,22 @@ class GatewayRuntime:
         return {
             "model": {"name": self.model_name, "sha256": self.model_sha, "n_layers": self.n_layers},
             "nodes": [self._node_view(m) for m in sorted(self.membership.members(), key=lambda m: m.address)],
+            "routing": self.routing_view(),
+            "last_failover": self.metrics.last_failover,
             "placements": [
                 {"kind": p.kind, "model": p.model_name,
                  "stages": [{"node": s.node_id, "layers": s.layers.as_list()} for s in p.stages]}
                 for p in self.scheduler.placements()
             ],
         }
+
+    def routing_view(self) -> dict[str, Any]:
+        cloud = None
+        if self.cloud is not None:
+            state = self.cloud.breaker.state
+            cloud = {"url": self.config.cloud_url, "breaker": str(getattr(state, "value", state)),
+                     "up": self.cloud_up}
+        return {"policy": self.completions.policy, "cloud": cloud, "last_route": self.completions.last_route}
 
     def refresh_gauges(self) -> None:
         members = self.membership.members()

@@ -171,3 +171,24 @@ def test_bad_stage_input_is_refused_and_the_stage_keeps_serving(launcher: Launch
 
     asyncio.run(calls())
     assert node.popen.poll() is None
+
+
+def test_a_stage_beyond_the_memory_limit_is_refused(launcher: Launcher, default_model: Path) -> None:
+    from mesh.config import Limits, Timeouts
+    from mesh.errors import CapacityExhausted
+    from mesh.transport.channels import NodeClient
+    from mesh.types import LayerRange
+    from node.gguf import file_sha256
+
+    node = launcher.node("small", default_model, "--role", "stage", "--memory-limit", "40MB")
+    sha = file_sha256(default_model)
+
+    async def calls() -> None:
+        client = NodeClient(f"127.0.0.1:{node.ready[1]}", launcher.cluster_key, Timeouts(), Limits())
+        with pytest.raises(CapacityExhausted, match="limit"):
+            await client.load_stage(sha, LayerRange(0, 30), 512, 1, 60)
+        held = await client.load_stage(sha, LayerRange(10, 14), 512, 1, 60)  # a few layers fit
+        assert held.weight_bytes + held.kv_cache_bytes + held.compute_bytes < 40_000_000
+        await client.close()
+
+    asyncio.run(calls())

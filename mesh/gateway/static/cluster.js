@@ -1,0 +1,341 @@
+// The cluster view: polls /api/cluster and draws nodes, layer ranges, placements and routing.
+// Tolerant of missing keys: every optional field of the view may be absent or null.
+
+import { ApiError, apiJson, events, fmtAgo, fmtBytes, h } from "./api.js";
+import { currentRoute, describeRoute, learnNodes, nodeColor, nodeName, noteServerRoute } from "./mesh-state.js";
+
+const POLL_MS = 2000;
+const $ = (id) => document.getElementById(id);
+
+let last = null; // the last view received
+let lastOkAt = 0;
+let lastError = "";
+let timer = 0;
+
+const STATE_LABEL = {
+  ready: "ready", joining: "joining", draining: "draining", down: "down",
+  unauthenticated: "unauthenticated", incompatible: "incompatible",
+};
+
+// ---------------------------------------------------------------- layers
+
+/** How many layers the model has: from the view's model, a node's models, or the placements. */
+function modelLayers(view) {
+  const model = view.model || {};
+  if (Number(model.n_layers) > 0) return Number(model.n_layers);
+  for (const node of view.nodes || []) {
+    for (const m of node.models || []) {
+      if (m && Number(m.n_layers) > 0 && (!model.sha256 || m.sha256 === model.sha256)) return Number(m.n_layers);
+    }
+  }
+  let max = 0;
+  for (const p of view.placements || []) {
+    for (const s of p.stages || []) if (Array.isArray(s.layers)) max = Math.max(max, Number(s.layers[1]) || 0);
+  }
+  for (const node of view.nodes || []) if (Array.isArray(node.layers)) max = Math.max(max, Number(node.layers[1]) || 0);
+  return max || 0;
+}
+
+function validRange(r) {
+  return Array.isArray(r) && r.length >= 2 && Number.isFinite(Number(r[0])) && Number.isFinite(Number(r[1])) &&
+    Number(r[1]) > Number(r[0]);
+}
+
+/** Every layer range a node serves: its own `layers`, its `stages`, and the placements naming it. */
+function nodeRanges(node, view) {
+  const seen = new Set();
+  const ranges = [];
+  const add = (r) => {
+    if (!validRange(r)) return;
+    const key = `${Number(r[0])}:${Number(r[1])}`;
+    if (seen.has(key)) return;
+    seen.add(key);
+    ranges.push([Number(r[0]), Number(r[1])]);
+  };
+  add(node.layers);
+  for (const s of node.stages || []) add(s && s.layers);
+  for (const p of view.placements || []) for (const s of p.stages || []) if (s.node === node.id) add(s.layers);
+  return ranges.sort((a, b) => a[0] - b[0]);
+}
+
+/** "layers 0–9" (inclusive numbering, as people count); the tooltip has the half-open range. */
+function rangeText(r) {
+  return r[1] - r[0] === 1 ? `layer ${r[0]}` : `${r[0]}–${r[1] - 1}`;
+}
+
+function layersLabel(ranges, total) {
+  if (!ranges.length) return "no layers";
+  const count = ranges.reduce((sum, r) => sum + r[1] - r[0], 0);
+  const list = ranges.map(rangeText).join(", ");
+  const prefix = ranges.length === 1 && ranges[0][1] - ranges[0][0] === 1 ? "" : "layers ";
+  const share = total ? (count >= total ? ` · all ${total}` : ` · ${count} of ${total}`) : "";
+  return `${prefix}${list}${share}`;
+}
+
+function layerBar(segments, total, { labels = false, testid = null } = {}) {
+  const bar = h("div", {
+    class: "layer-bar", role: "img", dataset: testid ? { testid } : {},
+    style: { "--layers": String(total > 0 && total <= 64 ? total : 1) },
+  });
+  if (!total) return bar;
+  for (const seg of segments) {
+    const [first, last] = seg.range;
+    const el = h("div", {
+      class: "seg",
+      title: seg.title,
+      dataset: seg.testid ? { testid: seg.testid } : {},
+      style: {
+        left: `${(first / total) * 100}%`,
+        width: `${((last - first) / total) * 100}%`,
+        background: seg.color,
+      },
+    }, labels ? h("span", {}, seg.label) : null);
+    bar.append(el);
+  }
+  bar.setAttribute("aria-label", segments.map((s) => s.title).join("; ") || "no layers");
+  return bar;
+}
+
+function axis(total) {
+  return h("div", { class: "axis" }, h("span", {}, "0"), h("span", {}, total ? `${total} layers` : ""));
+}
+
+// ---------------------------------------------------------------- parts
+
+function statCard(label, value, sub, testid, extra = "") {
+  return h("div", { class: `stat ${extra}`.trim(), dataset: testid ? { testid } : {} },
+    h("div", { class: "stat-label" }, label),
+    h("div", { class: "stat-value" }, value),
+    sub ? h("div", { class: "stat-sub" }, sub) : null);
+}
+
+function summary(view, total) {
+  const nodes = view.nodes || [];
+  const ready = nodes.filter((n) => n.state === "ready").length;
+  const placements = view.placements || [];
+  const kinds = {};
+  for (const p of placements) kinds[p.kind || "?"] = (kinds[p.kind || "?"] || 0) + 1;
+  const inFlight = nodes.reduce((s, n) => s + (Number(n.in_flight) || 0), 0);
+  const capacity = nodes.reduce((s, n) => s + (n.state === "ready" ? Number(n.capacity) || 0 : 0), 0);
+  const model = view.model || {};
+  const size = (nodes.flatMap((n) => n.models || []).find((m) => m.sha256 === model.sha256) || {}).bytes;
+  const modelSub = [total ? `${total} layers` : null, size ? fmtBytes(size) : null,
+    model.sha256 ? `sha ${String(model.sha256).slice(0, 10)}` : null].filter(Boolean).join(" · ");
+  return [
+    statCard("Model", model.name || "–", modelSub, "cluster-model", "model"),
+    statCard("Nodes ready", `${ready} / ${nodes.length}`, nodes.length ? null : "waiting for nodes…", "nodes-ready"),
+    statCard("Placements", String(placements.length),
+      Object.entries(kinds).map(([k, n]) => `${n} ${k}`).join(" · ") || "none yet"),
+    statCard("In flight", `${inFlight} / ${capacity}`, "requests / capacity"),
+  ];
+}
+
+function chip(text, tone = "", testid = null) {
+  return h("span", { class: `chip ${tone}`.trim(), dataset: testid ? { testid } : {} }, text);
+}
+
+function routingCard(view) {
+  const routing = view.routing || null;
+  const current = currentRoute();
+  const route = current ? describeRoute(current.header) : null;
+  const target = route ? route.target : null;
+  const headline = target === "cloud" ? "Cloud" : target === "mesh" ? "Local mesh" : "No requests yet";
+  const detail = route
+    ? (route.target === "cloud" ? "the last answer came from the cloud API" : `last answer served by ${route.label}`)
+    : "the next answer will show where it was served";
+  const chips = [];
+  if (routing) {
+    if (routing.policy) chips.push(chip(`policy: ${routing.policy}`, "", "routing-policy"));
+    const cloud = routing.cloud;
+    if (cloud && typeof cloud === "object") {
+      if ("up" in cloud) chips.push(chip(cloud.up ? "cloud up" : "cloud down", cloud.up ? "good" : "bad"));
+      if (cloud.breaker !== undefined && cloud.breaker !== null) {
+        const breaker = typeof cloud.breaker === "object"
+          ? String(cloud.breaker.state ?? JSON.stringify(cloud.breaker)) : String(cloud.breaker);
+        chips.push(chip(`breaker ${breaker}`, /open/i.test(breaker) && !/half/i.test(breaker) ? "bad" :
+          /half/i.test(breaker) ? "warn" : "good"));
+      }
+    } else if (cloud === null) {
+      chips.push(chip("no cloud configured"));
+    }
+  }
+  const icon = target === "cloud" ? "☁" : "⬡";
+  return h("div", { class: `route-card ${target || "none"}`, dataset: { testid: "routing" } },
+    h("div", { class: "route-icon", "aria-hidden": "true" }, icon),
+    h("div", { class: "route-text" },
+      h("div", { class: "stat-label" }, "Requests are going to"),
+      h("div", { class: "route-target", dataset: { testid: "route-target" } }, headline),
+      h("div", { class: "stat-sub" }, detail, current ? ` · ${fmtAgo(current.at)}` : "")),
+    chips.length ? h("div", { class: "chips" }, chips) : null);
+}
+
+function formatValue(key, value, ids) {
+  if (value === null || value === undefined) return "–";
+  if (typeof value === "number" && value > 1e9 && value < 1e11 && /(^|_)(at|time|since|when|ts)$/i.test(key)) {
+    return `${new Date(value * 1000).toLocaleTimeString()} (${fmtAgo(value)})`;
+  }
+  if (typeof value === "string" && ids.has(value)) return nodeName(value);
+  if (Array.isArray(value)) return value.map((v) => formatValue(key, v, ids)).join(", ");
+  if (typeof value === "object") {
+    if (validRange(value.layers) && value.node) return `${nodeName(value.node)} ${rangeText(value.layers)}`;
+    return JSON.stringify(value);
+  }
+  return String(value);
+}
+
+function failoverCard(view) {
+  const f = view.last_failover;
+  if (!f) return null;
+  const ids = new Set((view.nodes || []).map((n) => n.id));
+  const rows = typeof f === "object"
+    ? Object.entries(f).map(([k, v]) => h("div", { class: "kv" },
+      h("dt", {}, k.replace(/_/g, " ")), h("dd", {}, formatValue(k, v, ids))))
+    : [h("div", { class: "kv" }, h("dd", {}, String(f)))];
+  return h("div", { class: "failover", dataset: { testid: "last-failover" } },
+    h("div", { class: "failover-title" }, "⚠ Last failover"),
+    h("dl", {}, rows));
+}
+
+function memoryBlock(node) {
+  const total = Number(node.memory_total);
+  const free = Number(node.memory_free);
+  if (!(total > 0)) return h("div", { class: "mem unknown" }, "memory unknown");
+  const used = Number.isFinite(free) ? Math.max(0, total - free) : null;
+  const pct = used === null ? 0 : Math.min(100, (used / total) * 100);
+  const limit = Number(node.memory_limit) > 0 ? ` · limit ${fmtBytes(node.memory_limit)}` : "";
+  return h("div", { class: "mem", dataset: { testid: "node-memory" } },
+    h("div", { class: "row-label" }, h("span", {}, "Memory"),
+      h("span", {}, Number.isFinite(free) ? `${fmtBytes(free)} free of ${fmtBytes(total)}${limit}`
+        : `${fmtBytes(total)}${limit}`)),
+    h("div", { class: "meter" }, h("div", { style: { width: `${pct}%` } })));
+}
+
+function nodeCard(node, view, total) {
+  const color = node.id ? nodeColor(node.id) : "#94a3b8";
+  const ranges = nodeRanges(node, view);
+  const state = String(node.state || "unknown");
+  const role = node.role || (ranges.length ? "stage" : "idle");
+  const load = `${Number(node.in_flight) || 0} / ${Number(node.capacity) || 0}`;
+  const facts = [
+    node.address,
+    node.pid ? `pid ${node.pid}` : null,
+    node.version ? `v${node.version}` : null,
+    node.threads ? `${node.threads} thread${Number(node.threads) === 1 ? "" : "s"}` : null,
+  ].filter(Boolean).join(" · ");
+  const segments = ranges.map((r) => ({
+    range: r, color, title: `${node.name}: layers [${r[0]}, ${r[1]})`, label: rangeText(r),
+  }));
+  const routeNow = currentRoute();
+  const served = routeNow && describeRoute(routeNow.header)?.nodes.includes(node.id);
+  return h("article", {
+    class: `node-card state-${state}${served ? " served" : ""}`,
+    dataset: { testid: "node", nodeId: node.id || "", state },
+    style: { "--node-color": color },
+  },
+  h("header", {},
+    h("span", { class: "swatch", "aria-hidden": "true" }),
+    h("span", { class: "node-name", dataset: { testid: "node-name" } }, node.name || node.address || "node"),
+    h("span", { class: `pill ${state}`, dataset: { testid: "node-state" } }, STATE_LABEL[state] || state)),
+  h("div", { class: "facts" }, facts),
+  node.reason ? h("div", { class: "reason" }, node.reason) : null,
+  h("div", { class: "badges" },
+    chip(role, `role ${role}`, "node-role"),
+    Number(node.capacity) > 0 ? chip(`in flight ${load}`) : null,
+    node.decode_tokens_per_second ? chip(`${node.decode_tokens_per_second} tok/s`) : null,
+    served ? chip("served last answer", "accent") : null),
+  memoryBlock(node),
+  h("div", { class: "layers" },
+    h("div", { class: "row-label" }, h("span", {}, "Layers"),
+      h("span", { dataset: { testid: "node-layers" }, title: ranges.map((r) => `[${r[0]}, ${r[1]})`).join(" ") },
+        layersLabel(ranges, total))),
+    layerBar(segments, total, { testid: "node-layer-bar" })));
+}
+
+function placementRow(p, index, view, total) {
+  const stages = (p.stages || []).filter((s) => s && validRange(s.layers));
+  const kind = p.kind || "placement";
+  const segments = stages.map((s, i) => ({
+    range: [Number(s.layers[0]), Number(s.layers[1])],
+    color: nodeColor(s.node),
+    title: `stage ${i}: ${nodeName(s.node)} layers [${s.layers[0]}, ${s.layers[1]})`,
+    label: `${nodeName(s.node)} · ${rangeText([Number(s.layers[0]), Number(s.layers[1])])}`,
+    testid: "placement-stage",
+  }));
+  const routeNow = currentRoute();
+  const lastIds = routeNow ? describeRoute(routeNow.header)?.nodes || [] : [];
+  const active = lastIds.length > 0 && stages.length === lastIds.length && stages.every((s) => lastIds.includes(s.node));
+  const title = kind === "pipeline"
+    ? `Pipeline · ${stages.length} stage${stages.length === 1 ? "" : "s"}`
+    : `${kind[0].toUpperCase()}${kind.slice(1)} ${index + 1}`;
+  return h("div", { class: `placement${active ? " active" : ""}`, dataset: { testid: "placement", kind } },
+    h("div", { class: "placement-head" },
+      h("span", { class: "placement-title" }, title),
+      h("span", { class: "muted" }, stages.map((s) => nodeName(s.node)).join(" → ")),
+      active ? chip("last used", "accent") : null),
+    layerBar(segments, total, { labels: true }),
+    axis(total));
+}
+
+// ---------------------------------------------------------------- render + poll
+
+function setStatus(view) {
+  const status = $("mesh-status");
+  const label = status.querySelector(".label");
+  if (!view) {
+    status.dataset.tone = "bad";
+    label.textContent = lastError ? "gateway unreachable" : "connecting…";
+    return;
+  }
+  const nodes = view.nodes || [];
+  const ready = nodes.filter((n) => n.state === "ready").length;
+  status.dataset.tone = ready === 0 ? "bad" : ready < nodes.length ? "warn" : "good";
+  label.textContent = `${ready}/${nodes.length} node${nodes.length === 1 ? "" : "s"} ready`;
+  $("nodes-badge").textContent = String(nodes.length);
+}
+
+export function render() {
+  const view = last;
+  const error = $("cluster-error");
+  error.hidden = !lastError;
+  error.textContent = lastError;
+  $("cluster-updated").textContent = lastOkAt ? `updated ${fmtAgo(lastOkAt / 1000)}` : "";
+  setStatus(view);
+  if (!view) return;
+  const total = modelLayers(view);
+  $("cluster-summary").replaceChildren(...summary(view, total));
+  $("cluster-routing").replaceChildren(routingCard(view));
+  const failover = failoverCard(view);
+  $("cluster-failover").replaceChildren(...(failover ? [failover] : []));
+  const nodes = view.nodes || [];
+  $("nodes").replaceChildren(...(nodes.length
+    ? nodes.map((n) => nodeCard(n, view, total))
+    : [h("p", { class: "empty-note" }, "No nodes yet. Start one with ", h("code", {}, "edgemesh node"), ".")]));
+  const placements = view.placements || [];
+  $("placements").replaceChildren(...(placements.length
+    ? placements.map((p, i) => placementRow(p, i, view, total))
+    : [h("p", { class: "empty-note" }, "Nothing placed yet: the planner places the model once nodes are ready.")]));
+}
+
+async function poll() {
+  clearTimeout(timer);
+  try {
+    const view = await apiJson("api/cluster");
+    learnNodes(view.nodes);
+    if (view.routing) noteServerRoute(view.routing.last_route);
+    last = view;
+    lastOkAt = Date.now();
+    lastError = "";
+  } catch (err) {
+    lastError = err instanceof ApiError && err.status === 401
+      ? "The gateway needs an API key: set it in Settings."
+      : `Cannot load the cluster view: ${err && err.message ? err.message : err}`;
+  }
+  render();
+  timer = setTimeout(poll, document.hidden ? POLL_MS * 3 : POLL_MS);
+}
+
+export function initCluster() {
+  events.addEventListener("route", render);
+  events.addEventListener("settings-changed", poll);
+  poll();
+}

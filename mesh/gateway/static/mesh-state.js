@@ -1,0 +1,69 @@
+// What the chat and the cluster view share: node names and colours, and where requests went.
+
+import { events } from "./api.js";
+
+const PALETTE = ["#6366f1", "#0ea5e9", "#10b981", "#f59e0b", "#ec4899", "#8b5cf6", "#14b8a6", "#ef4444",
+  "#84cc16", "#f97316", "#06b6d4", "#a855f7"];
+
+const names = new Map(); // node id -> name
+const colors = new Map(); // node id -> colour, stable for the life of the page
+
+export const route = { local: null, server: null, serverRaw: "" }; // {header, at} each
+
+export function learnNodes(nodes) {
+  for (const node of nodes || []) {
+    if (node && node.id) {
+      names.set(String(node.id), String(node.name || node.address || node.id));
+      nodeColor(node.id);
+    }
+  }
+}
+
+export function nodeName(id) {
+  return names.get(String(id)) || String(id).slice(0, 8);
+}
+
+export function nodeColor(id) {
+  const key = String(id);
+  if (!colors.has(key)) colors.set(key, PALETTE[colors.size % PALETTE.length]);
+  return colors.get(key);
+}
+
+/** A route header ("cloud", or node ids joined by commas) -> {target, nodes, label}. */
+export function describeRoute(header) {
+  const text = String(header || "").trim();
+  if (!text) return null;
+  if (text.toLowerCase() === "cloud" || text.toLowerCase().startsWith("cloud")) {
+    return { target: "cloud", nodes: [], label: "cloud" };
+  }
+  const ids = text.split(",").map((s) => s.trim()).filter(Boolean);
+  return { target: "mesh", nodes: ids, label: ids.map(nodeName).join(" → ") };
+}
+
+/** Called by the chat for every X-EdgeMesh-Route header it sees. */
+export function noteRoute(header) {
+  route.local = { header, at: Date.now() / 1000 };
+  events.dispatchEvent(new CustomEvent("route", { detail: route.local }));
+}
+
+/** Called by the cluster poller with `routing.last_route` (any shape, or absent). */
+export function noteServerRoute(value) {
+  let header = null;
+  if (typeof value === "string") header = value;
+  else if (Array.isArray(value)) header = value.join(",");
+  else if (value && typeof value === "object") {
+    const v = value.header ?? value.route ?? value.target ?? value.kind ??
+      (Array.isArray(value.nodes) ? value.nodes.join(",") : null);
+    if (v !== null && v !== undefined) header = Array.isArray(v) ? v.join(",") : String(v);
+  }
+  const raw = JSON.stringify(value ?? null);
+  if (header && raw !== route.serverRaw) route.server = { header, at: Date.now() / 1000 };
+  route.serverRaw = raw;
+}
+
+/** The most recent route seen, from this page's answers or from the gateway's report. */
+export function currentRoute() {
+  const { local, server } = route;
+  if (local && (!server || local.at >= server.at)) return local;
+  return server;
+}

@@ -25,7 +25,7 @@ from mesh.config import GatewayConfig, Timeouts
 from mesh.discovery import Peer
 from mesh.errors import ConfigError, ModelError
 from mesh.model_store import resolve
-from mesh.planner import PeerCapability, Plan, Policy, plan
+from mesh.planner import PeerCapability, Plan, Policy, even_split, plan
 from mesh.types import LayerRange, NodeId
 from node.gguf import inspect as inspect_gguf
 from node.probe import default_threads
@@ -84,10 +84,10 @@ STAGE_LOAD_TIMEOUT_S = 300.0
 
 
 def threads_per_node(nodes: int, requested: int) -> int:
-    """Share the cores among the nodes of this machine. Even pipeline stages, which take
-    turns on each token, do better this way: ggml's worker threads spin between steps, and
-    a spinning idle stage steals the core the busy stage needs (measured on 2 cores, 3
-    stages: 44 tok/s with 1 thread each, 30 tok/s with 2)."""
+    """A fair share of this machine's cores for each node. Replicas run at the same time;
+    pipeline stages take turns, yet for single-token steps a share still beats every core
+    (measured on 2 cores with 3 stages: a second thread per decode step buys nothing, as
+    waking and synchronising it costs what it saves). Prefill uses every core (spawn_node)."""
     if requested > 0:
         return requested
     return max(1, (os.cpu_count() or 1) // nodes)
@@ -102,16 +102,14 @@ def split_layers(n_layers: int, stages: int, split: tuple[int, ...] = ()) -> lis
         if any(n < 1 for n in split) or sum(split) != n_layers:
             raise ConfigError(f"--split must be positive and add up to the model's {n_layers} layers, "
                               f"not {sum(split)}")
-        sizes = list(split)
-    else:
-        if not 1 <= stages <= n_layers:
-            raise ConfigError(f"cannot split {n_layers} layers into {stages} stages")
-        sizes = [n_layers // stages + (1 if i < n_layers % stages else 0) for i in range(stages)]
-    ranges, first = [], 0
-    for size in sizes:
-        ranges.append(LayerRange(first, first + size))
-        first += size
-    return ranges
+        ranges, first = [], 0
+        for size in split:
+            ranges.append(LayerRange(first, first + size))
+            first += size
+        return ranges
+    if not 1 <= stages <= n_layers:
+        raise ConfigError(f"cannot split {n_layers} layers into {stages} stages")
+    return even_split(n_layers, stages)
 
 
 def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_key: str,

@@ -69,6 +69,16 @@ class Plan:
         return bool(self.placements)
 
 
+def even_split(n_layers: int, parts: int) -> list[LayerRange]:
+    """Contiguous ranges as equal as can be; the first ranges take the remainder."""
+    sizes = [n_layers // parts + (1 if i < n_layers % parts else 0) for i in range(parts)]
+    ranges, first = [], 0
+    for size in sizes:
+        ranges.append(LayerRange(first, first + size))
+        first += size
+    return ranges
+
+
 def compute_bytes(profile: ModelProfile, policy: Policy, *, last: bool) -> int:
     """The stage engine's compute buffer for its worst step: a prefill chunk attending over
     the whole context (the KQ matrix dominates), plus the FFN activations and, on the last

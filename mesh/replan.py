@@ -14,20 +14,12 @@ import time
 from mesh.errors import EdgeMeshError
 from mesh.membership import Membership
 from mesh.metrics import GatewayMetrics
+from mesh.planner import even_split
 from mesh.types import LayerRange, ModelSha, NodeId, NodeInfo, Placement
 
 log = logging.getLogger(__name__)
 
 STAGE_LOAD_TIMEOUT_S = 60.0
-
-
-def even_split(n_layers: int, parts: int) -> list[LayerRange]:
-    sizes = [n_layers // parts + (1 if i < n_layers % parts else 0) for i in range(parts)]
-    ranges, first = [], 0
-    for size in sizes:
-        ranges.append(LayerRange(first, first + size))
-        first += size
-    return ranges
 
 
 class Replanner:

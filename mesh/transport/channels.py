@@ -22,15 +22,22 @@ log = logging.getLogger(__name__)
 SERVICE = "/edgemesh.v1.Node/"
 
 
-def channel_options(timeouts: Timeouts, limits: Limits) -> list[tuple[str, int]]:
-    """Client keepalive is off in gRPC by default; we turn it on so a dead peer is noticed
-    even while a stream is silent."""
+def shared_options(timeouts: Timeouts, limits: Limits) -> list[tuple[str, int]]:
+    """Size limits and keepalive, the same on both ends of every connection."""
     return [
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.keepalive_time_ms", int(timeouts.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(timeouts.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def channel_options(timeouts: Timeouts, limits: Limits) -> list[tuple[str, int]]:
+    """Client keepalive is off in gRPC by default; we turn it on so a dead peer is noticed
+    even while a stream is silent."""
+    return [
+        *shared_options(timeouts, limits),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_retries", 0),  # retries are the scheduler's decision, per call
     ]

@@ -10,17 +10,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mesh.config import Limits, Timeouts
 from mesh.transport.auth import ClusterKeyInterceptor
+from mesh.transport.channels import shared_options
 
 
 def server_options(timeouts: Timeouts, limits: Limits) -> list[tuple[str, int]]:
     """Accept the keepalive pings our clients send; gRPC's server default would answer
     them with GOAWAY (too_many_pings) and drop healthy connections."""
     return [
-        ("grpc.max_send_message_length", limits.max_message_bytes),
-        ("grpc.max_receive_message_length", limits.max_message_bytes),
-        ("grpc.keepalive_time_ms", int(timeouts.keepalive_time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(timeouts.keepalive_timeout_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *shared_options(timeouts, limits),
         ("grpc.http2.min_ping_interval_without_data_ms", int(timeouts.keepalive_time_s * 500)),
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.so_reuseport", 0),  # two nodes must never share a port by accident

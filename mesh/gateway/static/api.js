@@ -54,7 +54,8 @@ export async function errorMessage(response) {
   } catch {
     /* not JSON: use the raw text */
   }
-  return `${response.status} ${response.statusText}${text ? `: ${text.slice(0, 300)}` : ""}`.trim();
+  const detail = text.trim() && text.trim() !== response.statusText ? `: ${text.trim().slice(0, 300)}` : "";
+  return `${response.status} ${response.statusText}`.trim() + detail;
 }
 
 /** fetch() relative to the page, with the API key attached; signals "auth-required" on 401. */

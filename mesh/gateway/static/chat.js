@@ -9,6 +9,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   history: [], // [{role, content}] sent with every request (the system prompt is added on top)
   controller: null, // AbortController of the answer being streamed
+  conversation: 0, // bumped by "New chat", so that an answer still ending belongs to the old one
 };
 
 // ---------------------------------------------------------------- SSE
@@ -164,6 +165,7 @@ function requestBody() {
 async function send(text) {
   if (state.controller || !text.trim()) return;
   const controller = new AbortController();
+  const conversation = state.conversation;
   state.controller = controller;
   setBusy(true);
   const userEl = addUser(text);
@@ -224,7 +226,9 @@ async function send(text) {
 
   const tokens = usage && Number.isFinite(usage.completion_tokens) ? usage.completion_tokens : chunks;
   answer.finish({ stopped, error, stats: statsLine(tokens, startedAt, firstAt, Boolean(usage)) });
-  if ((error || stopped) && !answer.text.trim()) {
+  if (conversation !== state.conversation) {
+    // "New chat" was clicked meanwhile: this turn is gone with the old conversation.
+  } else if ((error || stopped) && !answer.text.trim()) {
     // Nothing was answered: take the turn back out of the conversation (and, after an error,
     // put the text back into the input so that it can be sent again).
     state.history.pop();
@@ -247,6 +251,7 @@ export function stop() {
 
 function newChat() {
   stop();
+  state.conversation += 1;
   state.history = [];
   for (const el of [...scrollBox().querySelectorAll(".msg")]) el.remove();
   $("empty-state").hidden = false;

@@ -126,7 +126,7 @@ function summary(view, total) {
     statCard("Nodes ready", `${ready} / ${nodes.length}`, nodes.length ? null : "waiting for nodes…", "nodes-ready"),
     statCard("Placements", String(placements.length),
       Object.entries(kinds).map(([k, n]) => `${n} ${k}`).join(" · ") || "none yet"),
-    statCard("In flight", `${inFlight} / ${capacity}`, "requests / capacity"),
+    statCard("In flight", `${inFlight} / ${capacity}`, "of capacity"),
   ];
 }
 
@@ -140,15 +140,23 @@ function routingCard(view) {
   const route = current ? describeRoute(current.header) : null;
   const target = route ? route.target : null;
   const headline = target === "cloud" ? "Cloud" : target === "mesh" ? "Local mesh" : "No requests yet";
-  const detail = route
-    ? (route.target === "cloud" ? "the last answer came from the cloud API" : `last answer served by ${route.label}`)
-    : "the next answer will show where it was served";
+  let detail = "the next answer will show where it was served";
+  if (route && current.source === "page") {
+    detail = `last answer here came from ${route.target === "cloud" ? "the cloud API" : route.label} · ${fmtAgo(current.at)}`;
+  } else if (route) {
+    detail = `the gateway's latest request went to ${route.target === "cloud" ? "the cloud API" : "the local mesh"}`;
+  }
   const chips = [];
   if (routing) {
     if (routing.policy) chips.push(chip(`policy: ${routing.policy}`, "", "routing-policy"));
     const cloud = routing.cloud;
     if (cloud && typeof cloud === "object") {
-      if ("up" in cloud) chips.push(chip(cloud.up ? "cloud up" : "cloud down", cloud.up ? "good" : "bad"));
+      if (cloud.url) {
+        let host = String(cloud.url);
+        try { host = new URL(host).host; } catch { /* not a URL: show as is */ }
+        chips.push(chip(`cloud ${host}`));
+      }
+      if ("up" in cloud && cloud.up !== null) chips.push(chip(cloud.up ? "cloud up" : "cloud down", cloud.up ? "good" : "bad"));
       if (cloud.breaker !== undefined && cloud.breaker !== null) {
         const breaker = typeof cloud.breaker === "object"
           ? String(cloud.breaker.state ?? JSON.stringify(cloud.breaker)) : String(cloud.breaker);
@@ -165,7 +173,7 @@ function routingCard(view) {
     h("div", { class: "route-text" },
       h("div", { class: "stat-label" }, "Requests are going to"),
       h("div", { class: "route-target", dataset: { testid: "route-target" } }, headline),
-      h("div", { class: "stat-sub" }, detail, current ? ` · ${fmtAgo(current.at)}` : "")),
+      h("div", { class: "stat-sub" }, detail)),
     chips.length ? h("div", { class: "chips" }, chips) : null);
 }
 
@@ -196,9 +204,14 @@ function failoverCard(view) {
     h("dl", {}, rows));
 }
 
+/** A number from the view, or NaN when it is absent (null must not read as 0). */
+function num(value) {
+  return value === null || value === undefined || value === "" ? NaN : Number(value);
+}
+
 function memoryBlock(node) {
-  const total = Number(node.memory_total);
-  const free = Number(node.memory_free);
+  const total = num(node.memory_total);
+  const free = num(node.memory_free);
   if (!(total > 0)) return h("div", { class: "mem unknown" }, "memory unknown");
   const used = Number.isFinite(free) ? Math.max(0, total - free) : null;
   const pct = used === null ? 0 : Math.min(100, (used / total) * 100);
@@ -206,7 +219,7 @@ function memoryBlock(node) {
   return h("div", { class: "mem", dataset: { testid: "node-memory" } },
     h("div", { class: "row-label" }, h("span", {}, "Memory"),
       h("span", {}, Number.isFinite(free) ? `${fmtBytes(free)} free of ${fmtBytes(total)}${limit}`
-        : `${fmtBytes(total)}${limit}`)),
+        : `${fmtBytes(total)} total${limit}`)),
     h("div", { class: "meter" }, h("div", { style: { width: `${pct}%` } })));
 }
 
@@ -278,6 +291,17 @@ function placementRow(p, index, view, total) {
 
 // ---------------------------------------------------------------- render + poll
 
+/** Nodes in the order of the layers they serve (a pipeline reads left to right), then by name. */
+function sortedNodes(view) {
+  const nodes = Array.isArray(view.nodes) ? view.nodes.filter((n) => n && typeof n === "object") : [];
+  const key = (n) => {
+    const ranges = nodeRanges(n, view);
+    return ranges.length ? ranges[0][0] : Number.MAX_SAFE_INTEGER;
+  };
+  const name = (n) => String(n.name || n.address || "");
+  return nodes.sort((a, b) => key(a) - key(b) || name(a).localeCompare(name(b), undefined, { numeric: true }));
+}
+
 function setStatus(view) {
   const status = $("mesh-status");
   const label = status.querySelector(".label");
@@ -320,6 +344,7 @@ async function poll() {
   clearTimeout(timer);
   try {
     const view = await apiJson("api/cluster");
+    view.nodes = sortedNodes(view);
     learnNodes(view.nodes);
     if (view.routing) noteServerRoute(view.routing.last_route);
     last = view;

@@ -36,13 +36,14 @@ export function describeRoute(header) {
   if (text.toLowerCase() === "cloud" || text.toLowerCase().startsWith("cloud")) {
     return { target: "cloud", nodes: [], label: "cloud" };
   }
+  if (["mesh", "local"].includes(text.toLowerCase())) return { target: "mesh", nodes: [], label: "the local mesh" };
   const ids = text.split(",").map((s) => s.trim()).filter(Boolean);
   return { target: "mesh", nodes: ids, label: ids.map(nodeName).join(" → ") };
 }
 
 /** Called by the chat for every X-EdgeMesh-Route header it sees. */
 export function noteRoute(header) {
-  route.local = { header, at: Date.now() / 1000 };
+  route.local = { header, at: Date.now() / 1000, source: "page" };
   events.dispatchEvent(new CustomEvent("route", { detail: route.local }));
 }
 
@@ -57,13 +58,19 @@ export function noteServerRoute(value) {
     if (v !== null && v !== undefined) header = Array.isArray(v) ? v.join(",") : String(v);
   }
   const raw = JSON.stringify(value ?? null);
-  if (header && raw !== route.serverRaw) route.server = { header, at: Date.now() / 1000 };
+  if (header && raw !== route.serverRaw) route.server = { header, at: Date.now() / 1000, source: "gateway" };
   route.serverRaw = raw;
 }
 
 /** The most recent route seen, from this page's answers or from the gateway's report. */
 export function currentRoute() {
   const { local, server } = route;
-  if (local && (!server || local.at >= server.at)) return local;
+  if (!local || !server) return local || server;
+  if (local.at >= server.at) return local;
+  // The gateway only names the target ("mesh"/"cloud"); this page's own header names the nodes.
+  const fromGateway = describeRoute(server.header);
+  if (fromGateway && !fromGateway.nodes.length && describeRoute(local.header)?.target === fromGateway.target) {
+    return local;
+  }
   return server;
 }

@@ -16,7 +16,7 @@ $(BIN)/edgemesh: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip >/dev/null
 	@echo "installing EdgeMesh (the first time, pip builds llama-cpp-python from source: ~5-8 minutes)"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,ray]"
 	touch $(BIN)/edgemesh
 
 setup: $(BIN)/edgemesh

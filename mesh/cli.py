@@ -135,6 +135,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
                            threads=args.threads, strategy=args.strategy, prefill_tokens=args.prefill_tokens))
 
 
+# ---------------------------------------------------------------------------- ray (begin)
+
+def add_ray_commands(sub: Any) -> None:
+    """`edgemesh ray up|down` (mesh/ray): building the parser imports no Ray, running a command does."""
+    from mesh.ray.commands import add_ray_parser
+
+    add_ray_parser(sub)
+
+# ---------------------------------------------------------------------------- ray (end)
+
+
 # ---------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
     p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement")
     p.set_defaults(func=cmd_bench)
+    add_ray_commands(sub)
     return parser
 
 

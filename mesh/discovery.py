@@ -40,7 +40,7 @@ class Peer:
     address: str  # host:port of its gRPC server
     node_id: NodeId | None  # known from mDNS; None for a static peer until Info answers
     metrics_port: int = 0
-    source: Literal["mdns", "static"] = "static"
+    source: Literal["mdns", "static", "ray"] = "static"
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,11 @@ class NodeProcess:
     ready_file: Path
     peer: Peer | None = None
 
+    def node_id(self) -> NodeId:
+        if self.peer is None or self.peer.node_id is None:
+            raise ModelError(f"{self.name} has not started")
+        return self.peer.node_id
+
     def poll_ready(self) -> Peer | None:
         """Where the node serves, once it has written its ready file ('host port metrics_port id')."""
         if self.peer is None and self.ready_file.exists():
@@ -168,6 +173,14 @@ def _banner(url: str, model_name: str, nodes: int, api_key: str) -> str:
         "  stop:     Ctrl-C\n\n")
 
 
+def announce(banner: str, host: str, port: int, ready_file: str) -> None:
+    """Tell the user (banner on stdout) and a supervisor (ready file) that the mesh serves."""
+    sys.stdout.write(banner)
+    sys.stdout.flush()
+    if ready_file:
+        Path(ready_file).write_text(f"{host} {port}\n")
+
+
 async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None:
     from mesh.gateway.runtime import GatewayRuntime, check_bind_is_safe, serve
 
@@ -221,13 +234,11 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
             if stop.is_set():
                 return
             for chain in pipelines:
-                await load_pipeline(runtime, [(nodes[i], layers) for i, layers in chain], options)
+                await load_pipeline(runtime, [(nodes[i].name, nodes[i].node_id(), layers) for i, layers in chain],
+                                    options.n_ctx, options.slots)
             port = listening.result()
-            url = f"http://{options.host}:{port}"
-            sys.stdout.write(_banner(url, model_path.stem, len(nodes), options.api_key))
-            sys.stdout.flush()
-            if options.ready_file:
-                Path(options.ready_file).write_text(f"{options.host} {port}\n")
+            announce(_banner(f"http://{options.host}:{port}", model_path.stem, len(nodes), options.api_key),
+                     options.host, port, options.ready_file)
             await _supervise(nodes, gateway, stop)
         finally:
             log.info("stopping the local mesh")
@@ -278,20 +289,19 @@ async def _supervise(nodes: list[NodeProcess], gateway: asyncio.Task[None], stop
             pass
 
 
-async def load_pipeline(runtime: GatewayRuntime, chain: list[tuple[NodeProcess, LayerRange]],
-                        options: LocalMeshOptions) -> None:
-    """Load one layer range per node, then wait until the gateway routes to the pipeline
-    they form. Nodes not in any chain stay spare: a failed stage's layers go to them."""
-    for index, (node, layers) in enumerate(chain):
-        assert node.peer is not None and node.peer.node_id is not None
-        client = runtime.membership.client_for(node.peer.node_id)
+async def load_pipeline(runtime: GatewayRuntime, chain: list[tuple[str, NodeId, LayerRange]], n_ctx: int,
+                        slots: int) -> None:
+    """Load one layer range per node (name, id, layers), then wait until the gateway routes
+    to the pipeline they form. Nodes in no chain stay spare: a failed stage's layers go to them."""
+    for index, (name, node_id, layers) in enumerate(chain):
+        client = runtime.membership.client_for(node_id)
         if client is None:
-            raise ModelError(f"{node.name} is not connected to the gateway")
+            raise ModelError(f"{name} is not connected to the gateway")
         log.info("loading stage %d/%d: layers [%d, %d) on %s", index + 1, len(chain), layers.first,
-                 layers.last_exclusive, node.name)
-        await client.load_stage(runtime.model_sha, layers, options.n_ctx, options.slots, STAGE_LOAD_TIMEOUT_S)
+                 layers.last_exclusive, name)
+        await client.load_stage(runtime.model_sha, layers, n_ctx, slots, STAGE_LOAD_TIMEOUT_S)
     deadline = time.monotonic() + 30
-    wanted = {node.peer.node_id for node, _ in chain if node.peer is not None}
+    wanted = {node_id for _, node_id, _ in chain}
     while not any(p.kind == "pipeline" and set(p.node_ids) == wanted for p in runtime.scheduler.placements()):
         if time.monotonic() > deadline:
             raise ModelError("the stages were loaded but no complete pipeline formed")

@@ -163,6 +163,18 @@ class Membership:
         self._watchers.pop(watcher.peer.address, None)
         await watcher.client.close()
 
+    async def forget(self, address: str) -> None:
+        """Stop following an address whose node is known to be gone for good (a restarted
+        Ray actor serves elsewhere now); mDNS and static peers are never forgotten."""
+        watcher = self._watchers.pop(address, None)
+        if watcher is None:
+            return
+        if watcher.task is not None:
+            watcher.task.cancel()
+            await asyncio.gather(watcher.task, return_exceptions=True)
+        await watcher.client.close()
+        self.changed()
+
     def is_duplicate(self, watcher: _Watcher, node_id: NodeId) -> bool:
         return any(w is not watcher and w.member.node_id == node_id and w.member.state != MemberState.DOWN
                    for w in self._watchers.values())

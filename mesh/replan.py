@@ -41,13 +41,15 @@ class Replanner:
                 and not any(s.model_sha256 == self._model_sha for s in info.stages)
                 and not any(m.sha256 == self._model_sha for m in info.models)]
 
-    async def repair(self, failed: Placement, culprit: NodeId | None, in_use: set[NodeId]) -> bool:
-        """Make a complete pipeline possible again without `culprit`; True when something was loaded."""
+    async def repair(self, failed: Placement, gone: set[NodeId] | None, in_use: set[NodeId]) -> bool:
+        """Make a complete pipeline possible again without the `gone` nodes (None: without
+        any node of `failed`); True when something was loaded."""
         if failed.kind != "pipeline":
             return False
         started = time.monotonic()
         ready = self._ready()
-        gone = {culprit} if culprit else set(failed.node_ids)
+        gone = gone or set(failed.node_ids)
+        culprit = ",".join(sorted(gone))
         slots = max((s.slots for i in ready.values() for s in i.stages if s.model_sha256 == self._model_sha),
                     default=1)
         n_ctx = min((m.n_ctx for i in ready.values() for m in i.files if m.sha256 == self._model_sha), default=2048)

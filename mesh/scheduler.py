@@ -48,6 +48,7 @@ class Scheduler:
         self._metrics = metrics
         self._timeouts = timeouts or Timeouts()
         self._outstanding: dict[NodeId, int] = {}
+        self._known_pipelines: list[Placement] = []
         self.replanner = Replanner(membership, model_sha256, metrics)
 
     # ------------------------------------------------------------------ placements
@@ -57,7 +58,11 @@ class Scheduler:
 
     def placements(self) -> list[Placement]:
         infos = list(self._infos().values())
-        return replica_placements(infos, self._model_sha) + pipeline_placements(infos, self._model_sha)
+        pipelines = pipeline_placements(infos, self._model_sha)
+        if pipelines:
+            # Remembered so that a pipeline that lost a stage while idle can be repaired.
+            self._known_pipelines = pipelines
+        return replica_placements(infos, self._model_sha) + pipelines
 
     def context_length(self) -> int | None:
         """The smallest context any placement serves the model with (None: no placement)."""
@@ -71,6 +76,13 @@ class Scheduler:
                 info = infos[stage.node_id]
                 sizes += [m.n_ctx for m in (*info.models, *info.files) if m.sha256 == self._model_sha]
         return min(sizes) if sizes else None
+
+    async def serving_context_length(self) -> int | None:
+        """Like context_length, but first repairs a pipeline that lost a stage while idle."""
+        n_ctx = self.context_length()
+        if n_ctx is None and await self._repair_idle_loss(set()):
+            n_ctx = self.context_length()
+        return n_ctx
 
     def outstanding(self, node_id: NodeId) -> int:
         return self._outstanding.get(node_id, 0)
@@ -142,9 +154,24 @@ class Scheduler:
         try:
             return self._pick(exclude)
         except (Unavailable, CapacityExhausted):
-            if failed is None or not await self.replanner.repair(failed[0], failed[1], self.in_use() | exclude):
+            if failed is not None:
+                repaired = await self.replanner.repair(failed[0], {failed[1]} if failed[1] else None,
+                                                       self.in_use() | exclude)
+            else:
+                repaired = await self._repair_idle_loss(exclude)
+            if not repaired:
                 raise
             return self._pick(exclude)
+
+    async def _repair_idle_loss(self, exclude: set[NodeId]) -> bool:
+        """A pipeline lost a stage while no stream used it (a crash or a drain between
+        requests): its nodes that are no longer ready are replaced as if they had failed."""
+        ready = set(self._infos())
+        for pipeline in self._known_pipelines:
+            gone = {n for n in pipeline.node_ids if n not in ready}
+            if gone and await self.replanner.repair(pipeline, gone, self.in_use() | exclude):
+                return True
+        return False
 
     def in_use(self) -> set[NodeId]:
         return {n for n, count in self._outstanding.items() if count > 0}

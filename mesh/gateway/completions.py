@@ -91,9 +91,9 @@ class Completions:
         assert isinstance(body, CompletionRequest)
         return self._tokenizer.encode_completion(body.prompt_text())
 
-    def _generation_request(self, body: _Common, continuation: str = "") -> GenerationRequest:
+    async def _generation_request(self, body: _Common, continuation: str = "") -> GenerationRequest:
         check_model(body.model, self._model_name)
-        n_ctx = self._scheduler.context_length()
+        n_ctx = await self._scheduler.serving_context_length()
         if n_ctx is None:
             raise Unavailable("no node serving this model is ready; start one with `edgemesh node`")
         prompt = self._prompt_tokens(body)
@@ -110,7 +110,7 @@ class Completions:
         )
 
     async def _mesh_answer(self, body: _Common, started: float, continuation: str = "") -> MeshAnswer:
-        request = self._generation_request(body, continuation)
+        request = await self._generation_request(body, continuation)
         self._metrics.queue_depth.inc()
         try:
             session = await self._scheduler.open(request)

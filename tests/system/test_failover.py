@@ -151,3 +151,26 @@ def test_sigkill_of_a_replica_mid_stream_continues_on_another(launcher: Launcher
     assert killed and text == expected and finish == "length"
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert 'edgemesh_failovers_total{from="replica",reason="node_error",to="replica"} 1.0' in metrics
+
+
+def test_a_stage_lost_between_requests_is_replaced_by_the_spare(launcher: Launcher, default_model: Path,
+                                                                 reference_llm: Any) -> None:
+    up = launcher.start("up", ["up", "--strategy", "pipeline", "--nodes", "4", "--stages", "3", "--port", "0",
+                               "--model", str(default_model)])
+    url = gateway_url(up)
+    view = httpx.get(f"{url}/api/cluster", timeout=10).json()
+    victim = view["placements"][0]["stages"][1]["node"]
+    os.kill(next(n["pid"] for n in view["nodes"] if n["id"] == victim), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # until the gateway has noticed (health stream breaks at once)
+        nodes = httpx.get(f"{url}/api/cluster", timeout=10).json()["nodes"]
+        if next(n for n in nodes if n["id"] == victim)["state"] != "ready":
+            break
+        time.sleep(0.1)
+    reference_llm.reset()
+    expected = reference_llm.create_completion(PROMPT, max_tokens=24, temperature=0)["choices"][0]["text"]
+    got = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0},
+                     timeout=60)
+    assert got.status_code == 200, got.text
+    assert got.json()["choices"][0]["text"] == expected
+    assert victim not in got.headers["x-edgemesh-route"].split(",")

@@ -35,7 +35,7 @@ def free_port() -> int:
 class _Models(http.server.BaseHTTPRequestHandler):
     """The smallest OpenAI-compatible answer the gateway's cloud health probe needs."""
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+    def do_GET(self) -> None:
         body = json.dumps({"object": "list", "data": [{"id": "stand-in", "object": "model"}]}).encode()
         self.send_response(200 if self.path.endswith("/models") else 404)
         self.send_header("Content-Type", "application/json")
@@ -63,10 +63,10 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 def start_prometheus(listen: str, config: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
     assert PROMETHEUS is not None
-    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--web.listen-address={listen}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--web.enable-lifecycle"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "prometheus.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--web.listen-address={listen}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--web.enable-lifecycle"],
+                                stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:

@@ -104,6 +104,10 @@ class NodeConfig:
     slots: int = setting(1, "requests generated at the same time")
     max_queue: int = setting(8, "requests queued beyond the running ones before RESOURCE_EXHAUSTED")
     n_ctx: int = setting(2048, "context length (tokens) per request")
+    model_from_peers: bool = setting(False, "no local model file: fetch the layers this node is asked to serve "
+                                     "from a peer that has it (cached in $EDGEMESH_HOME/shards)")
+    peer: tuple[str, ...] = setting((), "with --model-from-peers: a node that has the model (HOST:PORT, "
+                                    "repeatable); default: found by mDNS")
     role: str = setting("replica", "replica: serve the whole model with llama.cpp; stage: serve only the "
                         "pipeline stages (layer ranges) a planner asks for")
     advertise: bool = setting(True, "advertise this node with mDNS")

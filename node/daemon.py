@@ -28,6 +28,7 @@ from mesh.types import ModelHeld, ModelSha, NodeId
 from node import gguf, probe
 from node.engines.llamacpp import LlamaCppEngine
 from node.service import NodeIdentity, NodeService, NodeState
+from node.shard_source import shard_file_from_peers
 from node.stage_host import LocalFile, StageHost
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,12 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
 
     if config.role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {config.role!r}")
-    model_path = await asyncio.to_thread(resolve, config.model)
-    model = await asyncio.to_thread(describe_file, model_path, config.n_ctx)
+    if config.model_from_peers:
+        local = await shard_file_from_peers(config, cluster_key, timeouts, limits)
+    else:
+        path = await asyncio.to_thread(resolve, config.model)
+        local = LocalFile(path, await asyncio.to_thread(describe_file, path, config.n_ctx))
+    model_path, model = local.path, local.model
     engine = await asyncio.to_thread(load_replica, model_path, config, threads) if config.role == "replica" \
         else None
     try:
@@ -92,7 +97,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     state = NodeState()
     state.decode_tokens_per_second = speed
     health = HealthState()
-    stages = StageHost([LocalFile(model_path, model)], threads, metrics, config.decode_threads,
+    stages = StageHost([local], threads, metrics, config.decode_threads,
                        identity.memory_limit)
     service = NodeService(identity, engine, model if engine is not None else None, stages, metrics, state)
     server = make_server(cluster_key, timeouts, limits, health, on_reject=lambda _m: metrics.auth_failures.inc())

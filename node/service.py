@@ -9,6 +9,7 @@ input) and never disturbs the requests already running.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
@@ -21,13 +22,14 @@ from typing import Any
 import grpc
 
 from mesh import PROTOCOL_VERSION, __version__
-from mesh.errors import EdgeMeshError, Unavailable
+from mesh.errors import EdgeMeshError, InvalidInput, Unavailable
 from mesh.metrics import NodeMetrics
 from mesh.transport import convert
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.types import GenerationRequest, ModelHeld, ModelSha, NodeId, NodeInfo, TokenEvent
 from node import probe
 from node.engines.llamacpp import LlamaCppEngine
+from node.shards import CHUNK_BYTES
 from node.stage_host import StageHost
 
 log = logging.getLogger(__name__)
@@ -232,6 +234,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             if self._state.draining:
                 raise Unavailable("node is draining and loads no new stages")
             layers = convert.layer_range_from_pb(request.layers)
+            await self._stages.ensure_present(ModelSha(request.model_sha256), layers)
             held = await asyncio.get_running_loop().run_in_executor(
                 self._stage_pool, self._stages.load, ModelSha(request.model_sha256), layers, request.n_ctx,
                 request.slots)
@@ -278,6 +281,40 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             for session_id in opened:
                 self._stages.release(session_id)
             self._leave()
+
+    async def FetchShard(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Stream byte ranges of a file this node holds whole, each range closed by its sha256."""
+        try:
+            path = self._stages.whole_file(ModelSha(request.model_sha256))
+            size = path.stat().st_size
+            if request.header:
+                from node.engines.stage.gguf_header import read_gguf_header
+
+                ranges = [(0, read_gguf_header(path)[2])]
+            else:
+                ranges = [(r.offset, r.length) for r in request.ranges]
+            if any(n == 0 or o + n > size for o, n in ranges) or sum(n for _, n in ranges) > size:
+                raise InvalidInput(f"byte ranges must lie inside the file's {size} bytes")
+        except EdgeMeshError as exc:
+            self._metrics.rpc_errors.labels("FetchShard", exc.grpc_code).inc()
+            await _abort(context, exc)
+            return
+        first = True
+        with open(path, "rb") as f:
+            for offset, length in ranges:
+                digest = hashlib.sha256()
+                done = 0
+                while done < length:
+                    data = await asyncio.to_thread(os.pread, f.fileno(), min(CHUNK_BYTES, length - done), offset + done)
+                    digest.update(data)
+                    done += len(data)
+                    last = done >= length
+                    self._metrics.bytes_out.inc(len(data))
+                    yield convert.shard_chunk_to_pb(
+                        offset + done - len(data), data, range_sha256=digest.hexdigest() if last else "",
+                        range_offset=offset if last else 0, range_length=length if last else 0,
+                        file_bytes=size if first else 0)
+                    first = False
 
     async def ReleaseSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         released = await asyncio.get_running_loop().run_in_executor(

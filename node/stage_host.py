@@ -19,6 +19,7 @@ from mesh.metrics import NodeMetrics
 from mesh.sampling import sample
 from mesh.types import LayerRange, ModelHeld, ModelSha, StageHeld, StageOutput, StageStep
 from node.engines.stage import StageEngine
+from node.shards import ShardCache, ShardSource, stage_byte_ranges
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,13 @@ MAX_STAGE_CTX = 32768
 
 @dataclass(frozen=True)
 class LocalFile:
-    """A GGUF file on this node's disk, as stages see it."""
+    """A GGUF file on this node's disk, as stages see it: whole, or a sparse shard copy
+    (`shards`) whose missing bytes come from `source`, a peer that holds the whole file."""
 
     path: Path
     model: ModelHeld
+    shards: ShardCache | None = None
+    source: ShardSource | None = None
 
 
 StageKey = tuple[ModelSha, int, int]
@@ -50,6 +54,27 @@ class StageHost:
         self._metrics = metrics
         self._stages: dict[StageKey, tuple[StageEngine, StageHeld]] = {}
         self._lock = threading.Lock()  # guards the dict; each engine serializes its own compute
+
+    def whole_file(self, model_sha256: ModelSha) -> Path:
+        """A file this node can ship to others (not a shard copy)."""
+        local = self._files.get(model_sha256)
+        if local is None or local.shards is not None:
+            raise NotFound(f"this node holds no whole copy of {model_sha256[:12]}…")
+        return local.path
+
+    async def ensure_present(self, model_sha256: ModelSha, layers: LayerRange) -> None:
+        """Fetch the bytes of `layers` first when this node only has a shard copy."""
+        local = self._files.get(model_sha256)
+        if local is None or local.shards is None or local.source is None:
+            return
+        ranges = stage_byte_ranges(local.path, layers)
+        missing = local.shards.missing(ranges)
+        if not missing:
+            log.info("layers [%d, %d) are in the shard cache", layers.first, layers.last_exclusive)
+            return
+        fetched = await local.shards.fetch(local.source, missing)
+        log.info("fetched %.1f MB of layers [%d, %d) from %s", fetched / 1e6, layers.first, layers.last_exclusive,
+                 local.source.address)
 
     @property
     def files(self) -> tuple[ModelHeld, ...]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,6 +16,9 @@ from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, NotFound
 from mesh.transport import auth, convert
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.types import GenerationRequest, LayerRange, NodeInfo, StageHeld, StageOutput, StageStep, TokenEvent
+
+if TYPE_CHECKING:
+    from node.shards import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,28 @@ class NodeClient:
         """A long-lived Forward stream for one session's steps through one stage."""
         call = self._stub.Forward(timeout=self._timeouts.request_s, metadata=self._meta("Forward"))
         return StageStream(self.address, call, self._timeouts, step_timeout_s)
+
+    async def fetch_shard(self, model_sha256: str, ranges: list[tuple[int, int]],
+                          header: bool) -> AsyncIterator[Chunk]:
+        """Bytes of a model file from a node that holds it whole (see node.shards)."""
+        from node.shards import Chunk
+
+        call = self._stub.FetchShard(convert.fetch_shard_request_to_pb(model_sha256, ranges, header),
+                                     timeout=self._timeouts.request_s, metadata=self._meta("FetchShard"))
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(call.read(), timeout=self._timeouts.token_idle_s)
+                except asyncio.TimeoutError:
+                    raise PeerError(f"FetchShard on {self.address}: stalled") from None
+                if msg is grpc.aio.EOF:
+                    return
+                yield Chunk(offset=msg.offset, data=msg.data, range_sha256=msg.range_sha256,
+                            range_offset=msg.range_offset, range_length=msg.range_length, file_bytes=msg.file_bytes)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"FetchShard on {self.address}") from exc
+        finally:
+            call.cancel()
 
     async def release_session(self, session_id: str) -> bool:
         try:

@@ -235,3 +235,14 @@ def load_stage_reply_to_pb(held: StageHeld) -> Any:
 
 def release_reply_to_pb(released: bool) -> Any:
     return pb.ReleaseSessionReply(released=released)
+
+
+def fetch_shard_request_to_pb(model_sha256: str, ranges: list[tuple[int, int]], header: bool) -> Any:
+    return pb.FetchShardRequest(model_sha256=model_sha256, header=header,
+                                ranges=[pb.ByteRange(offset=o, length=n) for o, n in ranges])
+
+
+def shard_chunk_to_pb(offset: int, data: bytes, *, range_sha256: str = "", range_offset: int = 0,
+                      range_length: int = 0, file_bytes: int = 0) -> Any:
+    return pb.ShardChunk(offset=offset, data=data, range_sha256=range_sha256, range_offset=range_offset,
+                         range_length=range_length, file_bytes=file_bytes)

@@ -245,3 +245,37 @@ class ReleaseSessionReply(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class ByteRange(_message.Message):
+    __slots__ = ("offset", "length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class FetchShardRequest(_message.Message):
+    __slots__ = ("model_sha256", "header", "ranges")
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    model_sha256: str
+    header: bool
+    ranges: _containers.RepeatedCompositeFieldContainer[ByteRange]
+    def __init__(self, model_sha256: _Optional[str] = ..., header: _Optional[bool] = ..., ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ...) -> None: ...
+
+class ShardChunk(_message.Message):
+    __slots__ = ("offset", "data", "range_sha256", "range_offset", "range_length", "file_bytes")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    RANGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RANGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    RANGE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    range_sha256: str
+    range_offset: int
+    range_length: int
+    file_bytes: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., range_sha256: _Optional[str] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ..., file_bytes: _Optional[int] = ...) -> None: ...

@@ -61,6 +61,11 @@ class NodeStub:
                 request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionRequest.SerializeToString,
                 response_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionReply.FromString,
                 _registered_method=True)
+        self.FetchShard = channel.unary_stream(
+                '/edgemesh.v1.Node/FetchShard',
+                request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.FetchShardRequest.SerializeToString,
+                response_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ShardChunk.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -102,6 +107,14 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchShard(self, request, context):
+        """Shard shipping: bytes of a GGUF file this node holds whole, for a node that has no
+        copy (`edgemesh node --model-from-peers`). Each range ends with its sha256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +142,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.ReleaseSession,
                     request_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionRequest.FromString,
                     response_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionReply.SerializeToString,
+            ),
+            'FetchShard': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchShard,
+                    request_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.FetchShardRequest.FromString,
+                    response_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ShardChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +286,33 @@ class Node:
             '/edgemesh.v1.Node/ReleaseSession',
             mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionRequest.SerializeToString,
             mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgemesh.v1.Node/FetchShard',
+            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.FetchShardRequest.SerializeToString,
+            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ShardChunk.FromString,
             options,
             channel_credentials,
             insecure,

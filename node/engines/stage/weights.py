@@ -108,7 +108,7 @@ def _with_vocab(args: ModelArgs, n_vocab: int) -> ModelArgs:
     return replace(args, n_vocab=n_vocab)
 
 
-def _needed(args: ModelArgs, tensors: dict[str, TensorInfo], first: int, last: int) -> list[str]:
+def needed_tensors(args: ModelArgs, tensors: dict[str, TensorInfo], first: int, last: int) -> list[str]:
     names: list[str] = []
     for name in tensors:
         m = _LAYER.match(name)
@@ -134,7 +134,7 @@ def _needed(args: ModelArgs, tensors: dict[str, TensorInfo], first: int, last: i
 
 def load_weights(path: Path, args: ModelArgs, tensors: dict[str, TensorInfo], first: int, last: int,
                  backend: ggml.CpuBackend) -> StageWeights:
-    names = _needed(args, tensors, first, last)
+    names = needed_tensors(args, tensors, first, last)
     ctx = ggml.MetaContext(len(names) + 1)
     made: dict[str, ggml.Tensor] = {}
     for name in names:

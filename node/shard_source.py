@@ -1,0 +1,64 @@
+"""Find a peer that holds the model file whole, for `edgemesh node --model-from-peers`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+
+from mesh.config import Limits, NodeConfig, Timeouts, home_dir
+from mesh.discovery import Browser, Peer, browse_interfaces, static_peers
+from mesh.errors import ConfigError, EdgeMeshError, Unavailable
+from mesh.transport.auth import cluster_hash
+from mesh.transport.channels import NodeClient
+from node.shards import ShardCache
+from node.stage_host import LocalFile
+
+log = logging.getLogger(__name__)
+
+SOURCE_SEARCH_S = 30.0  # how long a node looks for a peer with the model file before giving up
+
+
+async def _candidates(config: NodeConfig, cluster_key: str, deadline: float) -> list[Peer]:
+    """Static peers first, then whatever mDNS finds before the deadline."""
+    found: list[Peer] = list(static_peers(config.peer))
+    if found:
+        return found
+    browser = Browser(cluster_hash(cluster_key), found.append, browse_interfaces(config.host))
+    await browser.start()
+    try:
+        while not found and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # let the other answers of the same burst arrive
+    finally:
+        await browser.stop()
+    return found
+
+
+async def shard_file_from_peers(config: NodeConfig, cluster_key: str, timeouts: Timeouts,
+                                limits: Limits) -> LocalFile:
+    """A sparse local copy of the model of the first peer that can ship it (header fetched,
+    layers fetched later, on LoadStage), and that peer as the source of the missing bytes."""
+    if config.role != "stage":
+        raise ConfigError("--model-from-peers serves pipeline stages only: add --role stage (a replica needs "
+                          "the whole file)")
+    deadline = time.monotonic() + SOURCE_SEARCH_S
+    while time.monotonic() < deadline:
+        for peer in await _candidates(config, cluster_key, deadline):
+            client = NodeClient(peer.address, cluster_key, timeouts, limits)
+            try:
+                info = await client.info()
+                for model in info.files:
+                    cache = ShardCache(home_dir() / "shards", replace(model, n_ctx=config.n_ctx))
+                    if not cache.has_header:
+                        await cache.fetch(client, [], header=True)
+                    log.info("model %s comes from %s (%s); %.1f MB of it already cached", model.name, info.name,
+                             peer.address, cache.present_bytes() / 1e6)
+                    return LocalFile(cache.path, cache.model, shards=cache, source=client)
+            except EdgeMeshError as exc:
+                log.info("%s cannot ship the model: %s", peer.address, exc)
+            await client.close()
+        await asyncio.sleep(1.0)
+    raise Unavailable(f"no peer with the model file answered within {SOURCE_SEARCH_S:.0f}s "
+                      "(start a node that has it, or give one with --peer HOST:PORT)")

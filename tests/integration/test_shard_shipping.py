@@ -1,0 +1,82 @@
+"""`edgemesh node --model-from-peers`: a node without the model file gets the bytes of its
+layers from a peer, checked by sha256, cached, and reused after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mesh.config import Limits, Timeouts
+from mesh.transport.channels import NodeClient
+from mesh.types import LayerRange
+from tests.conftest import Launcher, gateway_url, wait_for_nodes
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The history of the printing press"
+
+
+def load(address: str, key: str, sha: str, layers: LayerRange) -> None:
+    async def call() -> None:
+        client = NodeClient(address, key, Timeouts(), Limits())
+        try:
+            await client.load_stage(sha, layers, 2048, 1, 120)
+        finally:
+            await client.close()
+
+    asyncio.run(call())
+
+
+def test_a_node_without_the_file_serves_a_stage_from_shipped_bytes(
+        launcher: Launcher, default_model: Path, tmp_path: Path, reference_llm: Any) -> None:
+    from node.gguf import file_sha256
+
+    sha = file_sha256(default_model)
+    holder = launcher.node("holder", default_model, "--role", "stage")
+    home = tmp_path / "empty-home"  # no model cache: this node has never seen the file
+    shard_args = ["node", "--model-from-peers", "--role", "stage", "--name", "shard", "--port", "0",
+                  "--metrics-port", "0", "--threads", "1", "--peer", f"127.0.0.1:{holder.ready[1]}"]
+    shard = launcher.start("shard", shard_args, env={"EDGEMESH_HOME": str(home)})
+    assert not (home / "models").exists()
+
+    load(f"127.0.0.1:{holder.ready[1]}", launcher.cluster_key, sha, LayerRange(0, 15))
+    load(f"127.0.0.1:{shard.ready[1]}", launcher.cluster_key, sha, LayerRange(15, 30))
+    manifest = json.loads((home / "shards" / f"{sha}.json").read_text())
+    present = sum(length for _, length, _ in manifest["ranges"])
+    assert 0.3 * default_model.stat().st_size < present < 0.8 * default_model.stat().st_size  # its layers only
+    assert "fetched" in shard.log() and "shard of" in shard.log()  # progress was shown
+
+    gateway = launcher.gateway("gw", default_model, "--no-discovery", "--peer", f"127.0.0.1:{holder.ready[1]}",
+                               "--peer", f"127.0.0.1:{shard.ready[1]}")
+    url = gateway_url(gateway)
+    wait_for_nodes(url, 2)
+    reference_llm.reset()
+    expected = reference_llm.create_completion(PROMPT, max_tokens=32, temperature=0)["choices"][0]["text"]
+
+    def complete() -> str:
+        deadline_view = httpx.get(f"{url}/api/cluster", timeout=10).json()
+        assert [p["kind"] for p in deadline_view["placements"]] == ["pipeline"], deadline_view
+        reply = httpx.post(f"{url}/v1/completions", timeout=120,
+                           json={"prompt": PROMPT, "max_tokens": 32, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        return str(reply.json()["choices"][0]["text"])
+
+    assert complete() == expected
+
+    # After a restart the cached layers are used again: nothing is fetched.
+    shard.stop()
+    again = launcher.start("shard-again", shard_args, env={"EDGEMESH_HOME": str(home)})
+    load(f"127.0.0.1:{again.ready[1]}", launcher.cluster_key, sha, LayerRange(15, 30))
+    assert "are in the shard cache" in again.log() and "fetched" not in again.log()
+
+
+def test_a_replica_cannot_come_from_peers(launcher: Launcher) -> None:
+    proc = launcher.start("bad", ["node", "--model-from-peers", "--port", "0", "--metrics-port", "0"],
+                          wait_ready=False)
+    assert proc.popen.wait(timeout=60) == 2
+    assert "--role stage" in proc.log()

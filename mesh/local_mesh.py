@@ -49,6 +49,7 @@ class LocalMeshOptions:
     threads: int = 0
     slots: int = 1
     n_ctx: int = 2048
+    prefill_chunk: int = 0  # tokens per stage compute step (0 = 512; the planner may lower it)
     api_key: str = ""
     policy: str = "local-only"  # routing between the mesh and a cloud upstream (see GatewayConfig)
     cloud_url: str = ""
@@ -216,6 +217,8 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
             log.info("plan: %s", reason)
         if not planned.feasible:
             raise ConfigError("no placement fits: " + "; ".join(planned.reasons[-2:]))
+        # The planner may have shrunk the context and prefill chunks to fit the memory limit.
+        options = replace(options, n_ctx=planned.n_ctx, prefill_chunk=planned.prefill_chunk)
         index_of = {NodeId(f"node-{i + 1}"): i for i in range(options.nodes)}
         for placement in planned.placements:
             if placement.kind == "replica":
@@ -235,7 +238,7 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
                 return
             for chain in pipelines:
                 await load_pipeline(runtime, [(nodes[i].name, nodes[i].node_id(), layers) for i, layers in chain],
-                                    options.n_ctx, options.slots)
+                                    options.n_ctx, options.slots, options.prefill_chunk)
             port = listening.result()
             announce(_banner(f"http://{options.host}:{port}", model_path.stem, len(nodes), options.api_key),
                      options.host, port, options.ready_file)
@@ -290,7 +293,7 @@ async def _supervise(nodes: list[NodeProcess], gateway: asyncio.Task[None], stop
 
 
 async def load_pipeline(runtime: GatewayRuntime, chain: list[tuple[str, NodeId, LayerRange]], n_ctx: int,
-                        slots: int) -> None:
+                        slots: int, prefill_chunk: int = 0) -> None:
     """Load one layer range per node (name, id, layers), then wait until the gateway routes
     to the pipeline they form. Nodes in no chain stay spare: a failed stage's layers go to them."""
     for index, (name, node_id, layers) in enumerate(chain):
@@ -299,7 +302,7 @@ async def load_pipeline(runtime: GatewayRuntime, chain: list[tuple[str, NodeId, 
             raise ModelError(f"{name} is not connected to the gateway")
         log.info("loading stage %d/%d: layers [%d, %d) on %s", index + 1, len(chain), layers.first,
                  layers.last_exclusive, name)
-        await client.load_stage(runtime.model_sha, layers, n_ctx, slots, STAGE_LOAD_TIMEOUT_S)
+        await client.load_stage(runtime.model_sha, layers, n_ctx, slots, STAGE_LOAD_TIMEOUT_S, prefill_chunk)
     deadline = time.monotonic() + 30
     wanted = {node_id for _, node_id, _ in chain}
     while not any(p.kind == "pipeline" and set(p.node_ids) == wanted for p in runtime.scheduler.placements()):

@@ -12,7 +12,7 @@ decision is written into `Plan.reasons` so `edgemesh plan --dry-run` can explain
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mesh.types import LayerRange, ModelSha, NodeId, Placement, StagePlacement
 
@@ -63,6 +63,8 @@ class Plan:
     placements: tuple[Placement, ...]
     spares: tuple[NodeId, ...]
     reasons: tuple[str, ...]
+    n_ctx: int = 2048  # the context and prefill chunk the plan's stages are sized for
+    prefill_chunk: int = 512
 
     @property
     def feasible(self) -> bool:
@@ -169,7 +171,32 @@ def _assign(profile: ModelProfile, policy: Policy, chosen: Sequence[PeerCapabili
     return stages
 
 
+# Smaller settings to try, in order, when the nodes' memory cannot hold the model as asked:
+# first smaller prefill chunks (only prompts get slower), then shorter contexts.
+SHRINK_CHUNKS = (512, 128, 32)
+SHRINK_CONTEXTS = (2048, 1024, 512, 256)
+
+
 def plan(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy) -> Plan:
+    """The plan for `policy`; when nothing fits and the strategy allows pipelines, the same
+    with smaller prefill chunks and then shorter contexts, saying so in the reasons."""
+    first = _plan(peers, profile, policy)
+    if first.feasible or policy.strategy == "replica":
+        return first
+    for n_ctx in [policy.n_ctx, *(c for c in SHRINK_CONTEXTS if c < policy.n_ctx)]:
+        for chunk in (c for c in SHRINK_CHUNKS if c <= policy.prefill_chunk):
+            if (n_ctx, chunk) == (policy.n_ctx, policy.prefill_chunk):
+                continue
+            smaller = replace(policy, n_ctx=n_ctx, prefill_chunk=chunk)
+            found = _plan(peers, profile, smaller)
+            if found.feasible:
+                note = (f"nothing fits with a context of {policy.n_ctx} and {policy.prefill_chunk}-token prefill "
+                        f"chunks; planned with a context of {n_ctx} and {chunk}-token chunks")
+                return replace(found, reasons=(note, *found.reasons))
+    return first
+
+
+def _plan(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy) -> Plan:
     reasons: list[str] = []
     candidates = sorted((p for p in peers if p.has_file), key=lambda p: p.node_id)
     for p in sorted(peers, key=lambda p: p.node_id):
@@ -207,4 +234,4 @@ def plan(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy)
         reasons.append(f"{peer.name}: spare")
     if not placements:
         reasons.append("no placement is possible: add nodes, raise --memory-limit, or lower --n-ctx")
-    return Plan(tuple(placements), tuple(sorted(spares)), tuple(reasons))
+    return Plan(tuple(placements), tuple(sorted(spares)), tuple(reasons), policy.n_ctx, policy.prefill_chunk)

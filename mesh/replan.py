@@ -15,7 +15,7 @@ from mesh.errors import EdgeMeshError
 from mesh.membership import Membership
 from mesh.metrics import GatewayMetrics
 from mesh.planner import even_split
-from mesh.types import LayerRange, ModelSha, NodeId, NodeInfo, Placement
+from mesh.types import LayerRange, ModelSha, NodeId, NodeInfo, Placement, StageHeld
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,13 @@ class Replanner:
         slots = max((s.slots for i in ready.values() for s in i.stages if s.model_sha256 == self._model_sha),
                     default=1)
         n_ctx = min((m.n_ctx for i in ready.values() for m in i.files if m.sha256 == self._model_sha), default=2048)
+        chunk = min((s.prefill_chunk for s in held_stages(ready, self._model_sha)), default=0)
         try:
             lost = [s for s in failed.stages if s.node_id in gone]
             spares = self.spares(in_use | gone)
             if len(spares) >= len(lost):
                 for stage, spare in zip(lost, spares, strict=False):
-                    await self._load(spare, stage.layers, n_ctx, slots)
+                    await self._load(spare, stage.layers, n_ctx, slots, chunk)
                 reason = "spare"
             else:
                 survivors = [n for n in failed.node_ids if n not in gone and n in ready] + \
@@ -67,7 +68,7 @@ class Replanner:
                     return False
                 n_layers = failed.stages[-1].layers.last_exclusive
                 for node_id, layers in zip(survivors, even_split(n_layers, len(survivors)), strict=True):
-                    await self._load(ready[node_id], layers, n_ctx, slots)
+                    await self._load(ready[node_id], layers, n_ctx, slots, chunk)
                 reason = "survivors"
         except EdgeMeshError as exc:
             log.warning("re-plan after the failure of %s failed: %s", culprit, exc)
@@ -77,9 +78,14 @@ class Replanner:
         log.info("re-planned the pipeline without %s (%s) in %.2fs", culprit, reason, time.monotonic() - started)
         return True
 
-    async def _load(self, info: NodeInfo, layers: LayerRange, n_ctx: int, slots: int) -> None:
+    async def _load(self, info: NodeInfo, layers: LayerRange, n_ctx: int, slots: int, chunk: int) -> None:
         client = self._membership.client_for(info.node_id)
         if client is None:
             raise EdgeMeshError(f"node {info.name} has no connection")
         log.info("loading layers [%d, %d) on %s", layers.first, layers.last_exclusive, info.name)
-        await client.load_stage(self._model_sha, layers, n_ctx, slots, STAGE_LOAD_TIMEOUT_S)
+        await client.load_stage(self._model_sha, layers, n_ctx, slots, STAGE_LOAD_TIMEOUT_S, chunk)
+
+
+def held_stages(ready: dict[NodeId, NodeInfo], model_sha: ModelSha) -> list[StageHeld]:
+    """The stages the surviving nodes hold of the model: new stages copy their shape."""
+    return [s for info in ready.values() for s in info.stages if s.model_sha256 == model_sha]

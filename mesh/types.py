@@ -78,6 +78,7 @@ class StageHeld:
     weight_bytes: int
     kv_cache_bytes: int
     compute_bytes: int
+    prefill_chunk: int = 512
 
 
 @dataclass(frozen=True)

@@ -237,7 +237,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             await self._stages.ensure_present(ModelSha(request.model_sha256), layers)
             held = await asyncio.get_running_loop().run_in_executor(
                 self._stage_pool, self._stages.load, ModelSha(request.model_sha256), layers, request.n_ctx,
-                request.slots)
+                request.slots, request.prefill_chunk)
         except ValueError as exc:  # an impossible layer range
             self._metrics.rpc_errors.labels("LoadStage", "INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -18,7 +18,7 @@ from mesh.errors import CapacityExhausted, InvalidInput, NotFound
 from mesh.metrics import NodeMetrics
 from mesh.sampling import sample
 from mesh.types import LayerRange, ModelHeld, ModelSha, StageHeld, StageOutput, StageStep
-from node.engines.stage import StageEngine
+from node.engines.stage import MAX_CHUNK, StageEngine
 from node.shards import ShardCache, ShardSource, stage_byte_ranges
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ class StageHost:
         with self._lock:
             return tuple(held for _engine, held in self._stages.values())
 
-    def load(self, model_sha256: ModelSha, layers: LayerRange, n_ctx: int, slots: int) -> StageHeld:
+    def load(self, model_sha256: ModelSha, layers: LayerRange, n_ctx: int, slots: int,
+             prefill_chunk: int = 0) -> StageHeld:
         """Blocking: reads the layer range's tensors from disk. Loading a range already held
         with the same shape returns it as it is (idempotent, so a planner may retry)."""
         local = self._files.get(model_sha256)
@@ -97,20 +98,24 @@ class StageHost:
             raise InvalidInput(f"slots must be 1..{MAX_STAGE_SLOTS}, got {slots}")
         if not 0 < n_ctx <= MAX_STAGE_CTX:
             raise InvalidInput(f"n_ctx must be 1..{MAX_STAGE_CTX}, got {n_ctx}")
+        chunk = prefill_chunk or MAX_CHUNK
+        if not 0 < chunk <= MAX_CHUNK:
+            raise InvalidInput(f"prefill_chunk must be 1..{MAX_CHUNK}, got {prefill_chunk}")
         key: StageKey = (model_sha256, layers.first, layers.last_exclusive)
         with self._lock:
             existing = self._stages.get(key)
-        if existing is not None and existing[1].slots == slots and existing[0].n_ctx == n_ctx:
+        if existing is not None and existing[1].slots == slots and existing[0].n_ctx == n_ctx and \
+                existing[1].prefill_chunk == chunk:
             return existing[1]
-        self._check_memory(local, layers, n_ctx, slots, replacing=existing[1] if existing else None)
+        self._check_memory(local, layers, n_ctx, slots, chunk, replacing=existing[1] if existing else None)
         started = time.monotonic()
         log.info("loading stage layers [%d, %d) of %s (%d slots, context %d)", layers.first,
                  layers.last_exclusive, local.path.name, slots, n_ctx)
         engine = StageEngine.load(local.path, layers.first, layers.last_exclusive, n_ctx=n_ctx, slots=slots,
-                                  threads=self._threads)
+                                  threads=self._threads, max_chunk=chunk)
         held = StageHeld(model_sha256=model_sha256, layers=layers, slots=slots,
                          weight_bytes=engine.memory.weight_bytes, kv_cache_bytes=engine.memory.kv_cache_bytes,
-                         compute_bytes=engine.memory.compute_bytes)
+                         compute_bytes=engine.memory.compute_bytes, prefill_chunk=chunk)
         with self._lock:
             old = self._stages.pop(key, None)
             self._stages[key] = (engine, held)
@@ -120,7 +125,7 @@ class StageHost:
         self._update_gauges()
         return held
 
-    def _check_memory(self, local: LocalFile, layers: LayerRange, n_ctx: int, slots: int,
+    def _check_memory(self, local: LocalFile, layers: LayerRange, n_ctx: int, slots: int, chunk: int,
                       replacing: StageHeld | None) -> None:
         """Refuse a stage that would take this node past --memory-limit, before reading any byte."""
         if not self._memory_limit:
@@ -129,7 +134,7 @@ class StageHost:
         from node.profile import model_profile
 
         need = stage_bytes(model_profile(local.path, local.model.sha256),
-                           Policy(n_ctx=n_ctx, sessions_per_stage=slots), layers)
+                           Policy(n_ctx=n_ctx, sessions_per_stage=slots, prefill_chunk=chunk), layers)
         held = sum(h.weight_bytes + h.kv_cache_bytes + h.compute_bytes for h in self.held() if h is not replacing)
         if held + need > self._memory_limit:
             raise CapacityExhausted(

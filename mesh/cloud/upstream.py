@@ -271,10 +271,13 @@ class CloudUpstream:
         lines = response.aiter_lines()
         data: list[str] = []
         event_name = ""
-        last_event = time.monotonic()
+        last_event = resumed = time.monotonic()
         done = False
         while not done:
-            deadline = last_event + self.config.idle_timeout_s if attempt.answered else first_deadline
+            # The idle gap is the cloud's silence: time the consumer spent between our yields
+            # (a slow client downstream) must not count, keep-alive comments must not reset it.
+            idle_deadline = max(last_event, resumed) + self.config.idle_timeout_s
+            deadline = idle_deadline if attempt.answered else first_deadline
             try:
                 line: str | None = await _before(deadline, anext(lines))
             except StopAsyncIteration:
@@ -293,13 +296,21 @@ class CloudUpstream:
                     if payload.strip() == "[DONE]":
                         done = True
                     else:
-                        delta = self._delta_of(_parse(payload, name), kind, attempt)
+                        try:
+                            event = _parse(payload, name)
+                        except CloudError as exc:
+                            if not attempt.finished:
+                                raise
+                            log.debug("ignoring the cloud's complaint after a finished answer: %s", exc)
+                            break
+                        delta = self._delta_of(event, kind, attempt)
                         if delta is not None:
                             if attempt.finished:
                                 # The answer is whole: tell the breaker now, not when (or if)
                                 # the consumer reads on to the end.
                                 attempt.succeed()
                             yield delta
+                            resumed = time.monotonic()
                 if line is None:
                     break
                 continue

@@ -135,7 +135,7 @@ class CloudAnswer(Answer):
             text = "".join(self._sent)
             log.warning("cloud stream %s broke after %d characters (%s); the mesh continues it",
                         self.request_id, len(text), exc.reason)
-            self._metrics.failover(CLOUD_ROUTE, MESH_ROUTE, "cloud_" + exc.reason.split("_")[0], "mid-answer")
+            self._metrics.failover(CLOUD_ROUTE, MESH_ROUTE, "cloud_" + exc.reason, "mid-answer")
             try:
                 self._mesh = await self._continue(text)
             except EdgeMeshError as mesh_exc:
@@ -144,6 +144,10 @@ class CloudAnswer(Answer):
             async for piece in self._mesh.deltas():
                 yield piece
             self.finish_reason = self._mesh.finish_reason
+        finally:
+            # The client may leave mid-answer: end the cloud request now, not at garbage collection,
+            # so its connection and the breaker's probe slot are freed.
+            await self._stream.aclose()  # type: ignore[attr-defined]
         self._metrics.tokens.labels(CLOUD_ROUTE).inc(self._count("".join(self._sent)))
         self._metrics.duration.labels(CLOUD_ROUTE).observe(time.monotonic() - self._started)
         if self.finish_reason is None:

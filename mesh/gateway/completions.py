@@ -128,6 +128,9 @@ class Completions:
             first = await stream.__anext__()
         except StopAsyncIteration:
             raise Unavailable("the cloud ended its answer before any text") from None
+        except BaseException:
+            await stream.aclose()
+            raise
         prompt_tokens = len(self._prompt_tokens(body))
         return CloudAnswer(stream, first, uuid.uuid4().hex, self._metrics,
                            lambda text: self._mesh_answer(body, started, text),
@@ -145,8 +148,7 @@ class Completions:
                     return await self._cloud_answer(body, flavor, started)
                 except CloudError as exc:
                     log.warning("cloud failed before its first token (%s); answering from the mesh", exc.reason)
-                    self._metrics.failover(CLOUD_ROUTE, MESH_ROUTE, "cloud_" + exc.reason.split("_")[0],
-                                           "before the first token")
+                    self._metrics.failover(CLOUD_ROUTE, MESH_ROUTE, "cloud_" + exc.reason, "before the first token")
             return await self._mesh_answer(body, started)
         try:
             return await self._mesh_answer(body, started)
@@ -231,4 +233,5 @@ class Completions:
 
 
 # Our sampling extensions: an OpenAI-compatible cloud may refuse unknown fields.
-_NOT_OPENAI = {"stream", "stream_options", "top_k", "min_p", "repeat_penalty", "model"}
+# The client's model name goes up as it is unless --cloud-model replaces it.
+_NOT_OPENAI = {"stream", "stream_options", "top_k", "min_p", "repeat_penalty"}

@@ -123,10 +123,11 @@ class NodeClient:
             call.cancel()
 
     async def load_stage(self, model_sha256: str, layers: LayerRange, n_ctx: int, slots: int,
-                         timeout_s: float) -> StageHeld:
+                         timeout_s: float, prefill_chunk: int = 0) -> StageHeld:
         """Ask the node to load a layer range (reads its bytes from disk: may take a while)."""
+        request = convert.load_stage_request_to_pb(model_sha256, layers, n_ctx, slots, prefill_chunk)
         try:
-            reply = await self._stub.LoadStage(convert.load_stage_request_to_pb(model_sha256, layers, n_ctx, slots),
+            reply = await self._stub.LoadStage(request,
                                                timeout=timeout_s, metadata=self._meta("LoadStage"))
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"LoadStage on {self.address}") from exc

@@ -83,13 +83,14 @@ def layer_range_from_pb(msg: Any) -> LayerRange:
 def stage_to_pb(stage: StageHeld) -> Any:
     return pb.StageHeld(model_sha256=stage.model_sha256, layers=layer_range_to_pb(stage.layers),
                         slots=stage.slots, weight_bytes=stage.weight_bytes,
-                        kv_cache_bytes=stage.kv_cache_bytes, compute_bytes=stage.compute_bytes)
+                        kv_cache_bytes=stage.kv_cache_bytes, compute_bytes=stage.compute_bytes,
+                        prefill_chunk=stage.prefill_chunk)
 
 
 def stage_from_pb(msg: Any) -> StageHeld:
     return StageHeld(model_sha256=ModelSha(msg.model_sha256), layers=layer_range_from_pb(msg.layers),
                      slots=msg.slots, weight_bytes=msg.weight_bytes, kv_cache_bytes=msg.kv_cache_bytes,
-                     compute_bytes=msg.compute_bytes)
+                     compute_bytes=msg.compute_bytes, prefill_chunk=msg.prefill_chunk or 512)
 
 
 def model_to_pb(m: ModelHeld) -> Any:
@@ -220,9 +221,10 @@ def stage_output_from_pb(msg: Any) -> StageOutput:
     raise InvalidInput("a Forward reply carries neither hidden states nor a token")
 
 
-def load_stage_request_to_pb(model_sha256: str, layers: LayerRange, n_ctx: int, slots: int) -> Any:
+def load_stage_request_to_pb(model_sha256: str, layers: LayerRange, n_ctx: int, slots: int,
+                             prefill_chunk: int = 0) -> Any:
     return pb.LoadStageRequest(model_sha256=model_sha256, layers=layer_range_to_pb(layers), n_ctx=n_ctx,
-                               slots=slots)
+                               slots=slots, prefill_chunk=prefill_chunk)
 
 
 def release_request_to_pb(session_id: str) -> Any:

@@ -96,18 +96,22 @@ def test_model_pull_into_an_empty_cache(tmp_path: Path) -> None:
 
 def test_auto_strategy_forms_a_pipeline_when_no_node_holds_the_model(launcher: Launcher, default_model: Path,
                                                                      reference_llm: object) -> None:
-    plan = subprocess.run([sys.executable, "-m", "mesh.cli", "plan", "--dry-run", "--nodes", "4",
-                           "--memory-limit", "60MB", "--n-ctx", "512", "--model", str(default_model)],
+    plan = subprocess.run([sys.executable, "-m", "mesh.cli", "plan", "--dry-run", "--nodes", "3",
+                           "--memory-limit", "60MB", "--model", str(default_model)],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert plan.returncode == 0, plan.stderr
     assert plan.stdout.startswith("pipeline: node-1 layers [0, ") and "cannot hold a replica" in plan.stdout
+    assert "planned with a context of" in plan.stdout  # it says what it had to shrink
 
-    up = launcher.start("up", ["up", "--nodes", "4", "--memory-limit", "60MB", "--n-ctx", "512", "--port", "0",
+    up = launcher.start("up", ["up", "--nodes", "3", "--memory-limit", "60MB", "--port", "0",
                                "--model", str(default_model)])
     url = gateway_url(up)
     view = httpx.get(f"{url}/api/cluster", timeout=10).json()
     assert [p["kind"] for p in view["placements"]] == ["pipeline"]
     assert all(n["role"] == "stage" for n in view["nodes"])
+    for node in view["nodes"]:  # each stage keeps within the limit
+        held = node["stages"][0]
+        assert held["weight_bytes"] + held["kv_cache_bytes"] + held["compute_bytes"] <= 60_000_000
     reference_llm.reset()  # type: ignore[attr-defined]
     expected = reference_llm.create_completion("Hello, my name is", max_tokens=24,  # type: ignore[attr-defined]
                                                temperature=0)["choices"][0]["text"]

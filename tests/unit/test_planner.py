@@ -25,6 +25,7 @@ def peer(i: int, mib: float, speed: float = 10.0) -> PeerCapability:
 
 def check(result_plan, peers: list[PeerCapability]) -> None:  # type: ignore[no-untyped-def]
     budget = {p.node_id: p.memory_budget for p in peers}
+    policy = Policy(n_ctx=result_plan.n_ctx, prefill_chunk=result_plan.prefill_chunk)  # what it was sized for
     seen: set[NodeId] = set()
     for placement in result_plan.placements:
         layers = [s.layers for s in placement.stages]
@@ -33,8 +34,8 @@ def check(result_plan, peers: list[PeerCapability]) -> None:  # type: ignore[no-
         for stage in placement.stages:
             assert stage.node_id not in seen  # a node serves one placement
             seen.add(stage.node_id)
-            need = replica_bytes(PROFILE, POLICY) if placement.kind == "replica" else \
-                stage_bytes(PROFILE, POLICY, stage.layers)
+            need = replica_bytes(PROFILE, policy) if placement.kind == "replica" else \
+                stage_bytes(PROFILE, policy, stage.layers)
             assert need <= budget[stage.node_id]
     assert seen.isdisjoint(result_plan.spares)
     assert seen | set(result_plan.spares) == set(budget)
@@ -82,3 +83,13 @@ def test_more_nodes_never_make_a_plan_infeasible(specs: list[tuple[float, float]
     if plan(peers, PROFILE, POLICY).feasible:
         more = [*peers, peer(len(peers), *extra)]
         assert plan(more, PROFILE, POLICY).feasible
+
+
+def test_smaller_chunks_and_contexts_are_tried_before_giving_up() -> None:
+    peers = [peer(i, 57) for i in range(3)]  # 60 MB each: nothing fits a 2048 context
+    result = plan(peers, PROFILE, Policy(n_ctx=2048))
+    assert result.feasible and result.placements[0].kind == "pipeline"
+    assert (result.n_ctx, result.prefill_chunk) < (2048, 512)
+    assert "planned with a context of" in result.reasons[0]
+    check(result, peers)
+    assert not plan(peers, PROFILE, Policy(n_ctx=2048, strategy="replica")).feasible

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'mesh/transport/generated/edgemesh.proto\x12\x0b\x65\x64gemesh.v1\"\r\n\x0bInfoRequest\"\x85\x01\n\tModelHeld\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x10\n\x08n_layers\x18\x03 \x01(\r\x12\x12\n\nfile_bytes\x18\x04 \x01(\x04\x12\r\n\x05n_ctx\x18\x05 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\x0f\n\x07n_vocab\x18\x07 \x01(\r\"3\n\nLayerRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x16\n\x0elast_exclusive\x18\x02 \x01(\r\"\x9e\x01\n\tStageHeld\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\'\n\x06layers\x18\x02 \x01(\x0b\x32\x17.edgemesh.v1.LayerRange\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x04\x12\x15\n\rcompute_bytes\x18\x06 \x01(\x04\"\xbc\x03\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x14\n\x0cmemory_total\x18\x06 \x01(\x04\x12\x13\n\x0bmemory_free\x18\x07 \x01(\x04\x12\x14\n\x0cmemory_limit\x18\x08 \x01(\x04\x12\x0f\n\x07threads\x18\t \x01(\r\x12&\n\x06models\x18\n \x03(\x0b\x32\x16.edgemesh.v1.ModelHeld\x12\r\n\x05slots\x18\x0b \x01(\r\x12\x11\n\tmax_queue\x18\x0c \x01(\r\x12\x11\n\tin_flight\x18\r \x01(\r\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x11\n\tgrpc_port\x18\x0f \x01(\r\x12\x14\n\x0cmetrics_port\x18\x10 \x01(\r\x12&\n\x06stages\x18\x11 \x03(\x0b\x32\x16.edgemesh.v1.StageHeld\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x12 \x01(\x01\x12%\n\x05\x66iles\x18\x13 \x03(\x0b\x32\x16.edgemesh.v1.ModelHeld\"\x8f\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x16\n\x0erepeat_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x15\n\rrepeat_last_n\x18\x07 \x01(\r\"\xd6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.edgemesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x15\n\rreplay_tokens\x18\x08 \x03(\r\"[\n\rGenerateEvent\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"o\n\x10LoadStageRequest\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\'\n\x06layers\x18\x02 \x01(\x0b\x32\x17.edgemesh.v1.LayerRange\x12\r\n\x05n_ctx\x18\x03 \x01(\r\x12\r\n\x05slots\x18\x04 \x01(\r\"7\n\x0eLoadStageReply\x12%\n\x05stage\x18\x01 \x01(\x0b\x32\x16.edgemesh.v1.StageHeld\"H\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.edgemesh.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xe4\x02\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\'\n\x06tokens\x18\x03 \x01(\x0b\x32\x15.edgemesh.v1.TokenIdsH\x00\x12%\n\x06hidden\x18\x04 \x01(\x0b\x32\x13.edgemesh.v1.TensorH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.edgemesh.v1.SamplingParams\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\'\n\x0breply_dtype\x18\x07 \x01(\x0e\x32\x12.edgemesh.v1.DType\x12\x0c\n\x04step\x18\x08 \x01(\x04\x12\x16\n\x0ehistory_tokens\x18\t \x03(\r\x12\x14\n\x0cmodel_sha256\x18\n \x01(\t\x12\'\n\x06layers\x18\x0b \x01(\x0b\x32\x17.edgemesh.v1.LayerRangeB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x8d\x01\n\x0c\x46orwardReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12%\n\x06hidden\x18\x03 \x01(\x0b\x32\x13.edgemesh.v1.TensorH\x00\x12*\n\x05token\x18\x04 \x01(\x0b\x32\x19.edgemesh.v1.SampledTokenH\x00\x42\x08\n\x06output\"1\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x13ReleaseSessionReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"+\n\tByteRange\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"a\n\x11\x46\x65tchShardRequest\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\x08\x12&\n\x06ranges\x18\x03 \x03(\x0b\x32\x16.edgemesh.v1.ByteRange\"\x80\x01\n\nShardChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0crange_sha256\x18\x03 \x01(\t\x12\x14\n\x0crange_offset\x18\x04 \x01(\x04\x12\x14\n\x0crange_length\x18\x05 \x01(\x04\x12\x12\n\nfile_bytes\x18\x06 \x01(\x04*<\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x32\xb8\x03\n\x04Node\x12\x37\n\x04Info\x12\x18.edgemesh.v1.InfoRequest\x1a\x15.edgemesh.v1.NodeInfo\x12\x46\n\x08Generate\x12\x1c.edgemesh.v1.GenerateRequest\x1a\x1a.edgemesh.v1.GenerateEvent0\x01\x12G\n\tLoadStage\x12\x1d.edgemesh.v1.LoadStageRequest\x1a\x1b.edgemesh.v1.LoadStageReply\x12\x45\n\x07\x46orward\x12\x1b.edgemesh.v1.ForwardRequest\x1a\x19.edgemesh.v1.ForwardReply(\x01\x30\x01\x12V\n\x0eReleaseSession\x12\".edgemesh.v1.ReleaseSessionRequest\x1a .edgemesh.v1.ReleaseSessionReply\x12G\n\nFetchShard\x12\x1e.edgemesh.v1.FetchShardRequest\x1a\x17.edgemesh.v1.ShardChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'mesh/transport/generated/edgemesh.proto\x12\x0b\x65\x64gemesh.v1\"\r\n\x0bInfoRequest\"\x85\x01\n\tModelHeld\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x10\n\x08n_layers\x18\x03 \x01(\r\x12\x12\n\nfile_bytes\x18\x04 \x01(\x04\x12\r\n\x05n_ctx\x18\x05 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\x0f\n\x07n_vocab\x18\x07 \x01(\r\"3\n\nLayerRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x16\n\x0elast_exclusive\x18\x02 \x01(\r\"\xb5\x01\n\tStageHeld\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\'\n\x06layers\x18\x02 \x01(\x0b\x32\x17.edgemesh.v1.LayerRange\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x04\x12\x15\n\rcompute_bytes\x18\x06 \x01(\x04\x12\x15\n\rprefill_chunk\x18\x07 \x01(\r\"\xbc\x03\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x14\n\x0cmemory_total\x18\x06 \x01(\x04\x12\x13\n\x0bmemory_free\x18\x07 \x01(\x04\x12\x14\n\x0cmemory_limit\x18\x08 \x01(\x04\x12\x0f\n\x07threads\x18\t \x01(\r\x12&\n\x06models\x18\n \x03(\x0b\x32\x16.edgemesh.v1.ModelHeld\x12\r\n\x05slots\x18\x0b \x01(\r\x12\x11\n\tmax_queue\x18\x0c \x01(\r\x12\x11\n\tin_flight\x18\r \x01(\r\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x11\n\tgrpc_port\x18\x0f \x01(\r\x12\x14\n\x0cmetrics_port\x18\x10 \x01(\r\x12&\n\x06stages\x18\x11 \x03(\x0b\x32\x16.edgemesh.v1.StageHeld\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x12 \x01(\x01\x12%\n\x05\x66iles\x18\x13 \x03(\x0b\x32\x16.edgemesh.v1.ModelHeld\"\x8f\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x16\n\x0erepeat_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x15\n\rrepeat_last_n\x18\x07 \x01(\r\"\xd6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.edgemesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x15\n\rreplay_tokens\x18\x08 \x03(\r\"[\n\rGenerateEvent\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"\x86\x01\n\x10LoadStageRequest\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\'\n\x06layers\x18\x02 \x01(\x0b\x32\x17.edgemesh.v1.LayerRange\x12\r\n\x05n_ctx\x18\x03 \x01(\r\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x15\n\rprefill_chunk\x18\x05 \x01(\r\"7\n\x0eLoadStageReply\x12%\n\x05stage\x18\x01 \x01(\x0b\x32\x16.edgemesh.v1.StageHeld\"H\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.edgemesh.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xe4\x02\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\'\n\x06tokens\x18\x03 \x01(\x0b\x32\x15.edgemesh.v1.TokenIdsH\x00\x12%\n\x06hidden\x18\x04 \x01(\x0b\x32\x13.edgemesh.v1.TensorH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.edgemesh.v1.SamplingParams\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\'\n\x0breply_dtype\x18\x07 \x01(\x0e\x32\x12.edgemesh.v1.DType\x12\x0c\n\x04step\x18\x08 \x01(\x04\x12\x16\n\x0ehistory_tokens\x18\t \x03(\r\x12\x14\n\x0cmodel_sha256\x18\n \x01(\t\x12\'\n\x06layers\x18\x0b \x01(\x0b\x32\x17.edgemesh.v1.LayerRangeB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x8d\x01\n\x0c\x46orwardReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12%\n\x06hidden\x18\x03 \x01(\x0b\x32\x13.edgemesh.v1.TensorH\x00\x12*\n\x05token\x18\x04 \x01(\x0b\x32\x19.edgemesh.v1.SampledTokenH\x00\x42\x08\n\x06output\"1\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x13ReleaseSessionReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"+\n\tByteRange\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"a\n\x11\x46\x65tchShardRequest\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\x08\x12&\n\x06ranges\x18\x03 \x03(\x0b\x32\x16.edgemesh.v1.ByteRange\"\x80\x01\n\nShardChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0crange_sha256\x18\x03 \x01(\t\x12\x14\n\x0crange_offset\x18\x04 \x01(\x04\x12\x14\n\x0crange_length\x18\x05 \x01(\x04\x12\x12\n\nfile_bytes\x18\x06 \x01(\x04*<\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x32\xb8\x03\n\x04Node\x12\x37\n\x04Info\x12\x18.edgemesh.v1.InfoRequest\x1a\x15.edgemesh.v1.NodeInfo\x12\x46\n\x08Generate\x12\x1c.edgemesh.v1.GenerateRequest\x1a\x1a.edgemesh.v1.GenerateEvent0\x01\x12G\n\tLoadStage\x12\x1d.edgemesh.v1.LoadStageRequest\x1a\x1b.edgemesh.v1.LoadStageReply\x12\x45\n\x07\x46orward\x12\x1b.edgemesh.v1.ForwardRequest\x1a\x19.edgemesh.v1.ForwardReply(\x01\x30\x01\x12V\n\x0eReleaseSession\x12\".edgemesh.v1.ReleaseSessionRequest\x1a .edgemesh.v1.ReleaseSessionReply\x12G\n\nFetchShard\x12\x1e.edgemesh.v1.FetchShardRequest\x1a\x17.edgemesh.v1.ShardChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.transport.generated.edgemesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2508
-  _globals['_DTYPE']._serialized_end=2568
+  _globals['_DTYPE']._serialized_start=2555
+  _globals['_DTYPE']._serialized_end=2615
   _globals['_INFOREQUEST']._serialized_start=56
   _globals['_INFOREQUEST']._serialized_end=69
   _globals['_MODELHELD']._serialized_start=72
@@ -40,39 +40,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERRANGE']._serialized_start=207
   _globals['_LAYERRANGE']._serialized_end=258
   _globals['_STAGEHELD']._serialized_start=261
-  _globals['_STAGEHELD']._serialized_end=419
-  _globals['_NODEINFO']._serialized_start=422
-  _globals['_NODEINFO']._serialized_end=866
-  _globals['_SAMPLINGPARAMS']._serialized_start=869
-  _globals['_SAMPLINGPARAMS']._serialized_end=1012
-  _globals['_GENERATEREQUEST']._serialized_start=1015
-  _globals['_GENERATEREQUEST']._serialized_end=1229
-  _globals['_GENERATEEVENT']._serialized_start=1231
-  _globals['_GENERATEEVENT']._serialized_end=1322
-  _globals['_LOADSTAGEREQUEST']._serialized_start=1324
-  _globals['_LOADSTAGEREQUEST']._serialized_end=1435
-  _globals['_LOADSTAGEREPLY']._serialized_start=1437
-  _globals['_LOADSTAGEREPLY']._serialized_end=1492
-  _globals['_TENSOR']._serialized_start=1494
-  _globals['_TENSOR']._serialized_end=1566
-  _globals['_FORWARDREQUEST']._serialized_start=1569
-  _globals['_FORWARDREQUEST']._serialized_end=1925
-  _globals['_TOKENIDS']._serialized_start=1927
-  _globals['_TOKENIDS']._serialized_end=1950
-  _globals['_FORWARDREPLY']._serialized_start=1953
-  _globals['_FORWARDREPLY']._serialized_end=2094
-  _globals['_SAMPLEDTOKEN']._serialized_start=2096
-  _globals['_SAMPLEDTOKEN']._serialized_end=2145
-  _globals['_RELEASESESSIONREQUEST']._serialized_start=2147
-  _globals['_RELEASESESSIONREQUEST']._serialized_end=2190
-  _globals['_RELEASESESSIONREPLY']._serialized_start=2192
-  _globals['_RELEASESESSIONREPLY']._serialized_end=2231
-  _globals['_BYTERANGE']._serialized_start=2233
-  _globals['_BYTERANGE']._serialized_end=2276
-  _globals['_FETCHSHARDREQUEST']._serialized_start=2278
-  _globals['_FETCHSHARDREQUEST']._serialized_end=2375
-  _globals['_SHARDCHUNK']._serialized_start=2378
-  _globals['_SHARDCHUNK']._serialized_end=2506
-  _globals['_NODE']._serialized_start=2571
-  _globals['_NODE']._serialized_end=3011
+  _globals['_STAGEHELD']._serialized_end=442
+  _globals['_NODEINFO']._serialized_start=445
+  _globals['_NODEINFO']._serialized_end=889
+  _globals['_SAMPLINGPARAMS']._serialized_start=892
+  _globals['_SAMPLINGPARAMS']._serialized_end=1035
+  _globals['_GENERATEREQUEST']._serialized_start=1038
+  _globals['_GENERATEREQUEST']._serialized_end=1252
+  _globals['_GENERATEEVENT']._serialized_start=1254
+  _globals['_GENERATEEVENT']._serialized_end=1345
+  _globals['_LOADSTAGEREQUEST']._serialized_start=1348
+  _globals['_LOADSTAGEREQUEST']._serialized_end=1482
+  _globals['_LOADSTAGEREPLY']._serialized_start=1484
+  _globals['_LOADSTAGEREPLY']._serialized_end=1539
+  _globals['_TENSOR']._serialized_start=1541
+  _globals['_TENSOR']._serialized_end=1613
+  _globals['_FORWARDREQUEST']._serialized_start=1616
+  _globals['_FORWARDREQUEST']._serialized_end=1972
+  _globals['_TOKENIDS']._serialized_start=1974
+  _globals['_TOKENIDS']._serialized_end=1997
+  _globals['_FORWARDREPLY']._serialized_start=2000
+  _globals['_FORWARDREPLY']._serialized_end=2141
+  _globals['_SAMPLEDTOKEN']._serialized_start=2143
+  _globals['_SAMPLEDTOKEN']._serialized_end=2192
+  _globals['_RELEASESESSIONREQUEST']._serialized_start=2194
+  _globals['_RELEASESESSIONREQUEST']._serialized_end=2237
+  _globals['_RELEASESESSIONREPLY']._serialized_start=2239
+  _globals['_RELEASESESSIONREPLY']._serialized_end=2278
+  _globals['_BYTERANGE']._serialized_start=2280
+  _globals['_BYTERANGE']._serialized_end=2323
+  _globals['_FETCHSHARDREQUEST']._serialized_start=2325
+  _globals['_FETCHSHARDREQUEST']._serialized_end=2422
+  _globals['_SHARDCHUNK']._serialized_start=2425
+  _globals['_SHARDCHUNK']._serialized_end=2553
+  _globals['_NODE']._serialized_start=2618
+  _globals['_NODE']._serialized_end=3058
 # @@protoc_insertion_point(module_scope)

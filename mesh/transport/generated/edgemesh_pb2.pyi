@@ -47,20 +47,22 @@ class LayerRange(_message.Message):
     def __init__(self, first: _Optional[int] = ..., last_exclusive: _Optional[int] = ...) -> None: ...
 
 class StageHeld(_message.Message):
-    __slots__ = ("model_sha256", "layers", "slots", "weight_bytes", "kv_cache_bytes", "compute_bytes")
+    __slots__ = ("model_sha256", "layers", "slots", "weight_bytes", "kv_cache_bytes", "compute_bytes", "prefill_chunk")
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     model_sha256: str
     layers: LayerRange
     slots: int
     weight_bytes: int
     kv_cache_bytes: int
     compute_bytes: int
-    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., slots: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., compute_bytes: _Optional[int] = ...) -> None: ...
+    prefill_chunk: int
+    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., slots: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., compute_bytes: _Optional[int] = ..., prefill_chunk: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "name", "version", "protocol_version", "pid", "memory_total", "memory_free", "memory_limit", "threads", "models", "slots", "max_queue", "in_flight", "draining", "grpc_port", "metrics_port", "stages", "decode_tokens_per_second", "files")
@@ -155,16 +157,18 @@ class GenerateEvent(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., position: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("model_sha256", "layers", "n_ctx", "slots")
+    __slots__ = ("model_sha256", "layers", "n_ctx", "slots", "prefill_chunk")
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     model_sha256: str
     layers: LayerRange
     n_ctx: int
     slots: int
-    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., n_ctx: _Optional[int] = ..., slots: _Optional[int] = ...) -> None: ...
+    prefill_chunk: int
+    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., n_ctx: _Optional[int] = ..., slots: _Optional[int] = ..., prefill_chunk: _Optional[int] = ...) -> None: ...
 
 class LoadStageReply(_message.Message):
     __slots__ = ("stage",)

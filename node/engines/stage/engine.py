@@ -58,6 +58,7 @@ class StageEngine:
         self._lock = threading.Lock()
         self._decode_graphs: OrderedDict[tuple[int, int], StepGraph] = OrderedDict()
         self._closed = False
+        self.max_chunk = MAX_CHUNK
         self.memory = StageMemory(weight_bytes=weights.buffer.size if weights.buffer else 0,
                                   kv_cache_bytes=kv.buffer.size, compute_bytes=allocator.size)
 
@@ -65,12 +66,12 @@ class StageEngine:
 
     @classmethod
     def load(cls, path: Path, first: int, last_exclusive: int, *, n_ctx: int, slots: int,
-             threads: int) -> StageEngine:
+             threads: int, max_chunk: int = MAX_CHUNK) -> StageEngine:
         args, tensors = read_header(path)
         if not 0 <= first < last_exclusive <= args.n_layer:
             raise InvalidInput(f"layer range [{first}, {last_exclusive}) is not inside [0, {args.n_layer})")
-        if n_ctx < 1 or slots < 1 or threads < 1:
-            raise InvalidInput("n_ctx, slots and threads must all be >= 1")
+        if n_ctx < 1 or slots < 1 or threads < 1 or not 1 <= max_chunk <= MAX_CHUNK:
+            raise InvalidInput(f"n_ctx, slots and threads must all be >= 1, max_chunk 1..{MAX_CHUNK}")
         backend = ggml.CpuBackend(threads)
         weights: StageWeights | None = None
         kv: KvCache | None = None
@@ -81,7 +82,7 @@ class StageEngine:
             allocator = ggml.GraphAllocator(backend)
             # reserve for the largest step (a full chunk attending over the whole context), so that the
             # compute buffer never grows later and memory is reported up front
-            worst = build_step(args, weights, kv, n_tokens=min(MAX_CHUNK, n_ctx), n_kv=n_ctx, slot=0,
+            worst = build_step(args, weights, kv, n_tokens=min(max_chunk, n_ctx), n_kv=n_ctx, slot=0,
                                is_first=first == 0, is_last=last_exclusive == args.n_layer)
             try:
                 allocator.reserve(worst.graph)
@@ -93,6 +94,9 @@ class StageEngine:
                     res.close()
             raise
         engine = cls(path, args, first, last_exclusive, weights, kv, backend, allocator)
+        # Smaller chunks shrink the compute buffer (it holds a chunk x context attention matrix)
+        # so a stage fits a small device; prompts then take more, smaller steps.
+        engine.max_chunk = max_chunk
         log.info("stage [%d, %d) of %s (%s): weights %.1f MB, KV %.1f MB (%d slots x %d), compute %.1f MB",
                  first, last_exclusive, path.name, args.arch, engine.memory.weight_bytes / 1e6,
                  engine.memory.kv_cache_bytes / 1e6, slots, n_ctx, engine.memory.compute_bytes / 1e6)
@@ -138,8 +142,8 @@ class StageEngine:
                 self._backend.set_threads(threads)
             state.length = start_position  # truncation: later cells are masked and then overwritten
             outputs: list[np.ndarray] = []
-            for lo in range(0, n, MAX_CHUNK):
-                chunk = data[lo:lo + MAX_CHUNK]
+            for lo in range(0, n, self.max_chunk):
+                chunk = data[lo:lo + self.max_chunk]
                 outputs.append(self._step(state.slot, start_position + lo, chunk))
                 state.length = start_position + lo + len(chunk)
             if self.is_last:

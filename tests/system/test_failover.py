@@ -100,6 +100,11 @@ def test_with_no_capacity_left_the_client_gets_a_clear_error_fast(launcher: Laun
     assert time.monotonic() - started < 10
     assert response.status_code in (502, 503), response.text
     assert response.json()["error"]["message"]
+    # Nothing is left half-counted: the gateway's gauges are back to their idle values.
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    for gauge in ("edgemesh_in_flight_requests", "edgemesh_queue_depth"):
+        line = next(li for li in metrics.splitlines() if li.startswith(gauge + " "))
+        assert float(line.split()[-1]) == 0.0, line
 
 
 def test_without_a_spare_the_survivors_take_the_layers(launcher: Launcher, default_model: Path,

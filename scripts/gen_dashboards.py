@@ -1,6 +1,9 @@
 """Write the Grafana dashboards in grafana/dashboards from the panel lists below (the one
 place they are defined; a test fails when the JSON files are stale).
 
+Every query names its datasource by the fixed uid `prometheus` (grafana/provisioning/
+datasources/prometheus.yml), so the JSON works both provisioned and imported by hand.
+
 Usage: python scripts/gen_dashboards.py [--out DIR]
 """
 
@@ -9,101 +12,184 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+RATE = "$__rate_interval"
+QUANTILES = (0.5, 0.95, 0.99)
 
-Panel = tuple[str, str, list[tuple[str, str]], str]  # (title, kind, [(expr, legend)], unit)
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    kind: str  # "stat" or "timeseries"
+    targets: list[tuple[str, str]]  # (PromQL, legend)
+    unit: str = "none"
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # merged over the kind's defaults
+    mappings: list[dict[str, Any]] = field(default_factory=list)
+    no_value: str = ""
+
+
+def quantiles(metric: str, by: str, legend: str, selector: str = "", qs: tuple[float, ...] = QUANTILES
+              ) -> list[tuple[str, str]]:
+    """histogram_quantile targets over `metric`_bucket, one per quantile."""
+    group = f"{by}, le" if by else "le"
+    return [(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{selector}[{RATE}])))",
+             f"p{round(q * 100)}{legend}") for q in qs]
+
+
+def values(*pairs: tuple[int, str, str]) -> list[dict[str, Any]]:
+    """Value mappings: (value, text, colour)."""
+    return [{"type": "value", "options": {str(v): {"text": text, "color": colour, "index": i}}}
+            for i, (v, text, colour) in enumerate(pairs)]
+
+
+UP_DOWN = values((0, "down", "red"), (1, "up", "green"))
+SHOW_NAME = {"textMode": "name", "colorMode": "none", "graphMode": "none"}
+
+# A failover counter is born at 1 (prometheus_client creates a labelled series on its first
+# inc()), so increase() alone never sees the first failover of a kind after a gateway start:
+# series born inside the window count whole, older ones by their increase.
+FAILOVERS = f"(edgemesh_failovers_total unless edgemesh_failovers_total offset {RATE})" \
+            f" or increase(edgemesh_failovers_total[{RATE}])"
 
 OVERVIEW: list[Panel] = [
-    ("Nodes up", "stat", [("sum(edgemesh_mesh_node_up)", "ready nodes")], "none"),
-    ("Cloud up", "stat", [("max(edgemesh_cloud_up)", "cloud")], "none"),
-    ("Placements", "stat", [("sum by (kind) (edgemesh_placements)", "{{kind}}")], "none"),
-    ("In-flight requests", "stat", [("sum(edgemesh_in_flight_requests)", "in flight")], "none"),
-    ("Route split (requests/s)", "timeseries",
-     [("sum by (route) (rate(edgemesh_requests_total[$__rate_interval]))", "{{route}}")], "reqps"),
-    ("Requests by status", "timeseries",
-     [("sum by (status) (rate(edgemesh_requests_total[$__rate_interval]))", "{{status}}")], "reqps"),
-    ("Time to first token", "timeseries",
-     [(f"histogram_quantile({q}, sum by (le) (rate(edgemesh_time_to_first_token_seconds_bucket"
-       f"[$__rate_interval])))", f"p{int(q * 100)}") for q in (0.5, 0.95, 0.99)], "s"),
-    ("Tokens per second", "timeseries",
-     [("sum by (route) (rate(edgemesh_tokens_generated_total[$__rate_interval]))", "{{route}}")], "none"),
-    ("Inter-token latency", "timeseries",
-     [(f"histogram_quantile({q}, sum by (le) (rate(edgemesh_inter_token_latency_seconds_bucket"
-       f"[$__rate_interval])))", f"p{int(q * 100)}") for q in (0.5, 0.95, 0.99)], "s"),
-    ("Queue depth", "timeseries", [("sum(edgemesh_queue_depth)", "queued")], "none"),
-    ("Failovers", "timeseries",
-     [("sum by (from, to, reason) (increase(edgemesh_failovers_total[$__rate_interval]))",
-       "{{from}} → {{to}} ({{reason}})")], "none"),
-    ("Circuit breaker", "timeseries", [("max by (state) (edgemesh_cloud_breaker_state)", "{{state}}")], "none"),
-    ("Re-plans and replayed tokens", "timeseries",
-     [("sum by (reason) (increase(edgemesh_replans_total[$__rate_interval]))", "re-plan {{reason}}"),
-      ("sum(increase(edgemesh_replayed_tokens_total[$__rate_interval]))", "replayed tokens")], "none"),
-    ("Failover recovery", "timeseries",
-     [("histogram_quantile(0.95, sum by (le) (rate(edgemesh_failover_recover_seconds_bucket"
-       "[$__rate_interval])))", "p95 recover"),
-      ("histogram_quantile(0.95, sum by (le) (rate(edgemesh_failover_detect_seconds_bucket"
-       "[$__rate_interval])))", "p95 detect")], "s"),
-    ("Nodes by state", "timeseries", [("sum by (state) (edgemesh_mesh_nodes)", "{{state}}")], "none"),
+    Panel("Nodes up", "stat",
+          [("sum(edgemesh_mesh_node_up)", "ready"),
+           ('sum(edgemesh_mesh_nodes{state=~"joining|ready|draining|down"})', "known")],
+          description="Nodes the gateway sees as ready, and every node it follows (static peers and mDNS).",
+          options={"textMode": "value_and_name"}),
+    Panel("Cloud up", "stat", [("max(edgemesh_cloud_up) and on() group(edgemesh_cloud_breaker_state)", "cloud")],
+          description="The cloud upstream's health; empty when the gateway has no --cloud-url.",
+          mappings=UP_DOWN, no_value="no cloud", options={"colorMode": "background"}),
+    Panel("Breaker", "stat", [("max by (state) (edgemesh_cloud_breaker_state) == 1", "{{state}}")],
+          description="The cloud circuit breaker's current state.", options=SHOW_NAME, no_value="no cloud"),
+    Panel("Placements", "stat", [("sum by (kind) (edgemesh_placements)", "{{kind}}")],
+          description="Replicas and pipelines the scheduler can route to.", options={"textMode": "value_and_name"}),
+    Panel("In-flight requests", "stat", [("sum(edgemesh_in_flight_requests)", "in flight")]),
+    Panel("Queue depth", "stat", [("sum(edgemesh_queue_depth)", "queued")],
+          description="Requests admitted and waiting for their first token."),
+    Panel("Route split (requests/s)", "timeseries",
+          [(f"sum by (route) (rate(edgemesh_requests_total[{RATE}]))", "{{route}}")], "reqps",
+          description="Where answers come from: the mesh or the cloud."),
+    Panel("Requests by status", "timeseries",
+          [(f"sum by (status) (rate(edgemesh_requests_total[{RATE}]))", "{{status}}")], "reqps"),
+    Panel("Time to first token", "timeseries",
+          quantiles("edgemesh_time_to_first_token_seconds", "", ""), "s",
+          description="Request arrival to the first token sent to the client (alert: p95 > 5 s for 5 m)."),
+    Panel("Tokens per second", "timeseries",
+          [(f"sum by (route) (rate(edgemesh_tokens_generated_total[{RATE}]))", "{{route}}")], "none",
+          description="Tokens streamed to clients."),
+    Panel("Inter-token latency", "timeseries",
+          quantiles("edgemesh_inter_token_latency_seconds", "", ""), "s",
+          description="Gap between consecutive tokens sent to the client."),
+    Panel("Request duration", "timeseries", quantiles("edgemesh_request_duration_seconds", "", ""), "s"),
+    Panel("Queue depth and in-flight requests", "timeseries",
+          [("sum(edgemesh_queue_depth)", "queued"), ("sum(edgemesh_in_flight_requests)", "in flight")]),
+    Panel("Requests per node (gateway view)", "timeseries",
+          [("sum by (node_id) (edgemesh_mesh_node_in_flight)", "{{node_id}}")]),
+    Panel("Failovers", "timeseries",
+          [(f"sum by (from, to, reason) ({FAILOVERS})", "{{from}} → {{to}} ({{reason}})")], "none",
+          description="Requests moved mid-answer, by what failed, what took over and why."),
+    Panel("Circuit breaker", "timeseries", [("max by (state) (edgemesh_cloud_breaker_state)", "{{state}}")]),
+    Panel("Retries and rejections", "timeseries",
+          [(f"sum by (reason) (rate(edgemesh_retries_total[{RATE}]))", "retry {{reason}}"),
+           (f"sum by (reason) (rate(edgemesh_rejected_total[{RATE}]))", "rejected {{reason}}")], "reqps"),
+    Panel("Re-plans and replayed tokens", "timeseries",
+          [(f"sum by (reason) (increase(edgemesh_replans_total[{RATE}]))", "re-plan {{reason}}"),
+           (f"sum(increase(edgemesh_replayed_tokens_total[{RATE}]))", "replayed tokens")]),
+    Panel("Failover detection and recovery (p95)", "timeseries",
+          quantiles("edgemesh_failover_detect_seconds", "", " detect", qs=(0.95,))
+          + quantiles("edgemesh_failover_recover_seconds", "", " recover", qs=(0.95,)), "s"),
+    Panel("Nodes by state", "timeseries", [("sum by (state) (edgemesh_mesh_nodes)", "{{state}}")]),
+    Panel("Pipeline traffic", "timeseries",
+          [(f"sum by (direction) (rate(edgemesh_pipeline_bytes_total[{RATE}]))", "{{direction}}")], "Bps",
+          description="Hidden-state bytes moved between pipeline stages."),
 ]
 
-NODE_SELECTOR = '{instance=~"$instance"}'
-NODE: list[Panel] = [
-    ("Node up", "stat", [(f"edgemesh_node_up{NODE_SELECTOR}", "{{instance}}")], "none"),
-    ("Layers held", "stat", [(f"edgemesh_node_layers_held{NODE_SELECTOR}", "{{instance}}")], "none"),
-    ("KV slots in use", "stat", [(f"edgemesh_node_kv_slots_in_use{NODE_SELECTOR}", "{{instance}}")], "none"),
-    ("Stage sessions", "stat", [(f"edgemesh_node_stage_sessions{NODE_SELECTOR}", "{{instance}}")], "none"),
-    ("Memory", "timeseries", [(f"edgemesh_node_memory_bytes{NODE_SELECTOR}", "{{instance}} {{kind}}")], "bytes"),
-    ("Stage memory", "timeseries",
-     [(f"edgemesh_node_stage_memory_bytes{NODE_SELECTOR}", "{{instance}} {{kind}}")], "bytes"),
-    ("Stage step latency", "timeseries",
-     [(f"histogram_quantile({q}, sum by (le, kind) (rate(edgemesh_node_stage_step_seconds_bucket"
-       f"{NODE_SELECTOR}[$__rate_interval])))", f"p{int(q * 100)} {{{{kind}}}}") for q in (0.5, 0.95)], "s"),
-    ("RPC latency (p95)", "timeseries",
-     [("histogram_quantile(0.95, sum by (le, method) (rate(edgemesh_node_rpc_duration_seconds_bucket"
-       f"{NODE_SELECTOR}[$__rate_interval])))", "{{method}}")], "s"),
-    ("Bytes in / out", "timeseries",
-     [(f"rate(edgemesh_node_bytes_received_total{NODE_SELECTOR}[$__rate_interval])", "in {{instance}}"),
-      (f"rate(edgemesh_node_bytes_sent_total{NODE_SELECTOR}[$__rate_interval])", "out {{instance}}")], "Bps"),
-    ("Errors by code", "timeseries",
-     [(f"sum by (method, code) (rate(edgemesh_node_rpc_errors_total{NODE_SELECTOR}[$__rate_interval]))",
-       "{{method}} {{code}}")], "reqps"),
-    ("Auth failures", "timeseries",
-     [(f"rate(edgemesh_node_auth_failures_total{NODE_SELECTOR}[$__rate_interval])", "{{instance}}")], "reqps"),
-    ("Tokens per second", "timeseries",
-     [(f"rate(edgemesh_node_tokens_generated_total{NODE_SELECTOR}[$__rate_interval])", "{{instance}}")], "none"),
-    ("Requests in flight", "timeseries",
-     [(f"edgemesh_node_in_flight_requests{NODE_SELECTOR}", "{{instance}}")], "none"),
+NODE = '{instance=~"$node"}'
+NODE_PANELS: list[Panel] = [
+    Panel("Node up", "stat", [(f"edgemesh_node_up{NODE}", "{{instance}}")],
+          description="1 while the node serves, 0 while it drains.", mappings=values(
+              (0, "draining", "orange"), (1, "up", "green"))),
+    Panel("Scrape up", "stat", [(f"up{NODE}", "{{instance}}")],
+          description="Prometheus reaches the node's metrics port.", mappings=UP_DOWN),
+    Panel("Role", "stat", [(f"edgemesh_node_role{NODE} == 1", "{{instance}}: {{role}}")], options=SHOW_NAME),
+    Panel("Layers held", "stat", [(f"edgemesh_node_layers_held{NODE}", "{{instance}}")]),
+    Panel("KV slots in use", "stat", [(f"edgemesh_node_kv_slots_in_use{NODE}", "{{instance}}")]),
+    Panel("Stage sessions", "stat", [(f"edgemesh_node_stage_sessions{NODE}", "{{instance}}")]),
+    Panel("Memory", "timeseries", [(f"edgemesh_node_memory_bytes{NODE}", "{{instance}} {{kind}}")], "bytes",
+          description="Device memory (total, free) and the node's limit."),
+    Panel("Stage memory", "timeseries",
+          [(f"edgemesh_node_stage_memory_bytes{NODE}", "{{instance}} {{kind}}")], "bytes"),
+    Panel("Stage step latency", "timeseries",
+          quantiles("edgemesh_node_stage_step_seconds", "instance, kind", " {{instance}} {{kind}}", NODE), "s",
+          description="Compute time of one pipeline-stage step (prefill, decode)."),
+    Panel("RPC latency by method", "timeseries",
+          quantiles("edgemesh_node_rpc_duration_seconds", "method", " {{method}}", NODE, qs=(0.5, 0.95)), "s"),
+    Panel("RPCs by method", "timeseries",
+          [(f"sum by (method) (rate(edgemesh_node_rpc_duration_seconds_count{NODE}[{RATE}]))", "{{method}}")],
+          "reqps"),
+    Panel("Errors by code", "timeseries",
+          [(f"sum by (method, code) (rate(edgemesh_node_rpc_errors_total{NODE}[{RATE}]))", "{{method}} {{code}}")],
+          "reqps"),
+    Panel("Auth failures", "timeseries",
+          [(f"rate(edgemesh_node_auth_failures_total{NODE}[{RATE}])", "{{instance}}")], "reqps",
+          description="Calls refused for a missing or wrong cluster key."),
+    Panel("Bytes in / out", "timeseries",
+          [(f"rate(edgemesh_node_bytes_received_total{NODE}[{RATE}])", "in {{instance}}"),
+           (f"rate(edgemesh_node_bytes_sent_total{NODE}[{RATE}])", "out {{instance}}")], "Bps"),
+    Panel("Tokens per second", "timeseries",
+          [(f"rate(edgemesh_node_tokens_generated_total{NODE}[{RATE}])", "{{instance}}"),
+           (f"edgemesh_node_decode_tokens_per_second{NODE}", "{{instance}} last request's decode speed")]),
+    Panel("Requests by status", "timeseries",
+          [(f"sum by (instance, status) (rate(edgemesh_node_requests_total{NODE}[{RATE}]))",
+            "{{instance}} {{status}}")], "reqps"),
+    Panel("Time to first token on the node", "timeseries",
+          quantiles("edgemesh_node_time_to_first_token_seconds", "instance", " {{instance}}", NODE, (0.5, 0.95)),
+          "s"),
+    Panel("Requests in flight", "timeseries",
+          [(f"edgemesh_node_in_flight_requests{NODE}", "{{instance}}")]),
 ]
 
 
-def _panel(index: int, spec: Panel, y: int) -> dict[str, Any]:
-    title, kind, targets, unit = spec
-    width = 6 if kind == "stat" else 12
+def _panel(panel_id: int, spec: Panel) -> dict[str, Any]:
+    stat = spec.kind == "stat"
+    defaults: dict[str, Any] = {"unit": spec.unit}
+    if spec.mappings:
+        defaults["mappings"] = spec.mappings
+    if spec.no_value:
+        defaults["noValue"] = spec.no_value
+    options: dict[str, Any] = (
+        {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "colorMode": "value",
+         "graphMode": "area", "textMode": "auto", "justifyMode": "auto", "orientation": "auto"}
+        if stat else {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                      "tooltip": {"mode": "multi", "sort": "desc"}})
+    options.update(spec.options)
     return {
-        "id": index + 1, "type": kind, "title": title, "datasource": DATASOURCE,
-        "gridPos": {"h": 4 if kind == "stat" else 8, "w": width, "x": 0, "y": y},
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {} if kind == "stat" else {"legend": {"displayMode": "list", "placement": "bottom"}},
-        "targets": [{"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
-                    for i, (expr, legend) in enumerate(targets)],
+        "id": panel_id, "type": spec.kind, "title": spec.title, "description": spec.description,
+        "datasource": DATASOURCE,
+        "gridPos": {"h": 4 if stat else 8, "w": 4 if stat else 12, "x": 0, "y": 0},
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": options,
+        "targets": [{"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend,
+                     "range": True, "instant": False} for i, (expr, legend) in enumerate(spec.targets)],
     }
 
 
 def _layout(specs: list[Panel]) -> list[dict[str, Any]]:
-    """Stats four to a row, graphs two to a row."""
-    panels = []
-    x = y = 0
-    row_height = 0
+    """Stats six to a row, graphs two to a row, left to right and top to bottom."""
+    panels: list[dict[str, Any]] = []
+    x = y = row_height = 0
     for index, spec in enumerate(specs):
-        panel = _panel(index, spec, y)
+        panel = _panel(index + 1, spec)
         w, h = panel["gridPos"]["w"], panel["gridPos"]["h"]
-        if x + w > 24:
-            x, y = 0, y + row_height
-            row_height = 0
+        if x + w > 24 or (panels and panels[-1]["gridPos"]["h"] != h):
+            x, y, row_height = 0, y + row_height, 0
         panel["gridPos"].update({"x": x, "y": y})
         x += w
         row_height = max(row_height, h)
@@ -111,11 +197,14 @@ def _layout(specs: list[Panel]) -> list[dict[str, Any]]:
     return panels
 
 
-def dashboard(uid: str, title: str, specs: list[Panel], variables: list[dict[str, Any]],
+def dashboard(uid: str, title: str, description: str, specs: list[Panel], variables: list[dict[str, Any]],
               annotations: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "uid": uid, "title": title, "tags": ["edgemesh"], "schemaVersion": 39, "version": 1, "editable": True,
+        "id": None, "uid": uid, "title": title, "description": description, "tags": ["edgemesh"],
+        "schemaVersion": 39, "version": 1, "editable": True, "graphTooltip": 1,
         "time": {"from": "now-1h", "to": "now"}, "refresh": "10s", "timezone": "browser",
+        "links": [{"title": "EdgeMesh", "type": "dashboards", "tags": ["edgemesh"], "asDropdown": True,
+                   "includeVars": False, "keepTime": True}],
         "templating": {"list": variables},
         "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
                                   "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
@@ -126,17 +215,24 @@ def dashboard(uid: str, title: str, specs: list[Panel], variables: list[dict[str
 
 def overview() -> dict[str, Any]:
     failovers = {"name": "Failovers", "enable": True, "iconColor": "red", "datasource": DATASOURCE,
-                 "expr": "sum by (from, to, reason) (changes(edgemesh_failovers_total[1m])) > 0",
-                 "step": "30s", "titleFormat": "failover {{from}} → {{to}}", "textFormat": "{{reason}}"}
-    return dashboard("edgemesh-overview", "EdgeMesh overview", OVERVIEW, [], [failovers])
+                 "expr": f"sum by (from, to, reason) ({FAILOVERS}) > 0", "step": "15s",
+                 "titleFormat": "failover {{from}} → {{to}}", "textFormat": "{{reason}}", "tagKeys": "reason"}
+    return dashboard("edgemesh-overview", "EdgeMesh overview",
+                     "The mesh as the gateway sees it: nodes, cloud, routes, latency, failovers.",
+                     OVERVIEW, [], [failovers])
 
 
 def node() -> dict[str, Any]:
-    instance = {"name": "instance", "label": "node", "type": "query", "datasource": DATASOURCE,
-                "query": {"query": "label_values(edgemesh_node_up, instance)", "refId": "instance"},
-                "definition": "label_values(edgemesh_node_up, instance)", "refresh": 2, "includeAll": True,
-                "multi": True, "allValue": ".*", "current": {"text": "All", "value": "$__all"}}
-    return dashboard("edgemesh-node", "EdgeMesh node", NODE, [instance], [])
+    query = "label_values(edgemesh_node_info, instance)"
+    variable = {"name": "node", "label": "Node", "type": "query", "datasource": DATASOURCE,
+                "description": "The nodes' scrape addresses (instance label of edgemesh_node_info)",
+                "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+                "definition": query, "refresh": 2, "sort": 1, "regex": "", "hide": 0, "includeAll": True,
+                "multi": True, "options": [],  # no allValue: "All" is every listed node, never other targets
+                "current": {"selected": True, "text": ["All"], "value": ["$__all"]}}
+    return dashboard("edgemesh-node", "EdgeMesh node",
+                     "Per node: health, memory, layers, KV slots, stage steps, RPCs, bytes, errors.",
+                     NODE_PANELS, [variable], [])
 
 
 def write(out: Path) -> list[Path]:
@@ -150,7 +246,7 @@ def write(out: Path) -> list[Path]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "grafana" / "dashboards")
     for path in write(parser.parse_args().out):
         sys.stdout.write(f"wrote {path}\n")

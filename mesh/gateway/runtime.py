@@ -66,6 +66,7 @@ class GatewayRuntime:
                                        config.policy)
         self._browser: Browser | None = None
         self._probe_task: asyncio.Task[None] | None = None
+        self._exported_nodes: set[tuple[str, str]] = set()
 
     def _make_cloud(self, config: GatewayConfig) -> CloudUpstream | None:
         if config.policy not in POLICIES:
@@ -185,10 +186,21 @@ class GatewayRuntime:
         members = self.membership.members()
         for state in MemberState:
             self.metrics.mesh_nodes.labels(state.value).set(sum(1 for m in members if m.state == state))
+        current: set[tuple[str, str]] = set()
         for m in members:
             if m.info is not None:
+                current.add((m.info.node_id, m.info.name))
                 self.metrics.mesh_node_up.labels(m.info.node_id, m.info.name).set(
                     1 if m.state == MemberState.READY else 0)
+        # A restarted node has a new id: drop the old id's series instead of exporting a 0 forever.
+        for node_id, name in self._exported_nodes - current:
+            self.metrics.mesh_node_up.remove(node_id, name)
+            if node_id not in {n for n, _ in current}:
+                try:
+                    self.metrics.node_in_flight.remove(node_id)
+                except KeyError:  # never had a request
+                    pass
+        self._exported_nodes = current
         placements = self.scheduler.placements()
         for kind in ("replica", "pipeline"):
             self.metrics.placements.labels(kind).set(sum(1 for p in placements if p.kind == kind))

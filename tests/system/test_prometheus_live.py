@@ -1,29 +1,42 @@
-"""A real Prometheus scrapes a live mesh: every dashboard query evaluates, the core panels
-have data, the alert rules load, and CloudDown fires during a cloud outage and resolves
-after it."""
+"""A real Prometheus scrapes a live mesh (two nodes and a gateway whose cloud is down):
+every query of both dashboards evaluates, the core panels have data, the alert rules of
+deploy/alerts.yml load and are healthy, CloudDown fires during the cloud outage and resolves
+after it, and NodeDown and MeshDegraded fire when a node stops."""
 
 from __future__ import annotations
 
 import http.server
 import json
+import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import REPO, Launcher, gateway_url, wait_for_nodes
+from tests.conftest import REPO, Launcher, Proc, gateway_url, wait_for_nodes
+from tests.system.test_ops_files import dashboard_queries, label_values_selector, variable_queries
 
 pytestmark = pytest.mark.slow
 
 PROMETHEUS = shutil.which("prometheus")
-CORE_PANELS = {"Nodes up", "Time to first token", "Tokens per second", "Node up", "Memory", "Route split (requests/s)"}
+ALERTS = {"CloudDown", "NodeDown", "MeshDegraded", "HighTimeToFirstToken"}
+# Panels that must have data once the mesh has served a few requests (and failed over from
+# the dead cloud to the mesh while Prometheus watched).
+CORE = {
+    "EdgeMesh overview": {"Nodes up", "Cloud up", "Breaker", "Placements", "Route split (requests/s)",
+                          "Requests by status", "Time to first token", "Tokens per second", "Failovers"},
+    "EdgeMesh node": {"Node up", "Scrape up", "Layers held", "Memory", "Tokens per second", "RPC latency by method"},
+}
+SHORT_FOR = "2s"  # the rules' `for:` in this test, so that it need not wait minutes
 
 
 def free_port() -> int:
@@ -47,121 +60,184 @@ class _Models(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def query(prom: str, expr: str) -> dict[str, Any]:
-    reply: dict[str, Any] = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10).json()
-    return reply
+class Prometheus:
+    """/usr/bin/prometheus on loopback, on an ephemeral port, with its own TSDB; ended by pid."""
+
+    def __init__(self, workdir: Path, config: str, rules: str) -> None:
+        assert PROMETHEUS is not None
+        self.workdir = workdir
+        (workdir / "prometheus.yml").write_text(config)
+        (workdir / "alerts.yml").write_text(rules)
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = workdir / "prometheus.log"
+        with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
+            self.popen = subprocess.Popen(
+                [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}",
+                 f"--web.listen-address={self.url.removeprefix('http://')}",
+                 f"--storage.tsdb.path={workdir / 'tsdb'}", "--storage.tsdb.retention.time=1h"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            self.wait_until(self._ready, 30, "prometheus ready")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        if self.popen.poll() is not None:
+            raise AssertionError(f"prometheus exited with {self.popen.returncode}:\n{self.log()}")
+        try:
+            return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def api(self, path: str, **params: Any) -> Any:
+        reply = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=10).json()
+        assert reply["status"] == "success", (path, params, reply)
+        return reply["data"]
+
+    def query(self, expr: str) -> dict[str, Any]:
+        reply: dict[str, Any] = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10).json()
+        return reply
+
+    def rules(self) -> dict[str, dict[str, Any]]:
+        return {r["name"]: r for g in self.api("rules")["groups"] for r in g["rules"] if r["type"] == "alerting"}
+
+    def firing(self) -> dict[str, list[dict[str, str]]]:
+        out: dict[str, list[dict[str, str]]] = {}
+        for alert in self.api("alerts")["alerts"]:
+            if alert["state"] == "firing":
+                out.setdefault(alert["labels"]["alertname"], []).append(alert["labels"])
+        return out
+
+    def wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; prometheus log:\n{self.log()}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A Prometheus on loopback, configured by the test through the yielded config path."""
+def prometheus_binary() -> str:
     if PROMETHEUS is None:
         pytest.skip("prometheus is not installed (Debian package prometheus; `make test` installs it)")
-    config = tmp_path / "prometheus.yml"
-    yield f"127.0.0.1:{free_port()}", config
+    return PROMETHEUS
 
 
-def start_prometheus(listen: str, config: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
-    assert PROMETHEUS is not None
-    with open(tmp_path / "prometheus.log", "wb") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--web.listen-address={listen}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--web.enable-lifecycle"],
-                                stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://{listen}/-/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("prometheus did not become ready:\n" + (tmp_path / "prometheus.log").read_text()[-3000:])
+def concrete(expr: str, node: str) -> str:
+    """A dashboard query as Grafana would send it: template variables filled in."""
+    out = expr.replace("$__rate_interval", "1m").replace("$__interval", "15s").replace("$__range", "5m")
+    out = out.replace("$node", node)
+    assert "$" not in out, f"a template variable is left in {out!r}"
+    return out
 
 
 def test_dashboards_and_alerts_against_a_live_mesh(launcher: Launcher, default_model: Path, tmp_path: Path,
-                                                   prometheus: tuple[str, Path]) -> None:
-    listen, config = prometheus
+                                                   prometheus_binary: str) -> None:
     cloud_port = free_port()  # nothing listens here yet: the cloud starts out down
-    nodes = [launcher.node(f"node-{i}", default_model) for i in (1, 2)]
+    nodes: list[Proc] = [launcher.node(f"node-{i}", default_model) for i in (1, 2)]
     peers = [a for n in nodes for a in ("--peer", f"127.0.0.1:{n.ready[1]}")]
     gateway = launcher.gateway("gateway", default_model, "--no-discovery", *peers, "--policy", "cloud-first",
                                "--cloud-url", f"http://127.0.0.1:{cloud_port}/v1")
     url = gateway_url(gateway)
     wait_for_nodes(url, 2)
-    for i in range(4):
-        assert httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 8}).status_code == 200
 
-    # The real alert rules, with their `for:` shortened so the test need not wait minutes.
-    rules = (REPO / "deploy" / "alerts.yml").read_text()
-    for duration in ("1m", "2m", "5m"):
-        rules = rules.replace(f"for: {duration}", "for: 2s")
-    (tmp_path / "alerts.yml").write_text(rules)
-    gateway_target = url.removeprefix("http://")
-    node_targets = ", ".join(f'"127.0.0.1:{n.ready[2]}"' for n in nodes)
-    config.write_text(f"""
-global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+    node_targets = [f"127.0.0.1:{n.ready[2]}" for n in nodes]
+    # The real rules, with every `for:` shortened; the job names are those of deploy/prometheus.yml.
+    rules = re.sub(r"^(\s+)for: \S+$", rf"\1for: {SHORT_FOR}", (REPO / "deploy" / "alerts.yml").read_text(),
+                   flags=re.MULTILINE)
+    config = f"""
+global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
 rule_files: [alerts.yml]
 scrape_configs:
   - job_name: edgemesh-node
-    static_configs: [{{targets: [{node_targets}]}}]
+    static_configs: [{{targets: {json.dumps(node_targets)}}}]
   - job_name: edgemesh-gateway
-    static_configs: [{{targets: ["{gateway_target}"]}}]
-""")
-    proc = start_prometheus(listen, config, tmp_path)
-    prom = f"http://{listen}"
+    metrics_path: /metrics
+    static_configs: [{{targets: ["{url.removeprefix('http://')}"]}}]
+"""
+    (tmp_path / "prometheus").mkdir()
+    prom = Prometheus(tmp_path / "prometheus", config, rules)
+    cloud: http.server.ThreadingHTTPServer | None = None
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            targets = httpx.get(f"{prom}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-            if len(targets) == 3 and all(t["health"] == "up" for t in targets):
-                break
-            time.sleep(0.5)
-        assert all(t["health"] == "up" for t in targets), targets
-        for i in range(3):  # traffic while Prometheus watches, so rates have data
-            httpx.post(f"{url}/v1/completions", json={"prompt": f"{i}, {i + 1},", "max_tokens": 8}, timeout=120)
-        time.sleep(4)
+        def targets_up() -> bool:
+            targets = prom.api("targets")["activeTargets"]
+            return len(targets) == 3 and all(t["health"] == "up" for t in targets)
 
-        from tests.system.test_ops_files import dashboard_queries
+        prom.wait_until(targets_up, 30, "3 targets up")
 
-        empty = []
-        for board, panel, expr in dashboard_queries():
-            concrete = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
-            reply = query(prom, concrete)
-            assert reply["status"] == "success", (board, panel, concrete, reply)
-            if not reply["data"]["result"]:
-                empty.append(panel)
-        assert not CORE_PANELS & set(empty), f"core panels without data: {sorted(CORE_PANELS & set(empty))}"
+        # Traffic while Prometheus watches: the first requests try the dead cloud and fail over
+        # to the mesh (until the breaker opens), so the failover series are born under its eyes.
+        for i in range(5):
+            chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 8})
+            assert chat.status_code == 200, chat.text
+            text = httpx.post(f"{url}/v1/completions", timeout=120,
+                              json={"prompt": f"{i}, {i + 1},", "max_tokens": 8, "stream": i % 2 == 0})
+            assert text.status_code == 200, text.text
+        time.sleep(3)  # a few more scrapes, so that every rate has two samples after the traffic
 
-        rules_loaded = httpx.get(f"{prom}/api/v1/rules", timeout=10).json()["data"]["groups"][0]["rules"]
-        assert {r["name"] for r in rules_loaded} >= {"CloudDown", "NodeDown", "MeshDegraded",
-                                                      "HighTimeToFirstToken"}
-        assert all(r["health"] == "ok" for r in rules_loaded), rules_loaded
+        # Every query of every panel and annotation, with "All" nodes (as Grafana sends it: the
+        # listed values, regex-escaped) and with one node.
+        every_node = "(" + "|".join(t.replace(".", "\\\\.") for t in node_targets) + ")"
+        empty: dict[str, set[str]] = {}
+        for node in (every_node, node_targets[0]):
+            for board, panel, expr in dashboard_queries():
+                reply = prom.query(concrete(expr, node))
+                assert reply["status"] == "success", (board, panel, expr, reply)
+                if not reply["data"]["result"]:
+                    empty.setdefault(board, set()).add(panel)
+        scrapes = prom.query(concrete('up{instance=~"$node"}', every_node))["data"]["result"]
+        assert sorted(s["metric"]["instance"] for s in scrapes) == sorted(node_targets)  # no other target
+        missing = {board: sorted(CORE[board] & empty.get(board, set())) for board in CORE}
+        assert not any(missing.values()), f"core panels without data: {missing}"
+        # The node variable lists both nodes.
+        for _, _, query in variable_queries():
+            selector, label = label_values_selector(query)
+            assert sorted(prom.api(f"label/{label}/values", **{"match[]": selector})) == sorted(node_targets)
 
-        def cloud_down_state() -> str:
-            for group in httpx.get(f"{prom}/api/v1/rules", timeout=10).json()["data"]["groups"]:
-                for rule in group["rules"]:
-                    if rule["name"] == "CloudDown":
-                        return str(rule["state"])
-            return "missing"
+        # The alert rules load and evaluate; with the mesh whole, only the cloud is missing.
+        prom.wait_until(lambda: all(r["health"] == "ok" for r in prom.rules().values()), 15, "rules evaluated")
+        loaded = prom.rules()
+        assert set(loaded) >= ALERTS, sorted(loaded)
+        assert all(r["health"] == "ok" and not r.get("lastError") for r in loaded.values()), loaded
+        prom.wait_until(lambda: "CloudDown" in prom.firing(), 30, "CloudDown firing")
+        assert set(prom.firing()) == {"CloudDown"}, prom.firing()
+        assert [a["instance"] for a in prom.firing()["CloudDown"]] == [url.removeprefix("http://")]
 
-        deadline = time.monotonic() + 30
-        while cloud_down_state() != "firing" and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert cloud_down_state() == "firing"
+        # The cloud comes back (and stays): the gateway's probe sees it and the alert resolves.
+        cloud = http.server.ThreadingHTTPServer(("127.0.0.1", cloud_port), _Models)
+        threading.Thread(target=cloud.serve_forever, daemon=True).start()
+        prom.wait_until(lambda: prom.rules()["CloudDown"]["state"] == "inactive", 30, "CloudDown resolved")
 
-        # The cloud comes back: the gateway's probe sees it and the alert resolves.
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", cloud_port), _Models)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            deadline = time.monotonic() + 30
-            while cloud_down_state() != "inactive" and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert cloud_down_state() == "inactive"
-        finally:
-            server.shutdown()
-            server.server_close()
+        # A node stops (SIGTERM: it drains and exits): NodeDown for it, and the mesh is degraded.
+        nodes[1].stop()
+
+        def node_2_down() -> bool:
+            firing = prom.firing()
+            down = firing.get("NodeDown", [])
+            return ("MeshDegraded" in firing
+                    and any(a["job"] == "edgemesh-node" and a["instance"] == node_targets[1] for a in down)  # scrape
+                    and any(a["job"] == "edgemesh-gateway" and a.get("name") == "node-2" for a in down))  # gateway
+
+        prom.wait_until(node_2_down, 30, "NodeDown (scrape and gateway) and MeshDegraded for node-2")
+        firing = prom.firing()
+        assert len(firing["NodeDown"]) == 2, firing  # node-1 is not down
+        assert set(firing) == {"NodeDown", "MeshDegraded"}, firing
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        prom.stop()
+        if cloud is not None:
+            cloud.shutdown()
+            cloud.server_close()

@@ -113,12 +113,15 @@ class _Watcher:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _watch_health(self) -> None:
-        async for serving in self.client.health_watch():
-            if not serving:
-                self.set(MemberState.DRAINING, reason="health NOT_SERVING")
-            elif self.member.state == MemberState.DRAINING:
-                self._accept(await self.client.info())
-        raise EdgeMeshError("health stream ended")
+        while True:  # each watch has a (long) deadline; renew it when it runs out
+            started = time.monotonic()
+            async for serving in self.client.health_watch():
+                if not serving:
+                    self.set(MemberState.DRAINING, reason="health NOT_SERVING")
+                elif self.member.state == MemberState.DRAINING:
+                    self._accept(await self.client.info())
+            if time.monotonic() - started < RETRY_MIN_S:
+                raise EdgeMeshError("health watch ended at once")  # not a deadline: treat as broken
 
     async def _refresh(self) -> None:
         while True:

@@ -94,7 +94,8 @@ class PipelineRun:
         self._step += 1
         sampling = request.sampling
         # The penalty window is all the last stage needs of the history.
-        recent = tuple(history[-sampling.repeat_last_n:]) if sampling.repeat_penalty != 1.0 else ()
+        window = sampling.repeat_last_n if sampling.repeat_penalty != 1.0 else 0
+        recent = tuple(history[-window:]) if window > 0 else ()
         hidden: npt.NDArray[np.float32] | None = None
         out = StageOutput(step=self._step)
         last = len(self._streams) - 1

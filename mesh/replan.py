@@ -8,12 +8,14 @@ chosen nodes; the new chain forms from what they then report in Info.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from mesh.errors import EdgeMeshError
 from mesh.membership import Membership
 from mesh.metrics import GatewayMetrics
+from mesh.placements import pipeline_placements
 from mesh.planner import even_split
 from mesh.types import LayerRange, ModelSha, NodeId, NodeInfo, Placement, StageHeld
 
@@ -27,6 +29,9 @@ class Replanner:
         self._membership = membership
         self._model_sha = model_sha
         self._metrics = metrics
+        # Streams that fail together must not each re-plan: the second waits, then finds the
+        # first one's repair already in place (its pick succeeds without loading anything).
+        self._repairing = asyncio.Lock()
 
     def _ready(self) -> dict[NodeId, NodeInfo]:
         return {m.info.node_id: m.info for m in self._membership.ready() if m.info is not None}
@@ -44,6 +49,14 @@ class Replanner:
     async def repair(self, failed: Placement, gone: set[NodeId] | None, in_use: set[NodeId]) -> bool:
         """Make a complete pipeline possible again without the `gone` nodes (None: without
         any node of `failed`); True when something was loaded."""
+        async with self._repairing:
+            avoid = gone or set(failed.node_ids)
+            if any(avoid.isdisjoint(p.node_ids)
+                   for p in pipeline_placements(list(self._ready().values()), self._model_sha)):
+                return True  # another stream's repair (or a node that came back) already did it
+            return await self._repair(failed, gone, in_use)
+
+    async def _repair(self, failed: Placement, gone: set[NodeId] | None, in_use: set[NodeId]) -> bool:
         if failed.kind != "pipeline":
             return False
         started = time.monotonic()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
 
 from mesh.config import Timeouts
@@ -243,7 +243,7 @@ class Session:
             self._s._unreserve(self._placement)
             self._placement = None
 
-    async def events(self) -> AsyncIterator[TokenEvent]:
+    async def events(self) -> AsyncGenerator[TokenEvent, None]:
         """Every token of the request, failing over mid-stream by replay."""
         failovers = 0
         try:
@@ -291,11 +291,26 @@ class Session:
         for node_id in excluded:
             self._s._membership.mark_down(node_id, str(cause))
         replay = replace(self.request, replay_tokens=tuple(self.generated))
-        try:
-            placement = await self._s.pick_or_repair(excluded, (failed, culprit) if failed else None)
-        except (Unavailable, CapacityExhausted) as exc:
-            raise Unavailable(f"no capacity left to continue after {culprit or 'a node'} failed: {exc}") from cause
-        self._first = await self._connect(placement, replay)
+        last_failed = (failed, culprit) if failed else None
+        for _attempt in range(MIDSTREAM_FAILOVERS):
+            try:
+                placement = await self._s.pick_or_repair(excluded, last_failed)
+            except (Unavailable, CapacityExhausted) as exc:
+                raise Unavailable(f"no capacity left to continue after {culprit or 'a node'} failed: {exc}") \
+                    from cause
+            try:
+                self._first = await self._connect(placement, replay)
+                break
+            except PeerError as exc:  # the replacement failed too, before its first token: next one
+                again = _culprit(placement, exc)
+                excluded |= {again} if again else set(placement.node_ids)
+                for node_id in excluded:
+                    self._s._membership.mark_down(node_id, str(exc))
+                last_failed = (placement, again)
+                log.warning("request %s: replacement %s failed before its first token (%s)",
+                            self.request.request_id, again or ",".join(placement.node_ids), exc)
+        else:
+            raise Unavailable(f"no placement could continue request {self.request.request_id}") from cause
         self._s._metrics.failover_recover.observe(time.monotonic() - detected_at)
         self._s._metrics.retries.labels("midstream_failover").inc()
         self._s._metrics.failover(failed.kind if failed else "?", placement.kind, "node_error",

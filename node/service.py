@@ -246,6 +246,11 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             self._metrics.rpc_errors.labels("LoadStage", exc.grpc_code).inc()
             await _abort(context, exc)
             raise
+        except Exception as exc:  # a disk or memory failure: tell the caller, keep serving
+            log.exception("loading a stage failed")
+            self._metrics.rpc_errors.labels("LoadStage", "INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"loading the stage failed: {exc}")
+            raise
         finally:
             self._metrics.rpc_duration.labels("LoadStage").observe(time.monotonic() - started)
         return convert.load_stage_reply_to_pb(held)
@@ -271,6 +276,11 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                     self._metrics.rpc_errors.labels("Forward", exc.grpc_code).inc()
                     await _abort(context, exc)
                     return
+                except Exception as exc:  # a bug or a compute failure must not pass silently
+                    log.exception("a Forward step failed")
+                    self._metrics.rpc_errors.labels("Forward", "INTERNAL").inc()
+                    await context.abort(grpc.StatusCode.INTERNAL, f"the step failed: {exc}")
+                    return
                 reply = convert.stage_output_to_pb(step.session_id, output, step.reply_dtype)
                 self._metrics.bytes_out.inc(reply.ByteSize())
                 if output.token_id is not None:
@@ -295,6 +305,10 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                 ranges = [(r.offset, r.length) for r in request.ranges]
             if any(n == 0 or o + n > size for o, n in ranges) or sum(n for _, n in ranges) > size:
                 raise InvalidInput(f"byte ranges must lie inside the file's {size} bytes")
+        except OSError as exc:
+            self._metrics.rpc_errors.labels("FetchShard", "NOT_FOUND").inc()
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"cannot read the model file: {exc}")
+            return
         except EdgeMeshError as exc:
             self._metrics.rpc_errors.labels("FetchShard", exc.grpc_code).inc()
             await _abort(context, exc)

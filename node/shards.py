@@ -90,8 +90,13 @@ class ShardCache:
         try:
             os.ftruncate(fd, max(os.fstat(fd).st_size, self.model.file_bytes))
             async for chunk in source.fetch_shard(self.model.sha256, todo, header):
-                if chunk.offset + len(chunk.data) > self.model.file_bytes:
-                    raise PeerError(f"{source.address} sent bytes past the end of the file", retryable=False)
+                end = chunk.offset + len(chunk.data)
+                inside = (header and chunk.offset == fetched) or \
+                    any(o <= chunk.offset and end <= o + n for o, n in todo)
+                if end > self.model.file_bytes or not inside:
+                    raise PeerError(f"{source.address} sent bytes that were not asked for", retryable=False)
+                if chunk.range_sha256 and not header and (chunk.range_offset, chunk.range_length) not in todo:
+                    raise PeerError(f"{source.address} closed a range that was not asked for", retryable=False)
                 os.pwrite(fd, chunk.data, chunk.offset)
                 digest.update(chunk.data)
                 fetched += len(chunk.data)

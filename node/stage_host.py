@@ -54,6 +54,7 @@ class StageHost:
         self._metrics = metrics
         self._stages: dict[StageKey, tuple[StageEngine, StageHeld]] = {}
         self._lock = threading.Lock()  # guards the dict; each engine serializes its own compute
+        self._loading = threading.Lock()  # one load at a time: two loads of a range must not race
 
     def whole_file(self, model_sha256: ModelSha) -> Path:
         """A file this node can ship to others (not a shard copy)."""
@@ -87,7 +88,13 @@ class StageHost:
     def load(self, model_sha256: ModelSha, layers: LayerRange, n_ctx: int, slots: int,
              prefill_chunk: int = 0) -> StageHeld:
         """Blocking: reads the layer range's tensors from disk. Loading a range already held
-        with the same shape returns it as it is (idempotent, so a planner may retry)."""
+        with the same shape returns it as it is (idempotent, so a planner may retry); a range
+        held with another shape is only replaced while none of its sessions is open."""
+        with self._loading:
+            return self._load(model_sha256, layers, n_ctx, slots, prefill_chunk)
+
+    def _load(self, model_sha256: ModelSha, layers: LayerRange, n_ctx: int, slots: int,
+              prefill_chunk: int) -> StageHeld:
         local = self._files.get(model_sha256)
         if local is None:
             raise NotFound(f"this node has no file with sha256 {model_sha256[:12]}…")
@@ -107,6 +114,9 @@ class StageHost:
         if existing is not None and existing[1].slots == slots and existing[0].n_ctx == n_ctx and \
                 existing[1].prefill_chunk == chunk:
             return existing[1]
+        if existing is not None and existing[0].sessions():
+            raise CapacityExhausted(f"layers [{layers.first}, {layers.last_exclusive}) are serving "
+                                    f"{existing[0].sessions()} session(s); cannot reshape them now")
         self._check_memory(local, layers, n_ctx, slots, chunk, replacing=existing[1] if existing else None)
         started = time.monotonic()
         log.info("loading stage layers [%d, %d) of %s (%d slots, context %d)", layers.first,
@@ -127,20 +137,21 @@ class StageHost:
 
     def _check_memory(self, local: LocalFile, layers: LayerRange, n_ctx: int, slots: int, chunk: int,
                       replacing: StageHeld | None) -> None:
-        """Refuse a stage that would take this node past --memory-limit, before reading any byte."""
-        if not self._memory_limit:
-            return
+        """Refuse a stage that would take this node past --memory-limit (without one, past the
+        memory free right now), before reading any byte."""
         from mesh.planner import Policy, stage_bytes
+        from node.probe import memory
         from node.profile import model_profile
 
         need = stage_bytes(model_profile(local.path, local.model.sha256),
                            Policy(n_ctx=n_ctx, sessions_per_stage=slots, prefill_chunk=chunk), layers)
         held = sum(h.weight_bytes + h.kv_cache_bytes + h.compute_bytes for h in self.held() if h is not replacing)
-        if held + need > self._memory_limit:
+        limit = self._memory_limit or held + memory().free
+        if held + need > limit:
             raise CapacityExhausted(
                 f"layers [{layers.first}, {layers.last_exclusive}) need about {need / 2**20:.0f} MiB; with "
                 f"{held / 2**20:.0f} MiB already held that exceeds this node's limit of "
-                f"{self._memory_limit / 2**20:.0f} MiB")
+                f"{limit / 2**20:.0f} MiB")
 
     def _engine(self, step: StageStep) -> StageEngine:
         key: StageKey = (step.model_sha256, step.layers.first, step.layers.last_exclusive)

@@ -5,6 +5,7 @@ sees `Answer`: text deltas, a finish reason, usage and the route header.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,20 +53,22 @@ class MeshAnswer(Answer):
         text = TextStream(self._tokenizer, self._stop)
         last = time.monotonic()
         produced = 0
-        async for event in session.events():
-            now = time.monotonic()
-            if produced:
-                self._metrics.inter_token.labels(MESH_ROUTE).observe(now - last)
-            last = now
-            produced += 1
-            if event.token_id in session.request.stop_token_ids:
-                break
-            delta = text.push(event.token_id)
-            if delta:
-                yield delta
-            if text.stopped:
-                session.finish_reason = "stop"
-                break
+        events = session.events()
+        async with contextlib.aclosing(events):  # a stop string ends the loop early: free the node now
+            async for event in events:
+                now = time.monotonic()
+                if produced:
+                    self._metrics.inter_token.labels(MESH_ROUTE).observe(now - last)
+                last = now
+                produced += 1
+                if event.token_id in session.request.stop_token_ids:
+                    break
+                delta = text.push(event.token_id)
+                if delta:
+                    yield delta
+                if text.stopped:
+                    session.finish_reason = "stop"
+                    break
         tail = text.finish()
         if tail:
             yield tail

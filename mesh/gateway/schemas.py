@@ -32,7 +32,7 @@ class _Common(_Strict):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.8, ge=0.0, le=2.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    top_k: int = Field(default=40, ge=0)
+    top_k: int = Field(default=40, ge=0, le=2**31)
     min_p: float = Field(default=0.05, ge=0.0, le=1.0)
     repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)

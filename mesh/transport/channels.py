@@ -111,13 +111,16 @@ class NodeClient:
             call.cancel()  # no-op after a clean end; frees the node's slot when the consumer stops early
 
     async def health_watch(self) -> AsyncIterator[bool]:
-        """Yields True/False as the node's health status changes; ends when the stream breaks."""
+        """Yields True/False as the node's health status changes. Ends quietly when the
+        watch's own deadline passes (the caller watches again); raises when the stream breaks."""
         call = self._health.Watch(health_pb2.HealthCheckRequest(service=""),
                                   timeout=self._timeouts.request_s)
         try:
             async for msg in call:
                 yield msg.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return  # a long watch simply ran its course; keepalive guards the link meanwhile
             raise error_from_rpc(exc, f"health watch on {self.address}") from exc
         finally:
             call.cancel()

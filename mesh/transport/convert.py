@@ -38,16 +38,19 @@ def sampling_to_pb(params: SamplingParams) -> Any:
 
 
 def sampling_from_pb(msg: Any) -> SamplingParams:
-    """Sampling parameters from a peer, refused unless they make sense."""
-    values = (msg.temperature, msg.top_p, msg.min_p, msg.repeat_penalty)
+    """Sampling parameters from a peer, refused unless they make sense. Proto3 sends an unset
+    field as 0, so a 0 top_p or repeat_penalty means "off" (1.0), as an absent message does."""
+    top_p = msg.top_p or 1.0
+    repeat_penalty = msg.repeat_penalty or 1.0
+    values = (msg.temperature, top_p, msg.min_p, repeat_penalty)
     if not all(math.isfinite(v) for v in values):
         raise InvalidInput("sampling parameters must be finite numbers")
-    if msg.temperature < 0 or not 0 < msg.top_p <= 1 or not 0 <= msg.min_p <= 1 or msg.repeat_penalty <= 0:
+    if msg.temperature < 0 or not 0 < top_p <= 1 or not 0 <= msg.min_p <= 1 or repeat_penalty < 0:
         raise InvalidInput("sampling parameters out of range (temperature >= 0, 0 < top_p <= 1, "
                            "0 <= min_p <= 1, repeat_penalty > 0)")
     return SamplingParams(
-        temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, min_p=msg.min_p,
-        repeat_penalty=msg.repeat_penalty, seed=msg.seed, repeat_last_n=msg.repeat_last_n,
+        temperature=msg.temperature, top_p=top_p, top_k=msg.top_k, min_p=msg.min_p,
+        repeat_penalty=repeat_penalty, seed=msg.seed, repeat_last_n=msg.repeat_last_n,
     )
 
 

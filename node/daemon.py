@@ -99,7 +99,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     health = HealthState()
     stages = StageHost([local], threads, metrics, config.decode_threads,
                        identity.memory_limit)
-    service = NodeService(identity, engine, model if engine is not None else None, stages, metrics, state)
+    service = NodeService(identity, engine, model if engine is not None else None, stages, metrics, state,
+                          cluster_key)
     server = make_server(cluster_key, timeouts, limits, health, on_reject=lambda _m: metrics.auth_failures.inc())
     pb_grpc.add_NodeServicer_to_server(service, server)
     port = bind(server, config.host, config.port)

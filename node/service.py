@@ -24,7 +24,7 @@ import grpc
 from mesh import PROTOCOL_VERSION, __version__
 from mesh.errors import EdgeMeshError, InvalidInput, Unavailable
 from mesh.metrics import NodeMetrics
-from mesh.transport import convert
+from mesh.transport import auth, convert
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.types import GenerationRequest, ModelHeld, ModelSha, NodeId, NodeInfo, TokenEvent
 from node import probe
@@ -67,8 +67,9 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
     holds the pipeline stages loaded on request."""
 
     def __init__(self, identity: NodeIdentity, engine: LlamaCppEngine | None, model: ModelHeld | None,
-                 stages: StageHost, metrics: NodeMetrics, state: NodeState) -> None:
+                 stages: StageHost, metrics: NodeMetrics, state: NodeState, cluster_key: str) -> None:
         self._id = identity
+        self._cluster_key = cluster_key
         self._engine = engine
         self._model = model
         self._stages = stages
@@ -99,7 +100,11 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         with self._metrics.rpc_duration.labels("Info").time():
-            return convert.node_info_to_pb(self.info())
+            reply = convert.node_info_to_pb(self.info())
+            if len(request.challenge) > 64:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "challenge longer than 64 bytes")
+            reply.proof = auth.node_proof(self._cluster_key, bytes(request.challenge), self._id.node_id)
+            return reply
 
     # ------------------------------------------------------------------ generation
 

@@ -29,6 +29,13 @@ def cluster_hash(cluster_key: str) -> str:
     return hmac.new(cluster_key.encode(), b"edgemesh cluster id", hashlib.sha256).hexdigest()[:12]
 
 
+def node_proof(cluster_key: str, challenge: bytes, node_id: str) -> str:
+    """A node's answer to a caller's challenge: only a holder of the cluster key can make it,
+    so an impostor that copied an mDNS record (whose cluster hash is public) is refused."""
+    return hmac.new(cluster_key.encode(), b"edgemesh node proof\n" + challenge + node_id.encode(),
+                    hashlib.sha256).hexdigest()
+
+
 def _signature(cluster_key: str, timestamp: str, method: str) -> str:
     message = f"{timestamp}\n{method}".encode()
     return hmac.new(cluster_key.encode(), message, hashlib.sha256).hexdigest()

@@ -4,7 +4,9 @@ only way the mesh calls a node. Every call it makes is signed and has a deadline
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -80,11 +82,16 @@ class NodeClient:
         return auth.sign(self._key, SERVICE + method)
 
     async def info(self) -> NodeInfo:
+        """The node's Info, once it has proved it knows the cluster key (a node only ever gets
+        work, prompts or signed calls after this check)."""
+        challenge = os.urandom(16)
         try:
-            msg = await self._stub.Info(convert.info_request(), timeout=self._timeouts.info_rpc_s,
+            msg = await self._stub.Info(convert.info_request(challenge), timeout=self._timeouts.info_rpc_s,
                                         metadata=self._meta("Info"))
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"Info on {self.address}") from exc
+        if not hmac.compare_digest(msg.proof, auth.node_proof(self._key, challenge, msg.node_id)):
+            raise Unauthenticated(f"{self.address} cannot prove it knows the cluster key")
         return convert.node_info_from_pb(msg)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:

@@ -140,8 +140,8 @@ def node_info_from_pb(msg: Any) -> NodeInfo:
     )
 
 
-def info_request() -> Any:
-    return pb.InfoRequest()
+def info_request(challenge: bytes) -> Any:
+    return pb.InfoRequest(challenge=challenge)
 
 
 # ---------------------------------------------------------------------------- pipeline steps

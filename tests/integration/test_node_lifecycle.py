@@ -180,3 +180,42 @@ def test_full_node_is_skipped_and_a_refusal_before_the_first_token_is_retried(
         hog.join(timeout=120)
     after = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
     assert after.status_code == 200
+
+
+class _Impostor(edgemesh_pb2_grpc.NodeServicer):  # type: ignore[misc]
+    """A real gRPC server that copies a node's public facts but not the cluster key."""
+
+    def __init__(self, sha: str) -> None:
+        self._sha = sha
+
+    def Info(self, request: object, context: object) -> object:
+        return edgemesh_pb2.NodeInfo(node_id="feedfacefeedface", name="impostor", protocol_version=1,
+                                     slots=1, max_queue=8, proof="0" * 64,
+                                     models=[edgemesh_pb2.ModelHeld(name="x", sha256=self._sha, n_layers=30,
+                                                                    n_ctx=2048)])
+
+
+def test_a_node_that_cannot_prove_the_cluster_key_gets_no_work(launcher: Launcher, default_model: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from node.gguf import file_sha256
+
+    impostor = grpc.server(ThreadPoolExecutor(max_workers=2))
+    edgemesh_pb2_grpc.add_NodeServicer_to_server(_Impostor(file_sha256(default_model)), impostor)
+    port = impostor.add_insecure_port("127.0.0.1:0")
+    impostor.start()
+    try:
+        gateway = launcher.gateway("gw", default_model, "--no-discovery", "--peer", f"127.0.0.1:{port}")
+        url = gateway_url(gateway)
+        deadline = time.monotonic() + 20
+        state = None
+        while time.monotonic() < deadline and state != "unauthenticated":
+            nodes = httpx.get(f"{url}/api/cluster", timeout=10).json()["nodes"]
+            state = nodes[0]["state"] if nodes else None
+            time.sleep(0.2)
+        assert state == "unauthenticated"
+        assert httpx.get(f"{url}/api/cluster", timeout=10).json()["placements"] == []
+        refused = httpx.post(f"{url}/v1/completions", json={"prompt": "secret", "max_tokens": 2}, timeout=30)
+        assert refused.status_code == 503
+    finally:
+        impostor.stop(grace=None)

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,3 +155,24 @@ def sse_events(response: httpx.Response) -> list[dict[str, Any]]:
     lines = [line for line in response.text.splitlines() if line.startswith("data: ")]
     assert lines and lines[-1] == "data: [DONE]", response.text[-500:]
     return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def stream_completion(url: str, body: dict[str, Any],
+                      on_chunk: Callable[[int], None] | None = None) -> tuple[str, float, str]:
+    """Stream a completion: its text, the seconds it took and its last finish_reason.
+    `on_chunk(n)` runs after the n-th chunk (tests use it to inject a fault mid-stream)."""
+    pieces: list[str] = []
+    finish = ""
+    started = time.monotonic()
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            pieces.append(event["choices"][0]["text"])
+            finish = event["choices"][0]["finish_reason"] or finish
+            if on_chunk is not None:
+                on_chunk(len(pieces))
+    return "".join(pieces), time.monotonic() - started, finish

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -12,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Launcher, gateway_url
+from tests.conftest import Launcher, gateway_url, stream_completion
 
 pytestmark = pytest.mark.slow
 
@@ -21,23 +20,7 @@ BODY = {"prompt": PROMPT, "max_tokens": 64, "temperature": 0, "stream": True}
 
 
 def stream_tokens(url: str, on_chunk: Any = None) -> tuple[str, float, str]:
-    """The streamed text, the seconds it took, and the last finish_reason."""
-    pieces: list[str] = []
-    finish = ""
-    started = time.monotonic()
-    with httpx.stream("POST", f"{url}/v1/completions", json=BODY, timeout=120) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
-            choice = event["choices"][0]
-            pieces.append(choice["text"])
-            finish = choice["finish_reason"] or finish
-            if on_chunk is not None:
-                on_chunk(len(pieces))
-    return "".join(pieces), time.monotonic() - started, finish
+    return stream_completion(url, BODY, on_chunk)
 
 
 def test_sigkill_of_a_stage_at_token_20_with_a_spare(launcher: Launcher, default_model: Path,

@@ -10,7 +10,6 @@ which would stop every Ray on the machine).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -27,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, Launcher, Proc, gateway_url, wait_for_nodes
+from tests.conftest import REPO, Launcher, Proc, gateway_url, stream_completion, wait_for_nodes
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs the ray extra: pip install -e .[ray]")
 
@@ -122,23 +121,10 @@ def describe(name: str, timeout: float = 60) -> dict[str, Any]:
     return result
 
 
-def stream_completion(url: str, on_chunk: Callable[[int], None] | None = None) -> tuple[str, str]:
+def stream_greedy(url: str, on_chunk: Callable[[int], None] | None = None) -> tuple[str, str]:
     """The streamed text of a greedy 64-token completion, and its finish_reason."""
-    body = {"prompt": PROMPT, "max_tokens": 64, "temperature": 0, "stream": True}
-    pieces: list[str] = []
-    finish = ""
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
-            pieces.append(event["choices"][0]["text"])
-            finish = event["choices"][0]["finish_reason"] or finish
-            if on_chunk is not None:
-                on_chunk(len(pieces))
-    return "".join(pieces), finish
+    text, _, finish = stream_completion(url, {"prompt": PROMPT, "max_tokens": 64, "temperature": 0}, on_chunk)
+    return text, finish
 
 
 def expected_text(reference_llm: Any) -> str:
@@ -185,7 +171,7 @@ def test_sigkill_of_a_node_actor_mid_stream_replays_and_ray_restarts_it(ray_mesh
             killed.append(time.monotonic())
 
     started = time.monotonic()
-    text, finish = stream_completion(ray_mesh.url, kill_at_20)
+    text, finish = stream_greedy(ray_mesh.url, kill_at_20)
     assert killed, "the stream ended before token 20"
     print(f"stream with a SIGKILLed actor took {time.monotonic() - started:.2f}s")
     assert text == expected
@@ -212,7 +198,7 @@ def test_sigkill_of_a_node_actor_mid_stream_replays_and_ray_restarts_it(ray_mesh
     assert 'edgemesh_failovers_total{from="pipeline",reason="node_error",to="pipeline"} 1.0' in metrics
 
     # The repaired mesh still answers exactly as llama.cpp does.
-    again, _ = stream_completion(ray_mesh.url)
+    again, _ = stream_greedy(ray_mesh.url)
     assert again == expected
 
 

@@ -80,3 +80,59 @@ def test_a_replica_cannot_come_from_peers(launcher: Launcher) -> None:
                           wait_ready=False)
     assert proc.popen.wait(timeout=60) == 2
     assert "--role stage" in proc.log()
+
+
+def test_fetch_shard_refuses_bad_requests_and_keeps_serving(launcher: Launcher, default_model: Path) -> None:
+    import grpc
+
+    from mesh.transport.auth import sign
+    from mesh.transport.generated import edgemesh_pb2, edgemesh_pb2_grpc
+    from node.gguf import file_sha256
+
+    sha = file_sha256(default_model)
+    node = launcher.node("holder", default_model, "--role", "stage")
+    size = default_model.stat().st_size
+
+    async def calls() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{node.ready[1]}") as channel:
+            stub = edgemesh_pb2_grpc.NodeStub(channel)
+
+            async def fetch(sha256: str, ranges: list[tuple[int, int]]) -> list[Any]:
+                request = edgemesh_pb2.FetchShardRequest(
+                    model_sha256=sha256, ranges=[edgemesh_pb2.ByteRange(offset=o, length=n) for o, n in ranges])
+                return [c async for c in stub.FetchShard(request, timeout=30,
+                                                          metadata=sign(launcher.cluster_key,
+                                                                        "/edgemesh.v1.Node/FetchShard"))]
+
+            for bad_sha, ranges, code in (("ab" * 32, [(0, 10)], grpc.StatusCode.NOT_FOUND),
+                                          (sha, [(size - 5, 10)], grpc.StatusCode.INVALID_ARGUMENT),
+                                          (sha, [(0, 0)], grpc.StatusCode.INVALID_ARGUMENT)):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await fetch(bad_sha, ranges)
+                assert raised.value.code() == code
+            chunks = await fetch(sha, [(100, 3 << 20)])  # three 1 MiB chunks, the last with the range's hash
+            assert [c.offset for c in chunks] == [100, 100 + (1 << 20), 100 + (2 << 20)]
+            import hashlib
+
+            with open(default_model, "rb") as f:
+                f.seek(100)
+                assert chunks[-1].range_sha256 == hashlib.sha256(f.read(3 << 20)).hexdigest()
+
+    asyncio.run(calls())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["up", "--split", "ten,twenty", "--port", "0"], "--split"),
+    (["up", "--strategy", "pipeline", "--nodes", "2", "--stages", "3", "--port", "0"], "3 stages need"),
+    (["plan", "--nodes", "3"], "--dry-run"),
+    (["node", "--role", "bogus", "--port", "0", "--metrics-port", "0"], "--role"),
+])
+def test_cli_refuses_bad_flags_with_a_clear_message(argv: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-m", "mesh.cli", *argv], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]

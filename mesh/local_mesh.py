@@ -25,7 +25,7 @@ from mesh.config import GatewayConfig, Timeouts
 from mesh.discovery import Peer
 from mesh.errors import ConfigError, ModelError
 from mesh.model_store import resolve
-from mesh.planner import PeerCapability, Plan, Policy, even_split, plan
+from mesh.planner import PeerCapability, Plan, Policy, contiguous_ranges, even_split, plan
 from mesh.types import LayerRange, NodeId
 from node.gguf import inspect as inspect_gguf
 from node.probe import default_threads
@@ -108,11 +108,7 @@ def split_layers(n_layers: int, stages: int, split: tuple[int, ...] = ()) -> lis
         if any(n < 1 for n in split) or sum(split) != n_layers:
             raise ConfigError(f"--split must be positive and add up to the model's {n_layers} layers, "
                               f"not {sum(split)}")
-        ranges, first = [], 0
-        for size in split:
-            ranges.append(LayerRange(first, first + size))
-            first += size
-        return ranges
+        return contiguous_ranges(split)
     if not 1 <= stages <= n_layers:
         raise ConfigError(f"cannot split {n_layers} layers into {stages} stages")
     return even_split(n_layers, stages)

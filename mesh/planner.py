@@ -71,14 +71,18 @@ class Plan:
         return bool(self.placements)
 
 
-def even_split(n_layers: int, parts: int) -> list[LayerRange]:
-    """Contiguous ranges as equal as can be; the first ranges take the remainder."""
-    sizes = [n_layers // parts + (1 if i < n_layers % parts else 0) for i in range(parts)]
+def contiguous_ranges(sizes: Sequence[int]) -> list[LayerRange]:
+    """Back-to-back layer ranges of the given sizes, starting at layer 0."""
     ranges, first = [], 0
     for size in sizes:
         ranges.append(LayerRange(first, first + size))
         first += size
     return ranges
+
+
+def even_split(n_layers: int, parts: int) -> list[LayerRange]:
+    """Contiguous ranges as equal as can be; the first ranges take the remainder."""
+    return contiguous_ranges([n_layers // parts + (1 if i < n_layers % parts else 0) for i in range(parts)])
 
 
 def compute_bytes(profile: ModelProfile, policy: Policy, *, last: bool) -> int:

@@ -63,10 +63,10 @@ class Replanner:
         ready = self._ready()
         gone = gone or set(failed.node_ids)
         culprit = ",".join(sorted(gone))
-        slots = max((s.slots for i in ready.values() for s in i.stages if s.model_sha256 == self._model_sha),
-                    default=1)
+        held = held_stages(ready, self._model_sha)  # new stages copy the shape of the surviving ones
+        slots = max((s.slots for s in held), default=1)
+        chunk = min((s.prefill_chunk for s in held), default=0)
         n_ctx = min((m.n_ctx for i in ready.values() for m in i.files if m.sha256 == self._model_sha), default=2048)
-        chunk = min((s.prefill_chunk for s in held_stages(ready, self._model_sha)), default=0)
         try:
             lost = [s for s in failed.stages if s.node_id in gone]
             spares = self.spares(in_use | gone)

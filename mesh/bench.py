@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class BenchOptions:
     threads: int = 0
     strategy: str = "replica"
     prefill_tokens: int = 512
+    decode_threads: int = 0  # threads of single-token pipeline steps (0 = the mesh's default)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,14 @@ async def _bench(options: BenchOptions) -> dict[str, float]:
 
     threads = options.threads or os.cpu_count() or 1
     model_path = await asyncio.to_thread(resolve, options.model)
+    # llama.cpp always runs on this one thread: libgomp gives every thread that computes its own
+    # OpenMP team, and two teams on two cores slow the baseline (see node.compute).
+    baseline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama.cpp")
+    loop = asyncio.get_running_loop()
+
+    async def baseline(tokens: int, prompt: str = BENCH_PROMPT) -> RunTiming:
+        return await loop.run_in_executor(baseline_thread, baseline_run, llm, tokens, prompt)
+
     llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                           n_batch=512, verbose=False)
     stop = asyncio.Event()
@@ -125,6 +135,7 @@ async def _bench(options: BenchOptions) -> dict[str, float]:
         mesh = asyncio.create_task(run_local_mesh(LocalMeshOptions(
             nodes=options.nodes, port=0, model=str(model_path), strategy=options.strategy,
             threads=options.threads if options.threads else (threads if options.nodes == 1 else 0),
+            decode_threads=options.decode_threads,
             ready_file=str(ready)), stop))
         try:
             while not ready.exists():
@@ -141,18 +152,19 @@ async def _bench(options: BenchOptions) -> dict[str, float]:
             ours_prefill: list[float] = []
             async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
                 await mesh_run(client, url, 8)  # warm-up: first request pays for lazy set-up
-                await asyncio.to_thread(baseline_run, llm, 8)
+                await baseline(8)
                 for i in range(options.runs):
-                    base.append(await asyncio.to_thread(baseline_run, llm, options.tokens))
+                    base.append(await baseline(options.tokens))
                     ours.append(await mesh_run(client, url, options.tokens))
                     log.info("run %d/%d: llama.cpp %.1f tok/s, mesh %.1f tok/s", i + 1, options.runs,
                              base[-1].decode_tps, ours[-1].decode_tps)
                     # Prefill: time to the first token of a long prompt (prompt evaluation).
-                    base_prefill.append((await asyncio.to_thread(baseline_run, llm, 1, prefill_prompt)).first_token_s)
+                    base_prefill.append((await baseline(1, prefill_prompt)).first_token_s)
                     ours_prefill.append((await mesh_run(client, url, 1, prefill_prompt)).total_s)
         finally:
             stop.set()
             await asyncio.gather(mesh, return_exceptions=True)
+            baseline_thread.shutdown()
     if min(r.tokens for r in base + ours) < options.tokens:
         log.warning("some runs ended before %d tokens (end of generation); rates are still comparable",
                     options.tokens)

@@ -132,7 +132,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from mesh.bench import BenchOptions, run_bench
 
     run_bench(BenchOptions(model=args.model, nodes=args.nodes, tokens=args.tokens, runs=args.runs,
-                           threads=args.threads, strategy=args.strategy, prefill_tokens=args.prefill_tokens))
+                           threads=args.threads, strategy=args.strategy, prefill_tokens=args.prefill_tokens,
+                           decode_threads=args.decode_threads))
 
 
 # ---------------------------------------------------------------------------- ray (begin)
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="threads per node (0 = cores / nodes for replicas, all cores for pipeline stages)")
     p.add_argument("--decode-threads", type=int, default=0,
-                   help="threads of a single-token pipeline step (0 = cores / nodes)")
+                   help="threads of a single-token pipeline step (0 = as --threads)")
     p.add_argument("--slots", type=int, default=1, help="concurrent requests per node [default: 1]")
     p.add_argument("--n-ctx", type=int, default=2048, help="context length per request [default: 2048]")
     p.add_argument("--memory-limit", default="0", help="memory each node may use, e.g. 60MB (0 = no limit)")
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="timed runs of each side [default: 3]")
     p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
     p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement")
+    p.add_argument("--decode-threads", type=int, default=0,
+                   help="threads of single-token pipeline steps (0 = the mesh's default)")
     p.set_defaults(func=cmd_bench)
     add_ray_commands(sub)
     return parser

@@ -27,6 +27,7 @@ from mesh.errors import ConfigError, ModelError
 from mesh.model_store import resolve
 from mesh.planner import PeerCapability, Plan, Policy, contiguous_ranges, even_split, plan
 from mesh.types import LayerRange, NodeId
+from node.compute import STAGE_OPENMP_ENV
 from node.gguf import inspect as inspect_gguf
 from node.probe import default_threads
 
@@ -58,7 +59,7 @@ class LocalMeshOptions:
     cluster_key: str = ""
     ready_file: str = ""
     memory_limit: str = "0"
-    decode_threads: int = 0  # threads of single-token pipeline steps (0 = a fair share of the cores)
+    decode_threads: int = 0  # threads of single-token pipeline steps (0 = as many as for prefill)
     stages: int = 0  # pipeline: how many stages (0 = one per node); the other nodes stay spare
     split: tuple[int, ...] = ()  # pipeline: layers per stage (default: an even split)
 
@@ -90,10 +91,8 @@ STAGE_LOAD_TIMEOUT_S = 300.0
 
 
 def threads_per_node(nodes: int, requested: int) -> int:
-    """A fair share of this machine's cores for each node. Replicas run at the same time;
-    pipeline stages take turns, yet for single-token steps a share still beats every core
-    (measured on 2 cores with 3 stages: a second thread per decode step buys nothing, as
-    waking and synchronising it costs what it saves). Prefill uses every core (spawn_node)."""
+    """A fair share of this machine's cores for each replica node: replicas run at the same
+    time. (Pipeline stages take turns and use every core; see spawn_node.)"""
     if requested > 0:
         return requested
     return max(1, (os.cpu_count() or 1) // nodes)
@@ -118,11 +117,11 @@ def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_
                workdir: Path, role: str) -> NodeProcess:
     name = f"node-{index + 1}"
     ready = workdir / f"{name}.ready"
-    shared = threads_per_node(options.nodes, options.threads)
-    # Replicas run at once and share the cores; stages take turns, so a prefill chunk (long
-    # enough to win from every core) uses them all, and a decode step uses a fair share.
-    threads = (options.threads or default_threads()) if role == "stage" else shared
-    decode_threads = options.decode_threads or shared
+    # Replicas run at once and share the cores; stages take turns, so each step of a stage,
+    # prefill chunk or single token, uses every core.
+    threads = (options.threads or default_threads()) if role == "stage" \
+        else threads_per_node(options.nodes, options.threads)
+    decode_threads = options.decode_threads or threads
     command = [
         sys.executable, "-m", "mesh.cli", "node", "--model", str(model_path), "--name", name,
         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
@@ -135,9 +134,8 @@ def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_
     # The key goes by environment, not argv, so `ps` does not show it.
     env = {**os.environ, "EDGEMESH_CLUSTER_KEY": cluster_key}
     if role == "stage":
-        # Stages of one machine take turns; an idle stage's OpenMP workers must sleep at once
-        # instead of spinning on the cores the busy stage needs.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        for variable, value in STAGE_OPENMP_ENV.items():
+            env.setdefault(variable, value)  # what the user set wins
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
     log.info("started %s (pid %d)", name, process.pid)
     return NodeProcess(name, process, ready)

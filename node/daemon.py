@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import uuid
+from functools import partial
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -26,6 +27,7 @@ from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.transport.server import HealthState, bind, make_server
 from mesh.types import ModelHeld, ModelSha, NodeId
 from node import gguf, probe
+from node.compute import ComputeThread
 from node.engines.llamacpp import LlamaCppEngine
 from node.service import NodeIdentity, NodeService, NodeState
 from node.shard_source import shard_file_from_peers
@@ -74,8 +76,10 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     model_path, model = local.path, local.model
     engine = await asyncio.to_thread(load_replica, model_path, config, threads) if config.role == "replica" \
         else None
+    compute = ComputeThread()
     try:
-        speed = await asyncio.to_thread(probe.measure_decode_speed, model_path, model.n_layers, threads)
+        speed = await asyncio.wrap_future(compute.call(
+            partial(probe.measure_decode_speed, model_path, model.n_layers, threads)))
         log.info("probe: about %.1f decode tokens/s on the whole model with %d thread(s)", speed, threads)
     except EdgeMeshError as exc:  # an architecture the stage engine does not run: no speed to offer
         log.info("probe: decode speed not measured (%s)", exc)
@@ -100,7 +104,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     stages = StageHost([local], threads, metrics, config.decode_threads,
                        identity.memory_limit)
     service = NodeService(identity, engine, model if engine is not None else None, stages, metrics, state,
-                          cluster_key)
+                          cluster_key, compute)
     server = make_server(cluster_key, timeouts, limits, health, on_reject=lambda _m: metrics.auth_failures.inc())
     pb_grpc.add_NodeServicer_to_server(service, server)
     port = bind(server, config.host, config.port)
@@ -134,6 +138,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         # CancelledError although nothing is wrong; the drain above already ended real work.
         logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
         await server.stop(grace=2.0)
+        compute.close()
         service.shutdown()
         metrics_server.shutdown()
         log.info("node %s stopped", identity.name)

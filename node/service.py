@@ -15,8 +15,9 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
@@ -28,6 +29,7 @@ from mesh.transport import auth, convert
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.types import GenerationRequest, ModelHeld, ModelSha, NodeId, NodeInfo, TokenEvent
 from node import probe
+from node.compute import ComputeThread
 from node.engines.llamacpp import LlamaCppEngine
 from node.shards import CHUNK_BYTES
 from node.stage_host import StageHost
@@ -67,7 +69,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
     holds the pipeline stages loaded on request."""
 
     def __init__(self, identity: NodeIdentity, engine: LlamaCppEngine | None, model: ModelHeld | None,
-                 stages: StageHost, metrics: NodeMetrics, state: NodeState, cluster_key: str) -> None:
+                 stages: StageHost, metrics: NodeMetrics, state: NodeState, cluster_key: str,
+                 compute: ComputeThread) -> None:
         self._id = identity
         self._cluster_key = cluster_key
         self._engine = engine
@@ -76,10 +79,11 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         self._metrics = metrics
         self._state = state
         self._running = asyncio.Semaphore(identity.slots)
-        self._pool = ThreadPoolExecutor(max_workers=identity.slots, thread_name_prefix="generate")
-        # Stage steps block on ggml; each engine serializes its compute, so a few threads are
-        # enough to keep several stages (or a load beside a step) from waiting on each other.
-        self._stage_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stage")
+        # Replica tokens and stage steps all run on the node's one compute thread (see
+        # node.compute); loads and releases only read files and take locks, so they use a
+        # small pool and never make a step wait for a disk read.
+        self._compute = compute
+        self._stage_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-io")
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -204,20 +208,19 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         stop = threading.Event()
+
         def put(item: object) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def work() -> None:
-            try:
-                assert self._engine is not None  # checked by _validate
-                for event in self._engine.generate(request, stop.is_set):
-                    put(event)
-            except BaseException as exc:  # noqa: BLE001 - relayed to the event loop and raised there
-                put(exc)
-            finally:
-                put(_END)
+        def relay_end(done: Future[None]) -> None:
+            error = done.exception()
+            if error is not None:
+                put(error)  # relayed to the event loop and raised there
+            put(_END)
 
-        future = loop.run_in_executor(self._pool, work)
+        assert self._engine is not None  # checked by _validate
+        future = self._compute.stream(self._engine.generate(request, stop.is_set), put)
+        future.add_done_callback(relay_end)
         try:
             while True:
                 item = await queue.get()
@@ -229,7 +232,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                 yield item
         finally:
             stop.set()
-            await asyncio.shield(future)
+            await asyncio.shield(asyncio.wrap_future(future))
 
     # ------------------------------------------------------------------ pipeline stages
 
@@ -264,7 +267,6 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                       context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """One long-lived stream per (session driver, stage). Sessions opened on a stream are
         freed when the stream ends however it ends: done, cancelled, timed out or broken."""
-        loop = asyncio.get_running_loop()
         opened: set[str] = set()
         self._enter()
         try:
@@ -276,7 +278,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                     if self._state.draining and step.session_id not in opened:
                         raise Unavailable("node is draining and takes no new sessions")
                     opened.add(step.session_id)
-                    output = await loop.run_in_executor(self._stage_pool, self._stages.step, step)
+                    output = await asyncio.wrap_future(self._compute.call(partial(self._stages.step, step)))
                 except EdgeMeshError as exc:
                     self._metrics.rpc_errors.labels("Forward", exc.grpc_code).inc()
                     await _abort(context, exc)
@@ -341,6 +343,5 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         return convert.release_reply_to_pb(released)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
         self._stage_pool.shutdown(wait=True, cancel_futures=True)
         self._stages.close()

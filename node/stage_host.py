@@ -47,9 +47,8 @@ class StageHost:
         self._files = {f.model.sha256: f for f in files}
         self._memory_limit = memory_limit  # bytes the stages may take in all (0 = no limit)
         self._threads = threads
-        # Single-token steps may use fewer threads than prefill chunks: when several stages
-        # share one machine, a decode step is too short to win from a second thread that it
-        # has to wake and synchronise with on every op.
+        # Single-token steps may use a different thread count than prefill chunks (--decode-threads),
+        # e.g. to leave a core to other work on a shared device.
         self._decode_threads = decode_threads or threads
         self._metrics = metrics
         self._stages: dict[StageKey, tuple[StageEngine, StageHeld]] = {}

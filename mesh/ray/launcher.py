@@ -29,6 +29,7 @@ from mesh.ray import ACTOR_PREFIX, DEFAULT_NAMESPACE, actor_name, import_ray
 from mesh.ray.actors import NodeActor, NodeSpec
 from mesh.ray.placement import Roles, Slot, alive_nodes, assign_slots, plan_roles
 from mesh.ray.watch import RayNodeWatch
+from node.compute import STAGE_OPENMP_ENV
 
 if TYPE_CHECKING:
     from mesh.gateway.runtime import GatewayRuntime
@@ -150,9 +151,9 @@ def start_actors(ray: Any, slots: list[Slot], roles: Roles, options: RayMeshOpti
                             decode_threads=options.decode_threads or slot.threads,
                             memory_limit=str(slot.memory_budget), cluster_key=cluster_key, slots=options.slots,
                             n_ctx=options.n_ctx, role=role, advertise=False)
-        # Stages take turns on each token; an idle stage's OpenMP workers must sleep at once
-        # instead of spinning on cores a busy stage on the same machine needs.
-        env = {"OMP_WAIT_POLICY": "PASSIVE"} if role == "stage" else {}
+        # Stages take turns on each token; an idle stage's OpenMP workers must hand the cores
+        # over to the busy stage on the same machine (see node.compute).
+        env = dict(STAGE_OPENMP_ENV) if role == "stage" else {}
         name = actor_name(slot.index)
         handles[name] = remote_class.options(
             name=name, namespace=options.namespace, lifetime="detached", max_restarts=options.max_restarts,

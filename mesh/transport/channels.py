@@ -196,16 +196,34 @@ class StageStream:
 
     async def step(self, step: StageStep) -> StageOutput:
         wait = self._timeouts.first_token_s if step.n_tokens > 1 else self._step_timeout_s
-        try:
-            await asyncio.wait_for(self._call.write(convert.stage_step_to_pb(step)), timeout=wait)
-            msg = await asyncio.wait_for(self._call.read(), timeout=wait)
-        except asyncio.TimeoutError:
+        # The deadline is a timer that cancels the call, not asyncio.wait_for: wait_for wraps
+        # each await in a task, and at two awaits per stage per token that was a tenth of the
+        # gateway's cost of a decode step.
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
             self._call.cancel()
-            raise PeerError(f"Forward on {self.address}: no reply within {wait:.0f}s") from None
+
+        timer = asyncio.get_running_loop().call_later(wait, expire)
+        try:
+            await self._call.write(convert.stage_step_to_pb(step))
+            msg = await self._call.read()
+        except asyncio.CancelledError:
+            if not expired:
+                raise  # our own task was cancelled (the client went away)
+            raise self._timed_out(wait) from None
         except grpc.aio.AioRpcError as exc:
+            if expired:
+                raise self._timed_out(wait) from None
             raise error_from_rpc(exc, f"Forward on {self.address}") from exc
         except (grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError) as exc:  # the call already ended
             raise await self._ended(exc) from exc
+        finally:
+            timer.cancel()
+        if expired:  # the timer fired as the reply came in
+            raise self._timed_out(wait)
         if msg is grpc.aio.EOF:
             raise await self._ended(None)
         output = convert.stage_output_from_pb(msg)
@@ -213,6 +231,9 @@ class StageStream:
             raise PeerError(f"Forward on {self.address}: reply to step {output.step}, expected {step.step}",
                             retryable=False)
         return output
+
+    def _timed_out(self, wait: float) -> PeerError:
+        return PeerError(f"Forward on {self.address}: no reply within {wait:.0f}s")
 
     async def _ended(self, cause: Exception | None) -> EdgeMeshError:
         """Why the stream is over: the node's status when it sent one, else a broken peer."""

@@ -105,6 +105,11 @@ def test_chunked_prefill_and_replay_match_single_pass(tiny_models: dict[str, Pat
         out = pipe.forward("a", 3, tokens[3:])
         assert_close(out, ref[-1], "replay from 3")
         assert all(s.session_length("a") == len(tokens) for s in pipe.stages)
+        # replay one token per step from position 3 (the decode path: its reused graphs must
+        # hide the cells past each position again)
+        for pos in range(3, len(tokens)):
+            out = pipe.forward("a", pos, [tokens[pos]])
+            assert_close(out, ref[pos], f"decode replay at {pos}")
         # a gap is refused
         with pytest.raises(InvalidInput):
             pipe.forward("a", len(tokens) + 1, [1])

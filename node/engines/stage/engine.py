@@ -30,6 +30,32 @@ KV_PAD = 256  # attend over the first multiple of 256 cells, as llama.cpp pads n
 _DECODE_GRAPH_CACHE = 32  # decode graphs kept, keyed by (slot, n_kv)
 
 
+class _DecodeInputs:
+    """Host copies of a cached decode graph's inputs, made once: a step only writes its
+    position into them, instead of building index arrays and a mask for every token."""
+
+    def __init__(self, slot: int, n_ctx: int, n_embd_kv: int, n_kv: int) -> None:
+        self.pos = np.zeros(1, dtype=np.int32)
+        self.k_idx = np.zeros(1, dtype=np.int64)
+        self._k_base = slot * n_ctx
+        # element (slot, e, position) of the V cache, laid out [slot][e][cell]
+        self._v_base = slot * n_ctx * n_embd_kv + np.arange(n_embd_kv, dtype=np.int64) * n_ctx
+        self.v_idx = self._v_base.copy()
+        self.mask = np.full(n_kv, -np.inf, dtype=np.float32)
+        self._visible = 0  # mask cells [0, _visible) are 0, the rest -inf
+
+    def at(self, position: int) -> None:
+        self.pos[0] = position
+        self.k_idx[0] = self._k_base + position
+        np.add(self._v_base, position, out=self.v_idx)
+        visible = position + 1
+        if visible > self._visible:
+            self.mask[self._visible:visible] = 0.0
+        elif visible < self._visible:
+            self.mask[visible:self._visible] = -np.inf
+        self._visible = visible
+
+
 @dataclass(frozen=True)
 class StageMemory:
     weight_bytes: int
@@ -56,7 +82,8 @@ class StageEngine:
         self._alloc = allocator
         self._slots = SlotTable(kv.slots)
         self._lock = threading.Lock()
-        self._decode_graphs: OrderedDict[tuple[int, int], StepGraph] = OrderedDict()
+        self._decode_graphs: OrderedDict[tuple[int, int], tuple[StepGraph, _DecodeInputs]] = OrderedDict()
+        self._allocated: StepGraph | None = None  # the cached graph whose tensors the compute buffer holds
         self._closed = False
         self.max_chunk = MAX_CHUNK
         self.memory = StageMemory(weight_bytes=weights.buffer.size if weights.buffer else 0,
@@ -168,7 +195,7 @@ class StageEngine:
             if self._closed:
                 return
             self._closed = True
-            for g in self._decode_graphs.values():
+            for g, _inputs in self._decode_graphs.values():
                 g.close()
             self._decode_graphs.clear()
             self._alloc.close()
@@ -210,34 +237,47 @@ class StageEngine:
     def _n_kv(self, end: int) -> int:
         return min(self.n_ctx, max(KV_PAD, -(-end // KV_PAD) * KV_PAD))
 
-    def _graph(self, n_tokens: int, n_kv: int, slot: int) -> tuple[StepGraph, bool]:
-        """The graph for a step, and whether it is cached (else the caller closes it)."""
-        def build() -> StepGraph:
-            return build_step(self.args, self._w, self._kv, n_tokens=n_tokens, n_kv=n_kv, slot=slot,
-                              is_first=self.is_first, is_last=self.is_last)
-
-        if n_tokens != 1:
-            return build(), False
+    def _decode_graph(self, n_kv: int, slot: int) -> tuple[StepGraph, _DecodeInputs]:
+        """The cached single-token graph for (slot, n_kv), built on first use (LRU)."""
         key = (slot, n_kv)
-        g = self._decode_graphs.get(key)
-        if g is None:
-            g = build()
-            self._decode_graphs[key] = g
-            if len(self._decode_graphs) > _DECODE_GRAPH_CACHE:
-                _, old = self._decode_graphs.popitem(last=False)
-                old.close()
-        else:
+        found = self._decode_graphs.get(key)
+        if found is not None:
             self._decode_graphs.move_to_end(key)
-        return g, True
+            return found
+        g = build_step(self.args, self._w, self._kv, n_tokens=1, n_kv=n_kv, slot=slot,
+                       is_first=self.is_first, is_last=self.is_last)
+        found = (g, _DecodeInputs(slot, self.n_ctx, self.args.n_embd_kv, n_kv))
+        self._decode_graphs[key] = found
+        if len(self._decode_graphs) > _DECODE_GRAPH_CACHE:
+            _, (old, _inputs) = self._decode_graphs.popitem(last=False)
+            if self._allocated is old:
+                self._allocated = None
+            old.close()
+        return found
 
     def _step(self, slot: int, start: int, data: np.ndarray) -> np.ndarray:
         n = len(data)
-        end = start + n
-        n_kv = self._n_kv(end)
-        g, cached = self._graph(n, n_kv, slot)
+        n_kv = self._n_kv(start + n)
+        if n == 1:
+            g, inputs = self._decode_graph(n_kv, slot)
+            # Like llama.cpp when it reuses a graph: the compute buffer still holds this graph's
+            # tensors if no other graph was allocated since, so planning them again is skipped.
+            if self._allocated is not g:
+                self._alloc.alloc(g.graph)
+                self._allocated = g
+            inputs.at(start)
+            ggml.tensor_set(g.inp, data)
+            ggml.tensor_set(g.pos, inputs.pos)
+            ggml.tensor_set(g.k_idx, inputs.k_idx)
+            ggml.tensor_set(g.v_idx, inputs.v_idx)
+            ggml.tensor_set(g.mask, inputs.mask)
+            return self._compute(g, 1)
+        g = build_step(self.args, self._w, self._kv, n_tokens=n, n_kv=n_kv, slot=slot,
+                       is_first=self.is_first, is_last=self.is_last)
         try:
+            self._allocated = None  # this graph's tensors take over the compute buffer
             self._alloc.alloc(g.graph)
-            positions = np.arange(start, end, dtype=np.int32)
+            positions = np.arange(start, start + n, dtype=np.int32)
             ggml.tensor_set(g.inp, data)
             ggml.tensor_set(g.pos, positions)
             e, n_ctx = self.args.n_embd_kv, self.n_ctx
@@ -248,10 +288,12 @@ class StageEngine:
             cells = np.arange(n_kv, dtype=np.int32)
             mask = np.where(cells[None, :] <= positions[:, None], np.float32(0.0), np.float32(-np.inf))
             ggml.tensor_set(g.mask, mask.astype(np.float32))
-            self._backend.compute(g.graph)
-            if self.is_last:
-                return ggml.tensor_get(g.out, np.empty(self.n_vocab, dtype=np.float32))
-            return ggml.tensor_get(g.out, np.empty((n, self.n_embd), dtype=np.float32))
+            return self._compute(g, n)
         finally:
-            if not cached:
-                g.close()
+            g.close()
+
+    def _compute(self, g: StepGraph, n: int) -> np.ndarray:
+        self._backend.compute(g.graph)
+        if self.is_last:
+            return ggml.tensor_get(g.out, np.empty(self.n_vocab, dtype=np.float32))
+        return ggml.tensor_get(g.out, np.empty((n, self.n_embd), dtype=np.float32))

@@ -71,6 +71,7 @@ class ComputeThread:
         """Advance `items` one item per turn, passing each to emit (on the compute thread).
         The future ends when the iterator does, with its exception if it raised."""
         job: _Stream[T] = _Stream(items, emit, Future())
+        job.done.set_running_or_notify_cancel()  # a stream is ended by its iterator, never by cancel()
         self._push(job)
         return job.done
 

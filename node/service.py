@@ -202,8 +202,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             self._idle.set()
 
     async def _run_on_worker(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Run the blocking engine generator on a worker thread and relay its events.
-        When the consumer stops (client cancelled), the worker is told to stop and awaited,
+        """Run the blocking engine generator on the compute thread and relay its events.
+        When the consumer stops (client cancelled), the generator is told to stop and awaited,
         so the slot is free again before the next request takes it."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -232,7 +232,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                 yield item
         finally:
             stop.set()
-            await asyncio.shield(asyncio.wrap_future(future))
+            # Wait for the slot to be free again; an error of the stream was relayed above.
+            await asyncio.wait([asyncio.wrap_future(future)])
 
     # ------------------------------------------------------------------ pipeline stages
 

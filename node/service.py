@@ -9,12 +9,13 @@ input) and never disturbs the requests already running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -156,6 +157,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             await _abort(context, refused)
             return
         self._enter()
+        left = False
         status = "cancelled"
         try:
             async with self._running:
@@ -163,13 +165,25 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                 try:
                     produced = 0
                     first_at = 0.0
-                    async for event in self._run_on_worker(domain):
-                        if produced == 0:
-                            first_at = time.monotonic()
-                            self._metrics.time_to_first_token.observe(first_at - started)
-                        produced += 1
-                        self._metrics.tokens.inc()
-                        yield convert.token_event_to_pb(event)
+                    # aclosing: when the caller goes away mid-stream the relay's cleanup (stop the
+                    # generator, wait until its engine slot is free) must finish before the slot
+                    # semaphore is released; a bare `async for` would leave it to the GC, and the
+                    # next request would find the engine slot still taken.
+                    relay = self._run_on_worker(domain)
+                    async with contextlib.aclosing(relay):
+                        async for event in relay:
+                            if produced == 0:
+                                first_at = time.monotonic()
+                                self._metrics.time_to_first_token.observe(first_at - started)
+                            produced += 1
+                            self._metrics.tokens.inc()
+                            if event.finish_reason and not left:
+                                # The caller is done once it has the last token and frees its own
+                                # count then; free ours before sending it so a request sent right
+                                # after is not refused by a node that is only tidying up.
+                                self._leave()
+                                left = True
+                            yield convert.token_event_to_pb(event)
                     status = "ok"
                     if produced > 1:
                         self._metrics.tokens_per_second.set((produced - 1) / max(time.monotonic() - first_at, 1e-9))
@@ -188,7 +202,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             self._metrics.prompt_tokens.inc(len(domain.prompt_tokens))
             self._metrics.requests.labels(status).inc()
             self._metrics.rpc_duration.labels("Generate").observe(time.monotonic() - started)
-            self._leave()
+            if not left:
+                self._leave()
 
     def _enter(self) -> None:
         self._state.in_flight += 1
@@ -201,7 +216,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         if self._state.in_flight == 0:
             self._idle.set()
 
-    async def _run_on_worker(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def _run_on_worker(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Run the blocking engine generator on the compute thread and relay its events.
         When the consumer stops (client cancelled), the generator is told to stop and awaited,
         so the slot is free again before the next request takes it."""
@@ -233,7 +248,19 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         finally:
             stop.set()
             # Wait for the slot to be free again; an error of the stream was relayed above.
-            await asyncio.wait([asyncio.wrap_future(future)])
+            # The wait is shielded: a second cancel of the handler must not release the slot
+            # semaphore while the engine still holds its slot.
+            done = asyncio.wrap_future(future)
+            cancelled = False
+            while not done.done():
+                try:
+                    await asyncio.shield(done)
+                except asyncio.CancelledError:
+                    cancelled = True
+                except Exception:  # noqa: BLE001, S110 - the stream's own error was relayed above
+                    pass
+            if cancelled:
+                raise asyncio.CancelledError
 
     # ------------------------------------------------------------------ pipeline stages
 

@@ -182,6 +182,51 @@ def test_full_node_is_skipped_and_a_refusal_before_the_first_token_is_retried(
     assert after.status_code == 200
 
 
+def test_a_cancelled_stream_frees_its_slot_for_the_queued_request(
+        launcher: Launcher, default_model: Path) -> None:
+    """One slot, one queued: A streams, B waits behind it, A's caller goes away mid-stream.
+    B must then run (A's engine slot is free before B takes the node's slot), and a request
+    sent the moment B's last token arrives is taken, not refused. Repeated, because the
+    cancel can land at any point of A's step."""
+    from mesh.types import GenerationRequest, RequestId, SamplingParams
+
+    node = launcher.node("node-q", default_model, "--slots", "1", "--max-queue", "1")
+
+    def request(name: str, max_tokens: int) -> GenerationRequest:
+        return GenerationRequest(request_id=RequestId(name), prompt_tokens=(1, 504, 3458), max_tokens=max_tokens,
+                                 sampling=SamplingParams(temperature=0.0), stop_token_ids=frozenset())
+
+    async def drain(client: NodeClient, name: str, max_tokens: int) -> int:
+        stream = client.generate(request(name, max_tokens))
+        produced = 0
+        async for event in stream:
+            produced += 1
+            if event.finish_reason:
+                break  # as the gateway does: it hangs up at the last token
+        await stream.aclose()  # type: ignore[attr-defined]
+        return produced
+
+    async def rounds() -> list[tuple[int, int]]:
+        client = NodeClient(f"127.0.0.1:{node.ready[1]}", launcher.cluster_key, Timeouts(), Limits())
+        results = []
+        try:
+            for i in range(8):
+                first = client.generate(request(f"a-{i}", 400))
+                await first.__anext__()  # type: ignore[attr-defined]
+                queued = asyncio.create_task(drain(client, f"b-{i}", 3))
+                await asyncio.sleep(0.05 * (i % 4))  # B is queued on the node by now
+                await first.aclose()  # type: ignore[attr-defined]
+                results.append((await queued, await drain(client, f"c-{i}", 2)))
+            for i in range(20):  # A ends by itself and its caller hangs up at its last token
+                pair = await asyncio.gather(drain(client, f"d-{i}", 2), drain(client, f"e-{i}", 3))
+                results.append((pair[1], pair[0]))
+        finally:
+            await client.close()
+        return results
+
+    assert asyncio.run(rounds()) == [(3, 2)] * 28
+
+
 class _Impostor(edgemesh_pb2_grpc.NodeServicer):  # type: ignore[misc]
     """A real gRPC server that copies a node's public facts but not the cluster key."""
 

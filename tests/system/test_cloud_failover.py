@@ -126,8 +126,13 @@ def test_local_first_uses_the_cloud_only_when_the_mesh_is_full(launcher: Launche
     assert plain.headers["x-edgemesh-route"] != "cloud"
     # Fill the local node (1 slot + 8 queued), then one more request goes to the cloud.
     body = {"prompt": "1, 2, 3,", "max_tokens": 80, "temperature": 0}
-    fillers = [threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",),
-                                kwargs={"json": body, "timeout": 120}) for _ in range(9)]
+    routes: list[str] = []
+
+    def fill() -> None:
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        routes.append(f"{answer.status_code} {answer.headers.get('x-edgemesh-route')}")
+
+    fillers = [threading.Thread(target=fill) for _ in range(9)]
     for thread in fillers:
         thread.start()
     deadline = time.monotonic() + 30
@@ -137,11 +142,16 @@ def test_local_first_uses_the_cloud_only_when_the_mesh_is_full(launcher: Launche
             break
         time.sleep(0.05)
     overflow = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60)
-    assert overflow.status_code == 200 and overflow.headers["x-edgemesh-route"] == "cloud"
+    assert overflow.status_code == 200 and overflow.headers["x-edgemesh-route"] == "cloud", \
+        (overflow.text, local.log()[-3000:])
     for thread in fillers:
         thread.join(timeout=120)
+    # Every filler was answered by the mesh: only the overflow went to the cloud.
+    assert len(routes) == 9 and not [r for r in routes if not r.startswith("200") or r.endswith("cloud")], \
+        (routes, local.log()[-3000:])
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    assert 'edgemesh_failovers_total{from="mesh",reason="no_capacity",to="cloud"} 1.0' in metrics
+    failovers = [line for line in metrics.splitlines() if line.startswith("edgemesh_failovers_total{")]
+    assert failovers == ['edgemesh_failovers_total{from="mesh",reason="no_capacity",to="cloud"} 1.0'], failovers
 
 
 def test_policy_without_a_cloud_url_refuses_to_start(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from mesh.config import check_thread_counts
 from mesh.local_mesh import LocalMeshOptions, run_local_mesh
 from mesh.model_store import resolve
 
@@ -117,6 +118,7 @@ def _summary(name: str, runs: list[RunTiming]) -> tuple[float, float, float]:
 async def _bench(options: BenchOptions) -> dict[str, float]:
     import llama_cpp
 
+    check_thread_counts(options.threads, options.decode_threads)  # before minutes of set-up
     threads = options.threads or os.cpu_count() or 1
     model_path = await asyncio.to_thread(resolve, options.model)
     # llama.cpp always runs on this one thread: libgomp gives every thread that computes its own

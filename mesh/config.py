@@ -89,6 +89,13 @@ class Limits:
     max_body_bytes: int = setting(4 * 2**20, "largest HTTP request body the gateway accepts")
 
 
+def check_thread_counts(threads: int, decode_threads: int) -> None:
+    """Thread counts are 0 (chosen for the machine) or a positive count."""
+    for flag, value in (("--threads", threads), ("--decode-threads", decode_threads)):
+        if value < 0:
+            raise ConfigError(f"{flag} must be 0 (automatic) or a positive count, not {value}")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     model: str = setting("default", "GGUF model to serve: 'default', a cached model name, or a path")
@@ -112,6 +119,9 @@ class NodeConfig:
                         "pipeline stages (layer ranges) a planner asks for")
     advertise: bool = setting(True, "advertise this node with mDNS")
     ready_file: str = setting("", "write 'host port metrics_port node_id' here once serving (for supervisors)")
+
+    def __post_init__(self) -> None:
+        check_thread_counts(self.threads, self.decode_threads)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mesh.config import GatewayConfig, Timeouts
+from mesh.config import GatewayConfig, Timeouts, check_thread_counts
 from mesh.discovery import Peer
 from mesh.errors import ConfigError, ModelError
 from mesh.model_store import resolve
@@ -181,6 +181,7 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
 
     if options.nodes < 1:
         raise ConfigError("--nodes must be at least 1")
+    check_thread_counts(options.threads, options.decode_threads)
     if options.strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {options.strategy!r} (choose from {', '.join(STRATEGIES)})")
     stage_count = options.stages or options.nodes

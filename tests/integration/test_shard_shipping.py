@@ -126,6 +126,10 @@ def test_fetch_shard_refuses_bad_requests_and_keeps_serving(launcher: Launcher, 
     (["up", "--strategy", "pipeline", "--nodes", "2", "--stages", "3", "--port", "0"], "3 stages need"),
     (["plan", "--nodes", "3"], "--dry-run"),
     (["node", "--role", "bogus", "--port", "0", "--metrics-port", "0"], "--role"),
+    (["node", "--decode-threads", "-3", "--port", "0", "--metrics-port", "0"], "--decode-threads must be 0"),
+    (["up", "--strategy", "pipeline", "--decode-threads", "-3", "--port", "0"], "--decode-threads must be 0"),
+    (["up", "--threads", "-1", "--port", "0"], "--threads must be 0"),
+    (["bench", "--strategy", "pipeline", "--nodes", "3", "--decode-threads", "-3"], "--decode-threads must be 0"),
 ])
 def test_cli_refuses_bad_flags_with_a_clear_message(argv: list[str], message: str) -> None:
     import subprocess

@@ -102,9 +102,7 @@ class ComputeThread:
         if isinstance(job, _Call):
             job.future.set_exception(error)
         else:
-            close = getattr(job.items, "close", None)
-            if close is not None:
-                close()  # a generator's finally blocks (slot release) still run
+            _close_items(job)
             job.done.set_exception(error)
 
     def _run(self) -> None:
@@ -144,9 +142,14 @@ class ComputeThread:
             job.emit(item)
         except BaseException as exc:  # a consumer that cannot take items ends its stream
             log.exception("a compute stream's consumer failed")
-            close = getattr(job.items, "close", None)
-            if close is not None:
-                close()
+            _close_items(job)
             job.done.set_exception(exc)
             return False
         return True
+
+
+def _close_items(job: _Stream[Any]) -> None:
+    """End a stream's iterator early; a generator's finally blocks (slot release) still run."""
+    close = getattr(job.items, "close", None)
+    if close is not None:
+        close()

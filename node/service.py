@@ -160,30 +160,28 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         left = False
         status = "cancelled"
         try:
-            async with self._running:
+            # The relay is closed before the slot semaphore is released (contexts exit in
+            # reverse): when the caller goes away mid-stream, its cleanup (stop the generator,
+            # wait until the engine slot is free) must end first. A bare `async for` would leave
+            # that to the GC, and the next request would find the engine slot still taken.
+            async with self._running, contextlib.aclosing(self._run_on_worker(domain)) as relay:
                 self._metrics.slots_in_use.inc()
                 try:
                     produced = 0
                     first_at = 0.0
-                    # aclosing: when the caller goes away mid-stream the relay's cleanup (stop the
-                    # generator, wait until its engine slot is free) must finish before the slot
-                    # semaphore is released; a bare `async for` would leave it to the GC, and the
-                    # next request would find the engine slot still taken.
-                    relay = self._run_on_worker(domain)
-                    async with contextlib.aclosing(relay):
-                        async for event in relay:
-                            if produced == 0:
-                                first_at = time.monotonic()
-                                self._metrics.time_to_first_token.observe(first_at - started)
-                            produced += 1
-                            self._metrics.tokens.inc()
-                            if event.finish_reason and not left:
-                                # The caller is done once it has the last token and frees its own
-                                # count then; free ours before sending it so a request sent right
-                                # after is not refused by a node that is only tidying up.
-                                self._leave()
-                                left = True
-                            yield convert.token_event_to_pb(event)
+                    async for event in relay:
+                        if produced == 0:
+                            first_at = time.monotonic()
+                            self._metrics.time_to_first_token.observe(first_at - started)
+                        produced += 1
+                        self._metrics.tokens.inc()
+                        if event.finish_reason and not left:
+                            # The caller is done once it has the last token and frees its own
+                            # count then; free ours before sending it so a request sent right
+                            # after is not refused by a node that is only tidying up.
+                            self._leave()
+                            left = True
+                        yield convert.token_event_to_pb(event)
                     status = "ok"
                     if produced > 1:
                         self._metrics.tokens_per_second.set((produced - 1) / max(time.monotonic() - first_at, 1e-9))

@@ -77,6 +77,8 @@ class Timeouts:
     refresh_s: float = setting(5.0, "how often the gateway refreshes each node's Info")
     stage_step_s: float = setting(5.0, "deadline of one decode step through one pipeline stage; slower "
                                   "counts as a failed stage (a 0.5 s stall does not)")
+    head_margin_s: float = setting(2.0, "how much longer the gateway waits for a pipeline's head than the head "
+                                   "waits for a later stage, so that a stalled stage is blamed, not the head")
     drain_s: float = setting(60.0, "longest a draining node waits for in-flight streams before it exits")
 
 

@@ -54,6 +54,9 @@ class NodeMetrics:
                                 registry=registry)
         self.bytes_out = Counter("edgemesh_node_bytes_sent_total", "Payload bytes sent in RPCs",
                                  registry=registry)
+        self.pipeline_bytes = Counter("edgemesh_node_pipeline_bytes_total",
+                                      "Hidden-state bytes this node, heading a pipeline, sent from one stage to "
+                                      "the next", registry=registry)
         self.stage_step = Histogram("edgemesh_node_stage_step_seconds",
                                     "Compute time of one pipeline-stage step, by kind (prefill or decode)",
                                     ["kind"], buckets=LATENCY_BUCKETS, registry=registry)
@@ -114,9 +117,6 @@ class GatewayMetrics:
                                           registry=registry)
         self.replayed_tokens = Counter("edgemesh_replayed_tokens_total",
                                        "Tokens replayed into a new placement after a failover", registry=registry)
-        self.stage_bytes = Counter("edgemesh_pipeline_bytes_total",
-                                   "Hidden-state bytes moved between pipeline stages, by direction",
-                                   ["direction"], registry=registry)
         self.cloud_up = Gauge("edgemesh_cloud_up", "1 while the cloud upstream answers, 0 when it fails "
                               "(stays 0 when no cloud is configured)", registry=registry)
         self.breaker_state = Gauge("edgemesh_cloud_breaker_state",

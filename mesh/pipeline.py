@@ -1,33 +1,32 @@
-"""Drive one session through the stages of a pipeline placement.
+"""Drive one session through the stages of a pipeline.
 
-The gateway is the hub: it sends stage 0 the token ids, hands each stage's hidden states
-to the next, and gets the sampled token from the last stage, over one long-lived Forward
-stream per stage. Prefill goes in chunks (as llama.cpp batches a prompt, so the numbers
-match its own), then one token per step. A failover replay evaluates the tokens already
-generated one per step too, so the continuation is what the failed pipeline would have
-produced. Every stage's slot is freed when the run ends, however it ends: closing the
-streams makes each node release the sessions opened on them.
+The head of a pipeline (the node of stage 0, see node.pipeline_head) runs this: it feeds its
+own layers the token ids, sends each later stage the hidden states of the one before over a
+long-lived Forward stream, and gets the sampled token from the last stage. Prefill goes in
+chunks (as llama.cpp batches a prompt, so the numbers match its own), then one token per
+step. A failover replay evaluates the tokens already generated one per step too, so the
+continuation is what the failed pipeline would have produced. Every stage's slot is freed
+when the run ends, however it ends: closing the links makes each stage release the session.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from mesh.errors import PeerError
-from mesh.metrics import GatewayMetrics
-from mesh.transport.channels import NodeClient, StageStream
 from mesh.types import (
     FinishReason,
     GenerationRequest,
     HiddenDType,
     ModelSha,
-    Placement,
+    PipelineHop,
     StageOutput,
     StageStep,
     TokenEvent,
@@ -38,6 +37,17 @@ log = logging.getLogger(__name__)
 PREFILL_CHUNK = 512  # llama.cpp's default n_batch: the prompt is evaluated in the same batches
 
 
+class StageLink(Protocol):
+    """One session's way into one stage: the head's own layers, or a Forward stream."""
+
+    address: str
+
+    async def step(self, step: StageStep) -> StageOutput: ...
+
+    def close(self) -> None:
+        """End the link; the stage frees the session opened on it."""
+
+
 @dataclass(frozen=True)
 class PipelineOptions:
     n_ctx: int
@@ -46,20 +56,21 @@ class PipelineOptions:
 
 
 class PipelineRun:
-    def __init__(self, placement: Placement, clients: Sequence[NodeClient], options: PipelineOptions,
-                 metrics: GatewayMetrics) -> None:
-        if len(clients) != len(placement.stages):
-            raise ValueError("one client per stage")
-        self._placement = placement
-        self._clients = clients
+    """`links[i]` reaches `stages[i]`; the run owns the links and closes them when it ends."""
+
+    def __init__(self, model_sha256: ModelSha, stages: Sequence[PipelineHop], links: Sequence[StageLink],
+                 options: PipelineOptions, count_sent: Callable[[int], None]) -> None:
+        if len(links) != len(stages):
+            raise ValueError("one link per stage")
+        self._model_sha256 = model_sha256
+        self._stages = stages
+        self._links = links
         self._options = options
-        self._metrics = metrics
-        self._streams: list[StageStream] = []
+        self._count_sent = count_sent  # hidden-state bytes handed from one stage to the next
         self._step = 0
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         session_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # fresh per attempt: replays never collide
-        self._streams = [client.open_forward(self._options.step_timeout_s) for client in self._clients]
         try:
             history = list(request.prompt_tokens)
             out = StageOutput(step=-1)
@@ -85,8 +96,8 @@ class PipelineRun:
                     return
                 out = await self._through(session_id, request, [out.token_id], position, history)
         finally:
-            for stream in self._streams:
-                stream.close()
+            for link in self._links:
+                link.close()
 
     async def _through(self, session_id: str, request: GenerationRequest, tokens: list[int], start: int,
                        history: list[int]) -> StageOutput:
@@ -98,25 +109,26 @@ class PipelineRun:
         recent = tuple(history[-window:]) if window > 0 else ()
         hidden: npt.NDArray[np.float32] | None = None
         out = StageOutput(step=self._step)
-        last = len(self._streams) - 1
-        for index, stream in enumerate(self._streams):
-            stage = self._placement.stages[index]
+        last = len(self._links) - 1
+        for index, link in enumerate(self._links):
+            stage = self._stages[index]
             step = StageStep(
-                session_id=session_id, model_sha256=ModelSha(self._placement.model_sha256), layers=stage.layers,
+                session_id=session_id, model_sha256=self._model_sha256, layers=stage.layers,
                 start_position=start, tokens=tuple(tokens) if index == 0 else None, hidden=hidden,
                 sampling=sampling, logprobs=request.logprobs, reply_dtype=self._options.hidden_dtype,
                 step=self._step, history=recent if index == last else ())
             try:
-                out = await stream.step(step)
+                out = await link.step(step)
             except PeerError as exc:
                 exc.node_id = stage.node_id  # so the scheduler replaces this stage's node, not the whole chain
                 raise
             if index < last:
                 if out.hidden is None or out.hidden.shape[0] != len(tokens):
-                    raise PeerError(f"stage {index} on {stream.address} returned no hidden states for "
-                                    f"{len(tokens)} tokens", retryable=False)
+                    raise PeerError(f"stage {index} on {link.address} returned no hidden states for "
+                                    f"{len(tokens)} tokens", retryable=False, node_id=stage.node_id)
                 hidden = out.hidden
-                self._metrics.stage_bytes.labels("sent").inc(hidden.nbytes)
+                self._count_sent(hidden.nbytes)
         if out.token_id is None:
-            raise PeerError(f"the last stage on {self._streams[last].address} returned no token", retryable=False)
+            raise PeerError(f"the last stage on {self._links[last].address} returned no token", retryable=False,
+                            node_id=self._stages[last].node_id)
         return out

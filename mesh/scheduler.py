@@ -21,10 +21,19 @@ from mesh.config import Timeouts
 from mesh.errors import CapacityExhausted, InvalidInput, NotFound, PeerError, Unavailable
 from mesh.membership import Membership
 from mesh.metrics import GatewayMetrics
-from mesh.pipeline import PipelineOptions, PipelineRun
 from mesh.placements import pipeline_placements, replica_placements, stage_slots
 from mesh.replan import Replanner
-from mesh.types import FinishReason, GenerationRequest, ModelSha, NodeId, NodeInfo, Placement, TokenEvent
+from mesh.types import (
+    FinishReason,
+    GenerationRequest,
+    ModelSha,
+    NodeId,
+    NodeInfo,
+    PipelineHop,
+    PipelineJob,
+    Placement,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +152,12 @@ class Scheduler:
         ready = [c for c in clients if c is not None]
         if placement.kind == "replica":
             return ready[0].generate(request)
-        n_ctx = self.context_length() or 0
-        options = PipelineOptions(n_ctx=n_ctx, step_timeout_s=self._timeouts.stage_step_s)
-        return PipelineRun(placement, ready, options, self._metrics).generate(request)
+        # The head (stage 0's node) drives the later stages itself; see node.pipeline_head.
+        hops = tuple(PipelineHop(stage.node_id, client.address, stage.layers)
+                     for stage, client in zip(placement.stages, ready, strict=True))
+        job = PipelineJob(request=replace(request, model_sha256=placement.model_sha256), stages=hops,
+                          n_ctx=self.context_length() or 0, step_timeout_s=self._timeouts.stage_step_s)
+        return ready[0].run_pipeline(job)
 
     async def pick_or_repair(self, exclude: set[NodeId],
                              failed: tuple[Placement, NodeId | None] | None) -> Placement:

@@ -161,6 +161,26 @@ class Placement:
 HiddenDType = Literal["f32", "f16"]
 
 
+@dataclass(frozen=True)
+class PipelineHop:
+    """One stage of a pipeline as its head (the node of stage 0) reaches it."""
+
+    node_id: NodeId
+    address: str
+    layers: LayerRange
+
+
+@dataclass(frozen=True)
+class PipelineJob:
+    """A whole pipeline request, handed to the node of stage 0 (see node.pipeline_head)."""
+
+    request: GenerationRequest
+    stages: tuple[PipelineHop, ...]
+    n_ctx: int
+    hidden_dtype: HiddenDType = "f32"
+    step_timeout_s: float = 5.0
+
+
 @dataclass(frozen=True, eq=False)
 class StageStep:
     """One step of one session through one pipeline stage: token ids into the first stage,

@@ -29,6 +29,7 @@ from mesh.types import ModelHeld, ModelSha, NodeId
 from node import gguf, probe
 from node.compute import ComputeThread
 from node.engines.llamacpp import LlamaCppEngine
+from node.pipeline_head import PeerLinks, PipelineHead
 from node.service import NodeIdentity, NodeService, NodeState
 from node.shard_source import shard_file_from_peers
 from node.stage_host import LocalFile, StageHost
@@ -103,8 +104,10 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     health = HealthState()
     stages = StageHost([local], threads, metrics, config.decode_threads,
                        identity.memory_limit)
+    peers = PeerLinks(cluster_key, timeouts, limits)
+    head = PipelineHead(identity.node_id, stages, compute, peers, metrics.pipeline_bytes.inc)
     service = NodeService(identity, engine, model if engine is not None else None, stages, metrics, state,
-                          cluster_key, compute)
+                          cluster_key, compute, head)
     server = make_server(cluster_key, timeouts, limits, health, on_reject=lambda _m: metrics.auth_failures.inc())
     pb_grpc.add_NodeServicer_to_server(service, server)
     port = bind(server, config.host, config.port)
@@ -138,6 +141,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         # CancelledError although nothing is wrong; the drain above already ended real work.
         logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
         await server.stop(grace=2.0)
+        await peers.close()
         compute.close()
         service.shutdown()
         metrics_server.shutdown()

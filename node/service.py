@@ -32,6 +32,7 @@ from mesh.types import GenerationRequest, ModelHeld, ModelSha, NodeId, NodeInfo,
 from node import probe
 from node.compute import ComputeThread
 from node.engines.llamacpp import LlamaCppEngine
+from node.pipeline_head import PipelineHead
 from node.shards import CHUNK_BYTES
 from node.stage_host import StageHost
 
@@ -71,8 +72,9 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
 
     def __init__(self, identity: NodeIdentity, engine: LlamaCppEngine | None, model: ModelHeld | None,
                  stages: StageHost, metrics: NodeMetrics, state: NodeState, cluster_key: str,
-                 compute: ComputeThread) -> None:
+                 compute: ComputeThread, head: PipelineHead) -> None:
         self._id = identity
+        self._head = head
         self._cluster_key = cluster_key
         self._engine = engine
         self._model = model
@@ -324,6 +326,42 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             for session_id in opened:
                 self._stages.release(session_id)
             self._leave()
+
+    async def RunPipeline(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """A whole pipeline request, this node being stage 0 (see node.pipeline_head)."""
+        started = time.monotonic()
+        try:
+            job = convert.pipeline_job_from_pb(request)
+            if self._state.draining:
+                raise Unavailable("node is draining and takes no new pipeline requests")
+        except EdgeMeshError as exc:
+            self._metrics.rpc_errors.labels("RunPipeline", exc.grpc_code).inc()
+            await _abort(context, exc)
+            return
+        self._enter()
+        left = False
+        try:
+            async with contextlib.aclosing(self._head.run(job)) as events:
+                async for event in events:
+                    if event.finish_reason and not left:
+                        self._leave()  # as in Generate: the caller stops counting at the last token
+                        left = True
+                    yield convert.token_event_to_pb(event)
+        except EdgeMeshError as exc:
+            self._metrics.rpc_errors.labels("RunPipeline", exc.grpc_code).inc()
+            failed = getattr(exc, "node_id", None)
+            if failed and failed != self._id.node_id:
+                # The gateway must replace the stage that failed, not this head.
+                context.set_trailing_metadata(((convert.FAILED_NODE_METADATA, failed),))
+            await _abort(context, exc)
+        except Exception as exc:  # a bug must not pass silently nor take the node down
+            log.exception("pipeline request %s failed", job.request.request_id)
+            self._metrics.rpc_errors.labels("RunPipeline", "INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"the pipeline failed: {exc}")
+        finally:
+            self._metrics.rpc_duration.labels("RunPipeline").observe(time.monotonic() - started)
+            if not left:
+                self._leave()
 
     async def FetchShard(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Stream byte ranges of a file this node holds whole, each range closed by its sha256."""

@@ -107,8 +107,8 @@ OVERVIEW: list[Panel] = [
           + quantiles("edgemesh_failover_recover_seconds", "", " recover", qs=(0.95,)), "s"),
     Panel("Nodes by state", "timeseries", [("sum by (state) (edgemesh_mesh_nodes)", "{{state}}")]),
     Panel("Pipeline traffic", "timeseries",
-          [(f"sum by (direction) (rate(edgemesh_pipeline_bytes_total[{RATE}]))", "{{direction}}")], "Bps",
-          description="Hidden-state bytes moved between pipeline stages."),
+          [(f"sum by (instance) (rate(edgemesh_node_pipeline_bytes_total[{RATE}]))", "head {{instance}}")],
+          "Bps", description="Hidden-state bytes each pipeline head sent from one stage to the next."),
 ]
 
 NODE = '{instance=~"$node"}'

@@ -17,7 +17,16 @@ from mesh.config import Limits, Timeouts
 from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, NotFound, PeerError, Unauthenticated
 from mesh.transport import auth, convert
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
-from mesh.types import GenerationRequest, LayerRange, NodeInfo, StageHeld, StageOutput, StageStep, TokenEvent
+from mesh.types import (
+    GenerationRequest,
+    LayerRange,
+    NodeInfo,
+    PipelineJob,
+    StageHeld,
+    StageOutput,
+    StageStep,
+    TokenEvent,
+)
 
 if TYPE_CHECKING:
     from node.shards import Chunk
@@ -142,6 +151,50 @@ class NodeClient:
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"LoadStage on {self.address}") from exc
         return convert.stage_from_pb(reply.stage)
+
+    async def run_pipeline(self, job: PipelineJob) -> AsyncIterator[TokenEvent]:
+        """Stream a pipeline request's tokens from its head, the node of stage 0. The head
+        blames a later stage that stalls (after job.step_timeout_s) and names it in the status;
+        this side waits head_margin_s longer, so it counts the head as failed only when the
+        head itself goes silent."""
+        call = self._stub.RunPipeline(convert.pipeline_job_to_pb(job), timeout=self._timeouts.request_s,
+                                      metadata=self._meta("RunPipeline"))
+        head = job.stages[0].node_id
+        loop = asyncio.get_running_loop()
+        wait = self._timeouts.first_token_s + self._timeouts.head_margin_s
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            call.cancel()
+
+        try:
+            while True:
+                # A timer that cancels the call, not asyncio.wait_for (a task per token).
+                timer = loop.call_later(wait, expire)
+                try:
+                    msg = await call.read()
+                finally:
+                    timer.cancel()
+                if msg is grpc.aio.EOF:
+                    return
+                wait = job.step_timeout_s + self._timeouts.head_margin_s
+                yield convert.token_event_from_pb(msg)
+        except asyncio.CancelledError:
+            if not expired:
+                raise  # our own task was cancelled (the client went away)
+            raise PeerError(f"RunPipeline on {self.address}: no token for {wait:.0f}s", node_id=head) from None
+        except grpc.aio.AioRpcError as exc:
+            if expired:
+                raise PeerError(f"RunPipeline on {self.address}: no token for {wait:.0f}s", node_id=head) from None
+            error = error_from_rpc(exc, f"RunPipeline on {self.address}")
+            if isinstance(error, PeerError):
+                failed = dict(exc.trailing_metadata() or ()).get(convert.FAILED_NODE_METADATA)
+                error.node_id = failed or head
+            raise error from exc
+        finally:
+            call.cancel()  # no-op after a clean end; frees every stage when the consumer stops early
 
     def open_forward(self, step_timeout_s: float) -> StageStream:
         """A long-lived Forward stream for one session's steps through one stage."""

@@ -19,6 +19,8 @@ from mesh.types import (
     ModelSha,
     NodeId,
     NodeInfo,
+    PipelineHop,
+    PipelineJob,
     RequestId,
     SamplingParams,
     StageHeld,
@@ -230,6 +232,55 @@ def stage_output_from_pb(msg: Any) -> StageOutput:
     if kind == "token":
         return StageOutput(step=msg.step, token_id=msg.token.token_id, logprob=msg.token.logprob)
     raise InvalidInput("a Forward reply carries neither hidden states nor a token")
+
+
+MAX_PIPELINE_STAGES = 64
+# Trailing metadata of a failed RunPipeline: the id of the later stage's node that failed.
+FAILED_NODE_METADATA = "edgemesh-failed-node"
+MAX_STEP_TIMEOUT_S = 600.0
+
+
+def pipeline_job_to_pb(job: PipelineJob) -> Any:
+    return pb.RunPipelineRequest(
+        request=generate_request_to_pb(job.request), n_ctx=job.n_ctx, hidden_dtype=_DTYPES[job.hidden_dtype][0],
+        step_timeout_s=job.step_timeout_s,
+        stages=[pb.PipelineHop(node_id=hop.node_id, address=hop.address, layers=layer_range_to_pb(hop.layers))
+                for hop in job.stages])
+
+
+def pipeline_job_from_pb(msg: Any) -> PipelineJob:
+    """Checks the shape of the request; whether the stages fit this node and the model is the
+    head's to check."""
+    if not 0 < len(msg.stages) <= MAX_PIPELINE_STAGES:
+        raise InvalidInput(f"a pipeline has 1 to {MAX_PIPELINE_STAGES} stages, got {len(msg.stages)}")
+    hops: list[PipelineHop] = []
+    for index, hop in enumerate(msg.stages):
+        if not hop.node_id or not hop.address or len(hop.address) > 256:
+            raise InvalidInput(f"stage {index} needs a node id and an address of at most 256 characters")
+        try:
+            layers = layer_range_from_pb(hop.layers)
+        except ValueError as exc:
+            raise InvalidInput(f"stage {index}: {exc}") from None
+        if hops and layers.first != hops[-1].layers.last_exclusive:
+            raise InvalidInput(f"stage {index} starts at layer {layers.first}; the stage before it ends at "
+                               f"{hops[-1].layers.last_exclusive}")
+        hops.append(PipelineHop(NodeId(hop.node_id), hop.address, layers))
+    if hops[0].layers.first != 0:
+        raise InvalidInput("stage 0 must start at layer 0")
+    hidden_dtype = _DTYPE_NAMES.get(msg.hidden_dtype) if msg.hidden_dtype else "f32"
+    if hidden_dtype is None:
+        raise InvalidInput(f"unsupported hidden dtype {msg.hidden_dtype} (DTYPE_F32 or DTYPE_F16)")
+    if not 0 < msg.step_timeout_s <= MAX_STEP_TIMEOUT_S:
+        raise InvalidInput(f"step_timeout_s must be in (0, {MAX_STEP_TIMEOUT_S:.0f}], got {msg.step_timeout_s}")
+    request = generate_request_from_pb(msg.request)
+    if not request.model_sha256:
+        raise InvalidInput("a pipeline request must name its model's sha256")
+    if not request.prompt_tokens or request.max_tokens <= 0:
+        raise InvalidInput("a pipeline request needs prompt tokens and max_tokens > 0")
+    if msg.n_ctx == 0:
+        raise InvalidInput("n_ctx must be positive")
+    return PipelineJob(request=request, stages=tuple(hops), n_ctx=msg.n_ctx,
+                       hidden_dtype=hidden_dtype, step_timeout_s=msg.step_timeout_s)
 
 
 def load_stage_request_to_pb(model_sha256: str, layers: LayerRange, n_ctx: int, slots: int,

@@ -242,6 +242,30 @@ class SampledToken(_message.Message):
     logprob: float
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
+class PipelineHop(_message.Message):
+    __slots__ = ("node_id", "address", "layers")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    layers: LayerRange
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
+
+class RunPipelineRequest(_message.Message):
+    __slots__ = ("request", "stages", "n_ctx", "hidden_dtype", "step_timeout_s")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    N_CTX_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    request: GenerateRequest
+    stages: _containers.RepeatedCompositeFieldContainer[PipelineHop]
+    n_ctx: int
+    hidden_dtype: DType
+    step_timeout_s: float
+    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[PipelineHop, _Mapping]]] = ..., n_ctx: _Optional[int] = ..., hidden_dtype: _Optional[_Union[DType, str]] = ..., step_timeout_s: _Optional[float] = ...) -> None: ...
+
 class ReleaseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -61,6 +61,11 @@ class NodeStub:
                 request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionRequest.SerializeToString,
                 response_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionReply.FromString,
                 _registered_method=True)
+        self.RunPipeline = channel.unary_stream(
+                '/edgemesh.v1.Node/RunPipeline',
+                request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.RunPipelineRequest.SerializeToString,
+                response_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.GenerateEvent.FromString,
+                _registered_method=True)
         self.FetchShard = channel.unary_stream(
                 '/edgemesh.v1.Node/FetchShard',
                 request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.FetchShardRequest.SerializeToString,
@@ -107,6 +112,16 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunPipeline(self, request, context):
+        """A whole pipeline request, sent to the node of stage 0 (the head). The head runs its own
+        layers and drives the later stages over Forward streams of its own, so a decode step
+        costs one round trip per later stage and none to the gateway. Events as in Generate.
+        When a later stage fails, the status's trailing metadata `edgemesh-failed-node` names it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FetchShard(self, request, context):
         """Shard shipping: bytes of a GGUF file this node holds whole, for a node that has no
         copy (`edgemesh node --model-from-peers`). Each range ends with its sha256.
@@ -142,6 +157,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.ReleaseSession,
                     request_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionRequest.FromString,
                     response_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionReply.SerializeToString,
+            ),
+            'RunPipeline': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunPipeline,
+                    request_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.RunPipelineRequest.FromString,
+                    response_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.GenerateEvent.SerializeToString,
             ),
             'FetchShard': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchShard,
@@ -286,6 +306,33 @@ class Node:
             '/edgemesh.v1.Node/ReleaseSession',
             mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionRequest.SerializeToString,
             mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunPipeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgemesh.v1.Node/RunPipeline',
+            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.RunPipelineRequest.SerializeToString,
+            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -255,8 +255,11 @@ def pipeline_job_from_pb(msg: Any) -> PipelineJob:
         raise InvalidInput(f"a pipeline has 1 to {MAX_PIPELINE_STAGES} stages, got {len(msg.stages)}")
     hops: list[PipelineHop] = []
     for index, hop in enumerate(msg.stages):
-        if not hop.node_id or not hop.address or len(hop.address) > 256:
-            raise InvalidInput(f"stage {index} needs a node id and an address of at most 256 characters")
+        # Node ids travel back in status metadata, which takes printable ASCII only.
+        if not 0 < len(hop.node_id) <= 64 or not (hop.node_id.isascii() and hop.node_id.isprintable()):
+            raise InvalidInput(f"stage {index} needs a node id of 1 to 64 printable ASCII characters")
+        if not 0 < len(hop.address) <= 256:
+            raise InvalidInput(f"stage {index} needs an address of 1 to 256 characters")
         try:
             layers = layer_range_from_pb(hop.layers)
         except ValueError as exc:

@@ -87,6 +87,8 @@ def test_the_head_runs_the_pipeline_refuses_what_it_cannot_head_and_names_a_fail
                 (_job(sha, (PipelineHop(head.node_id, head.address, LayerRange(0, 10)),
                             PipelineHop(tail.node_id, tail.address, LayerRange(10, 30))), prompt, 4),
                  NotFound),  # layers the head has not loaded
+                (_job(sha, (head, PipelineHop(NodeId("nöde\n"), tail.address, tail.layers)), prompt, 4),
+                 InvalidInput),  # a node id that cannot travel in status metadata
                 (_job("", (head, tail), prompt, 4), InvalidInput),  # no model named
                 (_job(sha, (head, tail), prompt, 4, step_timeout_s=0.0), InvalidInput),
                 (_job(sha, (head, tail), [10**6], 4), InvalidInput),  # a token outside the vocabulary

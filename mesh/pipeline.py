@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -24,9 +23,7 @@ from mesh.errors import PeerError
 from mesh.types import (
     FinishReason,
     GenerationRequest,
-    HiddenDType,
-    ModelSha,
-    PipelineHop,
+    PipelineJob,
     StageOutput,
     StageStep,
     TokenEvent,
@@ -48,28 +45,19 @@ class StageLink(Protocol):
         """End the link; the stage frees the session opened on it."""
 
 
-@dataclass(frozen=True)
-class PipelineOptions:
-    n_ctx: int
-    hidden_dtype: HiddenDType = "f32"
-    step_timeout_s: float = 5.0  # a decode step slower than this counts as a failed stage
-
-
 class PipelineRun:
-    """`links[i]` reaches `stages[i]`; the run owns the links and closes them when it ends."""
+    """`links[i]` reaches `job.stages[i]`; the run owns the links and closes them when it ends."""
 
-    def __init__(self, model_sha256: ModelSha, stages: Sequence[PipelineHop], links: Sequence[StageLink],
-                 options: PipelineOptions, count_sent: Callable[[int], None]) -> None:
-        if len(links) != len(stages):
+    def __init__(self, job: PipelineJob, links: Sequence[StageLink], count_sent: Callable[[int], None]) -> None:
+        if len(links) != len(job.stages):
             raise ValueError("one link per stage")
-        self._model_sha256 = model_sha256
-        self._stages = stages
+        self._job = job
         self._links = links
-        self._options = options
         self._count_sent = count_sent  # hidden-state bytes handed from one stage to the next
         self._step = 0
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
+    async def generate(self) -> AsyncGenerator[TokenEvent, None]:
+        request = self._job.request
         session_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # fresh per attempt: replays never collide
         try:
             history = list(request.prompt_tokens)
@@ -88,7 +76,7 @@ class PipelineRun:
                 finish: FinishReason | None = None
                 if out.token_id in request.stop_token_ids:
                     finish = "stop"
-                elif produced >= request.max_tokens or position + 1 >= self._options.n_ctx:
+                elif produced >= request.max_tokens or position + 1 >= self._job.n_ctx:
                     finish = "length"
                 yield TokenEvent(token_id=out.token_id, position=position, logprob=out.logprob,
                                  finish_reason=finish)
@@ -111,11 +99,11 @@ class PipelineRun:
         out = StageOutput(step=self._step)
         last = len(self._links) - 1
         for index, link in enumerate(self._links):
-            stage = self._stages[index]
+            stage = self._job.stages[index]
             step = StageStep(
-                session_id=session_id, model_sha256=self._model_sha256, layers=stage.layers,
+                session_id=session_id, model_sha256=request.model_sha256, layers=stage.layers,
                 start_position=start, tokens=tuple(tokens) if index == 0 else None, hidden=hidden,
-                sampling=sampling, logprobs=request.logprobs, reply_dtype=self._options.hidden_dtype,
+                sampling=sampling, logprobs=request.logprobs, reply_dtype=self._job.hidden_dtype,
                 step=self._step, history=recent if index == last else ())
             try:
                 out = await link.step(step)
@@ -130,5 +118,5 @@ class PipelineRun:
                 self._count_sent(hidden.nbytes)
         if out.token_id is None:
             raise PeerError(f"the last stage on {self._links[last].address} returned no token", retryable=False,
-                            node_id=self._stages[last].node_id)
+                            node_id=self._job.stages[last].node_id)
         return out

@@ -21,7 +21,7 @@ from functools import partial
 
 from mesh.config import Limits, Timeouts
 from mesh.errors import EdgeMeshError, InvalidInput, NotFound, PeerError, Unauthenticated
-from mesh.pipeline import PipelineOptions, PipelineRun, StageLink
+from mesh.pipeline import PipelineRun, StageLink
 from mesh.transport.channels import NodeClient
 from mesh.types import NodeId, PipelineHop, PipelineJob, StageOutput, StageStep, TokenEvent
 from node.compute import ComputeThread
@@ -122,10 +122,9 @@ class PipelineHead:
             for link in links:
                 link.close()
             raise
-        options = PipelineOptions(n_ctx=job.n_ctx, hidden_dtype=job.hidden_dtype, step_timeout_s=job.step_timeout_s)
-        run = PipelineRun(job.request.model_sha256, job.stages, links, options, self._count_sent)
+        run = PipelineRun(job, links, self._count_sent)
         try:
-            async with contextlib.aclosing(run.generate(job.request)) as events:
+            async with contextlib.aclosing(run.generate()) as events:
                 async for event in events:
                     yield event
         except PeerError as exc:

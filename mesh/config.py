@@ -89,6 +89,8 @@ class Limits:
     max_message_bytes: int = setting(64 * 2**20, "largest gRPC message sent or received")
     max_prompt_chars: int = setting(1_000_000, "largest prompt text the gateway accepts")
     max_body_bytes: int = setting(4 * 2**20, "largest HTTP request body the gateway accepts")
+    max_step_connections: int = setting(256, "step-socket connections a node serves at once (one per pipeline "
+                                        "request through it); more get RESOURCE_EXHAUSTED")
 
 
 def check_thread_counts(threads: int, decode_threads: int) -> None:
@@ -105,6 +107,8 @@ class NodeConfig:
     host: str = setting(LOOPBACK, "address to bind gRPC and metrics on (0.0.0.0 for the LAN)")
     port: int = setting(7471, "gRPC port (0 picks a free one)")
     metrics_port: int = setting(9471, "Prometheus metrics port (0 picks a free one)")
+    step_port: int = setting(7472, "port of the step socket that pipeline heads send steps through (0 picks a "
+                             "free one; -1 turns it off and heads use gRPC Forward)")
     threads: int = setting(0, "compute threads (0 = all cores)")
     decode_threads: int = setting(0, "threads of single-token pipeline steps (0 = --threads)")
     memory_limit: str = setting("0", "memory this node may use, e.g. 2GiB (0 = free memory)")

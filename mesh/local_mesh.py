@@ -124,7 +124,7 @@ def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_
     decode_threads = options.decode_threads or threads
     command = [
         sys.executable, "-m", "mesh.cli", "node", "--model", str(model_path), "--name", name,
-        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--step-port", "0",
         "--threads", str(threads),
         "--decode-threads", str(decode_threads),
         "--role", role,

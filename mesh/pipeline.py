@@ -2,7 +2,9 @@
 
 The head of a pipeline (the node of stage 0, see node.pipeline_head) runs this: it feeds its
 own layers the token ids, sends each later stage the hidden states of the one before over a
-long-lived Forward stream, and gets the sampled token from the last stage. Prefill goes in
+connection of the run's own (the step socket, or a Forward stream), and gets the sampled
+token from the last stage. A step goes through every stage on one driver thread per run,
+so the event loop is woken once per token, not once per stage. Prefill goes in
 chunks (as llama.cpp batches a prompt, so the numbers match its own), then one token per
 step. A failover replay evaluates the tokens already generated one per step too, so the
 continuation is what the failed pipeline would have produced. Every stage's slot is freed
@@ -11,9 +13,11 @@ when the run ends, however it ends: closing the links makes each stage release t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -35,14 +39,18 @@ PREFILL_CHUNK = 512  # llama.cpp's default n_batch: the prompt is evaluated in t
 
 
 class StageLink(Protocol):
-    """One session's way into one stage: the head's own layers, or a Forward stream."""
+    """One run's way into one stage: the head's own layers, a step socket or a Forward stream."""
 
     address: str
 
-    async def step(self, step: StageStep) -> StageOutput: ...
+    def step(self, step: StageStep) -> StageOutput:
+        """Blocking, on the run's driver thread."""
+
+    def interrupt(self) -> None:
+        """From any thread: end a step in progress soon (the run is being abandoned)."""
 
     def close(self) -> None:
-        """End the link; the stage frees the session opened on it."""
+        """On the driver thread after the last step: the stage frees the sessions opened on it."""
 
 
 class PipelineRun:
@@ -59,14 +67,22 @@ class PipelineRun:
     async def generate(self) -> AsyncGenerator[TokenEvent, None]:
         request = self._job.request
         session_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # fresh per attempt: replays never collide
+        # A thread of the run's own, not the loop's shared pool: a step may block for its whole
+        # deadline, and other runs must not queue behind it.
+        driver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        loop = asyncio.get_running_loop()
+
+        async def through(tokens: list[int], start: int, history: list[int]) -> StageOutput:
+            return await loop.run_in_executor(driver, self._through, session_id, request, tokens, start, history)
+
         try:
             history = list(request.prompt_tokens)
             out = StageOutput(step=-1)
             for lo in range(0, len(history), PREFILL_CHUNK):
-                out = await self._through(session_id, request, history[lo:lo + PREFILL_CHUNK], lo, history)
+                out = await through(history[lo:lo + PREFILL_CHUNK], lo, history)
             for token in request.replay_tokens:  # one per step, as they were first generated
                 history.append(token)
-                out = await self._through(session_id, request, [token], len(history) - 1, history)
+                out = await through([token], len(history) - 1, history)
             produced = len(request.replay_tokens)
             while True:
                 assert out.token_id is not None
@@ -82,14 +98,24 @@ class PipelineRun:
                                  finish_reason=finish)
                 if finish is not None:
                     return
-                out = await self._through(session_id, request, [out.token_id], position, history)
+                out = await through([out.token_id], position, history)
         finally:
             for link in self._links:
-                link.close()
+                link.interrupt()  # a no-op after the last step; cuts a step still running when abandoned
+            # Closed on the driver, after whatever step it is still in, so no release overtakes a step.
+            driver.submit(self._close_links)
+            driver.shutdown(wait=False)
 
-    async def _through(self, session_id: str, request: GenerationRequest, tokens: list[int], start: int,
-                       history: list[int]) -> StageOutput:
-        """One step through every stage; returns the last stage's sampled token."""
+    def _close_links(self) -> None:
+        for link in self._links:
+            try:
+                link.close()
+            except Exception:
+                log.exception("closing the link to %s failed", link.address)
+
+    def _through(self, session_id: str, request: GenerationRequest, tokens: list[int], start: int,
+                 history: list[int]) -> StageOutput:
+        """One step through every stage, on the driver thread; returns the last stage's sampled token."""
         self._step += 1
         sampling = request.sampling
         # The penalty window is all the last stage needs of the history.
@@ -106,7 +132,7 @@ class PipelineRun:
                 sampling=sampling, logprobs=request.logprobs, reply_dtype=self._job.hidden_dtype,
                 step=self._step, history=recent if index == last else ())
             try:
-                out = await link.step(step)
+                out = link.step(step)
             except PeerError as exc:
                 exc.node_id = stage.node_id  # so the scheduler replaces this stage's node, not the whole chain
                 raise

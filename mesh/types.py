@@ -104,6 +104,7 @@ class NodeInfo:
     stages: tuple[StageHeld, ...] = ()
     decode_tokens_per_second: float = 0.0
     files: tuple[ModelHeld, ...] = ()  # GGUF files stages can be loaded from
+    step_port: int = 0  # the step socket (mesh.transport.step_socket); 0 = none, heads use Forward
 
     @property
     def capacity(self) -> int:

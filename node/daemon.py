@@ -33,6 +33,7 @@ from node.pipeline_head import PeerLinks, PipelineHead
 from node.service import NodeIdentity, NodeService, NodeState
 from node.shard_source import shard_file_from_peers
 from node.stage_host import LocalFile, StageHost
+from node.step_server import StepServer
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
 
     if config.role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {config.role!r}")
+    if not -1 <= config.step_port <= 65535:
+        raise ConfigError(f"--step-port must be a port, 0 (a free one) or -1 (off), not {config.step_port}")
     if config.model_from_peers:
         local = await shard_file_from_peers(config, cluster_key, timeouts, limits)
     else:
@@ -112,6 +115,14 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     pb_grpc.add_NodeServicer_to_server(service, server)
     port = bind(server, config.host, config.port)
     state.grpc_port, state.metrics_port = port, metrics_port
+    step_server = None
+    if config.step_port >= 0:
+        loop = asyncio.get_running_loop()
+        step_server = StepServer(
+            identity.node_id, cluster_key, stages, compute, metrics, timeouts, limits,
+            draining=lambda: state.draining, on_open=partial(loop.call_soon_threadsafe, service.enter),
+            on_close=partial(loop.call_soon_threadsafe, service.leave))
+        state.step_port = step_server.start(config.host, config.step_port)
     await server.start()
     await health.set(True)
     metrics.up.set(1)
@@ -121,8 +132,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         advertiser = Advertiser(Advertisement(identity.node_id, identity.name, cluster_hash(cluster_key),
                                               port, metrics_port), config.host)
         await advertiser.start()
-    log.info("node %s (%s) serving %s on %s:%d, metrics on :%d, pid %d", identity.name, identity.node_id,
-             model.name, config.host, port, metrics_port, os.getpid())
+    log.info("node %s (%s) serving %s on %s:%d, step socket on :%d, metrics on :%d, pid %d", identity.name,
+             identity.node_id, model.name, config.host, port, state.step_port, metrics_port, os.getpid())
     if config.ready_file:
         Path(config.ready_file).write_text(f"{config.host} {port} {metrics_port} {identity.node_id}\n")
 
@@ -141,6 +152,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         # CancelledError although nothing is wrong; the drain above already ended real work.
         logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
         await server.stop(grace=2.0)
+        if step_server is not None:
+            await asyncio.to_thread(step_server.close)
         await peers.close()
         compute.close()
         service.shutdown()

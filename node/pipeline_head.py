@@ -5,10 +5,12 @@ decode step paid one round trip per stage plus the gateway's own work per stage,
 quarter of a token's time on a small model. The head runs its own layers in process and
 pays one round trip per later stage; the gateway only reads the token stream.
 
-The head reaches later stages with the cluster key, over Forward streams of its own. It
-trusts a stage's address only once the node there has proved it knows the cluster key and
-is the node the gateway named (the Info challenge), and it forgets a peer whose step failed,
-so a restarted node at the same address is checked again.
+The head reaches a later stage over that node's step socket (mesh.transport.step_socket),
+one connection per run, or over a gRPC Forward stream when the node has its step socket
+turned off. It trusts a stage's address only once the node there has proved it knows the
+cluster key and is the node the gateway named (the Info challenge, and again the step
+socket's handshake), and it forgets a peer whose step failed, so a restarted node at the
+same address is checked again.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from functools import partial
 
 from mesh.config import Limits, Timeouts
 from mesh.errors import EdgeMeshError, InvalidInput, NotFound, PeerError, Unauthenticated
 from mesh.pipeline import PipelineRun, StageLink
-from mesh.transport.channels import NodeClient
+from mesh.transport.channels import NodeClient, StageStream
+from mesh.transport.step_socket import StepConnection
 from mesh.types import NodeId, PipelineHop, PipelineJob, StageOutput, StageStep, TokenEvent
 from node.compute import ComputeThread
 from node.stage_host import StageHost
@@ -39,14 +44,48 @@ class LocalStageLink:
         self._compute = compute
         self._session_id = ""
 
-    async def step(self, step: StageStep) -> StageOutput:
+    def step(self, step: StageStep) -> StageOutput:
         self._session_id = step.session_id
-        return await asyncio.wrap_future(self._compute.call(partial(self._stages.step, step)))
+        return self._compute.call(partial(self._stages.step, step)).result()
+
+    def interrupt(self) -> None:
+        """A step on the compute thread runs to its end (milliseconds); nothing to cut."""
 
     def close(self) -> None:
         if self._session_id:
             # Queued behind any step still running for it, and ahead of the next request's steps.
             self._compute.call(partial(self._stages.release, self._session_id))
+
+
+class ForwardStageLink:
+    """A later stage over a gRPC Forward stream (its node has no step socket), driven from
+    the run's driver thread through the event loop that owns the stream."""
+
+    def __init__(self, stream: StageStream, loop: asyncio.AbstractEventLoop) -> None:
+        self.address = stream.address
+        self._stream = stream
+        self._loop = loop
+        self._closed = threading.Event()
+
+    def step(self, step: StageStep) -> StageOutput:
+        return asyncio.run_coroutine_threadsafe(self._stream.step(step), self._loop).result()
+
+    def interrupt(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._loop.call_soon_threadsafe(self._stream.close)
+
+    def close(self) -> None:
+        self.interrupt()
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A later-stage node this head has checked."""
+
+    client: NodeClient
+    host: str
+    step_port: int  # 0: the node has no step socket; use Forward
 
 
 class PeerLinks:
@@ -56,15 +95,26 @@ class PeerLinks:
         self._key = cluster_key
         self._timeouts = timeouts
         self._limits = limits
-        self._clients: dict[tuple[str, NodeId], NodeClient] = {}
+        self._peers: dict[tuple[str, NodeId], Peer] = {}
         self._checking: dict[tuple[str, NodeId], asyncio.Lock] = {}
 
-    async def client(self, hop: PipelineHop) -> NodeClient:
+    async def open_link(self, hop: PipelineHop, step_timeout_s: float) -> StageLink:
+        """A connection of its own to the node of a later stage, for one run."""
+        peer = await self._peer(hop)
+        if peer.step_port == 0:
+            return ForwardStageLink(peer.client.open_forward(step_timeout_s), asyncio.get_running_loop())
+        try:
+            return await asyncio.to_thread(StepConnection.open, peer.host, peer.step_port, self._key, hop.node_id,
+                                           self._timeouts, self._limits, step_timeout_s)
+        except EdgeMeshError as exc:
+            raise PeerError(f"stage node {hop.node_id}: {exc}", node_id=hop.node_id) from exc
+
+    async def _peer(self, hop: PipelineHop) -> Peer:
         key = (hop.address, hop.node_id)
         async with self._checking.setdefault(key, asyncio.Lock()):
-            client = self._clients.get(key)
-            if client is not None:
-                return client
+            peer = self._peers.get(key)
+            if peer is not None:
+                return peer
             client = NodeClient(hop.address, self._key, self._timeouts, self._limits)
             try:
                 info = await client.info()
@@ -73,18 +123,19 @@ class PeerLinks:
             except EdgeMeshError as exc:
                 await client.close()
                 raise PeerError(f"stage node {hop.node_id} at {hop.address}: {exc}", node_id=hop.node_id) from exc
-            self._clients[key] = client
-            return client
+            host = hop.address.rpartition(":")[0].strip("[]")
+            peer = self._peers[key] = Peer(client, host, info.step_port)
+            return peer
 
     async def forget(self, node_id: NodeId) -> None:
-        for key in [k for k in self._clients if k[1] == node_id]:
+        for key in [k for k in self._peers if k[1] == node_id]:
             self._checking.pop(key, None)
-            await self._clients.pop(key).close()
+            await self._peers.pop(key).client.close()
 
     async def close(self) -> None:
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
+        for peer in self._peers.values():
+            await peer.client.close()
+        self._peers.clear()
 
 
 class PipelineHead:
@@ -116,8 +167,7 @@ class PipelineHead:
         links: list[StageLink] = [LocalStageLink(self._stages, self._compute)]
         try:
             for hop in job.stages[1:]:
-                client = await self._peers.client(hop)
-                links.append(client.open_forward(job.step_timeout_s))
+                links.append(await self._peers.open_link(hop, job.step_timeout_s))
         except BaseException:
             for link in links:
                 link.close()

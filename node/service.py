@@ -59,6 +59,7 @@ class NodeState:
         self.draining = False
         self.grpc_port = 0
         self.metrics_port = 0
+        self.step_port = 0
         self.decode_tokens_per_second = 0.0  # from the start-up probe
 
 
@@ -101,7 +102,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             models=(self._model,) if self._model is not None else (), files=self._stages.files,
             stages=self._stages.held(), slots=self._id.slots, max_queue=self._id.max_queue,
             in_flight=self._state.in_flight, draining=self._state.draining,
-            grpc_port=self._state.grpc_port, metrics_port=self._state.metrics_port,
+            grpc_port=self._state.grpc_port, metrics_port=self._state.metrics_port, step_port=self._state.step_port,
             decode_tokens_per_second=self._state.decode_tokens_per_second,
         )
 
@@ -158,7 +159,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             self._metrics.rpc_errors.labels("Generate", refused.grpc_code).inc()
             await _abort(context, refused)
             return
-        self._enter()
+        self.enter()
         left = False
         status = "cancelled"
         try:
@@ -181,7 +182,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                             # The caller is done once it has the last token and frees its own
                             # count then; free ours before sending it so a request sent right
                             # after is not refused by a node that is only tidying up.
-                            self._leave()
+                            self.leave()
                             left = True
                         yield convert.token_event_to_pb(event)
                     status = "ok"
@@ -203,14 +204,15 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             self._metrics.requests.labels(status).inc()
             self._metrics.rpc_duration.labels("Generate").observe(time.monotonic() - started)
             if not left:
-                self._leave()
+                self.leave()
 
-    def _enter(self) -> None:
+    def enter(self) -> None:
+        """A stream or step connection starts; a draining node waits for it (event loop only)."""
         self._state.in_flight += 1
         self._metrics.in_flight.set(self._state.in_flight)
         self._idle.clear()
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
         self._state.in_flight -= 1
         self._metrics.in_flight.set(self._state.in_flight)
         if self._state.in_flight == 0:
@@ -296,7 +298,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         """One long-lived stream per (session driver, stage). Sessions opened on a stream are
         freed when the stream ends however it ends: done, cancelled, timed out or broken."""
         opened: set[str] = set()
-        self._enter()
+        self.enter()
         try:
             async for msg in request_iterator:
                 started = time.monotonic()
@@ -325,7 +327,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         finally:
             for session_id in opened:
                 self._stages.release(session_id)
-            self._leave()
+            self.leave()
 
     async def RunPipeline(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """A whole pipeline request, this node being stage 0 (see node.pipeline_head)."""
@@ -338,13 +340,13 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             self._metrics.rpc_errors.labels("RunPipeline", exc.grpc_code).inc()
             await _abort(context, exc)
             return
-        self._enter()
+        self.enter()
         left = False
         try:
             async with contextlib.aclosing(self._head.run(job)) as events:
                 async for event in events:
                     if event.finish_reason and not left:
-                        self._leave()  # as in Generate: the caller stops counting at the last token
+                        self.leave()  # as in Generate: the caller stops counting at the last token
                         left = True
                     yield convert.token_event_to_pb(event)
         except EdgeMeshError as exc:
@@ -361,7 +363,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         finally:
             self._metrics.rpc_duration.labels("RunPipeline").observe(time.monotonic() - started)
             if not left:
-                self._leave()
+                self.leave()
 
     async def FetchShard(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Stream byte ranges of a file this node holds whole, each range closed by its sha256."""

@@ -108,7 +108,7 @@ class Launcher:
 
     def node(self, name: str, model: Path, *extra: str) -> Proc:
         return self.start(name, ["node", "--model", str(model), "--name", name, "--port", "0",
-                                 "--metrics-port", "0", "--threads", "1", *extra])
+                                 "--metrics-port", "0", "--step-port", "0", "--threads", "1", *extra])
 
     def gateway(self, name: str, model: Path, *extra: str) -> Proc:
         return self.start(name, ["gateway", "--model", str(model), "--port", "0", *extra])

@@ -52,7 +52,8 @@ class NodeActor:
         ready = self._workdir / "node.ready"
         # Ports are picked by the OS: several actors may share a Ray node, and Ray, not mDNS,
         # tells the gateway where each one listens.
-        config = replace(spec.config, host=host, port=0, metrics_port=0, advertise=False, ready_file=str(ready))
+        config = replace(spec.config, host=host, port=0, metrics_port=0, step_port=0, advertise=False,
+                         ready_file=str(ready))
         self._name = config.name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None

@@ -123,7 +123,7 @@ def node_info_to_pb(info: NodeInfo) -> Any:
         memory_limit=info.memory_limit, threads=info.threads,
         models=[model_to_pb(m) for m in info.models], files=[model_to_pb(m) for m in info.files],
         slots=info.slots, max_queue=info.max_queue, in_flight=info.in_flight, draining=info.draining,
-        grpc_port=info.grpc_port, metrics_port=info.metrics_port,
+        grpc_port=info.grpc_port, metrics_port=info.metrics_port, step_port=info.step_port,
         stages=[stage_to_pb(s) for s in info.stages],
         decode_tokens_per_second=info.decode_tokens_per_second,
     )
@@ -136,7 +136,7 @@ def node_info_from_pb(msg: Any) -> NodeInfo:
         memory_free=msg.memory_free, memory_limit=msg.memory_limit, threads=msg.threads,
         models=tuple(model_from_pb(m) for m in msg.models), files=tuple(model_from_pb(m) for m in msg.files),
         slots=msg.slots, max_queue=msg.max_queue, in_flight=msg.in_flight, draining=msg.draining,
-        grpc_port=msg.grpc_port, metrics_port=msg.metrics_port,
+        grpc_port=msg.grpc_port, metrics_port=msg.metrics_port, step_port=msg.step_port,
         stages=tuple(stage_from_pb(s) for s in msg.stages),
         decode_tokens_per_second=msg.decode_tokens_per_second,
     )

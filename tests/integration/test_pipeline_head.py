@@ -57,8 +57,11 @@ def test_the_head_runs_the_pipeline_refuses_what_it_cannot_head_and_names_a_fail
     sha = file_sha256(default_model)
     head_proc = launcher.node("head", default_model, "--role", "stage")
     tail_proc = launcher.node("tail", default_model, "--role", "stage")
+    # A node with its step socket turned off: the head reaches it over gRPC Forward instead.
+    grpc_proc = launcher.node("grpc-tail", default_model, "--role", "stage", "--step-port", "-1")
     head = PipelineHop(NodeId(head_proc.ready[3]), f"127.0.0.1:{head_proc.ready[1]}", SPLIT[0])
     tail = PipelineHop(NodeId(tail_proc.ready[3]), f"127.0.0.1:{tail_proc.ready[1]}", SPLIT[1])
+    grpc_tail = PipelineHop(NodeId(grpc_proc.ready[3]), f"127.0.0.1:{grpc_proc.ready[1]}", SPLIT[1])
     prompt = reference_llm.tokenize(PROMPT.encode())
     reference = reference_llm.create_completion(PROMPT, max_tokens=24, temperature=0.0)
     expected_text = reference["choices"][0]["text"]
@@ -67,13 +70,19 @@ def test_the_head_runs_the_pipeline_refuses_what_it_cannot_head_and_names_a_fail
     async def scenario() -> None:
         head_client = NodeClient(head.address, launcher.cluster_key, timeouts, limits)
         tail_client = NodeClient(tail.address, launcher.cluster_key, timeouts, limits)
+        grpc_client = NodeClient(grpc_tail.address, launcher.cluster_key, timeouts, limits)
         try:
             await head_client.load_stage(sha, head.layers, n_ctx=512, slots=2, timeout_s=120)
             await tail_client.load_stage(sha, tail.layers, n_ctx=512, slots=2, timeout_s=120)
+            await grpc_client.load_stage(sha, grpc_tail.layers, n_ctx=512, slots=2, timeout_s=120)
+            assert (await tail_client.info()).step_port > 0
+            assert (await grpc_client.info()).step_port == 0
 
-            # The stream through both stages is llama.cpp's own greedy output.
-            tokens = await _tokens(head_client, _job(sha, (head, tail), prompt, 24))
-            assert reference_llm.detokenize(tokens).decode(errors="replace") == expected_text
+            # The stream through both stages is llama.cpp's own greedy output, over the step
+            # socket and over Forward alike.
+            for later in (tail, grpc_tail):
+                tokens = await _tokens(head_client, _job(sha, (head, later), prompt, 24))
+                assert reference_llm.detokenize(tokens).decode(errors="replace") == expected_text
 
             # Requests this node cannot head: a clear status each, and it keeps serving.
             bad: list[tuple[PipelineJob, type[EdgeMeshError]]] = [
@@ -120,6 +129,7 @@ def test_the_head_runs_the_pipeline_refuses_what_it_cannot_head_and_names_a_fail
         finally:
             await head_client.close()
             await tail_client.close()
+            await grpc_client.close()
 
     asyncio.run(scenario())
     assert "Traceback" not in head_proc.log()

@@ -40,7 +40,8 @@ def test_a_node_without_the_file_serves_a_stage_from_shipped_bytes(
     holder = launcher.node("holder", default_model, "--role", "stage")
     home = tmp_path / "empty-home"  # no model cache: this node has never seen the file
     shard_args = ["node", "--model-from-peers", "--role", "stage", "--name", "shard", "--port", "0",
-                  "--metrics-port", "0", "--threads", "1", "--peer", f"127.0.0.1:{holder.ready[1]}"]
+                  "--metrics-port", "0", "--step-port", "0", "--threads", "1",
+                  "--peer", f"127.0.0.1:{holder.ready[1]}"]
     shard = launcher.start("shard", shard_args, env={"EDGEMESH_HOME": str(home)})
     assert not (home / "models").exists()
 
@@ -126,6 +127,7 @@ def test_fetch_shard_refuses_bad_requests_and_keeps_serving(launcher: Launcher, 
     (["up", "--strategy", "pipeline", "--nodes", "2", "--stages", "3", "--port", "0"], "3 stages need"),
     (["plan", "--nodes", "3"], "--dry-run"),
     (["node", "--role", "bogus", "--port", "0", "--metrics-port", "0"], "--role"),
+    (["node", "--step-port", "-2", "--port", "0", "--metrics-port", "0"], "--step-port must be"),
     (["node", "--decode-threads", "-3", "--port", "0", "--metrics-port", "0"], "--decode-threads must be 0"),
     (["up", "--strategy", "pipeline", "--decode-threads", "-3", "--port", "0"], "--decode-threads must be 0"),
     (["up", "--threads", "-1", "--port", "0"], "--threads must be 0"),

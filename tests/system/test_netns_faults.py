@@ -99,7 +99,7 @@ class NetMesh:
         name = f"node-{host}"
         proc = self._start(host, name, [
             "node", "--model", str(self.model), "--name", name, "--role", "stage", "--threads", "1",
-            "--host", self.net.hosts[host].address, "--port", "0", "--metrics-port", "0"])
+            "--host", self.net.hosts[host].address, "--port", "0", "--metrics-port", "0", "--step-port", "0"])
         self.nodes[host] = proc
         if wait:
             self.node_ready(host)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'mesh/transport/generated/edgemesh.proto\x12\x0b\x65\x64gemesh.v1\" \n\x0bInfoRequest\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"\x85\x01\n\tModelHeld\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x10\n\x08n_layers\x18\x03 \x01(\r\x12\x12\n\nfile_bytes\x18\x04 \x01(\x04\x12\r\n\x05n_ctx\x18\x05 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\x0f\n\x07n_vocab\x18\x07 \x01(\r\"3\n\nLayerRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x16\n\x0elast_exclusive\x18\x02 \x01(\r\"\xb5\x01\n\tStageHeld\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\'\n\x06layers\x18\x02 \x01(\x0b\x32\x17.edgemesh.v1.LayerRange\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x04\x12\x15\n\rcompute_bytes\x18\x06 \x01(\x04\x12\x15\n\rprefill_chunk\x18\x07 \x01(\r\"\xcb\x03\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x14\n\x0cmemory_total\x18\x06 \x01(\x04\x12\x13\n\x0bmemory_free\x18\x07 \x01(\x04\x12\x14\n\x0cmemory_limit\x18\x08 \x01(\x04\x12\x0f\n\x07threads\x18\t \x01(\r\x12&\n\x06models\x18\n \x03(\x0b\x32\x16.edgemesh.v1.ModelHeld\x12\r\n\x05slots\x18\x0b \x01(\r\x12\x11\n\tmax_queue\x18\x0c \x01(\r\x12\x11\n\tin_flight\x18\r \x01(\r\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x11\n\tgrpc_port\x18\x0f \x01(\r\x12\x14\n\x0cmetrics_port\x18\x10 \x01(\r\x12&\n\x06stages\x18\x11 \x03(\x0b\x32\x16.edgemesh.v1.StageHeld\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x12 \x01(\x01\x12%\n\x05\x66iles\x18\x13 \x03(\x0b\x32\x16.edgemesh.v1.ModelHeld\x12\r\n\x05proof\x18\x14 \x01(\t\"\x8f\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x16\n\x0erepeat_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x15\n\rrepeat_last_n\x18\x07 \x01(\r\"\xd6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.edgemesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x15\n\rreplay_tokens\x18\x08 \x03(\r\"[\n\rGenerateEvent\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"\x86\x01\n\x10LoadStageRequest\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\'\n\x06layers\x18\x02 \x01(\x0b\x32\x17.edgemesh.v1.LayerRange\x12\r\n\x05n_ctx\x18\x03 \x01(\r\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x15\n\rprefill_chunk\x18\x05 \x01(\r\"7\n\x0eLoadStageReply\x12%\n\x05stage\x18\x01 \x01(\x0b\x32\x16.edgemesh.v1.StageHeld\"H\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.edgemesh.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xe4\x02\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\'\n\x06tokens\x18\x03 \x01(\x0b\x32\x15.edgemesh.v1.TokenIdsH\x00\x12%\n\x06hidden\x18\x04 \x01(\x0b\x32\x13.edgemesh.v1.TensorH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.edgemesh.v1.SamplingParams\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\'\n\x0breply_dtype\x18\x07 \x01(\x0e\x32\x12.edgemesh.v1.DType\x12\x0c\n\x04step\x18\x08 \x01(\x04\x12\x16\n\x0ehistory_tokens\x18\t \x03(\r\x12\x14\n\x0cmodel_sha256\x18\n \x01(\t\x12\'\n\x06layers\x18\x0b \x01(\x0b\x32\x17.edgemesh.v1.LayerRangeB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x8d\x01\n\x0c\x46orwardReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12%\n\x06hidden\x18\x03 \x01(\x0b\x32\x13.edgemesh.v1.TensorH\x00\x12*\n\x05token\x18\x04 \x01(\x0b\x32\x19.edgemesh.v1.SampledTokenH\x00\x42\x08\n\x06output\"1\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0bPipelineHop\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x06layers\x18\x03 \x01(\x0b\x32\x17.edgemesh.v1.LayerRange\"\xbe\x01\n\x12RunPipelineRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.edgemesh.v1.GenerateRequest\x12(\n\x06stages\x18\x02 \x03(\x0b\x32\x18.edgemesh.v1.PipelineHop\x12\r\n\x05n_ctx\x18\x03 \x01(\r\x12(\n\x0chidden_dtype\x18\x04 \x01(\x0e\x32\x12.edgemesh.v1.DType\x12\x16\n\x0estep_timeout_s\x18\x05 \x01(\x01\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x13ReleaseSessionReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"+\n\tByteRange\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"a\n\x11\x46\x65tchShardRequest\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\x08\x12&\n\x06ranges\x18\x03 \x03(\x0b\x32\x16.edgemesh.v1.ByteRange\"\x80\x01\n\nShardChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0crange_sha256\x18\x03 \x01(\t\x12\x14\n\x0crange_offset\x18\x04 \x01(\x04\x12\x14\n\x0crange_length\x18\x05 \x01(\x04\x12\x12\n\nfile_bytes\x18\x06 \x01(\x04*<\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x32\x86\x04\n\x04Node\x12\x37\n\x04Info\x12\x18.edgemesh.v1.InfoRequest\x1a\x15.edgemesh.v1.NodeInfo\x12\x46\n\x08Generate\x12\x1c.edgemesh.v1.GenerateRequest\x1a\x1a.edgemesh.v1.GenerateEvent0\x01\x12G\n\tLoadStage\x12\x1d.edgemesh.v1.LoadStageRequest\x1a\x1b.edgemesh.v1.LoadStageReply\x12\x45\n\x07\x46orward\x12\x1b.edgemesh.v1.ForwardRequest\x1a\x19.edgemesh.v1.ForwardReply(\x01\x30\x01\x12V\n\x0eReleaseSession\x12\".edgemesh.v1.ReleaseSessionRequest\x1a .edgemesh.v1.ReleaseSessionReply\x12L\n\x0bRunPipeline\x12\x1f.edgemesh.v1.RunPipelineRequest\x1a\x1a.edgemesh.v1.GenerateEvent0\x01\x12G\n\nFetchShard\x12\x1e.edgemesh.v1.FetchShardRequest\x1a\x17.edgemesh.v1.ShardChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'mesh/transport/generated/edgemesh.proto\x12\x0b\x65\x64gemesh.v1\" \n\x0bInfoRequest\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"\x85\x01\n\tModelHeld\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x10\n\x08n_layers\x18\x03 \x01(\r\x12\x12\n\nfile_bytes\x18\x04 \x01(\x04\x12\r\n\x05n_ctx\x18\x05 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\x0f\n\x07n_vocab\x18\x07 \x01(\r\"3\n\nLayerRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x16\n\x0elast_exclusive\x18\x02 \x01(\r\"\xb5\x01\n\tStageHeld\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\'\n\x06layers\x18\x02 \x01(\x0b\x32\x17.edgemesh.v1.LayerRange\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x04\x12\x15\n\rcompute_bytes\x18\x06 \x01(\x04\x12\x15\n\rprefill_chunk\x18\x07 \x01(\r\"\xde\x03\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x14\n\x0cmemory_total\x18\x06 \x01(\x04\x12\x13\n\x0bmemory_free\x18\x07 \x01(\x04\x12\x14\n\x0cmemory_limit\x18\x08 \x01(\x04\x12\x0f\n\x07threads\x18\t \x01(\r\x12&\n\x06models\x18\n \x03(\x0b\x32\x16.edgemesh.v1.ModelHeld\x12\r\n\x05slots\x18\x0b \x01(\r\x12\x11\n\tmax_queue\x18\x0c \x01(\r\x12\x11\n\tin_flight\x18\r \x01(\r\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x11\n\tgrpc_port\x18\x0f \x01(\r\x12\x14\n\x0cmetrics_port\x18\x10 \x01(\r\x12&\n\x06stages\x18\x11 \x03(\x0b\x32\x16.edgemesh.v1.StageHeld\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x12 \x01(\x01\x12%\n\x05\x66iles\x18\x13 \x03(\x0b\x32\x16.edgemesh.v1.ModelHeld\x12\r\n\x05proof\x18\x14 \x01(\t\x12\x11\n\tstep_port\x18\x15 \x01(\r\"\x8f\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x16\n\x0erepeat_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x15\n\rrepeat_last_n\x18\x07 \x01(\r\"\xd6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.edgemesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x15\n\rreplay_tokens\x18\x08 \x03(\r\"[\n\rGenerateEvent\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"\x86\x01\n\x10LoadStageRequest\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\'\n\x06layers\x18\x02 \x01(\x0b\x32\x17.edgemesh.v1.LayerRange\x12\r\n\x05n_ctx\x18\x03 \x01(\r\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x15\n\rprefill_chunk\x18\x05 \x01(\r\"7\n\x0eLoadStageReply\x12%\n\x05stage\x18\x01 \x01(\x0b\x32\x16.edgemesh.v1.StageHeld\"H\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.edgemesh.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xe4\x02\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\'\n\x06tokens\x18\x03 \x01(\x0b\x32\x15.edgemesh.v1.TokenIdsH\x00\x12%\n\x06hidden\x18\x04 \x01(\x0b\x32\x13.edgemesh.v1.TensorH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.edgemesh.v1.SamplingParams\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\'\n\x0breply_dtype\x18\x07 \x01(\x0e\x32\x12.edgemesh.v1.DType\x12\x0c\n\x04step\x18\x08 \x01(\x04\x12\x16\n\x0ehistory_tokens\x18\t \x03(\r\x12\x14\n\x0cmodel_sha256\x18\n \x01(\t\x12\'\n\x06layers\x18\x0b \x01(\x0b\x32\x17.edgemesh.v1.LayerRangeB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x8d\x01\n\x0c\x46orwardReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12%\n\x06hidden\x18\x03 \x01(\x0b\x32\x13.edgemesh.v1.TensorH\x00\x12*\n\x05token\x18\x04 \x01(\x0b\x32\x19.edgemesh.v1.SampledTokenH\x00\x42\x08\n\x06output\"1\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0bPipelineHop\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x06layers\x18\x03 \x01(\x0b\x32\x17.edgemesh.v1.LayerRange\"\xbe\x01\n\x12RunPipelineRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.edgemesh.v1.GenerateRequest\x12(\n\x06stages\x18\x02 \x03(\x0b\x32\x18.edgemesh.v1.PipelineHop\x12\r\n\x05n_ctx\x18\x03 \x01(\r\x12(\n\x0chidden_dtype\x18\x04 \x01(\x0e\x32\x12.edgemesh.v1.DType\x12\x16\n\x0estep_timeout_s\x18\x05 \x01(\x01\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x13ReleaseSessionReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"+\n\tByteRange\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"a\n\x11\x46\x65tchShardRequest\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\x08\x12&\n\x06ranges\x18\x03 \x03(\x0b\x32\x16.edgemesh.v1.ByteRange\"\x80\x01\n\nShardChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0crange_sha256\x18\x03 \x01(\t\x12\x14\n\x0crange_offset\x18\x04 \x01(\x04\x12\x14\n\x0crange_length\x18\x05 \x01(\x04\x12\x12\n\nfile_bytes\x18\x06 \x01(\x04*<\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x32\x86\x04\n\x04Node\x12\x37\n\x04Info\x12\x18.edgemesh.v1.InfoRequest\x1a\x15.edgemesh.v1.NodeInfo\x12\x46\n\x08Generate\x12\x1c.edgemesh.v1.GenerateRequest\x1a\x1a.edgemesh.v1.GenerateEvent0\x01\x12G\n\tLoadStage\x12\x1d.edgemesh.v1.LoadStageRequest\x1a\x1b.edgemesh.v1.LoadStageReply\x12\x45\n\x07\x46orward\x12\x1b.edgemesh.v1.ForwardRequest\x1a\x19.edgemesh.v1.ForwardReply(\x01\x30\x01\x12V\n\x0eReleaseSession\x12\".edgemesh.v1.ReleaseSessionRequest\x1a .edgemesh.v1.ReleaseSessionReply\x12L\n\x0bRunPipeline\x12\x1f.edgemesh.v1.RunPipelineRequest\x1a\x1a.edgemesh.v1.GenerateEvent0\x01\x12G\n\nFetchShard\x12\x1e.edgemesh.v1.FetchShardRequest\x1a\x17.edgemesh.v1.ShardChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.transport.generated.edgemesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2872
-  _globals['_DTYPE']._serialized_end=2932
+  _globals['_DTYPE']._serialized_start=2891
+  _globals['_DTYPE']._serialized_end=2951
   _globals['_INFOREQUEST']._serialized_start=56
   _globals['_INFOREQUEST']._serialized_end=88
   _globals['_MODELHELD']._serialized_start=91
@@ -42,41 +42,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEHELD']._serialized_start=280
   _globals['_STAGEHELD']._serialized_end=461
   _globals['_NODEINFO']._serialized_start=464
-  _globals['_NODEINFO']._serialized_end=923
-  _globals['_SAMPLINGPARAMS']._serialized_start=926
-  _globals['_SAMPLINGPARAMS']._serialized_end=1069
-  _globals['_GENERATEREQUEST']._serialized_start=1072
-  _globals['_GENERATEREQUEST']._serialized_end=1286
-  _globals['_GENERATEEVENT']._serialized_start=1288
-  _globals['_GENERATEEVENT']._serialized_end=1379
-  _globals['_LOADSTAGEREQUEST']._serialized_start=1382
-  _globals['_LOADSTAGEREQUEST']._serialized_end=1516
-  _globals['_LOADSTAGEREPLY']._serialized_start=1518
-  _globals['_LOADSTAGEREPLY']._serialized_end=1573
-  _globals['_TENSOR']._serialized_start=1575
-  _globals['_TENSOR']._serialized_end=1647
-  _globals['_FORWARDREQUEST']._serialized_start=1650
-  _globals['_FORWARDREQUEST']._serialized_end=2006
-  _globals['_TOKENIDS']._serialized_start=2008
-  _globals['_TOKENIDS']._serialized_end=2031
-  _globals['_FORWARDREPLY']._serialized_start=2034
-  _globals['_FORWARDREPLY']._serialized_end=2175
-  _globals['_SAMPLEDTOKEN']._serialized_start=2177
-  _globals['_SAMPLEDTOKEN']._serialized_end=2226
-  _globals['_PIPELINEHOP']._serialized_start=2228
-  _globals['_PIPELINEHOP']._serialized_end=2316
-  _globals['_RUNPIPELINEREQUEST']._serialized_start=2319
-  _globals['_RUNPIPELINEREQUEST']._serialized_end=2509
-  _globals['_RELEASESESSIONREQUEST']._serialized_start=2511
-  _globals['_RELEASESESSIONREQUEST']._serialized_end=2554
-  _globals['_RELEASESESSIONREPLY']._serialized_start=2556
-  _globals['_RELEASESESSIONREPLY']._serialized_end=2595
-  _globals['_BYTERANGE']._serialized_start=2597
-  _globals['_BYTERANGE']._serialized_end=2640
-  _globals['_FETCHSHARDREQUEST']._serialized_start=2642
-  _globals['_FETCHSHARDREQUEST']._serialized_end=2739
-  _globals['_SHARDCHUNK']._serialized_start=2742
-  _globals['_SHARDCHUNK']._serialized_end=2870
-  _globals['_NODE']._serialized_start=2935
-  _globals['_NODE']._serialized_end=3453
+  _globals['_NODEINFO']._serialized_end=942
+  _globals['_SAMPLINGPARAMS']._serialized_start=945
+  _globals['_SAMPLINGPARAMS']._serialized_end=1088
+  _globals['_GENERATEREQUEST']._serialized_start=1091
+  _globals['_GENERATEREQUEST']._serialized_end=1305
+  _globals['_GENERATEEVENT']._serialized_start=1307
+  _globals['_GENERATEEVENT']._serialized_end=1398
+  _globals['_LOADSTAGEREQUEST']._serialized_start=1401
+  _globals['_LOADSTAGEREQUEST']._serialized_end=1535
+  _globals['_LOADSTAGEREPLY']._serialized_start=1537
+  _globals['_LOADSTAGEREPLY']._serialized_end=1592
+  _globals['_TENSOR']._serialized_start=1594
+  _globals['_TENSOR']._serialized_end=1666
+  _globals['_FORWARDREQUEST']._serialized_start=1669
+  _globals['_FORWARDREQUEST']._serialized_end=2025
+  _globals['_TOKENIDS']._serialized_start=2027
+  _globals['_TOKENIDS']._serialized_end=2050
+  _globals['_FORWARDREPLY']._serialized_start=2053
+  _globals['_FORWARDREPLY']._serialized_end=2194
+  _globals['_SAMPLEDTOKEN']._serialized_start=2196
+  _globals['_SAMPLEDTOKEN']._serialized_end=2245
+  _globals['_PIPELINEHOP']._serialized_start=2247
+  _globals['_PIPELINEHOP']._serialized_end=2335
+  _globals['_RUNPIPELINEREQUEST']._serialized_start=2338
+  _globals['_RUNPIPELINEREQUEST']._serialized_end=2528
+  _globals['_RELEASESESSIONREQUEST']._serialized_start=2530
+  _globals['_RELEASESESSIONREQUEST']._serialized_end=2573
+  _globals['_RELEASESESSIONREPLY']._serialized_start=2575
+  _globals['_RELEASESESSIONREPLY']._serialized_end=2614
+  _globals['_BYTERANGE']._serialized_start=2616
+  _globals['_BYTERANGE']._serialized_end=2659
+  _globals['_FETCHSHARDREQUEST']._serialized_start=2661
+  _globals['_FETCHSHARDREQUEST']._serialized_end=2758
+  _globals['_SHARDCHUNK']._serialized_start=2761
+  _globals['_SHARDCHUNK']._serialized_end=2889
+  _globals['_NODE']._serialized_start=2954
+  _globals['_NODE']._serialized_end=3472
 # @@protoc_insertion_point(module_scope)

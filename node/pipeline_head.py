@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from mesh.config import Limits, Timeouts
-from mesh.errors import EdgeMeshError, InvalidInput, NotFound, PeerError, Unauthenticated
+from mesh.discovery import parse_host_port
+from mesh.errors import ConfigError, EdgeMeshError, InvalidInput, NotFound, PeerError, Unauthenticated
 from mesh.pipeline import PipelineRun, StageLink
 from mesh.transport.channels import NodeClient, StageStream
 from mesh.transport.step_socket import StepConnection
@@ -80,7 +81,7 @@ class ForwardStageLink:
 
 
 @dataclass(frozen=True)
-class Peer:
+class CheckedStageNode:
     """A later-stage node this head has checked."""
 
     client: NodeClient
@@ -95,7 +96,7 @@ class PeerLinks:
         self._key = cluster_key
         self._timeouts = timeouts
         self._limits = limits
-        self._peers: dict[tuple[str, NodeId], Peer] = {}
+        self._peers: dict[tuple[str, NodeId], CheckedStageNode] = {}
         self._checking: dict[tuple[str, NodeId], asyncio.Lock] = {}
 
     async def open_link(self, hop: PipelineHop, step_timeout_s: float) -> StageLink:
@@ -103,18 +104,31 @@ class PeerLinks:
         peer = await self._peer(hop)
         if peer.step_port == 0:
             return ForwardStageLink(peer.client.open_forward(step_timeout_s), asyncio.get_running_loop())
+        if peer.step_port > 65535:
+            raise PeerError(f"stage node {hop.node_id} advertises step port {peer.step_port}", node_id=hop.node_id)
+        opening = asyncio.ensure_future(asyncio.to_thread(
+            StepConnection.open, peer.host, peer.step_port, self._key, hop.node_id, self._timeouts, self._limits,
+            step_timeout_s))
         try:
-            return await asyncio.to_thread(StepConnection.open, peer.host, peer.step_port, self._key, hop.node_id,
-                                           self._timeouts, self._limits, step_timeout_s)
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The run was abandoned while the connection was being made: close it once made,
+            # so the stage does not keep a connection nobody will use.
+            opening.add_done_callback(_close_if_opened)
+            raise
         except EdgeMeshError as exc:
             raise PeerError(f"stage node {hop.node_id}: {exc}", node_id=hop.node_id) from exc
 
-    async def _peer(self, hop: PipelineHop) -> Peer:
+    async def _peer(self, hop: PipelineHop) -> CheckedStageNode:
         key = (hop.address, hop.node_id)
         async with self._checking.setdefault(key, asyncio.Lock()):
             peer = self._peers.get(key)
             if peer is not None:
                 return peer
+            try:
+                host, _port = parse_host_port(hop.address)
+            except ConfigError as exc:
+                raise InvalidInput(f"stage node {hop.node_id}: {exc}") from None
             client = NodeClient(hop.address, self._key, self._timeouts, self._limits)
             try:
                 info = await client.info()
@@ -123,8 +137,7 @@ class PeerLinks:
             except EdgeMeshError as exc:
                 await client.close()
                 raise PeerError(f"stage node {hop.node_id} at {hop.address}: {exc}", node_id=hop.node_id) from exc
-            host = hop.address.rpartition(":")[0].strip("[]")
-            peer = self._peers[key] = Peer(client, host, info.step_port)
+            peer = self._peers[key] = CheckedStageNode(client, host, info.step_port)
             return peer
 
     async def forget(self, node_id: NodeId) -> None:
@@ -136,6 +149,11 @@ class PeerLinks:
         for peer in self._peers.values():
             await peer.client.close()
         self._peers.clear()
+
+
+def _close_if_opened(opening: asyncio.Future[StepConnection]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 class PipelineHead:

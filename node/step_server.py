@@ -104,35 +104,42 @@ class StepServer:
                 if not self._closed:
                     log.exception("the step socket stopped accepting")
                 return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                full = len(self._connections) >= self._limits.max_step_connections
-                if not full and not self._closed:
-                    self._connections.add(conn)
-            if full or self._closed:
-                threading.Thread(target=self._refuse, args=(conn,), daemon=True).start()
-                continue
-            threading.Thread(target=self._serve, args=(conn, peer), name="step-conn", daemon=True).start()
-
-    def _refuse(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(self._timeouts.connect_s)
             try:
-                wire.send_error(conn, CapacityExhausted(
-                    f"node has {self._limits.max_step_connections} step connections open"))
-            except OSError:
-                pass
+                self._admit(conn, peer)
+            except Exception:  # one connection's trouble must not stop the node accepting
+                log.exception("could not take a step connection from %s", peer)
+                with self._lock:
+                    self._connections.discard(conn)
+                conn.close()
+
+    def _admit(self, conn: socket.socket, peer: object) -> None:
+        with self._lock:
+            full = len(self._connections) >= self._limits.max_step_connections
+            if not full and not self._closed:
+                self._connections.add(conn)
+        if full or self._closed:
+            # A frame this small fits the new socket's send buffer: sending it cannot block.
+            _try_send_error(conn, CapacityExhausted(
+                f"node has {self._limits.max_step_connections} step connections open"))
+            conn.close()
+            return
+        wire.tune(conn, self._timeouts)
+        threading.Thread(target=self._serve, args=(conn, peer), name="step-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket, peer: object) -> None:
         opened: set[str] = set()
-        deadline = time.monotonic() + self._timeouts.request_s  # a connection lives as long as one request
-        self._on_open()
+        counted = False
         try:
             conn.settimeout(self._timeouts.connect_s)
-            wire.handshake_as_node(conn, self._key, self._node_id)
+            wire.handshake_as_node(conn, self._key, self._node_id, time.monotonic() + self._timeouts.connect_s)
+            # Counted as work in flight (a drain waits for it) only once the head proved the key.
+            self._on_open()
+            counted = True
+            # A connection lives as long as one request may; a head that vanished is noticed
+            # sooner by TCP keepalive (wire.tune).
+            deadline = time.monotonic() + self._timeouts.request_s
             while True:
-                conn.settimeout(max(deadline - time.monotonic(), 0.001))
-                frame = wire.read_frame(conn, self._limits.max_message_bytes)
+                frame = wire.read_frame(conn, self._limits.max_message_bytes, deadline)
                 started = time.monotonic()
                 self._metrics.bytes_in.inc(len(frame.payload))
                 reply = self._step(frame, opened)
@@ -159,7 +166,8 @@ class StepServer:
             with self._lock:
                 self._connections.discard(conn)
             conn.close()
-            self._on_close()
+            if counted:
+                self._on_close()
 
     def _step(self, frame: wire.Frame, opened: set[str]) -> bytes:
         if frame.kind != wire.STEP:

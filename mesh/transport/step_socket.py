@@ -32,20 +32,21 @@ import hmac
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
+import grpc
 from google.protobuf.message import DecodeError
 
 from mesh.config import Limits, Timeouts
 from mesh.errors import (
-    CapacityExhausted,
     EdgeMeshError,
     InvalidInput,
-    NotFound,
     PeerError,
     Unauthenticated,
 )
 from mesh.transport import convert
+from mesh.transport.channels import error_from_rpc
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.types import StageOutput, StageStep
 
@@ -74,24 +75,39 @@ class Frame:
     payload: bytes
 
 
+def tune(sock: socket.socket, timeouts: Timeouts) -> None:
+    """No Nagle delay on small steps, and TCP keepalive as gRPC channels have, so either end
+    notices within seconds a peer that vanished (power cut, network split) mid-run."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; elsewhere the system's keepalive timing applies
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(timeouts.keepalive_time_s)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(timeouts.keepalive_timeout_s)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 1)
+
+
 def send_frame(sock: socket.socket, kind: int, payload: bytes) -> None:
     sock.sendall(_HEADER.pack(len(payload), kind) + payload)
 
 
-def read_frame(sock: socket.socket, max_payload: int) -> Frame:
-    """The next frame; ConnectionClosed at end of stream, InvalidInput past max_payload.
-    socket.timeout passes through to the caller, whose deadline it is."""
-    length, kind = _HEADER.unpack(_read_exact(sock, _HEADER.size))
+def read_frame(sock: socket.socket, max_payload: int, deadline: float) -> Frame:
+    """The next frame, whole by `deadline` (time.monotonic()) however slowly its bytes come;
+    ConnectionClosed at end of stream, InvalidInput past max_payload, TimeoutError late."""
+    length, kind = _HEADER.unpack(_read_exact(sock, _HEADER.size, deadline))
     if length > max_payload:
         raise InvalidInput(f"a frame of {length} bytes is larger than the limit of {max_payload}")
-    return Frame(kind, _read_exact(sock, length))
+    return Frame(kind, _read_exact(sock, length, deadline))
 
 
-def _read_exact(sock: socket.socket, size: int) -> bytes:
+def _read_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
     buffer = bytearray(size)
     view = memoryview(buffer)
     got = 0
     while got < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        sock.settimeout(left)
         n = sock.recv_into(view[got:])
         if n == 0:
             raise ConnectionClosed("the connection was closed")
@@ -105,15 +121,12 @@ def send_error(sock: socket.socket, error: EdgeMeshError) -> None:
 
 
 def error_from_frame(payload: bytes, what: str) -> EdgeMeshError:
-    """The error a node sent, in our hierarchy (as error_from_rpc maps a gRPC status)."""
-    code, _, detail = payload.decode(errors="replace").partition("\n")
-    message = f"{what}: {detail or code}"
-    kinds: dict[str, type[EdgeMeshError]] = {
-        "INVALID_ARGUMENT": InvalidInput, "NOT_FOUND": NotFound, "UNAUTHENTICATED": Unauthenticated,
-        "RESOURCE_EXHAUSTED": CapacityExhausted}
-    if code in kinds:
-        return kinds[code](message)
-    return PeerError(message, code=code if code.isupper() else "UNKNOWN")
+    """The error a node sent, in our hierarchy, mapped as a gRPC status with that code would be."""
+    name, _, detail = payload.decode(errors="replace").partition("\n")
+    code = getattr(grpc.StatusCode, name, None) if name.isupper() else None
+    status = grpc.aio.AioRpcError(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN,
+                                  grpc.aio.Metadata(), grpc.aio.Metadata(), details=detail or name)
+    return error_from_rpc(status, what)
 
 
 def _mac(key: str, *parts: bytes) -> bytes:
@@ -128,26 +141,26 @@ def _expect(frame: Frame, kind: int, what: str) -> bytes:
     return frame.payload
 
 
-def handshake_as_node(sock: socket.socket, key: str, node_id: str) -> None:
+def handshake_as_node(sock: socket.socket, key: str, node_id: str, deadline: float) -> None:
     """The node's side; Unauthenticated when the head lacks the key."""
     node_nonce = os.urandom(NONCE_BYTES)
     send_frame(sock, HELLO, bytes([VERSION]) + node_nonce)
-    payload = _expect(read_frame(sock, _HANDSHAKE_MAX), PROOF, "step handshake")
+    payload = _expect(read_frame(sock, _HANDSHAKE_MAX, deadline), PROOF, "step handshake")
     head_nonce, mac = payload[:NONCE_BYTES], payload[NONCE_BYTES:]
     if len(head_nonce) != NONCE_BYTES or not hmac.compare_digest(mac, _mac(key, b"head", node_nonce, head_nonce)):
         raise Unauthenticated("cluster key check failed on the step socket")
     send_frame(sock, PROOF, _mac(key, b"node", head_nonce, node_nonce, node_id.encode()) + node_id.encode())
 
 
-def handshake_as_head(sock: socket.socket, key: str, node_id: str, what: str) -> None:
+def handshake_as_head(sock: socket.socket, key: str, node_id: str, what: str, deadline: float) -> None:
     """The head's side; Unauthenticated when the node lacks the key or is another node."""
-    hello = _expect(read_frame(sock, _HANDSHAKE_MAX), HELLO, what)
+    hello = _expect(read_frame(sock, _HANDSHAKE_MAX, deadline), HELLO, what)
     if len(hello) != 1 + NONCE_BYTES or hello[0] != VERSION:
         raise PeerError(f"{what}: step socket version {hello[:1].hex()} is not {VERSION}", retryable=False)
     node_nonce = hello[1:]
     head_nonce = os.urandom(NONCE_BYTES)
     send_frame(sock, PROOF, head_nonce + _mac(key, b"head", node_nonce, head_nonce))
-    proof = _expect(read_frame(sock, _HANDSHAKE_MAX), PROOF, what)
+    proof = _expect(read_frame(sock, _HANDSHAKE_MAX, deadline), PROOF, what)
     mac, claimed = proof[:MAC_BYTES], proof[MAC_BYTES:]
     if not hmac.compare_digest(mac, _mac(key, b"node", head_nonce, node_nonce, claimed)):
         raise Unauthenticated(f"{what}: the node did not prove it holds the cluster key")
@@ -178,8 +191,8 @@ class StepConnection:
         except OSError as exc:
             raise PeerError(f"{what}: {exc}", node_id=node_id) from exc
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handshake_as_head(sock, cluster_key, node_id, what)
+            tune(sock, timeouts)
+            handshake_as_head(sock, cluster_key, node_id, what, time.monotonic() + timeouts.connect_s)
         except (EdgeMeshError, OSError) as exc:
             sock.close()
             if isinstance(exc, EdgeMeshError):
@@ -190,10 +203,11 @@ class StepConnection:
     def step(self, step: StageStep) -> StageOutput:
         wait = self._timeouts.first_token_s if step.n_tokens > 1 else self._step_timeout_s
         what = f"step on {self.address}"
+        deadline = time.monotonic() + wait
         try:
             self._sock.settimeout(wait)
             send_frame(self._sock, STEP, convert.stage_step_to_pb(step).SerializeToString())
-            frame = read_frame(self._sock, self._limits.max_message_bytes)
+            frame = read_frame(self._sock, self._limits.max_message_bytes, deadline)
         except TimeoutError:
             raise PeerError(f"{what}: no reply within {wait:.0f}s") from None
         except ConnectionClosed:

@@ -40,7 +40,7 @@ def _step(sha: str, session: str, hidden: np.ndarray, start: int = 0, step: int 
 def _raw_connection(port: int, key: str, node_id: str) -> socket.socket:
     """A handshaken connection on which a test writes frames by hand."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    wire.handshake_as_head(sock, key, node_id, "test")
+    wire.handshake_as_head(sock, key, node_id, "test", time.monotonic() + 10)
     return sock
 
 
@@ -140,9 +140,21 @@ def test_the_step_socket_answers_as_forward_does_checks_everything_and_frees_ses
             sock.sendall(wire._HEADER.pack(limits.max_message_bytes + 1, kind))
         else:
             wire.send_frame(sock, kind, payload)
-        frame = wire.read_frame(sock, 4096)
+        frame = wire.read_frame(sock, 4096, time.monotonic() + 10)
         assert frame.kind == wire.ERROR and frame.payload.startswith(b"INVALID_ARGUMENT\n"), frame
         sock.close()
+
+    # A connection that never proves the key is not work in flight (a drain would not wait for it).
+    async def in_flight() -> int:
+        client = NodeClient(f"127.0.0.1:{proc.ready[1]}", key, timeouts, limits)
+        try:
+            return (await client.info()).in_flight
+        finally:
+            await client.close()
+
+    silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert asyncio.run(in_flight()) == 0
+    silent.close()
 
     # The node went on serving through all of it.
     link = connect()

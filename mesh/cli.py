@@ -63,18 +63,9 @@ def cmd_up(args: argparse.Namespace) -> None:
         nodes=args.nodes, host=args.host, port=args.port, model=args.model, strategy=args.strategy,
         threads=args.threads, slots=args.slots, n_ctx=args.n_ctx, api_key=args.api_key,
         cluster_key=args.cluster_key, ready_file=args.ready_file, memory_limit=args.memory_limit,
-        stages=args.stages, split=parse_split(args.split), decode_threads=args.decode_threads,
+        stages=args.stages, decode_threads=args.decode_threads,
         policy=args.policy, cloud_url=args.cloud_url, cloud_model=args.cloud_model, cloud_key_env=args.cloud_key_env)
     run_until_signalled(lambda stop: run_local_mesh(options, stop))
-
-
-def parse_split(text: str) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--split takes layer counts separated by commas (like 10,10,10), not {text!r}") from None
 
 
 # ---------------------------------------------------------------------------- clients
@@ -109,23 +100,15 @@ def cmd_model(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from mesh.local_mesh import local_plan
-    from mesh.model_store import resolve
+    from mesh.plan_cli import print_dry_run, print_live_plan
 
+    if args.url:
+        print_live_plan(args.url, args.api_key)
+        return
     if not args.dry_run:
-        raise ConfigError("only `edgemesh plan --dry-run` exists: plans are applied by `edgemesh up`")
+        raise ConfigError("say --dry-run (plan made-up nodes offline) or --url URL (explain a gateway's live plan)")
     speeds = tuple(float(s) for s in args.speeds.split(",")) if args.speeds else ()
-    result, names = local_plan(resolve(args.model), args.nodes, args.memory_limit, args.n_ctx, args.strategy,
-                               args.stages, speeds)
-    for placement in result.placements:
-        stages = ", ".join(f"{names[s.node_id]} layers [{s.layers.first}, {s.layers.last_exclusive})"
-                           for s in placement.stages)
-        sys.stdout.write(f"{placement.kind}: {stages}\n")
-    for spare in result.spares:
-        sys.stdout.write(f"spare: {names[spare]}\n")
-    sys.stdout.write("why:\n" + "".join(f"  - {reason}\n" for reason in result.reasons))
-    if not result.feasible:
-        raise ConfigError("no feasible plan")
+    print_dry_run(args.model, args.nodes, args.memory_limit, args.n_ctx, args.strategy, args.stages, speeds)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -171,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["auto", "replica", "pipeline"], default="auto",
                    help="auto: replicas where the model fits, pipelines where it does not (see `edgemesh plan`); "
                         "replica: every node serves the whole model; pipeline: the nodes split its layers")
-    p.add_argument("--stages", type=int, default=0, help="pipeline stages (0 = one per node; the rest are spare)")
-    p.add_argument("--split", default="", help="layers per stage, e.g. 10,10,10 (default: even)")
+    p.add_argument("--stages", type=int, default=0,
+                   help="pipeline stages (0 = as the planner finds; with --strategy pipeline, one per node)")
     p.add_argument("--threads", type=int, default=0,
                    help="threads per node (0 = cores / nodes for replicas, all cores for pipeline stages)")
     p.add_argument("--decode-threads", type=int, default=0,
@@ -202,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="default", help="model name or path [default: default]")
     p.set_defaults(func=cmd_model)
 
-    p = sub.add_parser("plan", help="show how a local mesh would place the model, and why")
-    p.add_argument("--dry-run", action="store_true", help="print the plan without starting anything")
+    p = sub.add_parser("plan", help="how the planner places the model, and why: offline or a live gateway's")
+    p.add_argument("--dry-run", action="store_true", help="plan N made-up local nodes without starting anything")
+    p.add_argument("--url", default="", help="explain the live plan of the gateway at URL, from its nodes' reports")
+    p.add_argument("--api-key", default="", help="bearer key, if the gateway asks for one")
     p.add_argument("--model", default="default")
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--memory-limit", default="0", help="memory each node may use (0 = free memory / nodes)")

@@ -121,8 +121,9 @@ class NodeConfig:
                                      "from a peer that has it (cached in $EDGEMESH_HOME/shards)")
     peer: tuple[str, ...] = setting((), "with --model-from-peers: a node that has the model (HOST:PORT, "
                                     "repeatable); default: found by mDNS")
-    role: str = setting("replica", "replica: serve the whole model with llama.cpp; stage: serve only the "
-                        "pipeline stages (layer ranges) a planner asks for")
+    role: str = setting("auto", "auto: the gateway decides whether this node serves the whole model, a layer "
+                        "range or stands by; stage: layer ranges only, never the whole model; replica: also "
+                        "load the whole model at start")
     advertise: bool = setting(True, "advertise this node with mDNS")
     ready_file: str = setting("", "write 'host port metrics_port node_id' here once serving (for supervisors)")
 
@@ -147,6 +148,13 @@ class GatewayConfig:
     cloud_url: str = setting("", "base URL of an OpenAI-compatible cloud API, e.g. https://api.example.com/v1")
     cloud_model: str = setting("", "model name to ask the cloud for (default: the client's)")
     cloud_key_env: str = setting("", "name of the environment variable that holds the cloud API key")
+    strategy: str = setting("auto", "placement: auto (replicas where the model fits a node, pipelines of layer "
+                            "ranges where it does not), replica (whole model only) or pipeline (one pipeline "
+                            "over the nodes; the rest stand by)")
+    stages: int = setting(0, "pipeline stages wanted (0 = as few as the nodes' memory allows; with --strategy "
+                          "pipeline, one per node)")
+    placement: bool = setting(True, "place the model on the nodes (load, re-plan, release); --no-placement only "
+                              "routes to what the nodes already hold")
 
 
 T = TypeVar("T")

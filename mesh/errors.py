@@ -61,6 +61,15 @@ class Unavailable(EdgeMeshError):
     kind = "unavailable_error"
 
 
+class NotClaimHolder(EdgeMeshError):
+    """Another placement controller holds this node's claim for the model: only it may load
+    or release (see mesh.placement.controller)."""
+
+    http_status = 409
+    grpc_code = "FAILED_PRECONDITION"
+    kind = "conflict_error"
+
+
 class ModelError(EdgeMeshError):
     """A model file is missing, corrupt or cannot be loaded."""
 

@@ -106,8 +106,12 @@ class GatewayMetrics:
         self.failovers = Counter("edgemesh_failovers_total",
                                  "Requests moved mid-answer, by what failed (from), what took over (to) and why",
                                  ["from", "to", "reason"], registry=registry)
-        self.replans = Counter("edgemesh_replans_total", "Placement changes, by reason", ["reason"],
-                               registry=registry)
+        self.replans = Counter("edgemesh_replans_total", "Placement changes the controller loaded, by kind "
+                               "(initial, extend, better, capacity)", ["reason"], registry=registry)
+        self.placement_converge = Histogram(
+            "edgemesh_placement_converge_seconds", "From a membership change (join, leave, failure) to the nodes "
+            "holding the new placement", ["reason"], buckets=(0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300),
+            registry=registry)
         self.failover_detect = Histogram("edgemesh_failover_detect_seconds",
                                          "From the last good token to a mid-stream failure surfacing",
                                          buckets=LATENCY_BUCKETS, registry=registry)

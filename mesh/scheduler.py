@@ -1,7 +1,7 @@
 """Admission, routing and sessions.
 
 The scheduler turns the membership view into placements (whole-model replicas, and
-pipelines of loaded stages: see mesh.placements), admits a request onto the placement
+pipelines of loaded stages: see mesh.placement.routes), admits a request onto the placement
 with the least outstanding work that still has capacity, and keeps the session's token
 history. A placement that fails before the first token is replaced once by another; one
 that fails mid-stream is replaced by replaying the history (prompt plus tokens already
@@ -16,13 +16,13 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from mesh.config import Timeouts
 from mesh.errors import CapacityExhausted, InvalidInput, NotFound, PeerError, Unavailable
 from mesh.membership import Membership
 from mesh.metrics import GatewayMetrics
-from mesh.placements import pipeline_placements, replica_placements, stage_slots
-from mesh.replan import Replanner
+from mesh.placement.routes import pipeline_placements, replica_placements, stage_slots
 from mesh.types import (
     FinishReason,
     GenerationRequest,
@@ -49,6 +49,12 @@ class Route:
         return ",".join(self.node_ids)
 
 
+class Replanner(Protocol):
+    """The gateway's placement controller, as the scheduler uses it after a failure."""
+
+    async def replan(self, reason: str, timeout_s: float = 30.0) -> None: ...
+
+
 class Scheduler:
     def __init__(self, membership: Membership, model_sha256: ModelSha, metrics: GatewayMetrics,
                  timeouts: Timeouts | None = None) -> None:
@@ -57,8 +63,7 @@ class Scheduler:
         self._metrics = metrics
         self._timeouts = timeouts or Timeouts()
         self._outstanding: dict[NodeId, int] = {}
-        self._known_pipelines: list[Placement] = []
-        self.replanner = Replanner(membership, model_sha256, metrics)
+        self.replanner: Replanner | None = None  # set by the gateway (mesh.placement.controller)
 
     # ------------------------------------------------------------------ placements
 
@@ -67,11 +72,7 @@ class Scheduler:
 
     def placements(self) -> list[Placement]:
         infos = list(self._infos().values())
-        pipelines = pipeline_placements(infos, self._model_sha)
-        if pipelines:
-            # Remembered so that a pipeline that lost a stage while idle can be repaired.
-            self._known_pipelines = pipelines
-        return replica_placements(infos, self._model_sha) + pipelines
+        return replica_placements(infos, self._model_sha) + pipeline_placements(infos, self._model_sha)
 
     def context_length(self) -> int | None:
         """The smallest context any placement serves the model with (None: no placement)."""
@@ -87,9 +88,11 @@ class Scheduler:
         return min(sizes) if sizes else None
 
     async def serving_context_length(self) -> int | None:
-        """Like context_length, but first repairs a pipeline that lost a stage while idle."""
+        """Like context_length, but with no placement at all first lets the controller re-plan
+        (a pipeline that lost a stage while idle, a node that just joined)."""
         n_ctx = self.context_length()
-        if n_ctx is None and await self._repair_idle_loss(set()):
+        if n_ctx is None and self.replanner is not None and self._infos():
+            await self.replanner.replan("a request found no placement", timeout_s=self._timeouts.connect_s)
             n_ctx = self.context_length()
         return n_ctx
 
@@ -161,29 +164,17 @@ class Scheduler:
 
     async def pick_or_repair(self, exclude: set[NodeId],
                              failed: tuple[Placement, NodeId | None] | None) -> Placement:
-        """Pick a placement; when none is left after a failure, re-plan the failed pipeline
-        (a spare takes the lost layers, or the survivors split them) and pick again."""
+        """Pick a placement; when none is left after a failure, the placement controller
+        re-plans without the failed node (the planner's answer, loaded on the survivors and
+        spares) and the pick is made again."""
         try:
             return self._pick(exclude)
         except (Unavailable, CapacityExhausted):
-            if failed is not None:
-                repaired = await self.replanner.repair(failed[0], {failed[1]} if failed[1] else None,
-                                                       self.in_use() | exclude)
-            else:
-                repaired = await self._repair_idle_loss(exclude)
-            if not repaired:
+            if failed is None or self.replanner is None:
                 raise
+            culprit = failed[1] or ",".join(failed[0].node_ids)
+            await self.replanner.replan(f"failure of {culprit}")
             return self._pick(exclude)
-
-    async def _repair_idle_loss(self, exclude: set[NodeId]) -> bool:
-        """A pipeline lost a stage while no stream used it (a crash or a drain between
-        requests): its nodes that are no longer ready are replaced as if they had failed."""
-        ready = set(self._infos())
-        for pipeline in self._known_pipelines:
-            gone = {n for n in pipeline.node_ids if n not in ready}
-            if gone and await self.replanner.repair(pipeline, gone, self.in_use() | exclude):
-                return True
-        return False
 
     def in_use(self) -> set[NodeId]:
         return {n for n, count in self._outstanding.items() if count > 0}

@@ -66,6 +66,7 @@ class ModelHeld:
     n_ctx: int
     architecture: str
     n_vocab: int
+    shard_copy: bool = False  # only some layers' bytes are on disk: it serves stages, never a replica
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,15 @@ class StageHeld:
     kv_cache_bytes: int
     compute_bytes: int
     prefill_chunk: int = 512
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A placement controller's lease on a node for one model (see mesh.placement.controller)."""
+
+    model_sha256: ModelSha
+    controller_id: str
+    expires_in_s: float
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,11 @@ class NodeInfo:
     decode_tokens_per_second: float = 0.0
     files: tuple[ModelHeld, ...] = ()  # GGUF files stages can be loaded from
     step_port: int = 0  # the step socket (mesh.transport.step_socket); 0 = none, heads use Forward
+    stage_only: bool = False  # started with --role stage: never a whole-model replica
+    memory_budget: int = 0  # bytes it may use for models, counting what it holds now (0 = not reported)
+    speed_source: str = "start-up probe"  # or "idle probe": where decode_tokens_per_second comes from
+    step_tokens_per_second: float = 0.0  # real decode steps, scaled to the whole model (0 = none yet)
+    claims: tuple[Claimed, ...] = ()  # placement claims held on the node, one per model
 
     @property
     def capacity(self) -> int:

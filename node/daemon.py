@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from mesh import __version__
 from mesh.config import Limits, NodeConfig, Timeouts, default_node_name, parse_bytes, resolve_cluster_key
 from mesh.discovery import Advertisement, Advertiser
-from mesh.errors import ConfigError, EdgeMeshError
+from mesh.errors import CapacityExhausted, ConfigError, EdgeMeshError
 from mesh.metrics import NodeMetrics
 from mesh.model_store import ProgressLog, resolve
 from mesh.transport.auth import cluster_hash
@@ -27,18 +28,23 @@ from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.transport.server import HealthState, bind, make_server
 from mesh.types import ModelHeld, ModelSha, NodeId
 from node import gguf, probe
+from node.budget import MemoryBudget
+from node.claims import ClaimTable
 from node.compute import ComputeThread
-from node.engines.llamacpp import LlamaCppEngine
 from node.pipeline_head import PeerLinks, PipelineHead
-from node.service import NodeIdentity, NodeService, NodeState
+from node.replica_host import ReplicaHost
+from node.service import Holdings, NodeIdentity, NodeService, NodeState
 from node.shard_source import shard_file_from_peers
+from node.speed import SpeedMeter
 from node.stage_host import LocalFile, StageHost
 from node.step_server import StepServer
 
 log = logging.getLogger(__name__)
 
 
-ROLES = ("replica", "stage")
+# auto: the gateway's placement controller decides (replica, stage or spare); stage: layer
+# ranges only, never a whole replica; replica: also load the whole model at start.
+ROLES = ("auto", "stage", "replica")
 
 
 def describe_file(path: Path, n_ctx: int) -> ModelHeld:
@@ -52,10 +58,31 @@ def describe_file(path: Path, n_ctx: int) -> ModelHeld:
                      n_vocab=summary.n_vocab)
 
 
-def load_replica(path: Path, config: NodeConfig, threads: int) -> LlamaCppEngine:
-    log.info("loading %s with llama.cpp (%d threads, context %d, %d slot(s))", path.name, threads,
-             config.n_ctx, config.slots)
-    return LlamaCppEngine(path, n_ctx=config.n_ctx, threads=threads, slots=config.slots)
+async def keep_speed_current(meter: SpeedMeter, compute: ComputeThread, model_path: Path, n_layers: int,
+                             threads: int) -> None:
+    """Re-probe the decode speed whenever it is due and the node is idle (see node.speed)."""
+    started_at = time.monotonic()
+    while True:
+        await asyncio.sleep(1.0)
+        if not meter.probe_due(started_at):
+            continue
+        try:
+            speed = await asyncio.wrap_future(compute.call(
+                partial(probe.measure_decode_speed, model_path, n_layers, threads)))
+        except EdgeMeshError as exc:
+            log.info("re-probe failed (%s); keeping %.1f tok/s", exc, meter.tokens_per_second)
+            return
+        if abs(speed - meter.tokens_per_second) > 0.2 * meter.tokens_per_second:
+            log.info("probe: now about %.1f decode tokens/s (was %.1f)", speed, meter.tokens_per_second)
+        meter.record_probe(speed)
+
+
+def export_holdings(metrics: NodeMetrics, holdings: Holdings) -> None:
+    """Role and layer gauges read what the node holds at scrape time, so they never go stale."""
+    metrics.role.labels("replica").set_function(lambda: 1 if holdings.replica.model is not None else 0)
+    metrics.role.labels("stage").set_function(lambda: 1 if holdings.stages.held() else 0)
+    metrics.layers_held.set_function(
+        lambda: holdings.replica.layers + sum(h.layers.count for h in holdings.stages.held()))
 
 
 async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeouts | None = None,
@@ -66,7 +93,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     threads = config.threads or probe.default_threads()
     identity = NodeIdentity(
         node_id=NodeId(uuid.uuid4().hex[:16]), name=config.name or default_node_name(), threads=threads,
-        memory_limit=parse_bytes(config.memory_limit), slots=config.slots, max_queue=config.max_queue)
+        memory_limit=parse_bytes(config.memory_limit), slots=config.slots, max_queue=config.max_queue,
+        stage_only=config.role == "stage")
 
     if config.role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {config.role!r}")
@@ -78,8 +106,15 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         path = await asyncio.to_thread(resolve, config.model)
         local = LocalFile(path, await asyncio.to_thread(describe_file, path, config.n_ctx))
     model_path, model = local.path, local.model
-    engine = await asyncio.to_thread(load_replica, model_path, config, threads) if config.role == "replica" \
-        else None
+    budget = MemoryBudget(identity.memory_limit)
+    replica = ReplicaHost(local, n_ctx=config.n_ctx, threads=threads, slots=config.slots, budget=budget,
+                          stage_only=identity.stage_only)
+    if config.role == "replica":
+        try:
+            await asyncio.to_thread(replica.load, model.sha256)
+        except CapacityExhausted as exc:
+            raise ConfigError(f"--role replica: {exc}; raise --memory-limit or drop --role replica "
+                              "(the gateway then plans this node as a pipeline stage)") from None
     compute = ComputeThread()
     try:
         speed = await asyncio.wrap_future(compute.call(
@@ -92,9 +127,6 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     registry = CollectorRegistry()
     metrics = NodeMetrics(registry)
     metrics.info.labels(identity.node_id, identity.name, __version__).set(1)
-    if engine is not None:
-        metrics.role.labels("replica").set(1)
-        metrics.layers_held.set(model.n_layers)
     mem = probe.memory()
     metrics.memory.labels("total").set(mem.total)
     metrics.memory.labels("free").set(mem.free)
@@ -103,14 +135,14 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     metrics_port = int(metrics_server.server_port)
 
     state = NodeState()
-    state.decode_tokens_per_second = speed
     health = HealthState()
-    stages = StageHost([local], threads, metrics, config.decode_threads,
-                       identity.memory_limit)
+    meter = SpeedMeter(speed)
+    stages = StageHost([local], threads, metrics, config.decode_threads, budget, meter)
+    holdings = Holdings(replica=replica, stages=stages, budget=budget, claims=ClaimTable(), speed=meter)
+    export_holdings(metrics, holdings)
     peers = PeerLinks(cluster_key, timeouts, limits)
     head = PipelineHead(identity.node_id, stages, compute, peers, metrics.pipeline_bytes.inc)
-    service = NodeService(identity, engine, model if engine is not None else None, stages, metrics, state,
-                          cluster_key, compute, head)
+    service = NodeService(identity, holdings, metrics, state, cluster_key, compute, head)
     server = make_server(cluster_key, timeouts, limits, health, on_reject=lambda _m: metrics.auth_failures.inc())
     pb_grpc.add_NodeServicer_to_server(service, server)
     port = bind(server, config.host, config.port)
@@ -132,14 +164,20 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         advertiser = Advertiser(Advertisement(identity.node_id, identity.name, cluster_hash(cluster_key),
                                               port, metrics_port), config.host)
         await advertiser.start()
-    log.info("node %s (%s) serving %s on %s:%d, step socket on :%d, metrics on :%d, pid %d", identity.name,
-             identity.node_id, model.name, config.host, port, state.step_port, metrics_port, os.getpid())
+    log.info("node %s (%s) with %s (%s) on %s:%d, step socket on :%d, metrics on :%d, pid %d", identity.name,
+             identity.node_id, model.name, "replica" if replica.model else "roles from the gateway",
+             config.host, port, state.step_port, metrics_port, os.getpid())
     if config.ready_file:
         Path(config.ready_file).write_text(f"{config.host} {port} {metrics_port} {identity.node_id}\n")
 
+    reprobing = asyncio.create_task(keep_speed_current(meter, compute, model_path, model.n_layers, threads)) \
+        if speed > 0 else None
     try:
         await stop.wait()
     finally:
+        if reprobing is not None:
+            reprobing.cancel()
+            await asyncio.gather(reprobing, return_exceptions=True)
         log.info("draining: %d request(s) in flight", state.in_flight)
         state.draining = True
         metrics.up.set(0)

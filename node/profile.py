@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mesh.planner import ModelProfile
+from mesh.placement.planner import ModelProfile
 from mesh.types import ModelSha
 from node.engines.stage.weights import read_header
 

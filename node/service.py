@@ -28,12 +28,16 @@ from mesh.errors import EdgeMeshError, InvalidInput, Unavailable
 from mesh.metrics import NodeMetrics
 from mesh.transport import auth, convert
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
-from mesh.types import GenerationRequest, ModelHeld, ModelSha, NodeId, NodeInfo, TokenEvent
+from mesh.types import GenerationRequest, ModelSha, NodeId, NodeInfo, TokenEvent
 from node import probe
+from node.budget import MemoryBudget
+from node.claims import ClaimTable
 from node.compute import ComputeThread
 from node.engines.llamacpp import LlamaCppEngine
 from node.pipeline_head import PipelineHead
+from node.replica_host import ReplicaHost
 from node.shards import CHUNK_BYTES
+from node.speed import SpeedMeter
 from node.stage_host import StageHost
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ class NodeIdentity:
     memory_limit: int
     slots: int
     max_queue: int
+    stage_only: bool = False  # --role stage: never a whole-model replica
 
 
 class NodeState:
@@ -60,26 +65,38 @@ class NodeState:
         self.grpc_port = 0
         self.metrics_port = 0
         self.step_port = 0
-        self.decode_tokens_per_second = 0.0  # from the start-up probe
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: EdgeMeshError) -> None:
     await context.abort(getattr(grpc.StatusCode, error.grpc_code), str(error))
 
 
-class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
-    """`engine`/`model` are the whole-model replica (None on a stage-only node); `stages`
-    holds the pipeline stages loaded on request."""
+@dataclass(frozen=True)
+class Holdings:
+    """What a node can hold and how it accounts for it: the replica it may serve, the stages
+    it loads on request, the memory budget both share, the claims on them and its speed."""
 
-    def __init__(self, identity: NodeIdentity, engine: LlamaCppEngine | None, model: ModelHeld | None,
-                 stages: StageHost, metrics: NodeMetrics, state: NodeState, cluster_key: str,
-                 compute: ComputeThread, head: PipelineHead) -> None:
+    replica: ReplicaHost
+    stages: StageHost
+    budget: MemoryBudget
+    claims: ClaimTable
+    speed: SpeedMeter
+
+
+class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
+    """`holdings.replica` is the whole-model replica (loaded on request, or at start with
+    --role replica); `holdings.stages` the pipeline stages loaded on request."""
+
+    def __init__(self, identity: NodeIdentity, holdings: Holdings, metrics: NodeMetrics, state: NodeState,
+                 cluster_key: str, compute: ComputeThread, head: PipelineHead) -> None:
         self._id = identity
         self._head = head
         self._cluster_key = cluster_key
-        self._engine = engine
-        self._model = model
-        self._stages = stages
+        self._replica = holdings.replica
+        self._claims = holdings.claims
+        self._budget = holdings.budget
+        self._speed = holdings.speed
+        self._stages = holdings.stages
         self._metrics = metrics
         self._state = state
         self._running = asyncio.Semaphore(identity.slots)
@@ -95,15 +112,18 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
 
     def info(self) -> NodeInfo:
         mem = probe.memory()
+        model = self._replica.model
         return NodeInfo(
             node_id=self._id.node_id, name=self._id.name, version=__version__,
             protocol_version=PROTOCOL_VERSION, pid=os.getpid(), memory_total=mem.total,
             memory_free=mem.free, memory_limit=self._id.memory_limit, threads=self._id.threads,
-            models=(self._model,) if self._model is not None else (), files=self._stages.files,
+            models=(model,) if model is not None else (), files=self._stages.files,
             stages=self._stages.held(), slots=self._id.slots, max_queue=self._id.max_queue,
             in_flight=self._state.in_flight, draining=self._state.draining,
             grpc_port=self._state.grpc_port, metrics_port=self._state.metrics_port, step_port=self._state.step_port,
-            decode_tokens_per_second=self._state.decode_tokens_per_second,
+            decode_tokens_per_second=self._speed.tokens_per_second, speed_source=self._speed.source,
+            step_tokens_per_second=self._speed.step_tokens_per_second,
+            stage_only=self._id.stage_only, memory_budget=self._budget.total(), claims=self._claims.held(),
         )
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -134,25 +154,35 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                 f"(limit {self._id.slots + self._id.max_queue})")
         return None
 
-    def _validate(self, request: GenerationRequest) -> None:
+    def _validate(self, request: GenerationRequest, engine: LlamaCppEngine) -> None:
         from mesh.errors import NotFound
 
-        if self._engine is None or self._model is None:
-            raise NotFound("this node serves pipeline stages only, not whole-model generation")
-        if request.model_sha256 and request.model_sha256 != self._model.sha256:
+        model = self._replica.model
+        if model is None:
+            raise NotFound("this node serves no whole-model replica now (pipeline stages only)")
+        if request.model_sha256 and request.model_sha256 != model.sha256:
             raise NotFound(f"this node does not hold model {request.model_sha256[:12]}")
-        self._engine.validate(request)
+        engine.validate(request)
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.monotonic()
-        try:
-            domain = convert.generate_request_from_pb(request)
-            self._validate(domain)
-        except EdgeMeshError as exc:
-            self._metrics.requests.labels("invalid").inc()
-            self._metrics.rpc_errors.labels("Generate", exc.grpc_code).inc()
-            await _abort(context, exc)
-            return
+        # The replica stays loaded while this stream holds it: a release waits for the stream.
+        with contextlib.ExitStack() as holding:
+            try:
+                domain = convert.generate_request_from_pb(request)
+                engine = holding.enter_context(self._replica.serving())
+                self._speed.touch()
+                self._validate(domain, engine)
+            except EdgeMeshError as exc:
+                self._metrics.requests.labels("invalid").inc()
+                self._metrics.rpc_errors.labels("Generate", exc.grpc_code).inc()
+                await _abort(context, exc)
+                return
+            async for reply in self._generate(domain, engine, started, context):
+                yield reply
+
+    async def _generate(self, domain: GenerationRequest, engine: LlamaCppEngine, started: float,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         refused = self._admit()
         if refused is not None:
             self._metrics.requests.labels("rejected").inc()
@@ -167,7 +197,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             # reverse): when the caller goes away mid-stream, its cleanup (stop the generator,
             # wait until the engine slot is free) must end first. A bare `async for` would leave
             # that to the GC, and the next request would find the engine slot still taken.
-            async with self._running, contextlib.aclosing(self._run_on_worker(domain)) as relay:
+            async with self._running, contextlib.aclosing(self._run_on_worker(domain, engine)) as relay:
                 self._metrics.slots_in_use.inc()
                 try:
                     produced = 0
@@ -187,7 +217,9 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                         yield convert.token_event_to_pb(event)
                     status = "ok"
                     if produced > 1:
-                        self._metrics.tokens_per_second.set((produced - 1) / max(time.monotonic() - first_at, 1e-9))
+                        decode_s = max(time.monotonic() - first_at, 1e-9)
+                        self._metrics.tokens_per_second.set((produced - 1) / decode_s)
+                        self._speed.record_tokens(produced - 1, decode_s)
                 finally:
                     self._metrics.slots_in_use.dec()
         except EdgeMeshError as exc:
@@ -218,7 +250,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         if self._state.in_flight == 0:
             self._idle.set()
 
-    async def _run_on_worker(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
+    async def _run_on_worker(self, request: GenerationRequest,
+                             engine: LlamaCppEngine) -> AsyncGenerator[TokenEvent, None]:
         """Run the blocking engine generator on the compute thread and relay its events.
         When the consumer stops (client cancelled), the generator is told to stop and awaited,
         so the slot is free again before the next request takes it."""
@@ -235,8 +268,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                 put(error)  # relayed to the event loop and raised there
             put(_END)
 
-        assert self._engine is not None  # checked by _validate
-        future = self._compute.stream(self._engine.generate(request, stop.is_set), put)
+        future = self._compute.stream(engine.generate(request, stop.is_set), put)
         future.add_done_callback(relay_end)
         try:
             while True:
@@ -272,6 +304,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             if self._state.draining:
                 raise Unavailable("node is draining and loads no new stages")
             layers = convert.layer_range_from_pb(request.layers)
+            self._claims.check(ModelSha(request.model_sha256), request.controller_id, "LoadStage")
             await self._stages.ensure_present(ModelSha(request.model_sha256), layers)
             held = await asyncio.get_running_loop().run_in_executor(
                 self._stage_pool, self._stages.load, ModelSha(request.model_sha256), layers, request.n_ctx,
@@ -292,6 +325,62 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         finally:
             self._metrics.rpc_duration.labels("LoadStage").observe(time.monotonic() - started)
         return convert.load_stage_reply_to_pb(held)
+
+    async def LoadModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Serve the whole model as a replica (idempotent), within the node's memory budget."""
+        started = time.monotonic()
+        try:
+            if self._state.draining:
+                raise Unavailable("node is draining and loads nothing new")
+            model_sha = ModelSha(request.model_sha256)
+            self._claims.check(model_sha, request.controller_id, "LoadModel")
+            model = await asyncio.get_running_loop().run_in_executor(
+                self._stage_pool, self._replica.load, model_sha, request.n_ctx)
+        except EdgeMeshError as exc:
+            self._metrics.rpc_errors.labels("LoadModel", exc.grpc_code).inc()
+            await _abort(context, exc)
+            raise
+        except Exception as exc:  # a disk or memory failure: tell the caller, keep serving
+            log.exception("loading the replica failed")
+            self._metrics.rpc_errors.labels("LoadModel", "INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"loading the replica failed: {exc}")
+            raise
+        finally:
+            self._metrics.rpc_duration.labels("LoadModel").observe(time.monotonic() - started)
+        return convert.load_model_reply_to_pb(model)
+
+    async def ReleaseHolding(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Stop serving a stage or the replica; what has open sessions is freed when they end."""
+        started = time.monotonic()
+        try:
+            model_sha, layers, controller_id = convert.release_holding_from_pb(request)
+            self._claims.check(model_sha, controller_id, "ReleaseHolding")
+            if layers is None:
+                outcome = self._replica.release() if self._replica_sha() == model_sha else "absent"
+            else:
+                outcome = await asyncio.get_running_loop().run_in_executor(
+                    self._stage_pool, self._stages.release_stage, model_sha, layers)
+        except EdgeMeshError as exc:
+            self._metrics.rpc_errors.labels("ReleaseHolding", exc.grpc_code).inc()
+            await _abort(context, exc)
+            raise
+        finally:
+            self._metrics.rpc_duration.labels("ReleaseHolding").observe(time.monotonic() - started)
+        return convert.release_holding_reply_to_pb(outcome == "released", outcome == "pending")
+
+    def _replica_sha(self) -> ModelSha | None:
+        model = self._replica.model
+        return model.sha256 if model is not None else None
+
+    async def Claim(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            answer = self._claims.claim(ModelSha(request.model_sha256), request.controller_id, request.ttl_s,
+                                        request.give_up)
+        except EdgeMeshError as exc:
+            self._metrics.rpc_errors.labels("Claim", exc.grpc_code).inc()
+            await _abort(context, exc)
+            raise
+        return convert.claim_reply_to_pb(answer.granted, answer.holder, answer.expires_in_s)
 
     async def Forward(self, request_iterator: AsyncIterator[Any],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

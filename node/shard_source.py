@@ -40,8 +40,8 @@ async def shard_file_from_peers(config: NodeConfig, cluster_key: str, timeouts: 
                                 limits: Limits) -> LocalFile:
     """A sparse local copy of the model of the first peer that can ship it (header fetched,
     layers fetched later, on LoadStage), and that peer as the source of the missing bytes."""
-    if config.role != "stage":
-        raise ConfigError("--model-from-peers serves pipeline stages only: add --role stage (a replica needs "
+    if config.role == "replica":
+        raise ConfigError("--model-from-peers serves pipeline stages only: drop --role replica (a replica needs "
                           "the whole file)")
     deadline = time.monotonic() + SOURCE_SEARCH_S
     while time.monotonic() < deadline:
@@ -49,8 +49,8 @@ async def shard_file_from_peers(config: NodeConfig, cluster_key: str, timeouts: 
             client = NodeClient(peer.address, cluster_key, timeouts, limits)
             try:
                 info = await client.info()
-                for model in info.files:
-                    cache = ShardCache(home_dir() / "shards", replace(model, n_ctx=config.n_ctx))
+                for model in (m for m in info.files if not m.shard_copy):  # a shard copy cannot ship
+                    cache = ShardCache(home_dir() / "shards", replace(model, n_ctx=config.n_ctx, shard_copy=True))
                     if not cache.has_header:
                         await cache.fetch(client, [], header=True)
                     log.info("model %s comes from %s (%s); %.1f MB of it already cached", model.name, info.name,

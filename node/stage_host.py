@@ -14,12 +14,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.errors import CapacityExhausted, InvalidInput, NotFound
+from mesh.errors import CapacityExhausted, InvalidInput, NotFound, Unavailable
 from mesh.metrics import NodeMetrics
 from mesh.sampling import sample
 from mesh.types import LayerRange, ModelHeld, ModelSha, StageHeld, StageOutput, StageStep
+from node.budget import MemoryBudget
 from node.engines.stage import MAX_CHUNK, StageEngine
 from node.shards import ShardCache, ShardSource, stage_byte_ranges
+from node.speed import SpeedMeter
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +45,21 @@ StageKey = tuple[ModelSha, int, int]
 
 class StageHost:
     def __init__(self, files: list[LocalFile], threads: int, metrics: NodeMetrics, decode_threads: int = 0,
-                 memory_limit: int = 0) -> None:
+                 budget: MemoryBudget | None = None, speed: SpeedMeter | None = None) -> None:
         self._files = {f.model.sha256: f for f in files}
-        self._memory_limit = memory_limit  # bytes the stages may take in all (0 = no limit)
+        self._budget = budget or MemoryBudget(0)
+        self._budget.add_holder(self.held_bytes)
+        self._speed = speed
         self._threads = threads
         # Single-token steps may use a different thread count than prefill chunks (--decode-threads),
         # e.g. to leave a core to other work on a shared device.
         self._decode_threads = decode_threads or threads
         self._metrics = metrics
         self._stages: dict[StageKey, tuple[StageEngine, StageHeld]] = {}
+        # Stages being released: they finish the sessions they have, take no new ones, are
+        # not reported in Info (so nobody routes to them), and close with their last session.
+        self._retiring: set[StageKey] = set()
+        self._fraction: dict[StageKey, float] = {}  # share of the model's weights a decode step touches
         self._lock = threading.Lock()  # guards the dict; each engine serializes its own compute
         self._loading = threading.Lock()  # one load at a time: two loads of a range must not race
 
@@ -81,8 +89,13 @@ class StageHost:
         return tuple(f.model for f in self._files.values())
 
     def held(self) -> tuple[StageHeld, ...]:
+        """The stages this node serves (not those being released)."""
         with self._lock:
-            return tuple(held for _engine, held in self._stages.values())
+            return tuple(held for key, (_engine, held) in self._stages.items() if key not in self._retiring)
+
+    def held_bytes(self) -> int:
+        """Memory of every loaded stage, those being released included."""
+        return sum(h.weight_bytes + h.kv_cache_bytes + h.compute_bytes for _e, h in self._snapshot())
 
     def load(self, model_sha256: ModelSha, layers: LayerRange, n_ctx: int, slots: int,
              prefill_chunk: int = 0) -> StageHeld:
@@ -112,6 +125,8 @@ class StageHost:
             existing = self._stages.get(key)
         if existing is not None and existing[1].slots == slots and existing[0].n_ctx == n_ctx and \
                 existing[1].prefill_chunk == chunk:
+            with self._lock:
+                self._retiring.discard(key)  # asked for again before its sessions ended: keep it
             return existing[1]
         if existing is not None and existing[0].sessions():
             raise CapacityExhausted(f"layers [{layers.first}, {layers.last_exclusive}) are serving "
@@ -128,6 +143,8 @@ class StageHost:
         with self._lock:
             old = self._stages.pop(key, None)
             self._stages[key] = (engine, held)
+            self._retiring.discard(key)
+            self._fraction[key] = _model_fraction(local, layers)
         if old is not None:
             old[0].close()
         log.info("stage [%d, %d) ready in %.1fs", layers.first, layers.last_exclusive, time.monotonic() - started)
@@ -136,47 +153,85 @@ class StageHost:
 
     def _check_memory(self, local: LocalFile, layers: LayerRange, n_ctx: int, slots: int, chunk: int,
                       replacing: StageHeld | None) -> None:
-        """Refuse a stage that would take this node past --memory-limit (without one, past the
-        memory free right now), before reading any byte."""
-        from mesh.planner import Policy, stage_bytes
-        from node.probe import memory
+        """Refuse a stage that would take this node past its memory budget (--memory-limit, or
+        the memory free right now), before reading any byte."""
+        from mesh.placement.planner import Policy, stage_bytes
         from node.profile import model_profile
 
         need = stage_bytes(model_profile(local.path, local.model.sha256),
                            Policy(n_ctx=n_ctx, sessions_per_stage=slots, prefill_chunk=chunk), layers)
-        held = sum(h.weight_bytes + h.kv_cache_bytes + h.compute_bytes for h in self.held() if h is not replacing)
-        limit = self._memory_limit or held + memory().free
-        if held + need > limit:
-            raise CapacityExhausted(
-                f"layers [{layers.first}, {layers.last_exclusive}) need about {need / 2**20:.0f} MiB; with "
-                f"{held / 2**20:.0f} MiB already held that exceeds this node's limit of "
-                f"{limit / 2**20:.0f} MiB")
+        freed = replacing.weight_bytes + replacing.kv_cache_bytes + replacing.compute_bytes if replacing else 0
+        self._budget.check(need, f"layers [{layers.first}, {layers.last_exclusive})", replacing=freed)
 
-    def _engine(self, step: StageStep) -> StageEngine:
+    def release_stage(self, model_sha256: ModelSha, layers: LayerRange) -> str:
+        """Stop serving a layer range: 'released' (freed now), 'pending' (freed when its open
+        sessions end; it takes no new ones) or 'absent' (not held)."""
+        key: StageKey = (model_sha256, layers.first, layers.last_exclusive)
+        with self._lock:
+            found = self._stages.get(key)
+            if found is None:
+                return "absent"
+            if found[0].sessions():
+                self._retiring.add(key)
+                log.info("releasing layers [%d, %d) once their %d session(s) end", layers.first,
+                         layers.last_exclusive, found[0].sessions())
+                return "pending"
+            del self._stages[key]
+            self._retiring.discard(key)
+            self._fraction.pop(key, None)
+        found[0].close()
+        log.info("released layers [%d, %d)", layers.first, layers.last_exclusive)
+        self._update_gauges()
+        return "released"
+
+    def _close_retired(self) -> None:
+        with self._lock:
+            done = [key for key in self._retiring if key in self._stages and not self._stages[key][0].sessions()]
+            engines = [self._stages.pop(key)[0] for key in done]
+            for key in done:
+                self._retiring.discard(key)
+                self._fraction.pop(key, None)
+        for key, engine in zip(done, engines, strict=True):
+            engine.close()
+            log.info("released layers [%d, %d): their last session ended", key[1], key[2])
+        if done:
+            self._update_gauges()
+
+    def _engine(self, step: StageStep) -> tuple[StageEngine, float]:
         key: StageKey = (step.model_sha256, step.layers.first, step.layers.last_exclusive)
         with self._lock:
             found = self._stages.get(key)
+            retiring = key in self._retiring
+            fraction = self._fraction.get(key, 0.0)
         if found is None:
             raise NotFound(f"no stage [{step.layers.first}, {step.layers.last_exclusive}) of "
                            f"{step.model_sha256[:12]}… is loaded here")
-        return found[0]
+        if retiring and found[0].session_length(step.session_id) is None:
+            raise Unavailable(f"layers [{step.layers.first}, {step.layers.last_exclusive}) are being released "
+                              "and take no new sessions")
+        return found[0], fraction
 
     def step(self, step: StageStep) -> StageOutput:
         """Blocking: one step of one session. Validates the input against the stage before
         any compute; the last stage samples so that only a token id goes back."""
-        engine = self._engine(step)
+        engine, fraction = self._engine(step)
         if engine.is_first != (step.tokens is not None):
             raise InvalidInput("the first stage takes token ids; later stages take hidden states")
         if step.tokens is not None and any(not 0 <= t < engine.n_vocab for t in step.tokens):
             raise InvalidInput(f"token ids must be below the vocabulary size {engine.n_vocab}")
         if step.hidden is not None and step.hidden.shape[1] != engine.n_embd:
             raise InvalidInput(f"hidden states have width {step.hidden.shape[1]}; this model's is {engine.n_embd}")
+        if self._speed is not None:
+            self._speed.touch()
         started = time.monotonic()
         threads = self._decode_threads if step.n_tokens == 1 else self._threads
         result = engine.forward(step.session_id, step.start_position, tokens=step.tokens, hidden=step.hidden,
                                 threads=threads)
         kind = "decode" if step.n_tokens == 1 else "prefill"
-        self._metrics.stage_step.labels(kind).observe(time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        self._metrics.stage_step.labels(kind).observe(elapsed)
+        if kind == "decode" and self._speed is not None:
+            self._speed.record_stage_step(elapsed, fraction)
         self._metrics.stage_sessions.set(sum(e.sessions() for e, _ in self._snapshot()))
         if not engine.is_last:
             return StageOutput(step=step.step, hidden=result)
@@ -188,6 +243,7 @@ class StageHost:
         released = False
         for engine, _held in self._snapshot():
             released = engine.release(session_id) or released
+        self._close_retired()
         self._metrics.stage_sessions.set(sum(e.sessions() for e, _ in self._snapshot()))
         return released
 
@@ -200,16 +256,25 @@ class StageHost:
 
     def _update_gauges(self) -> None:
         stages = self._snapshot()
-        self._metrics.layers_held.set(sum(h.layers.count for _, h in stages))
         for kind, value in (("weights", sum(h.weight_bytes for _, h in stages)),
                             ("kv_cache", sum(h.kv_cache_bytes for _, h in stages)),
                             ("compute", sum(h.compute_bytes for _, h in stages))):
             self._metrics.stage_memory.labels(kind).set(value)
-        if stages:
-            self._metrics.role.labels("stage").set(1)
 
     def close(self) -> None:
         for engine, _ in self._snapshot():
             engine.close()
         with self._lock:
             self._stages.clear()
+
+
+def _model_fraction(local: LocalFile, layers: LayerRange) -> float:
+    """Share of the model's weights one decode step through `layers` reads: its blocks, plus
+    the output head on the last stage (the first stage's embedding is a row lookup)."""
+    from node.profile import model_profile
+
+    profile = model_profile(local.path, local.model.sha256)
+    whole = sum(profile.layer_bytes) + profile.head_bytes
+    touched = sum(profile.layer_bytes[layers.first:layers.last_exclusive])
+    touched += profile.head_bytes if layers.last_exclusive == profile.n_layers else 0
+    return touched / whole if whole else 0.0

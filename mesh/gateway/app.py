@@ -90,6 +90,10 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
     async def cluster(request: Request) -> Response:
         return JSONResponse(runtime.cluster_view())
 
+    async def prometheus_targets(request: Request) -> Response:
+        # Prometheus http_sd_configs format: a list of {targets, labels} (see deploy/prometheus.yml).
+        return JSONResponse(runtime.prometheus_targets())
+
     async def healthz(request: Request) -> Response:
         ready = len(runtime.membership.ready())
         uptime = round(time.time() - runtime.started_at, 1)
@@ -120,6 +124,7 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
         Route("/v1/completions", text_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/api/cluster", cluster, methods=["GET"]),
+        Route("/api/prometheus/targets", prometheus_targets, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/", index, methods=["GET"]),

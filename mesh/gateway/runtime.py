@@ -18,6 +18,7 @@ from mesh.errors import ConfigError
 from mesh.gateway.completions import POLICIES, Completions
 from mesh.membership import Member, Membership, MemberState
 from mesh.metrics import GatewayMetrics
+from mesh.placement.controller import ControllerSettings, PlacementController
 from mesh.scheduler import Scheduler
 from mesh.tokenizer import Tokenizer
 from mesh.transport.auth import cluster_hash
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CLOUD_PROBE_S = 2.0  # how often the cloud's health is checked in the background
+STRATEGIES = ("auto", "replica", "pipeline")
 
 
 def check_bind_is_safe(config: GatewayConfig) -> None:
@@ -44,6 +46,7 @@ class GatewayRuntime:
                  limits: Limits | None = None) -> None:
         from node.gguf import file_sha256
         from node.gguf import inspect as inspect_gguf
+        from node.profile import model_profile
 
         check_bind_is_safe(config)
         self.config = config
@@ -58,8 +61,16 @@ class GatewayRuntime:
         self.tokenizer = Tokenizer.load(model_path)
         self.n_layers = inspect_gguf(model_path).n_layers
         self.metrics = GatewayMetrics(CollectorRegistry())
-        self.membership = Membership(self.cluster_key, self.timeouts, self.limits)
+        self.membership = Membership(self.cluster_key, self.timeouts, self.limits, on_change=self._membership_changed)
         self.scheduler = Scheduler(self.membership, self.model_sha, self.metrics, self.timeouts)
+        if config.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {config.strategy!r}")
+        if config.stages < 0:
+            raise ConfigError(f"--stages must be 0 (automatic) or a positive count, not {config.stages}")
+        self.controller = PlacementController(
+            self.membership, model_profile(model_path, self.model_sha), self.metrics,
+            ControllerSettings(strategy=config.strategy, stages=config.stages))
+        self.scheduler.replanner = self.controller
         self.cloud_up = False
         self.cloud = self._make_cloud(config)
         self.completions = Completions(self.scheduler, self.tokenizer, self.model_name, self.metrics, self.cloud,
@@ -108,6 +119,10 @@ class GatewayRuntime:
     def add_peer(self, peer: Peer) -> None:
         self.membership.add(peer)
 
+    def _membership_changed(self) -> None:
+        if self.config.placement:
+            self.controller.poke()
+
     async def start(self) -> None:
         for peer in static_peers(self.config.peer):
             self.add_peer(peer)
@@ -117,8 +132,11 @@ class GatewayRuntime:
             await self._browser.start()
         if self.cloud is not None:
             self._probe_task = asyncio.create_task(self._probe_cloud())
+        if self.config.placement:
+            self.controller.start()
 
     async def stop(self) -> None:
+        await self.controller.stop()
         if self._probe_task is not None:
             self._probe_task.cancel()
             await asyncio.gather(self._probe_task, return_exceptions=True)
@@ -159,7 +177,24 @@ class GatewayRuntime:
             "in_flight": self.scheduler.outstanding(info.node_id) if info else 0,
             "capacity": info.capacity if info else 0,
             "version": info.version if info else None,
+            "memory_budget": info.memory_budget if info else None,
+            "speed_source": info.speed_source if info else None,
+            "stage_only": info.stage_only if info else None,
+            "role_reason": self._role_reason(member),
         }
+
+    def _role_reason(self, member: Member) -> str:
+        """Why the node has its role, in words: the controller's reason, or why it is not planned."""
+        if member.info is None or member.state != MemberState.READY:
+            return member.reason or f"not planned while {member.state.value}"
+        roles = dict(self.controller.decision.roles) if self.controller.decision else {}
+        return roles.get(member.info.node_id, "")
+
+    def node_name(self, node_id: str) -> str:
+        for m in self.membership.members():
+            if m.info is not None and m.info.node_id == node_id:
+                return m.info.name
+        return node_id
 
     def cluster_view(self) -> dict[str, Any]:
         return {
@@ -169,10 +204,23 @@ class GatewayRuntime:
             "last_failover": self.metrics.last_failover,
             "placements": [
                 {"kind": p.kind, "model": p.model_name,
-                 "stages": [{"node": s.node_id, "layers": s.layers.as_list()} for s in p.stages]}
+                 "stages": [{"node": s.node_id, "name": self.node_name(s.node_id), "layers": s.layers.as_list()}
+                            for s in p.stages]}
                 for p in self.scheduler.placements()
             ],
+            "placement": self.controller.view(),
         }
+
+    def prometheus_targets(self) -> list[dict[str, Any]]:
+        """Prometheus HTTP service discovery: every node the gateway knows, by its metrics port."""
+        targets = []
+        for m in sorted(self.membership.members(), key=lambda m: m.address):
+            if m.info is None or not m.info.metrics_port:
+                continue
+            host = m.address.rsplit(":", 1)[0]
+            targets.append({"targets": [f"{host}:{m.info.metrics_port}"],
+                            "labels": {"node_id": m.info.node_id, "name": m.info.name, "state": m.state.value}})
+        return targets
 
     def routing_view(self) -> dict[str, Any]:
         cloud = None

@@ -23,7 +23,6 @@ def add_ray_parser(sub: Any) -> None:
                     help="auto: replicas where Ray's memory resource of a node holds the model, pipelines where "
                          "it does not; replica: every node serves the whole model; pipeline: they split its layers")
     up.add_argument("--stages", type=int, default=0, help="pipeline stages (0 = one per node; the rest are spare)")
-    up.add_argument("--split", default="", help="layers per stage, e.g. 10,10,10 (default: even)")
     up.add_argument("--host", default="127.0.0.1", help="address of the gateway [default: 127.0.0.1]")
     up.add_argument("--port", type=int, default=8080, help="gateway HTTP port (0 picks one) [default: 8080]")
     up.add_argument("--model", default="default",
@@ -65,12 +64,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_ray_up(args: argparse.Namespace) -> None:
-    from mesh.cli import parse_split, run_until_signalled
+    from mesh.cli import run_until_signalled
     from mesh.ray.launcher import RayMeshOptions, run_ray_mesh
 
     options = RayMeshOptions(
         address=args.address, namespace=args.namespace, nodes=args.nodes, host=args.host, port=args.port,
-        model=args.model, strategy=args.strategy, stages=args.stages, split=parse_split(args.split),
+        model=args.model, strategy=args.strategy, stages=args.stages,
         threads=args.threads, decode_threads=args.decode_threads, slots=args.slots, n_ctx=args.n_ctx,
         memory_limit=args.memory_limit, node_host=args.node_host, node_cpus=args.node_cpus,
         max_restarts=args.max_restarts, api_key=args.api_key, cluster_key=args.cluster_key,

@@ -3,7 +3,8 @@
 `ray up` connects to a Ray cluster as a driver, starts one named, detached node actor per
 node (pinned round-robin to the Ray nodes, restarted by Ray when its process dies), and
 serves the gateway in its own process, as `edgemesh up` does, finding the nodes through
-Ray instead of mDNS. Pipelines are loaded the way `edgemesh up` loads them. On Ctrl-C it
+Ray instead of mDNS. The gateway's placement controller places the model on the actors'
+nodes, as on any mesh. On Ctrl-C it
 drains and removes its actors; `ray down` does the same from anywhere (for instance after
 the `ray up` process itself was lost), since the actors are found by name.
 """
@@ -23,11 +24,18 @@ from typing import TYPE_CHECKING, Any
 from mesh.config import GatewayConfig, NodeConfig, Timeouts, parse_bytes
 from mesh.discovery import parse_host_port
 from mesh.errors import ConfigError, ModelError
-from mesh.local_mesh import NODE_START_TIMEOUT_S, NODE_STOP_GRACE_S, STRATEGIES, announce, load_pipeline
+from mesh.local_mesh import (
+    NODE_START_TIMEOUT_S,
+    NODE_STOP_GRACE_S,
+    STRATEGIES,
+    announce,
+    expects_stages,
+    wait_for_placement,
+)
 from mesh.model_store import resolve
 from mesh.ray import ACTOR_PREFIX, DEFAULT_NAMESPACE, actor_name, import_ray
 from mesh.ray.actors import NodeActor, NodeSpec
-from mesh.ray.placement import Roles, Slot, alive_nodes, assign_slots, plan_roles
+from mesh.ray.placement import Slot, alive_nodes, assign_slots
 from mesh.ray.watch import RayNodeWatch
 from node.compute import STAGE_OPENMP_ENV
 
@@ -53,7 +61,6 @@ class RayMeshOptions:
     model: str = "default"
     strategy: str = "auto"
     stages: int = 0
-    split: tuple[int, ...] = ()
     threads: int = 0  # per node (0 = the Ray node's CPUs shared among its actors)
     decode_threads: int = 0
     slots: int = 1
@@ -138,7 +145,7 @@ def _node_bind(options: RayMeshOptions, slots: list[Slot], gateway_ip: str) -> t
     return options.node_host, False
 
 
-def start_actors(ray: Any, slots: list[Slot], roles: Roles, options: RayMeshOptions, model: str,
+def start_actors(ray: Any, slots: list[Slot], stages: bool, options: RayMeshOptions, model: str,
                  cluster_key: str, gateway_ip: str) -> dict[str, Any]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -146,14 +153,13 @@ def start_actors(ray: Any, slots: list[Slot], roles: Roles, options: RayMeshOpti
     remote_class = ray.remote(NodeActor)
     handles: dict[str, Any] = {}
     for slot in slots:
-        role = roles.role(slot.index)
         config = NodeConfig(model=model, name=slot.name, host=host or "127.0.0.1", threads=slot.threads,
                             decode_threads=options.decode_threads or slot.threads,
                             memory_limit=str(slot.memory_budget), cluster_key=cluster_key, slots=options.slots,
-                            n_ctx=options.n_ctx, role=role, advertise=False)
+                            n_ctx=options.n_ctx, advertise=False)
         # Stages take turns on each token; an idle stage's OpenMP workers must hand the cores
         # over to the busy stage on the same machine (see node.compute).
-        env = dict(STAGE_OPENMP_ENV) if role == "stage" else {}
+        env = dict(STAGE_OPENMP_ENV) if stages else {}
         name = actor_name(slot.index)
         handles[name] = remote_class.options(
             name=name, namespace=options.namespace, lifetime="detached", max_restarts=options.max_restarts,
@@ -164,8 +170,7 @@ def start_actors(ray: Any, slots: list[Slot], roles: Roles, options: RayMeshOpti
             scheduling_strategy=NodeAffinitySchedulingStrategy(slot.ray_node.node_id, soft=True),
             runtime_env={"env_vars": env},
         ).remote(NodeSpec(config, bind_node_ip=bind_node_ip, start_timeout_s=NODE_START_TIMEOUT_S))
-        log.info("started node actor %s (%s) on Ray node %s (%s)", name, role, slot.ray_node.node_id[:12],
-                 slot.ray_node.ip)
+        log.info("started node actor %s on Ray node %s (%s)", name, slot.ray_node.node_id[:12], slot.ray_node.ip)
     return handles
 
 
@@ -186,7 +191,8 @@ async def run_ray_mesh(options: RayMeshOptions, stop: asyncio.Event) -> None:
     config = GatewayConfig(host=options.host, port=options.port, cluster_key=cluster_key, api_key=options.api_key,
                            model=options.model, discovery=False, policy=options.policy,
                            cloud_url=options.cloud_url, cloud_model=options.cloud_model,
-                           cloud_key_env=options.cloud_key_env)
+                           cloud_key_env=options.cloud_key_env, strategy=options.strategy,
+                           stages=options.stages or (options.nodes if options.strategy == "pipeline" else 0))
     check_bind_is_safe(config)  # before anything slow or anything on the cluster
     ray = connect(options.address, options.namespace)
     # ray.init replaces the SIGTERM handler with sys.exit; give it back to the stop event
@@ -201,18 +207,16 @@ async def run_ray_mesh(options: RayMeshOptions, stop: asyncio.Event) -> None:
         runtime = GatewayRuntime(replace(config, model=str(model_path)), model_path, timeouts=Timeouts())
         slots = assign_slots(alive_nodes(ray.nodes()), options.nodes, options.threads,
                              parse_bytes(options.memory_limit))
-        roles = plan_roles(slots, model_path, runtime.model_sha, options.strategy, options.stages, options.split,
-                           options.n_ctx)
-        for reason in roles.reasons:
-            log.info("plan: %s", reason)
+        stages = await asyncio.to_thread(expects_stages, model_path, options.strategy,
+                                         min(s.memory_budget for s in slots), options.n_ctx)
         # A model given as a path here is the same path on every Ray node (a shared or
         # copied file); 'default' and cached names resolve in each node's own cache.
         model = str(model_path) if Path(options.model).expanduser().is_file() else options.model
-        handles = start_actors(ray, slots, roles, options, model, cluster_key, str(ray.util.get_node_ip_address()))
+        handles = start_actors(ray, slots, stages, options, model, cluster_key, str(ray.util.get_node_ip_address()))
         watch = RayNodeWatch(ray, handles, runtime.add_peer,
                              on_gone=lambda address: _forget_later(runtime, address))
         try:
-            await _serve_mesh(runtime, watch, slots, roles, options, stop)
+            await _serve_mesh(runtime, watch, slots, options, stop)
         finally:
             log.info("stopping the Ray mesh")
             left = {name: h for name, h in handles.items() if name not in watch.gone}
@@ -221,7 +225,7 @@ async def run_ray_mesh(options: RayMeshOptions, stop: asyncio.Event) -> None:
         ray.shutdown()
 
 
-async def _serve_mesh(runtime: GatewayRuntime, watch: RayNodeWatch, slots: list[Slot], roles: Roles,
+async def _serve_mesh(runtime: GatewayRuntime, watch: RayNodeWatch, slots: list[Slot],
                       options: RayMeshOptions, stop: asyncio.Event) -> None:
     from mesh.gateway.runtime import serve
 
@@ -238,15 +242,9 @@ async def _serve_mesh(runtime: GatewayRuntime, watch: RayNodeWatch, slots: list[
         watching = asyncio.create_task(watch.run())
         if not await _wait_for_nodes(runtime, watch, gateway, stop):
             return
-        by_index = {s.index: s for s in slots}
-        for chain in roles.pipelines:
-            stages = []
-            for index, layers in chain:
-                name = actor_name(index)
-                node_id = watch.node_id(name)
-                assert node_id is not None  # _wait_for_nodes saw every actor serve
-                stages.append((by_index[index].name, node_id, layers))
-            await load_pipeline(runtime, stages, options.n_ctx, options.slots)
+        await wait_for_placement(runtime, gateway, stop)
+        if stop.is_set():
+            return
         port = listening.result()
         announce(_banner(f"http://{options.host}:{port}", runtime.model_name, len(slots), options.namespace),
                  options.host, port, options.ready_file)

@@ -14,12 +14,21 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.config import Limits, Timeouts
-from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, NotFound, PeerError, Unauthenticated
+from mesh.errors import (
+    CapacityExhausted,
+    EdgeMeshError,
+    InvalidInput,
+    NotClaimHolder,
+    NotFound,
+    PeerError,
+    Unauthenticated,
+)
 from mesh.transport import auth, convert
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.types import (
     GenerationRequest,
     LayerRange,
+    ModelHeld,
     NodeInfo,
     PipelineJob,
     StageHeld,
@@ -70,6 +79,8 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, what: str) -> EdgeMeshError:
         return Unauthenticated(message)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return CapacityExhausted(message)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return NotClaimHolder(message)
     retryable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                          grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN,
                          grpc.StatusCode.INTERNAL)
@@ -142,15 +153,45 @@ class NodeClient:
             call.cancel()
 
     async def load_stage(self, model_sha256: str, layers: LayerRange, n_ctx: int, slots: int,
-                         timeout_s: float, prefill_chunk: int = 0) -> StageHeld:
+                         timeout_s: float, prefill_chunk: int = 0, controller_id: str = "") -> StageHeld:
         """Ask the node to load a layer range (reads its bytes from disk: may take a while)."""
-        request = convert.load_stage_request_to_pb(model_sha256, layers, n_ctx, slots, prefill_chunk)
+        request = convert.load_stage_request_to_pb(model_sha256, layers, n_ctx, slots, prefill_chunk, controller_id)
         try:
             reply = await self._stub.LoadStage(request,
                                                timeout=timeout_s, metadata=self._meta("LoadStage"))
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"LoadStage on {self.address}") from exc
         return convert.stage_from_pb(reply.stage)
+
+    async def load_model(self, model_sha256: str, n_ctx: int, timeout_s: float, controller_id: str) -> ModelHeld:
+        """Ask the node to serve the whole model as a replica (llama.cpp reads the file: may take a while)."""
+        request = convert.load_model_request_to_pb(model_sha256, n_ctx, controller_id)
+        try:
+            reply = await self._stub.LoadModel(request, timeout=timeout_s, metadata=self._meta("LoadModel"))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"LoadModel on {self.address}") from exc
+        return convert.model_from_pb(reply.model)
+
+    async def release_holding(self, model_sha256: str, layers: LayerRange | None, controller_id: str) -> bool:
+        """Release a stage (or, `layers` None, the replica); True when freed now, False when it
+        is freed once its open sessions end."""
+        request = convert.release_holding_request_to_pb(model_sha256, layers, controller_id)
+        try:
+            reply = await self._stub.ReleaseHolding(request, timeout=self._timeouts.info_rpc_s,
+                                                    metadata=self._meta("ReleaseHolding"))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"ReleaseHolding on {self.address}") from exc
+        return bool(reply.released)
+
+    async def claim(self, model_sha256: str, controller_id: str, ttl_s: float,
+                    give_up: bool = False) -> tuple[bool, str, float]:
+        """(granted, holder, seconds left) of this node's placement claim for the model."""
+        request = convert.claim_request_to_pb(model_sha256, controller_id, ttl_s, give_up)
+        try:
+            reply = await self._stub.Claim(request, timeout=self._timeouts.info_rpc_s, metadata=self._meta("Claim"))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"Claim on {self.address}") from exc
+        return bool(reply.granted), str(reply.holder), float(reply.expires_in_s)
 
     async def run_pipeline(self, job: PipelineJob) -> AsyncIterator[TokenEvent]:
         """Stream a pipeline request's tokens from its head, the node of stage 0. The head

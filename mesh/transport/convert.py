@@ -11,6 +11,7 @@ import numpy.typing as npt
 from mesh.errors import InvalidInput
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.types import (
+    Claimed,
     FinishReason,
     GenerationRequest,
     HiddenDType,
@@ -108,12 +109,21 @@ def stage_from_pb(msg: Any) -> StageHeld:
 
 def model_to_pb(m: ModelHeld) -> Any:
     return pb.ModelHeld(name=m.name, sha256=m.sha256, n_layers=m.n_layers, file_bytes=m.file_bytes,
-                        n_ctx=m.n_ctx, architecture=m.architecture, n_vocab=m.n_vocab)
+                        n_ctx=m.n_ctx, architecture=m.architecture, n_vocab=m.n_vocab, shard_copy=m.shard_copy)
 
 
 def model_from_pb(m: Any) -> ModelHeld:
     return ModelHeld(name=m.name, sha256=ModelSha(m.sha256), n_layers=m.n_layers, file_bytes=m.file_bytes,
-                     n_ctx=m.n_ctx, architecture=m.architecture, n_vocab=m.n_vocab)
+                     n_ctx=m.n_ctx, architecture=m.architecture, n_vocab=m.n_vocab, shard_copy=m.shard_copy)
+
+
+def claimed_to_pb(c: Claimed) -> Any:
+    return pb.Claimed(model_sha256=c.model_sha256, controller_id=c.controller_id, expires_in_s=c.expires_in_s)
+
+
+def claimed_from_pb(c: Any) -> Claimed:
+    return Claimed(model_sha256=ModelSha(c.model_sha256), controller_id=c.controller_id,
+                   expires_in_s=c.expires_in_s)
 
 
 def node_info_to_pb(info: NodeInfo) -> Any:
@@ -126,6 +136,8 @@ def node_info_to_pb(info: NodeInfo) -> Any:
         grpc_port=info.grpc_port, metrics_port=info.metrics_port, step_port=info.step_port,
         stages=[stage_to_pb(s) for s in info.stages],
         decode_tokens_per_second=info.decode_tokens_per_second,
+        stage_only=info.stage_only, memory_budget=info.memory_budget, speed_source=info.speed_source,
+        claims=[claimed_to_pb(c) for c in info.claims], step_tokens_per_second=info.step_tokens_per_second,
     )
 
 
@@ -139,6 +151,9 @@ def node_info_from_pb(msg: Any) -> NodeInfo:
         grpc_port=msg.grpc_port, metrics_port=msg.metrics_port, step_port=msg.step_port,
         stages=tuple(stage_from_pb(s) for s in msg.stages),
         decode_tokens_per_second=msg.decode_tokens_per_second,
+        stage_only=msg.stage_only, memory_budget=msg.memory_budget,
+        speed_source=msg.speed_source or "start-up probe", claims=tuple(claimed_from_pb(c) for c in msg.claims),
+        step_tokens_per_second=msg.step_tokens_per_second,
     )
 
 
@@ -287,9 +302,51 @@ def pipeline_job_from_pb(msg: Any) -> PipelineJob:
 
 
 def load_stage_request_to_pb(model_sha256: str, layers: LayerRange, n_ctx: int, slots: int,
-                             prefill_chunk: int = 0) -> Any:
+                             prefill_chunk: int = 0, controller_id: str = "") -> Any:
     return pb.LoadStageRequest(model_sha256=model_sha256, layers=layer_range_to_pb(layers), n_ctx=n_ctx,
-                               slots=slots, prefill_chunk=prefill_chunk)
+                               slots=slots, prefill_chunk=prefill_chunk, controller_id=controller_id)
+
+
+def load_model_request_to_pb(model_sha256: str, n_ctx: int, controller_id: str) -> Any:
+    return pb.LoadModelRequest(model_sha256=model_sha256, n_ctx=n_ctx, controller_id=controller_id)
+
+
+def load_model_reply_to_pb(model: ModelHeld) -> Any:
+    return pb.LoadModelReply(model=model_to_pb(model))
+
+
+def release_holding_request_to_pb(model_sha256: str, layers: LayerRange | None, controller_id: str) -> Any:
+    """`layers` None: the whole-model replica."""
+    msg = pb.ReleaseHoldingRequest(model_sha256=model_sha256, replica=layers is None, controller_id=controller_id)
+    if layers is not None:
+        msg.layers.CopyFrom(layer_range_to_pb(layers))
+    return msg
+
+
+def release_holding_from_pb(msg: Any) -> tuple[ModelSha, LayerRange | None, str]:
+    """(model, layers or None for the replica, controller id), checked."""
+    if not msg.model_sha256:
+        raise InvalidInput("a release must name its model's sha256")
+    if msg.replica:
+        return ModelSha(msg.model_sha256), None, msg.controller_id
+    if not msg.HasField("layers"):
+        raise InvalidInput("a stage release needs its layer range (or replica: true)")
+    try:
+        return ModelSha(msg.model_sha256), layer_range_from_pb(msg.layers), msg.controller_id
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+def release_holding_reply_to_pb(released: bool, pending: bool) -> Any:
+    return pb.ReleaseHoldingReply(released=released, pending=pending)
+
+
+def claim_request_to_pb(model_sha256: str, controller_id: str, ttl_s: float, give_up: bool = False) -> Any:
+    return pb.ClaimRequest(model_sha256=model_sha256, controller_id=controller_id, ttl_s=ttl_s, give_up=give_up)
+
+
+def claim_reply_to_pb(granted: bool, holder: str, expires_in_s: float) -> Any:
+    return pb.ClaimReply(granted=granted, holder=holder, expires_in_s=expires_in_s)
 
 
 def release_request_to_pb(session_id: str) -> Any:

@@ -8,7 +8,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.planner import ModelProfile, PeerCapability, Policy, plan, replica_bytes, stage_bytes
+from mesh.placement.planner import ModelProfile, PeerCapability, Policy, plan, replica_bytes, stage_bytes
 from mesh.types import ModelSha, NodeId
 
 MiB = 2**20

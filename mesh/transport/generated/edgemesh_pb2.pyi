@@ -23,7 +23,7 @@ class InfoRequest(_message.Message):
     def __init__(self, challenge: _Optional[bytes] = ...) -> None: ...
 
 class ModelHeld(_message.Message):
-    __slots__ = ("name", "sha256", "n_layers", "file_bytes", "n_ctx", "architecture", "n_vocab")
+    __slots__ = ("name", "sha256", "n_layers", "file_bytes", "n_ctx", "architecture", "n_vocab", "shard_copy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class ModelHeld(_message.Message):
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     N_VOCAB_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COPY_FIELD_NUMBER: _ClassVar[int]
     name: str
     sha256: str
     n_layers: int
@@ -38,7 +39,8 @@ class ModelHeld(_message.Message):
     n_ctx: int
     architecture: str
     n_vocab: int
-    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., n_layers: _Optional[int] = ..., file_bytes: _Optional[int] = ..., n_ctx: _Optional[int] = ..., architecture: _Optional[str] = ..., n_vocab: _Optional[int] = ...) -> None: ...
+    shard_copy: bool
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., n_layers: _Optional[int] = ..., file_bytes: _Optional[int] = ..., n_ctx: _Optional[int] = ..., architecture: _Optional[str] = ..., n_vocab: _Optional[int] = ..., shard_copy: _Optional[bool] = ...) -> None: ...
 
 class LayerRange(_message.Message):
     __slots__ = ("first", "last_exclusive")
@@ -67,7 +69,7 @@ class StageHeld(_message.Message):
     def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., slots: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., compute_bytes: _Optional[int] = ..., prefill_chunk: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "version", "protocol_version", "pid", "memory_total", "memory_free", "memory_limit", "threads", "models", "slots", "max_queue", "in_flight", "draining", "grpc_port", "metrics_port", "stages", "decode_tokens_per_second", "files", "proof", "step_port")
+    __slots__ = ("node_id", "name", "version", "protocol_version", "pid", "memory_total", "memory_free", "memory_limit", "threads", "models", "slots", "max_queue", "in_flight", "draining", "grpc_port", "metrics_port", "stages", "decode_tokens_per_second", "files", "proof", "step_port", "stage_only", "memory_budget", "speed_source", "claims", "step_tokens_per_second")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +91,11 @@ class NodeInfo(_message.Message):
     FILES_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
     STEP_PORT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SPEED_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     version: str
@@ -110,7 +117,22 @@ class NodeInfo(_message.Message):
     files: _containers.RepeatedCompositeFieldContainer[ModelHeld]
     proof: str
     step_port: int
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., pid: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., memory_limit: _Optional[int] = ..., threads: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelHeld, _Mapping]]] = ..., slots: _Optional[int] = ..., max_queue: _Optional[int] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., grpc_port: _Optional[int] = ..., metrics_port: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageHeld, _Mapping]]] = ..., decode_tokens_per_second: _Optional[float] = ..., files: _Optional[_Iterable[_Union[ModelHeld, _Mapping]]] = ..., proof: _Optional[str] = ..., step_port: _Optional[int] = ...) -> None: ...
+    stage_only: bool
+    memory_budget: int
+    speed_source: str
+    claims: _containers.RepeatedCompositeFieldContainer[Claimed]
+    step_tokens_per_second: float
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., pid: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., memory_limit: _Optional[int] = ..., threads: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelHeld, _Mapping]]] = ..., slots: _Optional[int] = ..., max_queue: _Optional[int] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., grpc_port: _Optional[int] = ..., metrics_port: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageHeld, _Mapping]]] = ..., decode_tokens_per_second: _Optional[float] = ..., files: _Optional[_Iterable[_Union[ModelHeld, _Mapping]]] = ..., proof: _Optional[str] = ..., step_port: _Optional[int] = ..., stage_only: _Optional[bool] = ..., memory_budget: _Optional[int] = ..., speed_source: _Optional[str] = ..., claims: _Optional[_Iterable[_Union[Claimed, _Mapping]]] = ..., step_tokens_per_second: _Optional[float] = ...) -> None: ...
+
+class Claimed(_message.Message):
+    __slots__ = ("model_sha256", "controller_id", "expires_in_s")
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    model_sha256: str
+    controller_id: str
+    expires_in_s: float
+    def __init__(self, model_sha256: _Optional[str] = ..., controller_id: _Optional[str] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "repeat_last_n")
@@ -163,18 +185,20 @@ class GenerateEvent(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., position: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("model_sha256", "layers", "n_ctx", "slots", "prefill_chunk")
+    __slots__ = ("model_sha256", "layers", "n_ctx", "slots", "prefill_chunk", "controller_id")
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
     model_sha256: str
     layers: LayerRange
     n_ctx: int
     slots: int
     prefill_chunk: int
-    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., n_ctx: _Optional[int] = ..., slots: _Optional[int] = ..., prefill_chunk: _Optional[int] = ...) -> None: ...
+    controller_id: str
+    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., n_ctx: _Optional[int] = ..., slots: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., controller_id: _Optional[str] = ...) -> None: ...
 
 class LoadStageReply(_message.Message):
     __slots__ = ("stage",)
@@ -267,6 +291,64 @@ class RunPipelineRequest(_message.Message):
     hidden_dtype: DType
     step_timeout_s: float
     def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[PipelineHop, _Mapping]]] = ..., n_ctx: _Optional[int] = ..., hidden_dtype: _Optional[_Union[DType, str]] = ..., step_timeout_s: _Optional[float] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model_sha256", "n_ctx", "controller_id")
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    N_CTX_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    model_sha256: str
+    n_ctx: int
+    controller_id: str
+    def __init__(self, model_sha256: _Optional[str] = ..., n_ctx: _Optional[int] = ..., controller_id: _Optional[str] = ...) -> None: ...
+
+class LoadModelReply(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelHeld
+    def __init__(self, model: _Optional[_Union[ModelHeld, _Mapping]] = ...) -> None: ...
+
+class ReleaseHoldingRequest(_message.Message):
+    __slots__ = ("model_sha256", "layers", "replica", "controller_id")
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    model_sha256: str
+    layers: LayerRange
+    replica: bool
+    controller_id: str
+    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., replica: _Optional[bool] = ..., controller_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseHoldingReply(_message.Message):
+    __slots__ = ("released", "pending")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    pending: bool
+    def __init__(self, released: _Optional[bool] = ..., pending: _Optional[bool] = ...) -> None: ...
+
+class ClaimRequest(_message.Message):
+    __slots__ = ("model_sha256", "controller_id", "ttl_s", "give_up")
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    GIVE_UP_FIELD_NUMBER: _ClassVar[int]
+    model_sha256: str
+    controller_id: str
+    ttl_s: float
+    give_up: bool
+    def __init__(self, model_sha256: _Optional[str] = ..., controller_id: _Optional[str] = ..., ttl_s: _Optional[float] = ..., give_up: _Optional[bool] = ...) -> None: ...
+
+class ClaimReply(_message.Message):
+    __slots__ = ("granted", "holder", "expires_in_s")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    holder: str
+    expires_in_s: float
+    def __init__(self, granted: _Optional[bool] = ..., holder: _Optional[str] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
 
 class ReleaseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

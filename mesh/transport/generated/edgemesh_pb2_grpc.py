@@ -71,6 +71,21 @@ class NodeStub:
                 request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.FetchShardRequest.SerializeToString,
                 response_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ShardChunk.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/edgemesh.v1.Node/LoadModel',
+                request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.LoadModelReply.FromString,
+                _registered_method=True)
+        self.ReleaseHolding = channel.unary_unary(
+                '/edgemesh.v1.Node/ReleaseHolding',
+                request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseHoldingRequest.SerializeToString,
+                response_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseHoldingReply.FromString,
+                _registered_method=True)
+        self.Claim = channel.unary_unary(
+                '/edgemesh.v1.Node/Claim',
+                request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ClaimRequest.SerializeToString,
+                response_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ClaimReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -130,6 +145,29 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Placement, driven by a gateway's placement controller (mesh/placement). Loads are
+        idempotent; a release waits for the holding's open sessions to end (it stops taking new
+        ones at once). With a claim held, only its holder may load or release.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseHolding(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Claim(self, request, context):
+        """One controller places a model at a time: the claim is a lease, renewed by its holder's
+        calls; a node grants it when it is free, expired or already the caller's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +205,21 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.FetchShard,
                     request_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.FetchShardRequest.FromString,
                     response_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ShardChunk.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.LoadModelRequest.FromString,
+                    response_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.LoadModelReply.SerializeToString,
+            ),
+            'ReleaseHolding': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseHolding,
+                    request_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseHoldingRequest.FromString,
+                    response_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseHoldingReply.SerializeToString,
+            ),
+            'Claim': grpc.unary_unary_rpc_method_handler(
+                    servicer.Claim,
+                    request_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ClaimRequest.FromString,
+                    response_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ClaimReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -360,6 +413,87 @@ class Node:
             '/edgemesh.v1.Node/FetchShard',
             mesh_dot_transport_dot_generated_dot_edgemesh__pb2.FetchShardRequest.SerializeToString,
             mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ShardChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgemesh.v1.Node/LoadModel',
+            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.LoadModelRequest.SerializeToString,
+            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.LoadModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseHolding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgemesh.v1.Node/ReleaseHolding',
+            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseHoldingRequest.SerializeToString,
+            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseHoldingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Claim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgemesh.v1.Node/Claim',
+            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ClaimRequest.SerializeToString,
+            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ClaimReply.FromString,
             options,
             channel_credentials,
             insecure,

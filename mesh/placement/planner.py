@@ -27,7 +27,20 @@ class PeerCapability:
     name: str
     memory_budget: int  # bytes the node may use: min(free memory, --memory-limit)
     tokens_per_second: float  # measured decode speed (0 = unknown: counted as 1.0)
-    has_file: bool = True  # it can load stages from a local copy of the model
+    has_file: bool = True  # it can load stages from a local copy of the model (or fetch their bytes)
+    can_replica: bool = True  # it may serve the whole model (a whole file, not --role stage)
+    # The first layer it serves now (-1: none). Among peers of one speed class, incumbents keep
+    # their order, so a re-plan moves as few layers as it can.
+    held_first: int = -1
+
+
+# Measured speeds are noisy (devices share cores, probes run while others load); speeds
+# within this fraction of the fastest count as equal, so only a node that is much slower
+# than its peers gets fewer layers, and noise does not reshuffle stages.
+SIMILAR_SPEED = 0.67
+# What one hop between stages costs a token, for comparing placements (measured ~0.8 ms on
+# loopback, 1-5 ms on Wi-Fi); a replica has none.
+HOP_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class Plan:
     reasons: tuple[str, ...]
     n_ctx: int = 2048  # the context and prefill chunk the plan's stages are sized for
     prefill_chunk: int = 512
+    # Why each node has its role, one line per node (the cluster page and `edgemesh status`).
+    roles: tuple[tuple[NodeId, str], ...] = ()
 
     @property
     def feasible(self) -> bool:
@@ -108,8 +123,24 @@ def replica_bytes(profile: ModelProfile, policy: Policy) -> int:
     return profile.file_bytes + kv + REPLICA_OVERHEAD_BYTES
 
 
-def _speed(peer: PeerCapability) -> float:
-    return peer.tokens_per_second if peer.tokens_per_second > 0 else 1.0
+def effective_speeds(peers: Sequence[PeerCapability]) -> dict[NodeId, float]:
+    """Speeds as the planner uses them: unknown speeds count as the fastest known one, and
+    speeds within SIMILAR_SPEED of the fastest count as the fastest (see there)."""
+    known = [p.tokens_per_second for p in peers if p.tokens_per_second > 0]
+    fastest = max(known, default=1.0)
+    result = {}
+    for p in peers:
+        speed = p.tokens_per_second if p.tokens_per_second > 0 else fastest
+        result[p.node_id] = fastest if speed >= SIMILAR_SPEED * fastest else speed
+    return result
+
+
+def token_seconds(placement: Placement, speeds: dict[NodeId, float], n_layers: int) -> float:
+    """Estimated time of one decode token through a placement: each stage's share of the
+    model at its node's speed, plus a hop per later stage."""
+    fallback = max(speeds.values(), default=1.0) or 1.0
+    compute = sum((s.layers.count / n_layers) / (speeds.get(s.node_id) or fallback) for s in placement.stages)
+    return compute + HOP_S * (len(placement.stages) - 1)
 
 
 def _max_layers(profile: ModelProfile, policy: Policy, peer: PeerCapability, first: int) -> int:
@@ -125,14 +156,17 @@ def _pipeline(profile: ModelProfile, policy: Policy, peers: Sequence[PeerCapabil
               reasons: list[str]) -> tuple[list[StagePlacement], list[PeerCapability]] | None:
     """Layers in proportion to speed within each peer's memory, fastest peers first.
     Returns the stages and the peers left unused, or None when the peers cannot hold the model."""
-    order = sorted(peers, key=lambda p: (-_speed(p), p.node_id))
+    speeds = effective_speeds(peers)
+    order = sorted(peers, key=lambda p: (-speeds[p.node_id], p.held_first if p.held_first >= 0 else 1 << 30,
+                                         p.node_id))
+    wanted = policy.stages or (len(order) if policy.strategy == "pipeline" else 0)
     chosen: list[PeerCapability] = []
     # Take peers until their memory could cover every layer (cheap upper bound first).
     for peer in order:
         chosen.append(peer)
-        if policy.stages and len(chosen) < policy.stages:
+        if wanted and len(chosen) < wanted:
             continue
-        stages = _assign(profile, policy, chosen, by_speed=True) or _assign(profile, policy, chosen, by_speed=False)
+        stages = _assign(profile, policy, chosen, speeds)
         if stages is not None:
             used = {s.node_id for s in stages}
             return stages, [p for p in order if p.node_id not in used]
@@ -142,37 +176,40 @@ def _pipeline(profile: ModelProfile, policy: Policy, peers: Sequence[PeerCapabil
 
 
 def _assign(profile: ModelProfile, policy: Policy, chosen: Sequence[PeerCapability],
-            by_speed: bool) -> list[StagePlacement] | None:
-    """Walk the layers in order; each peer (in the given order) takes its speed share (or,
-    when that fails, as much as its memory holds), and the last one must reach the end.
-    A peer that cannot hold even one layer where it would start is passed over."""
-    total_speed = sum(_speed(p) for p in chosen)
+            speeds: dict[NodeId, float]) -> list[StagePlacement] | None:
+    """Contiguous ranges over the peers in the given order that make the slowest stage as
+    fast as it can be: the smallest bottleneck T (seconds of a token, in units of one
+    layer at speed 1) such that each peer, taking at most T x its speed layers and at most
+    what its memory holds where it starts, gets the layers to the end. A peer that would
+    take no layer is passed over. None when no T covers the model."""
+    n = profile.n_layers
+    bounds = sorted({k / speeds[p.node_id] for p in chosen for k in range(1, n + 1)})
+    if not bounds or _fill(profile, policy, chosen, speeds, bounds[-1]) is None:
+        return None
+    lo, hi = 0, len(bounds) - 1  # the last bound works; find the first that does
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _fill(profile, policy, chosen, speeds, bounds[mid]) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return _fill(profile, policy, chosen, speeds, bounds[lo])
+
+
+def _fill(profile: ModelProfile, policy: Policy, chosen: Sequence[PeerCapability], speeds: dict[NodeId, float],
+          bottleneck: float) -> list[StagePlacement] | None:
     stages: list[StagePlacement] = []
     first = 0
-    for index, peer in enumerate(chosen):
-        remaining = profile.n_layers - first
-        if remaining == 0:
+    for peer in chosen:
+        if first == profile.n_layers:
             break
-        room = _max_layers(profile, policy, peer, first)
-        if index == len(chosen) - 1 or not by_speed:
-            share = remaining
-        else:
-            share = max(1, round(profile.n_layers * _speed(peer) / total_speed))
-            # leave at least one layer for each peer still to come
-            share = min(share, remaining - (len(chosen) - 1 - index))
-        take = min(share, room)
+        cap = int(bottleneck * speeds[peer.node_id] + 1e-9)
+        take = min(cap, _max_layers(profile, policy, peer, first))
         if take < 1:
             continue
         stages.append(StagePlacement(peer.node_id, LayerRange(first, first + take)))
         first += take
-    if first != profile.n_layers:
-        return None
-    # A stage that now holds the head must still fit (the head is only known at the end).
-    last = stages[-1]
-    peer = next(p for p in chosen if p.node_id == last.node_id)
-    if stage_bytes(profile, policy, last.layers) > peer.memory_budget:
-        return None
-    return stages
+    return stages if first == profile.n_layers else None
 
 
 # Smaller settings to try, in order, when the nodes' memory cannot hold the model as asked:
@@ -209,15 +246,21 @@ def _plan(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy
     need = replica_bytes(profile, policy)
     placements: list[Placement] = []
     rest: list[PeerCapability] = []
+    roles: dict[NodeId, str] = {p.node_id: "has no copy of the model and no peer to fetch it from"
+                                for p in peers if not p.has_file}
     for peer in candidates:
-        fits = peer.memory_budget >= need
+        fits = peer.memory_budget >= need and peer.can_replica
         if fits and policy.strategy in ("replica", "auto"):
+            roles[peer.node_id] = (f"replica: its {peer.memory_budget / 2**20:.0f} MiB budget holds the whole "
+                                   f"model ({need / 2**20:.0f} MiB)")
             placements.append(Placement("replica", profile.sha256, profile.name,
                                         (StagePlacement(peer.node_id, LayerRange(0, profile.n_layers)),)))
             reasons.append(f"{peer.name}: replica ({peer.memory_budget / 2**20:.0f} MiB budget holds the "
                            f"model's {need / 2**20:.0f} MiB)")
             continue
-        if not fits:
+        if not peer.can_replica:
+            reasons.append(f"{peer.name}: serves layer ranges only (--role stage, or a shard copy of the file)")
+        elif not fits:
             reasons.append(f"{peer.name}: {peer.memory_budget / 2**20:.0f} MiB cannot hold a replica "
                            f"({need / 2**20:.0f} MiB); a pipeline stage at most")
         rest.append(peer)
@@ -229,13 +272,22 @@ def _plan(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy
                 break
             stages, rest = built
             placements.append(Placement("pipeline", profile.sha256, profile.name, tuple(stages)))
+            by_id = {p.node_id: p for p in peers}
             reasons.append("pipeline: " + ", ".join(
-                f"{s.node_id}[{s.layers.first}-{s.layers.last_exclusive})" for s in stages))
-            if policy.strategy == "pipeline" and policy.stages:
+                f"{by_id[s.node_id].name}[{s.layers.first}-{s.layers.last_exclusive})" for s in stages))
+            speeds = effective_speeds(peers)
+            for index, s in enumerate(stages):
+                roles[s.node_id] = (f"stage {index + 1}/{len(stages)}: layers [{s.layers.first}, "
+                                    f"{s.layers.last_exclusive}) at {speeds[s.node_id]:.1f} tok/s, within its "
+                                    f"{by_id[s.node_id].memory_budget / 2**20:.0f} MiB budget")
+            if policy.strategy == "pipeline":
                 break  # one pipeline of the asked shape; the rest stand by
     for peer in rest:
         spares.append(peer.node_id)
         reasons.append(f"{peer.name}: spare")
+        roles[peer.node_id] = ("spare: not needed by the placements; takes over when a node fails" if placements
+                               else "spare: the nodes together cannot hold the model yet")
     if not placements:
         reasons.append("no placement is possible: add nodes, raise --memory-limit, or lower --n-ctx")
-    return Plan(tuple(placements), tuple(sorted(spares)), tuple(reasons), policy.n_ctx, policy.prefill_chunk)
+    return Plan(tuple(placements), tuple(sorted(spares)), tuple(reasons), policy.n_ctx, policy.prefill_chunk,
+                tuple(sorted(roles.items())))

@@ -1,0 +1,95 @@
+"""Which placement the controller holds: the pure decision between what runs and a fresh plan.
+
+    decide(peers, profile, policy, current, may_switch) -> Decision
+
+What already runs is kept whenever it is a valid placement (every node ready, layers
+covered): a gateway that starts later adopts it instead of reloading, and streams in
+flight are never disturbed. Nodes it leaves free are planned on their own (a node that
+joins becomes a replica, a second pipeline or a spare). The whole fresh plan replaces it
+only when it cuts the time of a token by more than IMPROVEMENT, or serves more placements,
+and `may_switch` (the controller spaces such voluntary switches apart).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mesh.placement.planner import (
+    ModelProfile,
+    PeerCapability,
+    Plan,
+    Policy,
+    effective_speeds,
+    plan,
+    token_seconds,
+)
+from mesh.types import NodeId, Placement
+
+IMPROVEMENT = 0.10  # a fresh plan must be this much faster per token to replace a running one
+
+
+@dataclass(frozen=True)
+class Decision:
+    placements: tuple[Placement, ...]
+    spares: tuple[NodeId, ...]
+    change: str  # keep | initial | extend | better | capacity | none
+    plan: Plan  # the planner's own answer for every peer (its reasons explain the roles)
+    roles: tuple[tuple[NodeId, str], ...]
+    n_ctx: int
+    prefill_chunk: int
+
+
+def best_token_seconds(placements: Sequence[Placement], peers: Sequence[PeerCapability], n_layers: int) -> float:
+    speeds = effective_speeds(peers)
+    return min((token_seconds(p, speeds, n_layers) for p in placements), default=float("inf"))
+
+
+def decide(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy,
+           current: Sequence[Placement], may_switch: bool = True) -> Decision:
+    fresh = plan(peers, profile, policy)
+    if not current:
+        change = "initial" if fresh.feasible else "none"
+        return _decision(fresh.placements, peers, fresh, change, dict(fresh.roles), fresh.n_ctx, fresh.prefill_chunk)
+    used = {n for p in current for n in p.node_ids}
+    roles: dict[NodeId, str] = {}
+    planned = dict(fresh.roles)
+    fresh_stages = {(s.node_id, s.layers, p.kind) for p in fresh.placements for s in p.stages}
+    for p in current:
+        for index, s in enumerate(p.stages):
+            if (s.node_id, s.layers, p.kind) in fresh_stages:
+                roles[s.node_id] = planned[s.node_id]  # what runs is what the planner would choose
+            else:
+                roles[s.node_id] = ("replica (kept: it already serves the whole model)" if p.kind == "replica" else
+                                    f"stage {index + 1}/{len(p.stages)}: layers [{s.layers.first}, "
+                                    f"{s.layers.last_exclusive}) (kept: it runs, and a fresh plan is not "
+                                    f"{IMPROVEMENT:.0%} faster)")
+    kept = list(current)
+    n_ctx, chunk = fresh.n_ctx, fresh.prefill_chunk
+    free = [p for p in peers if p.node_id not in used]
+    change = "keep"
+    if free and policy.strategy != "pipeline":  # an explicit pipeline is one pipeline; the rest stand by
+        extra = plan(free, profile, policy)
+        if extra.feasible:
+            kept += extra.placements
+            roles.update((n, r) for n, r in extra.roles if any(n in p.node_ids for p in extra.placements))
+            change = "extend"
+    if may_switch and fresh.feasible:
+        faster = best_token_seconds(fresh.placements, peers, profile.n_layers) < \
+            (1 - IMPROVEMENT) * best_token_seconds(kept, peers, profile.n_layers)
+        if faster or len(fresh.placements) > len(kept):
+            return _decision(fresh.placements, peers, fresh, "better" if faster else "capacity", dict(fresh.roles),
+                             n_ctx, chunk)
+    return _decision(tuple(kept), peers, fresh, change, roles, n_ctx, chunk)
+
+
+def _decision(placements: Sequence[Placement], peers: Sequence[PeerCapability], fresh: Plan, change: str,
+              roles: dict[NodeId, str], n_ctx: int, chunk: int) -> Decision:
+    used = {n for p in placements for n in p.node_ids}
+    spares = tuple(sorted(p.node_id for p in peers if p.node_id not in used))
+    planner_roles = dict(fresh.roles)
+    for node in spares:
+        reason = planner_roles.get(node, "")
+        roles[node] = reason if not reason.startswith(("replica", "stage")) else \
+            "spare: the placements that run already cover the model; takes over when a node fails"
+    return Decision(tuple(placements), spares, change, fresh, tuple(sorted(roles.items())), n_ctx, chunk)

@@ -84,7 +84,11 @@ class Scheduler:
         for placement in placements:
             for stage in placement.stages:
                 info = infos[stage.node_id]
-                sizes += [m.n_ctx for m in (*info.models, *info.files) if m.sha256 == self._model_sha]
+                if placement.kind == "replica":
+                    sizes += [m.n_ctx for m in info.models if m.sha256 == self._model_sha]
+                else:  # the context the stage was loaded with (a planner may have shrunk it)
+                    sizes += [s.n_ctx or m.n_ctx for s in info.stages for m in info.files
+                              if s.model_sha256 == self._model_sha == m.sha256 and s.layers == stage.layers]
         return min(sizes) if sizes else None
 
     async def serving_context_length(self) -> int | None:

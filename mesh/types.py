@@ -80,6 +80,7 @@ class StageHeld:
     kv_cache_bytes: int
     compute_bytes: int
     prefill_chunk: int = 512
+    n_ctx: int = 0  # context length of each session (0 = not reported)
 
 
 @dataclass(frozen=True)

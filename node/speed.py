@@ -14,19 +14,22 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
 SMOOTHING = 0.2  # weight of the newest real-step measurement
 REPROBE_FIRST_S = 15.0  # the first re-probe, once the start-up rush is over
 REPROBE_EVERY_S = 60.0
+REPROBE_JITTER_S = 10.0
 IDLE_BEFORE_PROBE_S = 5.0  # a re-probe waits for this much quiet, so it measures the device, not our own load
 
 
 class SpeedMeter:
     def __init__(self, probe_tokens_per_second: float) -> None:
         self._probe = probe_tokens_per_second
-        self._probed_at = time.monotonic()
+        # Nodes started together must not re-probe together (they would measure each other).
+        self._probed_at = time.monotonic() + random.uniform(0, REPROBE_JITTER_S)
         self._source = "start-up probe"
         self._steps = 0.0  # smoothed real-step speed (0 = none yet)
         self._active_at = 0.0
@@ -55,7 +58,9 @@ class SpeedMeter:
 
     def record_probe(self, tokens_per_second: float) -> None:
         with self._lock:
-            self._probe, self._probed_at, self._source = tokens_per_second, time.monotonic(), "idle probe"
+            self._source = "idle probe"
+            self._probe = tokens_per_second
+            self._probed_at = time.monotonic() + random.uniform(0, REPROBE_JITTER_S)
 
     def probe_due(self, started_at: float) -> bool:
         """Whether a re-probe should run now: due, and the node has been quiet."""

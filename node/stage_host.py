@@ -139,7 +139,7 @@ class StageHost:
                                   threads=self._threads, max_chunk=chunk)
         held = StageHeld(model_sha256=model_sha256, layers=layers, slots=slots,
                          weight_bytes=engine.memory.weight_bytes, kv_cache_bytes=engine.memory.kv_cache_bytes,
-                         compute_bytes=engine.memory.compute_bytes, prefill_chunk=chunk)
+                         compute_bytes=engine.memory.compute_bytes, prefill_chunk=chunk, n_ctx=n_ctx)
         with self._lock:
             old = self._stages.pop(key, None)
             self._stages[key] = (engine, held)

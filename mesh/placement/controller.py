@@ -167,11 +167,12 @@ class PlacementController:
             routable = routes(infos, self.model_sha)
             ready = {i.node_id for i in infos}
             target = [p for p in self._target if ready.issuperset(p.node_ids)]
+            broken = [p for p in self._target if not ready.issuperset(p.node_ids)]
             # Keep our own target while its nodes live; otherwise adopt what the nodes hold
             # (a gateway that restarted, or took over from another one).
-            current = target if self.active and target else routable
+            current = target if self.active and (target or broken) else routable
             may_switch = started - self._last_switch >= self.settings.switch_every_s
-            decision = decide(peers, self.profile, policy, current, may_switch)
+            decision = decide(peers, self.profile, policy, current, may_switch, broken)
             previous = self.decision
             self.decision = decision
             if not self.active:
@@ -248,7 +249,8 @@ class PlacementController:
         for node, layers in missing:
             by_node.setdefault(node, []).append(layers)
         slots = {i.node_id: max(1, i.slots) for i in infos}
-        results = await asyncio.gather(*(self._load_all(node, items, decision, slots.get(node, 1))
+        shapes = stage_shapes(decision, infos, self.model_sha)
+        results = await asyncio.gather(*(self._load_all(node, items, shapes, slots.get(node, 1))
                                          for node, items in by_node.items()))
         if not all(results) and decision.change in ("better", "capacity"):
             # A switch whose new parts do not fit beside what still serves is given up: a
@@ -257,7 +259,8 @@ class PlacementController:
             self._target = tuple(current)
         return True
 
-    async def _load_all(self, node: NodeId, items: list[LayerRange | None], decision: Decision, slots: int) -> bool:
+    async def _load_all(self, node: NodeId, items: list[LayerRange | None],
+                        shapes: dict[Holding, tuple[int, int]], slots: int) -> bool:
         client = self.membership.client_for(node)
         if client is None:
             return False
@@ -269,8 +272,8 @@ class PlacementController:
                 if layers is None:
                     await client.load_model(self.model_sha, 0, self.settings.load_timeout_s, self.controller_id)
                 else:
-                    await client.load_stage(self.model_sha, layers, decision.n_ctx, slots,
-                                            self.settings.load_timeout_s, decision.prefill_chunk,
+                    n_ctx, chunk = shapes[(node, layers)]
+                    await client.load_stage(self.model_sha, layers, n_ctx, slots, self.settings.load_timeout_s, chunk,
                                             self.controller_id)
             except CapacityExhausted as exc:
                 log.info("placement: %s has no room for %s yet: %s", self._name(node), what, exc)
@@ -342,6 +345,21 @@ class PlacementController:
             "n_ctx": d.n_ctx if d else None,
             "history": self.history,
         }
+
+
+def stage_shapes(decision: Decision, infos: Sequence[NodeInfo], model_sha: ModelSha) -> dict[Holding, tuple[int, int]]:
+    """(n_ctx, prefill chunk) to load each stage of the decision with: the shape its pipeline's
+    stages already have (a repaired pipeline keeps the context it streams with), else the plan's."""
+    held = {(i.node_id, s.layers): s for i in infos for s in i.stages if s.model_sha256 == model_sha}
+    shapes: dict[Holding, tuple[int, int]] = {}
+    for p in decision.placements:
+        if p.kind != "pipeline":
+            continue
+        present = [held[(s.node_id, s.layers)] for s in p.stages if (s.node_id, s.layers) in held]
+        shape = (min(h.n_ctx for h in present if h.n_ctx), min(h.prefill_chunk for h in present)) \
+            if any(h.n_ctx for h in present) else (decision.n_ctx, decision.prefill_chunk)
+        shapes.update({(s.node_id, s.layers): shape for s in p.stages})
+    return shapes
 
 
 def _order(holding: Holding) -> tuple[str, int]:

@@ -13,7 +13,7 @@ and `may_switch` (the controller spaces such voluntary switches apart).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mesh.placement.planner import (
     ModelProfile,
@@ -22,6 +22,7 @@ from mesh.placement.planner import (
     Policy,
     effective_speeds,
     plan,
+    substitute,
     token_seconds,
 )
 from mesh.types import NodeId, Placement
@@ -33,7 +34,7 @@ IMPROVEMENT = 0.10  # a fresh plan must be this much faster per token to replace
 class Decision:
     placements: tuple[Placement, ...]
     spares: tuple[NodeId, ...]
-    change: str  # keep | initial | extend | better | capacity | none
+    change: str  # keep | initial | extend | repair | replan | better | capacity | none
     plan: Plan  # the planner's own answer for every peer (its reasons explain the roles)
     roles: tuple[tuple[NodeId, str], ...]
     n_ctx: int
@@ -46,14 +47,23 @@ def best_token_seconds(placements: Sequence[Placement], peers: Sequence[PeerCapa
 
 
 def decide(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy,
-           current: Sequence[Placement], may_switch: bool = True) -> Decision:
+           current: Sequence[Placement], may_switch: bool = True, broken: Sequence[Placement] = ()) -> Decision:
+    """`current`: placements to keep (all their nodes ready); `broken`: pipelines that lost
+    a node, which free peers may repair by taking the lost stages whole."""
     fresh = plan(peers, profile, policy)
-    if not current:
-        change = "initial" if fresh.feasible else "none"
-        return _decision(fresh.placements, peers, fresh, change, dict(fresh.roles), fresh.n_ctx, fresh.prefill_chunk)
-    used = {n for p in current for n in p.node_ids}
-    roles: dict[NodeId, str] = {}
     planned = dict(fresh.roles)
+    roles: dict[NodeId, str] = {}
+    repaired = _repair(peers, profile, policy, current, broken)
+    lost = {n for b in broken for n in b.node_ids}
+    for p in repaired:
+        for index, s in enumerate(p.stages):
+            roles[s.node_id] = (f"stage {index + 1}/{len(p.stages)}: layers [{s.layers.first}, "
+                                f"{s.layers.last_exclusive})" + ("" if s.node_id in lost or
+                                                                 any(s in b.stages for b in broken)
+                                                                 else " (took over from a node that failed)"))
+    if not current and not repaired:
+        change = ("replan" if broken else "initial") if fresh.feasible else "none"
+        return _decision(fresh.placements, peers, fresh, change, planned, fresh.n_ctx, fresh.prefill_chunk)
     fresh_stages = {(s.node_id, s.layers, p.kind) for p in fresh.placements for s in p.stages}
     for p in current:
         for index, s in enumerate(p.stages):
@@ -64,23 +74,43 @@ def decide(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Polic
                                     f"stage {index + 1}/{len(p.stages)}: layers [{s.layers.first}, "
                                     f"{s.layers.last_exclusive}) (kept: it runs, and a fresh plan is not "
                                     f"{IMPROVEMENT:.0%} faster)")
-    kept = list(current)
+    kept = [*current, *repaired]
+    used = {n for p in kept for n in p.node_ids}
     n_ctx, chunk = fresh.n_ctx, fresh.prefill_chunk
     free = [p for p in peers if p.node_id not in used]
-    change = "keep"
+    change = "repair" if repaired else "keep"
     if free and policy.strategy != "pipeline":  # an explicit pipeline is one pipeline; the rest stand by
         extra = plan(free, profile, policy)
         if extra.feasible:
             kept += extra.placements
             roles.update((n, r) for n, r in extra.roles if any(n in p.node_ids for p in extra.placements))
-            change = "extend"
-    if may_switch and fresh.feasible:
+            change = "repair" if repaired else "extend"
+    if may_switch and fresh.feasible and not repaired:
         faster = best_token_seconds(fresh.placements, peers, profile.n_layers) < \
             (1 - IMPROVEMENT) * best_token_seconds(kept, peers, profile.n_layers)
         if faster or len(fresh.placements) > len(kept):
-            return _decision(fresh.placements, peers, fresh, "better" if faster else "capacity", dict(fresh.roles),
+            return _decision(fresh.placements, peers, fresh, "better" if faster else "capacity", planned,
                              n_ctx, chunk)
     return _decision(tuple(kept), peers, fresh, change, roles, n_ctx, chunk)
+
+
+def _repair(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy,
+            current: Sequence[Placement], broken: Sequence[Placement]) -> list[Placement]:
+    used = {n for p in current for n in p.node_ids}
+    repaired: list[Placement] = []
+    ready = {p.node_id for p in peers}
+    for placement in broken:
+        if placement.kind != "pipeline":
+            continue
+        survivors = {n for n in placement.node_ids if n in ready}
+        if survivors & used:
+            continue
+        candidates = [p for p in peers if p.node_id not in used or p.node_id in survivors]
+        fixed = substitute(placement, candidates, profile, policy)
+        if fixed is not None:
+            repaired.append(fixed)
+            used |= set(fixed.node_ids)
+    return repaired
 
 
 def _decision(placements: Sequence[Placement], peers: Sequence[PeerCapability], fresh: Plan, change: str,

@@ -143,6 +143,29 @@ def token_seconds(placement: Placement, speeds: dict[NodeId, float], n_layers: i
     return compute + HOP_S * (len(placement.stages) - 1)
 
 
+def substitute(placement: Placement, peers: Sequence[PeerCapability], profile: ModelProfile,
+               policy: Policy) -> Placement | None:
+    """A pipeline that lost nodes, with each lost stage's exact layers given to a free peer
+    whose memory holds them (fastest first): after a failure this moves the fewest bytes
+    (the survivors keep what they hold). None when some lost stage finds no such peer."""
+    alive = {p.node_id: p for p in peers}
+    used = {s.node_id for s in placement.stages if s.node_id in alive}
+    speeds = effective_speeds(peers)
+    free = sorted((p for p in peers if p.node_id not in used and p.has_file),
+                  key=lambda p: (-speeds[p.node_id], p.node_id))
+    stages = []
+    for stage in placement.stages:
+        if stage.node_id in alive:
+            stages.append(stage)
+            continue
+        fits = [p for p in free if stage_bytes(profile, policy, stage.layers) <= p.memory_budget]
+        if not fits:
+            return None
+        free.remove(fits[0])
+        stages.append(StagePlacement(fits[0].node_id, stage.layers))
+    return replace(placement, stages=tuple(stages))
+
+
 def _max_layers(profile: ModelProfile, policy: Policy, peer: PeerCapability, first: int) -> int:
     """How many layers starting at `first` fit the peer's budget."""
     count = 0

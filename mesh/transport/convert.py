@@ -98,13 +98,13 @@ def stage_to_pb(stage: StageHeld) -> Any:
     return pb.StageHeld(model_sha256=stage.model_sha256, layers=layer_range_to_pb(stage.layers),
                         slots=stage.slots, weight_bytes=stage.weight_bytes,
                         kv_cache_bytes=stage.kv_cache_bytes, compute_bytes=stage.compute_bytes,
-                        prefill_chunk=stage.prefill_chunk)
+                        prefill_chunk=stage.prefill_chunk, n_ctx=stage.n_ctx)
 
 
 def stage_from_pb(msg: Any) -> StageHeld:
     return StageHeld(model_sha256=ModelSha(msg.model_sha256), layers=layer_range_from_pb(msg.layers),
                      slots=msg.slots, weight_bytes=msg.weight_bytes, kv_cache_bytes=msg.kv_cache_bytes,
-                     compute_bytes=msg.compute_bytes, prefill_chunk=msg.prefill_chunk or 512)
+                     compute_bytes=msg.compute_bytes, prefill_chunk=msg.prefill_chunk or 512, n_ctx=msg.n_ctx)
 
 
 def model_to_pb(m: ModelHeld) -> Any:

@@ -51,7 +51,7 @@ class LayerRange(_message.Message):
     def __init__(self, first: _Optional[int] = ..., last_exclusive: _Optional[int] = ...) -> None: ...
 
 class StageHeld(_message.Message):
-    __slots__ = ("model_sha256", "layers", "slots", "weight_bytes", "kv_cache_bytes", "compute_bytes", "prefill_chunk")
+    __slots__ = ("model_sha256", "layers", "slots", "weight_bytes", "kv_cache_bytes", "compute_bytes", "prefill_chunk", "n_ctx")
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class StageHeld(_message.Message):
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    N_CTX_FIELD_NUMBER: _ClassVar[int]
     model_sha256: str
     layers: LayerRange
     slots: int
@@ -66,7 +67,8 @@ class StageHeld(_message.Message):
     kv_cache_bytes: int
     compute_bytes: int
     prefill_chunk: int
-    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., slots: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., compute_bytes: _Optional[int] = ..., prefill_chunk: _Optional[int] = ...) -> None: ...
+    n_ctx: int
+    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., slots: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., compute_bytes: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., n_ctx: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "name", "version", "protocol_version", "pid", "memory_total", "memory_free", "memory_limit", "threads", "models", "slots", "max_queue", "in_flight", "draining", "grpc_port", "metrics_port", "stages", "decode_tokens_per_second", "files", "proof", "step_port", "stage_only", "memory_budget", "speed_source", "claims", "step_tokens_per_second")

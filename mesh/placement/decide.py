@@ -13,7 +13,7 @@ and `may_switch` (the controller spaces such voluntary switches apart).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from mesh.placement.planner import (
     ModelProfile,
@@ -53,7 +53,9 @@ def decide(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Polic
     fresh = plan(peers, profile, policy)
     planned = dict(fresh.roles)
     roles: dict[NodeId, str] = {}
-    repaired = _repair(peers, profile, policy, current, broken)
+    # Lost stages are sized as the fresh plan sizes stages (it may have shrunk the context to fit).
+    sized = replace(policy, n_ctx=fresh.n_ctx, prefill_chunk=fresh.prefill_chunk) if fresh.feasible else policy
+    repaired = _repair(peers, profile, sized, current, broken)
     lost = {n for b in broken for n in b.node_ids}
     for p in repaired:
         for index, s in enumerate(p.stages):

@@ -13,7 +13,7 @@ and `may_switch` (the controller spaces such voluntary switches apart).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mesh.placement.planner import (
     ModelProfile,

@@ -50,6 +50,9 @@ def decide(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Polic
            current: Sequence[Placement], may_switch: bool = True, broken: Sequence[Placement] = ()) -> Decision:
     """`current`: placements to keep (all their nodes ready); `broken`: pipelines that lost
     a node, which free peers may repair by taking the lost stages whole."""
+    if broken and policy.stages > sum(1 for p in peers if p.has_file):
+        # After a failure an asked-for shape may no longer exist: the survivors still serve.
+        policy = replace(policy, stages=sum(1 for p in peers if p.has_file))
     fresh = plan(peers, profile, policy)
     planned = dict(fresh.roles)
     roles: dict[NodeId, str] = {}

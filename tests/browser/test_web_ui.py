@@ -40,27 +40,93 @@ LAYERS_TEXT = re.compile("layers? (\\d+)(?:\u2013(\\d+))?")  # "layers 0\u20139"
 
 
 SHA = "5" * 64
+# Node ids as the gateway has them (16 hex digits): the page must show the names instead.
+LAPTOP, DESKTOP, NAS, OLD_PC, STRANGER = "a1a1a1a1a1a1a1a1", "b2b2b2b2b2b2b2b2", "c3c3c3c3c3c3c3c3", \
+    "d4d4d4d4d4d4d4d4", "e5e5e5e5e5e5e5e5"
+NEW_NODE = "f6f6f6f6f6f6f6f6"  # only in a route header: its name comes from the view served later
 FAILOVER_VIEW: dict[str, Any] = {
     "model": {"name": "tiny", "sha256": SHA},  # no n_layers: taken from the nodes' models
     "nodes": [
-        {"id": "c", "name": "nas", "address": "198.18.0.3:7000", "state": "ready", "memory_total": 8e9,
+        {"id": NAS, "name": "nas", "address": "198.18.0.3:7000", "state": "ready", "memory_total": 8e9,
          "memory_free": 2e9, "models": [{"name": "tiny", "sha256": SHA, "n_layers": 30, "bytes": 9e7}],
-         "role": "stage", "layers": [21, 30], "in_flight": 1, "capacity": 2, "version": "0.1.0"},
-        {"id": "e", "name": "stranger", "address": "198.18.0.9:7000", "state": "unauthenticated"},
-        {"id": "a", "name": "laptop", "address": "198.18.0.1:7000", "state": "ready", "memory_total": 16e9,
+         "role": "stage", "layers": [21, 30], "in_flight": 1, "capacity": 2, "version": "0.1.0",
+         "decode_tokens_per_second": 21.5, "speed_source": "idle probe", "memory_budget": 1.5e9,
+         "stage_only": False, "role_reason": "stage 3/3: layers [21, 30) at 21.5 tok/s, within its 1431 MiB budget"},
+        {"id": STRANGER, "name": "stranger", "address": "198.18.0.9:7000", "state": "unauthenticated",
+         "reason": "wrong cluster key", "role_reason": "wrong cluster key"},
+        {"id": LAPTOP, "name": "laptop", "address": "198.18.0.1:7000", "state": "ready", "memory_total": 16e9,
          "memory_free": 9e9, "models": [{"name": "tiny", "sha256": SHA, "n_layers": 30, "bytes": 9e7}],
-         "role": "stage", "layers": [0, 12], "in_flight": 1, "capacity": 2, "version": "0.1.0"},
-        {"id": "d", "name": "old-pc", "address": "198.18.0.4:7000", "state": "down", "memory_total": 4e9,
-         "memory_free": None, "models": [], "role": "idle", "layers": None, "reason": "health check timed out"},
-        {"id": "b", "name": "desktop", "address": "198.18.0.2:7000", "state": "ready", "memory_total": 32e9,
-         "memory_free": 20e9, "models": [], "role": "stage", "layers": None, "in_flight": 1, "capacity": 2},
+         "role": "stage", "layers": [0, 12], "in_flight": 1, "capacity": 2, "version": "0.1.0",
+         "decode_tokens_per_second": 30.2, "speed_source": "start-up probe", "memory_budget": 6e9,
+         "stage_only": False, "role_reason": "stage 1/3: layers [0, 12) at 30.2 tok/s, within its 5722 MiB budget"},
+        {"id": OLD_PC, "name": "old-pc", "address": "198.18.0.4:7000", "state": "down", "memory_total": 4e9,
+         "memory_free": None, "models": [], "role": "idle", "layers": None, "reason": "health check timed out",
+         "role_reason": "health check timed out"},
+        {"id": DESKTOP, "name": "desktop", "address": "198.18.0.2:7000", "state": "ready", "memory_total": 32e9,
+         "memory_free": 20e9, "models": [], "role": "stage", "layers": None, "in_flight": 1, "capacity": 2,
+         "decode_tokens_per_second": 18.0, "speed_source": "idle probe", "memory_budget": 2e9, "stage_only": True,
+         "role_reason": f"stage 2/3: layers [12, 21) (took over from a node that failed) ({OLD_PC} is down)"},
     ],
     "placements": [{"kind": "pipeline", "model": "tiny", "stages": [
-        {"node": "a", "layers": [0, 12]}, {"node": "b", "layers": [12, 21]}, {"node": "c", "layers": [21, 30]}]}],
+        {"node": LAPTOP, "name": "laptop", "layers": [0, 12]}, {"node": DESKTOP, "name": "desktop", "layers": [12, 21]},
+        {"node": NAS, "name": "nas", "layers": [21, 30]}]}],
+    "placement": {
+        "controller": "gw-222222222222", "active": False, "rival": "gw-111111111111", "converged": False,
+        "strategy": "auto", "change": "repair",
+        "plan": [{"kind": "pipeline", "stages": [
+            {"node": LAPTOP, "name": "laptop", "layers": [0, 12]},
+            {"node": DESKTOP, "name": "desktop", "layers": [12, 21]},
+            {"node": NAS, "name": "nas", "layers": [21, 30]}]}],
+        "spares": [],
+        "roles": {LAPTOP: "stage 1/3", DESKTOP: "stage 2/3", NAS: "stage 3/3"},
+        "reasons": ["laptop: 5722 MiB cannot hold a replica", "pipeline: laptop[0-12), desktop[12-21), nas[21-30)"],
+        "n_ctx": 2048,
+        "history": [
+            {"at": time.time() - 600, "change": "initial", "trigger": "membership changed", "seconds": 2.57,
+             "loaded": True, "plan": ["pipeline: laptop [0, 12), old-pc [12, 21), nas [21, 30)"]},
+            {"at": time.time() - 95, "change": "repair", "trigger": f"{OLD_PC} failed mid-stream", "seconds": 1.25,
+             "loaded": True, "plan": ["pipeline: laptop [0, 12), desktop [12, 21), nas [21, 30)"]},
+        ],
+    },
     "routing": {"policy": "cloud-first", "cloud": {"url": "https://api.example.com/v1", "up": False,
                                                    "breaker": "open"}, "last_route": "cloud"},
-    "last_failover": {"from": "cloud", "to": "mesh", "reason": "cloud breaker opened after 5 errors",
-                      "detail": "before the first token", "at": time.time() - 90},
+    "last_failover": {"from": "pipeline", "to": "pipeline", "reason": "node_error",
+                      "detail": f"{OLD_PC} failed after 12 tokens", "at": time.time() - 90},
+}
+ACTIVE_VIEW: dict[str, Any] = {  # this gateway places; two replicas and a spare, one of them joined later
+    "model": {"name": "tiny", "sha256": SHA, "n_layers": 30},
+    "nodes": [
+        {"id": LAPTOP, "name": "laptop", "address": "198.18.0.1:7000", "state": "ready", "memory_total": 16e9,
+         "memory_free": 9e9, "role": "replica", "layers": [0, 30], "in_flight": 0, "capacity": 2,
+         "decode_tokens_per_second": 30.2, "speed_source": "idle probe", "memory_budget": 6e9,
+         "role_reason": "replica: its 5722 MiB budget holds the whole model"},
+        {"id": NEW_NODE, "name": "garage-pi", "address": "198.18.0.6:7000", "state": "ready", "memory_total": 8e9,
+         "memory_free": 7e9, "role": "replica", "layers": [0, 30], "in_flight": 0, "capacity": 1,
+         "decode_tokens_per_second": 9.0, "speed_source": "start-up probe", "memory_budget": 6e9,
+         "role_reason": "replica: its 5722 MiB budget holds the whole model"},
+        {"id": NAS, "name": "nas", "address": "198.18.0.3:7000", "state": "ready", "memory_total": 8e9,
+         "memory_free": 7e9, "role": "spare", "layers": None, "in_flight": 0, "capacity": 2,
+         "decode_tokens_per_second": 21.5, "speed_source": "idle probe", "memory_budget": 6e8,
+         "role_reason": "spare: not needed by the placements; takes over when a node fails"},
+    ],
+    "placements": [{"kind": "replica", "model": "tiny", "stages": [{"node": LAPTOP, "name": "laptop",
+                                                                    "layers": [0, 30]}]},
+                   {"kind": "replica", "model": "tiny", "stages": [{"node": NEW_NODE, "name": "garage-pi",
+                                                                    "layers": [0, 30]}]}],
+    "placement": {
+        "controller": "gw-111111111111", "active": True, "rival": None, "converged": True, "strategy": "auto",
+        "change": "keep",
+        "plan": [{"kind": "replica", "stages": [{"node": LAPTOP, "name": "laptop", "layers": [0, 30]}]},
+                 {"kind": "replica", "stages": [{"node": NEW_NODE, "name": "garage-pi", "layers": [0, 30]}]}],
+        "spares": [{"node": NAS, "name": "nas"}],
+        "roles": {}, "reasons": [], "n_ctx": 2048,
+        "history": [{"at": time.time() - 3600 + i, "change": "replan", "trigger": "periodic check", "seconds": 0.5,
+                     "loaded": True, "plan": ["replica: laptop"]} for i in range(6)]
+        + [{"at": time.time() - 20, "change": "extend", "trigger": "membership changed", "seconds": 4.5,
+            "loaded": True, "plan": ["replica: laptop", "replica: garage-pi"]}],
+    },
+    "routing": {"policy": "local-only", "cloud": None, "last_route": "mesh"},
+    "last_failover": None,
 }
 
 

@@ -61,7 +61,7 @@ def test_sigkill_of_a_stage_at_token_20_with_a_spare(launcher: Launcher, default
     assert victim not in {s["node"] for s in new_stages}
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert 'edgemesh_failovers_total{from="pipeline",reason="node_error",to="pipeline"} 1.0' in metrics
-    assert 'edgemesh_replans_total{reason="spare"} 1.0' in metrics
+    assert 'edgemesh_replans_total{reason="repair"} 1.0' in metrics
     replayed = next(line for line in metrics.splitlines() if line.startswith("edgemesh_replayed_tokens_total"))
     assert float(replayed.split()[-1]) >= 19
     assert "edgemesh_failover_recover_seconds_count 1.0" in metrics

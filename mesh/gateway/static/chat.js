@@ -2,7 +2,7 @@
 
 import { apiFetch, apiJson, errorMessage, events, h, settings } from "./api.js";
 import { renderMarkdown } from "./md.js";
-import { describeRoute, noteRoute } from "./mesh-state.js";
+import { describeRoute, knowsNodes, learnNodes, noteRoute } from "./mesh-state.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -99,10 +99,9 @@ function addAssistant() {
     setRoute(header) {
       const route = describeRoute(header);
       if (!route) return;
-      routeEl.hidden = false;
-      routeEl.dataset.target = route.target;
-      routeEl.title = `X-EdgeMesh-Route: ${header}`;
-      routeEl.textContent = route.target === "cloud" ? "via cloud" : `via ${route.label}`;
+      routeEl.dataset.header = header;
+      paintRoute(routeEl);
+      learnNamesOf(route);
     },
     finish({ stopped, error, stats: statsText }) {
       if (frame) cancelAnimationFrame(frame);
@@ -121,6 +120,33 @@ function addAssistant() {
       if (nearBottom()) scrollToBottom();
     },
   };
+}
+
+/** The footer that says where an answer came from, by node name (the header has the ids). */
+function paintRoute(el) {
+  const header = el.dataset.header || "";
+  const route = describeRoute(header);
+  if (!route) return;
+  el.hidden = false;
+  el.dataset.target = route.target;
+  el.title = `X-EdgeMesh-Route: ${header}`;
+  el.textContent = route.target === "cloud" ? "via cloud" : `via ${route.label}`;
+}
+
+/** A route through nodes this page has not seen yet (a new node, a re-plan): ask the gateway
+ * for their names; the footers repaint when the names arrive. */
+async function learnNamesOf(route) {
+  if (!route || knowsNodes(route.nodes)) return;
+  try {
+    const view = await apiJson("api/cluster");
+    learnNodes(view.nodes, view);
+  } catch {
+    /* the footer keeps the short ids; the cluster poll will learn the names */
+  }
+}
+
+function repaintRoutes() {
+  for (const el of scrollBox().querySelectorAll("[data-testid=route][data-header]")) paintRoute(el);
 }
 
 function setBusy(busy) {
@@ -329,6 +355,7 @@ export function initChat() {
     setTimeout(() => { button.textContent = "Copy"; }, 1800);
   });
   events.addEventListener("settings-changed", loadModels);
+  events.addEventListener("names", repaintRoutes);
   setBusy(false);
   loadModels();
 }

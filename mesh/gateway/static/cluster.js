@@ -1,8 +1,12 @@
-// The cluster view: polls /api/cluster and draws nodes, layer ranges, placements and routing.
+// The cluster view: polls /api/cluster and draws nodes, layer ranges, placements, the placement
+// controller's plan (and why each node has its role) and routing. People read node names here:
+// ids are only in tooltips and data attributes.
 // Tolerant of missing keys: every optional field of the view may be absent or null.
 
 import { ApiError, apiJson, events, fmtAgo, fmtBytes, h } from "./api.js";
-import { currentRoute, describeRoute, learnNodes, nodeColor, nodeName, noteServerRoute } from "./mesh-state.js";
+import {
+  currentRoute, describeRoute, isNodeId, learnNodes, nodeColor, nodeName, noteServerRoute, withNames,
+} from "./mesh-state.js";
 
 const POLL_MS = 2000;
 const $ = (id) => document.getElementById(id);
@@ -177,28 +181,30 @@ function routingCard(view) {
     chips.length ? h("div", { class: "chips" }, chips) : null);
 }
 
-function formatValue(key, value, ids) {
+/** A value of the failover report as a person reads it: times as clock times, node ids as names. */
+function formatValue(key, value) {
   if (value === null || value === undefined) return "–";
   if (typeof value === "number" && value > 1e9 && value < 1e11 && /(^|_)(at|time|since|when|ts)$/i.test(key)) {
     return `${new Date(value * 1000).toLocaleTimeString()} (${fmtAgo(value)})`;
   }
-  if (typeof value === "string" && ids.has(value)) return nodeName(value);
-  if (Array.isArray(value)) return value.map((v) => formatValue(key, v, ids)).join(", ");
+  if (typeof value === "string" && isNodeId(value)) return nodeName(value);
+  if (Array.isArray(value)) return value.map((v) => formatValue(key, v)).join(", ");
   if (typeof value === "object") {
     if (validRange(value.layers) && value.node) return `${nodeName(value.node)} ${rangeText(value.layers)}`;
-    return JSON.stringify(value);
+    return withNames(JSON.stringify(value));
   }
-  return String(value);
+  return withNames(String(value));
 }
+
+const FAILOVER_KEYS = { at: "when", from: "from", to: "to", reason: "reason", detail: "detail" };
 
 function failoverCard(view) {
   const f = view.last_failover;
   if (!f) return null;
-  const ids = new Set((view.nodes || []).map((n) => n.id));
   const rows = typeof f === "object"
     ? Object.entries(f).map(([k, v]) => h("div", { class: "kv" },
-      h("dt", {}, k.replace(/_/g, " ")), h("dd", {}, formatValue(k, v, ids))))
-    : [h("div", { class: "kv" }, h("dd", {}, String(f)))];
+      h("dt", {}, FAILOVER_KEYS[k] || k.replace(/_/g, " ")), h("dd", {}, formatValue(k, v))))
+    : [h("div", { class: "kv" }, h("dd", {}, withNames(String(f))))];
   return h("div", { class: "failover", dataset: { testid: "last-failover" } },
     h("div", { class: "failover-title" }, "⚠ Last failover"),
     h("dl", {}, rows));
@@ -220,7 +226,28 @@ function memoryBlock(node) {
     h("div", { class: "row-label" }, h("span", {}, "Memory"),
       h("span", {}, Number.isFinite(free) ? `${fmtBytes(free)} free of ${fmtBytes(total)}${limit}`
         : `${fmtBytes(total)} total${limit}`)),
-    h("div", { class: "meter" }, h("div", { style: { width: `${pct}%` } })));
+    h("div", { class: "meter" }, h("div", { style: { width: `${pct}%` } })),
+    Number(node.memory_budget) > 0
+      ? h("div", { class: "budget", dataset: { testid: "node-budget" },
+        title: "the memory the planner may fill on this node (its limit, else what is free)" },
+      `budget for the model: ${fmtBytes(node.memory_budget)}`)
+      : null);
+}
+
+const SPEED_SOURCE = {
+  "start-up probe": "measured once when the node started",
+  "idle probe": "measured again while the node was idle",
+};
+
+/** The node's decode speed, which the planner plans with, and where the number comes from. */
+function speedChip(node) {
+  const tps = num(node.decode_tokens_per_second);
+  if (!(tps > 0)) return null;
+  const source = node.speed_source ? String(node.speed_source) : "";
+  return h("span", {
+    class: "chip speed", dataset: { testid: "node-speed" },
+    title: `decode speed on the whole model${source ? `, ${SPEED_SOURCE[source] || source}` : ""}`,
+  }, `${tps} tok/s`, source ? h("span", { class: "chip-note" }, `\u00a0· ${source}`) : null);
 }
 
 function nodeCard(node, view, total) {
@@ -240,6 +267,8 @@ function nodeCard(node, view, total) {
   }));
   const routeNow = currentRoute();
   const served = routeNow && describeRoute(routeNow.header)?.nodes.includes(node.id);
+  const why = node.role_reason ? withNames(node.role_reason) : "";
+  const trouble = node.reason && withNames(node.reason) !== why ? withNames(node.reason) : "";
   return h("article", {
     class: `node-card state-${state}${served ? " served" : ""}`,
     dataset: { testid: "node", nodeId: node.id || "", state },
@@ -249,13 +278,16 @@ function nodeCard(node, view, total) {
     h("span", { class: "swatch", "aria-hidden": "true" }),
     h("span", { class: "node-name", dataset: { testid: "node-name" } }, node.name || node.address || "node"),
     h("span", { class: `pill ${state}`, dataset: { testid: "node-state" } }, STATE_LABEL[state] || state)),
-  h("div", { class: "facts" }, facts),
-  node.reason ? h("div", { class: "reason" }, node.reason) : null,
+  h("div", { class: "facts", title: node.id ? `node id ${node.id}` : null }, facts),
+  trouble ? h("div", { class: "reason" }, trouble) : null,
   h("div", { class: "badges" },
     chip(role, `role ${role}`, "node-role"),
+    node.stage_only ? chip("layer ranges only", "", "node-stage-only") : null,
     Number(node.capacity) > 0 ? chip(`in flight ${load}`) : null,
-    node.decode_tokens_per_second ? chip(`${node.decode_tokens_per_second} tok/s`) : null,
+    speedChip(node),
     served ? chip("served last answer", "accent") : null),
+  why ? h("div", { class: `role-reason${state === "ready" ? "" : " off"}`, dataset: { testid: "node-role-reason" } },
+    h("span", { class: "why" }, "Why: "), why) : null,
   memoryBlock(node),
   h("div", { class: "layers" },
     h("div", { class: "row-label" }, h("span", {}, "Layers"),
@@ -264,14 +296,113 @@ function nodeCard(node, view, total) {
     layerBar(segments, total, { testid: "node-layer-bar" })));
 }
 
+function stageName(stage) {
+  return stage.name ? String(stage.name) : nodeName(stage.node);
+}
+
+// ---------------------------------------------------------------- the controller's plan
+
+const CHANGE_LABEL = {
+  initial: "first placement", extend: "new nodes put to use", repair: "repaired after a failure",
+  replan: "re-planned", better: "switched to a faster plan", capacity: "more capacity", keep: "kept what runs",
+};
+
+function changeText(change) {
+  return CHANGE_LABEL[change] || String(change || "");
+}
+
+/** One placement of the plan as a sentence: "Pipeline of 3: node-1 layers 0–9 → node-2 …". */
+function planLine(p, total) {
+  const stages = (p && p.stages) || [];
+  const kind = String(p.kind || "placement");
+  if (kind === "replica") {
+    const names = stages.map(stageName).join(", ");
+    return `Replica: ${names}${total ? ` serves all ${total} layers` : " serves the whole model"}`;
+  }
+  const parts = stages.map((s) => (validRange(s.layers)
+    ? `${stageName(s)} (layers ${rangeText([Number(s.layers[0]), Number(s.layers[1])])})` : stageName(s)));
+  const title = kind === "pipeline" ? `Pipeline of ${stages.length} stage${stages.length === 1 ? "" : "s"}`
+    : `${kind[0].toUpperCase()}${kind.slice(1)}`;
+  return `${title}: ${parts.join(" → ")}`;
+}
+
+function modeLine(p) {
+  if (p.active) {
+    return ["This gateway places the model: it holds every ready node's claim and converges them to the plan.",
+      "good"];
+  }
+  if (p.rival) {
+    return [`This gateway only routes: gateway ${p.rival} places the model, and this one serves what the nodes hold.`,
+      "warn"];
+  }
+  return ["This gateway only routes to what the nodes hold (it does not place the model now).", ""];
+}
+
+function historyEntry(entry) {
+  const at = Number(entry.at);
+  const when = Number.isFinite(at) && at > 0 ? new Date(at * 1000).toLocaleTimeString() : "";
+  const seconds = Number(entry.seconds);
+  const plan = (entry.plan || []).map((line) => withNames(line)).join("; ");
+  return h("li", { dataset: { testid: "plan-history-entry", change: String(entry.change || "") } },
+    h("span", { class: "when", title: Number.isFinite(at) ? fmtAgo(at) : null }, when),
+    h("span", { class: "what", title: String(entry.change || "") }, changeText(entry.change)),
+    h("span", { class: "muted" },
+      [entry.trigger ? `after ${withNames(entry.trigger)}` : null,
+        Number.isFinite(seconds) ? `${seconds.toFixed(seconds < 10 ? 2 : 1)} s` : null,
+        entry.loaded === false ? "nothing loaded" : null].filter(Boolean).join(" · ")),
+    plan ? h("div", { class: "history-plan" }, plan) : null);
+}
+
+function placementPanel(view, total) {
+  const p = view.placement;
+  if (!p || typeof p !== "object") return null;
+  const [mode, tone] = modeLine(p);
+  const chips = [];
+  if (p.strategy) chips.push(chip(`strategy: ${p.strategy}`, "", "plan-strategy"));
+  if (p.active) chips.push(p.converged ? chip("converged", "good", "plan-converged")
+    : chip("converging…", "warn", "plan-converged"));
+  if (p.change) chips.push(chip(`last decision: ${changeText(p.change)}`, "", "plan-change"));
+  if (Number(p.n_ctx) > 0) chips.push(chip(`context ${p.n_ctx} tokens`));
+  const plan = Array.isArray(p.plan) ? p.plan : [];
+  const spares = Array.isArray(p.spares) ? p.spares : [];
+  const reasons = (Array.isArray(p.reasons) ? p.reasons : []).map((r) => withNames(r));
+  const history = (Array.isArray(p.history) ? p.history : []).slice(-5).reverse();
+  return h("section", { class: "plan-card", dataset: { testid: "placement-panel", active: String(Boolean(p.active)) } },
+    h("div", { class: "plan-head" },
+      h("span", { class: "plan-title" }, "Placement"),
+      chips.length ? h("div", { class: "chips" }, chips) : null),
+    h("div", { class: `plan-mode ${tone}`.trim(), dataset: { testid: "plan-mode" },
+      title: p.controller ? `this gateway's controller: ${p.controller}` : null }, mode),
+    plan.length
+      ? h("ul", { class: "plan-lines" },
+        plan.map((entry) => h("li", { dataset: { testid: "plan-line", kind: String(entry.kind || "") } },
+          planLine(entry, total))))
+      : h("p", { class: "empty-note", dataset: { testid: "plan-line-none" } },
+        "No plan yet: nothing can be placed on the ready nodes."),
+    spares.length
+      ? h("div", { class: "plan-spares", dataset: { testid: "plan-spares" } },
+        h("span", { class: "muted" }, "Spares, standing by to take over: "),
+        spares.map((s) => stageName(s)).join(", "))
+      : null,
+    reasons.length
+      ? h("details", { class: "plan-reasons" }, h("summary", {}, "The planner's notes"),
+        h("ul", {}, reasons.map((r) => h("li", { dataset: { testid: "plan-reason" } }, r))))
+      : null,
+    history.length
+      ? h("div", { class: "plan-history" },
+        h("div", { class: "stat-label" }, "Recent changes"),
+        h("ol", { dataset: { testid: "plan-history" } }, history.map(historyEntry)))
+      : null);
+}
+
 function placementRow(p, index, view, total) {
   const stages = (p.stages || []).filter((s) => s && validRange(s.layers));
   const kind = p.kind || "placement";
   const segments = stages.map((s, i) => ({
     range: [Number(s.layers[0]), Number(s.layers[1])],
     color: nodeColor(s.node),
-    title: `stage ${i}: ${nodeName(s.node)} layers [${s.layers[0]}, ${s.layers[1]})`,
-    label: `${nodeName(s.node)} · ${rangeText([Number(s.layers[0]), Number(s.layers[1])])}`,
+    title: `stage ${i}: ${stageName(s)} layers [${s.layers[0]}, ${s.layers[1]})`,
+    label: `${stageName(s)} · ${rangeText([Number(s.layers[0]), Number(s.layers[1])])}`,
     testid: "placement-stage",
   }));
   const routeNow = currentRoute();
@@ -283,7 +414,7 @@ function placementRow(p, index, view, total) {
   return h("div", { class: `placement${active ? " active" : ""}`, dataset: { testid: "placement", kind } },
     h("div", { class: "placement-head" },
       h("span", { class: "placement-title" }, title),
-      h("span", { class: "muted" }, stages.map((s) => nodeName(s.node)).join(" → ")),
+      h("span", { class: "muted" }, stages.map(stageName).join(" → ")),
       active ? chip("last used", "accent") : null),
     layerBar(segments, total, { labels: true }),
     axis(total));
@@ -330,6 +461,8 @@ export function render() {
   $("cluster-routing").replaceChildren(routingCard(view));
   const failover = failoverCard(view);
   $("cluster-failover").replaceChildren(...(failover ? [failover] : []));
+  const plan = placementPanel(view, total);
+  $("cluster-plan").replaceChildren(...(plan ? [plan] : []));
   const nodes = view.nodes || [];
   $("nodes").replaceChildren(...(nodes.length
     ? nodes.map((n) => nodeCard(n, view, total))
@@ -345,7 +478,7 @@ async function poll() {
   try {
     const view = await apiJson("api/cluster");
     view.nodes = sortedNodes(view);
-    learnNodes(view.nodes);
+    learnNodes(view.nodes, view);
     if (view.routing) noteServerRoute(view.routing.last_route);
     last = view;
     lastOkAt = Date.now();

@@ -10,17 +10,61 @@ const colors = new Map(); // node id -> colour, stable for the life of the page
 
 export const route = { local: null, server: null, serverRaw: "" }; // {header, at} each
 
-export function learnNodes(nodes) {
+/** Remember the names of the nodes in a cluster view (its nodes, placements, plan and spares):
+ * ids travel in headers and in some texts, people read names. Returns true when a name is new. */
+export function learnNodes(nodes, view = null) {
+  let learned = false;
+  const learn = (id, name) => {
+    if (!id || !name) return;
+    const key = String(id);
+    if (names.get(key) !== String(name)) learned = true;
+    names.set(key, String(name));
+    nodeColor(key);
+  };
   for (const node of nodes || []) {
-    if (node && node.id) {
-      names.set(String(node.id), String(node.name || node.address || node.id));
-      nodeColor(node.id);
-    }
+    if (node && node.id) learn(node.id, node.name || node.address || node.id);
   }
+  if (view && typeof view === "object") {
+    const placement = view.placement && typeof view.placement === "object" ? view.placement : {};
+    for (const p of [...(view.placements || []), ...(placement.plan || [])]) {
+      for (const s of (p && p.stages) || []) if (s && s.node && s.name && !names.has(String(s.node))) learn(s.node, s.name);
+    }
+    for (const s of placement.spares || []) if (s && s.node && s.name && !names.has(String(s.node))) learn(s.node, s.name);
+  }
+  if (learned) events.dispatchEvent(new CustomEvent("names"));
+  return learned;
 }
 
+/** Whether every id has a known name. */
+export function knowsNodes(ids) {
+  return (ids || []).every((id) => names.has(String(id)));
+}
+
+/** A node's name; an id not (yet) known shows shortened. */
 export function nodeName(id) {
   return names.get(String(id)) || String(id).slice(0, 8);
+}
+
+function escapeRegExp(text) {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+}
+
+/** A text from the gateway with every known node id in it replaced by the node's name. */
+export function withNames(text) {
+  let out = String(text ?? "");
+  const ids = [...names.keys()].filter((id) => id.length >= 4 && id !== names.get(id))
+    .sort((a, b) => b.length - a.length);
+  for (const id of ids) {
+    if (!out.includes(id)) continue;
+    out = out.replace(new RegExp(`(^|[^0-9A-Za-z_-])${escapeRegExp(id)}(?![0-9A-Za-z_-])`, "g"),
+      (_match, before) => `${before}${names.get(id)}`);
+  }
+  return out;
+}
+
+/** Whether a string is the id of a node this page has seen. */
+export function isNodeId(value) {
+  return names.has(String(value));
 }
 
 export function nodeColor(id) {

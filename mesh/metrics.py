@@ -107,7 +107,7 @@ class GatewayMetrics:
                                  "Requests moved mid-answer, by what failed (from), what took over (to) and why",
                                  ["from", "to", "reason"], registry=registry)
         self.replans = Counter("edgemesh_replans_total", "Placement changes the controller loaded, by kind "
-                               "(initial, extend, better, capacity)", ["reason"], registry=registry)
+                               "(initial, extend, repair, replan, better, capacity)", ["reason"], registry=registry)
         self.placement_converge = Histogram(
             "edgemesh_placement_converge_seconds", "From a membership change (join, leave, failure) to the nodes "
             "holding the new placement", ["reason"], buckets=(0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300),

@@ -211,6 +211,16 @@ class Session:
             try:
                 self._first = await self._connect(placement, self.request)
                 return
+            except NotFound as exc:
+                # The node no longer holds what its last Info said (a re-plan released it a
+                # moment ago): not a failure of the node. Look again and pick afresh.
+                attempts += 1
+                if attempts > FIRST_TOKEN_RETRIES + 1:
+                    raise
+                log.info("request %s: %s no longer holds its part (%s); picking again", self.request.request_id,
+                         ",".join(placement.node_ids), exc)
+                await self._s._membership.refresh()
+                self._s._metrics.retries.labels("moved").inc()
             except (PeerError, CapacityExhausted) as exc:
                 attempts += 1
                 reason = "capacity" if isinstance(exc, CapacityExhausted) else "node_error"

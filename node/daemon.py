@@ -82,7 +82,7 @@ def export_holdings(metrics: NodeMetrics, holdings: Holdings) -> None:
     metrics.role.labels("replica").set_function(lambda: 1 if holdings.replica.model is not None else 0)
     metrics.role.labels("stage").set_function(lambda: 1 if holdings.stages.held() else 0)
     metrics.layers_held.set_function(
-        lambda: holdings.replica.layers + sum(h.layers.count for h in holdings.stages.held()))
+        lambda: holdings.replica.layers + holdings.stages.layers_loaded())
 
 
 async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeouts | None = None,

@@ -45,8 +45,9 @@ def default_threads() -> int:
 
 
 PROBE_LAYERS = 2
-PROBE_WINDOWS = 3  # the best of several windows: other work only ever slows a window down
-PROBE_WINDOW_S = 0.15  # longer than a CFS period (100 ms), so a cgroup CPU quota shows in every window
+PROBE_WINDOWS = 5  # the best of several windows: other work only ever slows a window down
+PROBE_WINDOW_S = 0.12  # longer than a CFS period (100 ms), so a cgroup CPU quota shows in every window
+PROBE_GAP_S = 0.25  # windows spread over ~2 s, so one burst of another process spoils few of them
 PROBE_CTX = 64
 # The probe runs on one thread: several nodes starting together on one machine (tests, a
 # desktop running two nodes) each probing with an OpenMP team of all cores oversubscribe
@@ -88,6 +89,7 @@ def measure_decode_speed(path: Path, n_layers: int, threads: int) -> float:
                 step(1 + steps % (PROBE_CTX - 2))  # positions wrap: the session is truncated and reused
                 steps += 1
             best = min(best, (time.perf_counter() - started) / steps)
+            time.sleep(PROBE_GAP_S)
     finally:
         engine.close()
     per_layer = best / (last - first)

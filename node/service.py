@@ -304,6 +304,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             if self._state.draining:
                 raise Unavailable("node is draining and loads no new stages")
             layers = convert.layer_range_from_pb(request.layers)
+            if not request.model_sha256:
+                raise InvalidInput("LoadStage must name its model's sha256")
             self._claims.check(ModelSha(request.model_sha256), request.controller_id, "LoadStage")
             await self._stages.ensure_present(ModelSha(request.model_sha256), layers)
             held = await asyncio.get_running_loop().run_in_executor(
@@ -333,6 +335,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             if self._state.draining:
                 raise Unavailable("node is draining and loads nothing new")
             model_sha = ModelSha(request.model_sha256)
+            if not model_sha:
+                raise InvalidInput("LoadModel must name its model's sha256")
             self._claims.check(model_sha, request.controller_id, "LoadModel")
             model = await asyncio.get_running_loop().run_in_executor(
                 self._stage_pool, self._replica.load, model_sha, request.n_ctx)
@@ -373,14 +377,15 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         return model.sha256 if model is not None else None
 
     async def Claim(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            answer = self._claims.claim(ModelSha(request.model_sha256), request.controller_id, request.ttl_s,
-                                        request.give_up)
-        except EdgeMeshError as exc:
-            self._metrics.rpc_errors.labels("Claim", exc.grpc_code).inc()
-            await _abort(context, exc)
-            raise
-        return convert.claim_reply_to_pb(answer.granted, answer.holder, answer.expires_in_s)
+        with self._metrics.rpc_duration.labels("Claim").time():
+            try:
+                answer = self._claims.claim(ModelSha(request.model_sha256), request.controller_id, request.ttl_s,
+                                            request.give_up)
+            except EdgeMeshError as exc:
+                self._metrics.rpc_errors.labels("Claim", exc.grpc_code).inc()
+                await _abort(context, exc)
+                raise
+            return convert.claim_reply_to_pb(answer.granted, answer.holder, answer.expires_in_s)
 
     async def Forward(self, request_iterator: AsyncIterator[Any],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

@@ -93,6 +93,10 @@ class StageHost:
         with self._lock:
             return tuple(held for key, (_engine, held) in self._stages.items() if key not in self._retiring)
 
+    def layers_loaded(self) -> int:
+        """Layers in memory, those of stages being released included."""
+        return sum(h.layers.count for _e, h in self._snapshot())
+
     def held_bytes(self) -> int:
         """Memory of every loaded stage, those being released included."""
         return sum(h.weight_bytes + h.kv_cache_bytes + h.compute_bytes for _e, h in self._snapshot())

@@ -4,6 +4,11 @@ place they are defined; a test fails when the JSON files are stale).
 Every query names its datasource by the fixed uid `prometheus` (grafana/provisioning/
 datasources/prometheus.yml), so the JSON works both provisioned and imported by hand.
 
+Nodes are shown by name. Node series carry `name` (and `node_id`) as target labels, because
+deploy/prometheus.yml finds the nodes through the gateway's HTTP service discovery
+(/api/prometheus/targets); the gateway's own per-node series are joined to the name by their
+node_id. Hand-written targets need a `name` label to show up on the node dashboard.
+
 Usage: python scripts/gen_dashboards.py [--out DIR]
 """
 
@@ -51,11 +56,27 @@ def values(*pairs: tuple[int, str, str]) -> list[dict[str, Any]]:
 UP_DOWN = values((0, "down", "red"), (1, "up", "green"))
 SHOW_NAME = {"textMode": "name", "colorMode": "none", "graphMode": "none"}
 
-# A failover counter is born at 1 (prometheus_client creates a labelled series on its first
-# inc()), so increase() alone never sees the first failover of a kind after a gateway start:
-# series born inside the window count whole, older ones by their increase.
-FAILOVERS = f"(edgemesh_failovers_total unless edgemesh_failovers_total offset {RATE})" \
-            f" or increase(edgemesh_failovers_total[{RATE}])"
+
+
+def born_or_increase(series: str) -> str:
+    """A labelled counter (or histogram bucket) is born at its first inc() with the value 1
+    already, so increase() alone never sees the first event of a kind after a start (the first
+    failover; the initial placement, which happens once per gateway): series born inside the
+    window count whole, older ones by their increase."""
+    return f"({series} unless {series} offset {RATE}) or increase({series}[{RATE}])"
+
+
+FAILOVERS = born_or_increase("edgemesh_failovers_total")
+REPLANS = born_or_increase("edgemesh_replans_total")
+# The gateway's per-node series carry node_id (and edgemesh_mesh_node_up also the name): join
+# them to the name. max by (node_id, name) makes one series per node however many gateways.
+BY_NAME = "* on(node_id) group_left(name) max by (node_id, name) (edgemesh_mesh_node_up)"
+
+
+def converge_quantiles(qs: tuple[float, ...] = (0.5, 0.95)) -> list[tuple[str, str]]:
+    """Convergence time of placement changes: rare events, so counted as they are born too."""
+    buckets = born_or_increase("edgemesh_placement_converge_seconds_bucket")
+    return [(f"histogram_quantile({q}, sum by (le) ({buckets}))", f"p{round(q * 100)}") for q in qs]
 
 OVERVIEW: list[Panel] = [
     Panel("Nodes up", "stat",
@@ -91,7 +112,12 @@ OVERVIEW: list[Panel] = [
     Panel("Queue depth and in-flight requests", "timeseries",
           [("sum(edgemesh_queue_depth)", "queued"), ("sum(edgemesh_in_flight_requests)", "in flight")]),
     Panel("Requests per node (gateway view)", "timeseries",
-          [("sum by (node_id) (edgemesh_mesh_node_in_flight)", "{{node_id}}")]),
+          [(f"sum by (node_id) (edgemesh_mesh_node_in_flight) {BY_NAME}", "{{name}}")],
+          description="Requests the gateway has on each node, by node name."),
+    Panel("Nodes ready (gateway view)", "timeseries",
+          [("max by (name) (edgemesh_mesh_node_up)", "{{name}}")],
+          description="1 while the gateway sees the node as ready, 0 while it is down, draining or joining.",
+          mappings=UP_DOWN),
     Panel("Failovers", "timeseries",
           [(f"sum by (from, to, reason) ({FAILOVERS})", "{{from}} → {{to}} ({{reason}})")], "none",
           description="Requests moved mid-answer, by what failed, what took over and why."),
@@ -99,61 +125,76 @@ OVERVIEW: list[Panel] = [
     Panel("Retries and rejections", "timeseries",
           [(f"sum by (reason) (rate(edgemesh_retries_total[{RATE}]))", "retry {{reason}}"),
            (f"sum by (reason) (rate(edgemesh_rejected_total[{RATE}]))", "rejected {{reason}}")], "reqps"),
-    Panel("Re-plans and replayed tokens", "timeseries",
-          [(f"sum by (reason) (increase(edgemesh_replans_total[{RATE}]))", "re-plan {{reason}}"),
-           (f"sum(increase(edgemesh_replayed_tokens_total[{RATE}]))", "replayed tokens")]),
+    Panel("Placement changes", "timeseries",
+          [(f"sum by (reason) ({REPLANS})", "{{reason}}")], "none",
+          description="Placements the controller loaded onto the nodes, by why: initial, extend (a node "
+                      "joined), repair or replan (a node left or failed), better (a faster plan), capacity "
+                      "(more placements). /api/cluster and the cluster page say what changed."),
+    Panel("Placement convergence time", "timeseries", converge_quantiles(), "s",
+          description="From the change that asked for a new placement (join, leave, failure) to the nodes "
+                      "holding it, p50 and p95 of the changes in each interval."),
+    Panel("Replayed tokens", "timeseries",
+          [(f"sum(increase(edgemesh_replayed_tokens_total[{RATE}]))", "replayed tokens")],
+          description="Tokens replayed into a new placement after a mid-stream failover."),
     Panel("Failover detection and recovery (p95)", "timeseries",
           quantiles("edgemesh_failover_detect_seconds", "", " detect", qs=(0.95,))
           + quantiles("edgemesh_failover_recover_seconds", "", " recover", qs=(0.95,)), "s"),
     Panel("Nodes by state", "timeseries", [("sum by (state) (edgemesh_mesh_nodes)", "{{state}}")]),
     Panel("Pipeline traffic", "timeseries",
-          [(f"sum by (instance) (rate(edgemesh_node_pipeline_bytes_total[{RATE}]))", "head {{instance}}")],
+          [(f"sum by (name) (rate(edgemesh_node_pipeline_bytes_total[{RATE}]))", "head {{name}}")],
           "Bps", description="Hidden-state bytes each pipeline head sent from one stage to the next."),
 ]
 
-NODE = '{instance=~"$node"}'
+NODE = '{name=~"$node"}'
 NODE_PANELS: list[Panel] = [
-    Panel("Node up", "stat", [(f"edgemesh_node_up{NODE}", "{{instance}}")],
+    Panel("Node up", "stat", [(f"edgemesh_node_up{NODE}", "{{name}}")],
           description="1 while the node serves, 0 while it drains.", mappings=values(
               (0, "draining", "orange"), (1, "up", "green"))),
-    Panel("Scrape up", "stat", [(f"up{NODE}", "{{instance}}")],
-          description="Prometheus reaches the node's metrics port.", mappings=UP_DOWN),
-    Panel("Role", "stat", [(f"edgemesh_node_role{NODE} == 1", "{{instance}}: {{role}}")], options=SHOW_NAME),
-    Panel("Layers held", "stat", [(f"edgemesh_node_layers_held{NODE}", "{{instance}}")]),
-    Panel("KV slots in use", "stat", [(f"edgemesh_node_kv_slots_in_use{NODE}", "{{instance}}")]),
-    Panel("Stage sessions", "stat", [(f"edgemesh_node_stage_sessions{NODE}", "{{instance}}")]),
-    Panel("Memory", "timeseries", [(f"edgemesh_node_memory_bytes{NODE}", "{{instance}} {{kind}}")], "bytes",
+    Panel("Scrape up", "stat", [('up{job="edgemesh-node", name=~"$node"}', "{{name}}")],
+          description="Prometheus reaches the node's metrics port (the gateway lists the node, down or not).",
+          mappings=UP_DOWN),
+    Panel("Role", "stat", [(f"edgemesh_node_role{NODE} == 1", "{{name}}: {{role}}")], options=SHOW_NAME,
+          description="What the gateway's placement controller gave the node; no value: a spare."),
+    Panel("Layers held", "stat", [(f"edgemesh_node_layers_held{NODE}", "{{name}}")]),
+    Panel("KV slots in use", "stat", [(f"edgemesh_node_kv_slots_in_use{NODE}", "{{name}}")]),
+    Panel("Stage sessions", "stat", [(f"edgemesh_node_stage_sessions{NODE}", "{{name}}")]),
+    Panel("Memory", "timeseries", [(f"edgemesh_node_memory_bytes{NODE}", "{{name}} {{kind}}")], "bytes",
           description="Device memory (total, free) and the node's limit."),
     Panel("Stage memory", "timeseries",
-          [(f"edgemesh_node_stage_memory_bytes{NODE}", "{{instance}} {{kind}}")], "bytes"),
+          [(f"edgemesh_node_stage_memory_bytes{NODE}", "{{name}} {{kind}}")], "bytes"),
     Panel("Stage step latency", "timeseries",
-          quantiles("edgemesh_node_stage_step_seconds", "instance, kind", " {{instance}} {{kind}}", NODE), "s",
+          quantiles("edgemesh_node_stage_step_seconds", "name, kind", " {{name}} {{kind}}", NODE), "s",
           description="Compute time of one pipeline-stage step (prefill, decode)."),
     Panel("RPC latency by method", "timeseries",
           quantiles("edgemesh_node_rpc_duration_seconds", "method", " {{method}}", NODE, qs=(0.5, 0.95)), "s"),
     Panel("RPCs by method", "timeseries",
           [(f"sum by (method) (rate(edgemesh_node_rpc_duration_seconds_count{NODE}[{RATE}]))", "{{method}}")],
           "reqps"),
+    Panel("Loads and releases", "timeseries",
+          [(f"sum by (name, method) (increase(edgemesh_node_rpc_duration_seconds_count"
+            f'{{name=~"$node", method=~"LoadModel|LoadStage|ReleaseHolding"}}[{RATE}]))', "{{name}} {{method}}")],
+          description="The placement controller's calls: load the whole model, load a layer range, release "
+                      "what the plan no longer uses."),
     Panel("Errors by code", "timeseries",
           [(f"sum by (method, code) (rate(edgemesh_node_rpc_errors_total{NODE}[{RATE}]))", "{{method}} {{code}}")],
           "reqps"),
     Panel("Auth failures", "timeseries",
-          [(f"rate(edgemesh_node_auth_failures_total{NODE}[{RATE}])", "{{instance}}")], "reqps",
+          [(f"rate(edgemesh_node_auth_failures_total{NODE}[{RATE}])", "{{name}}")], "reqps",
           description="Calls refused for a missing or wrong cluster key."),
     Panel("Bytes in / out", "timeseries",
-          [(f"rate(edgemesh_node_bytes_received_total{NODE}[{RATE}])", "in {{instance}}"),
-           (f"rate(edgemesh_node_bytes_sent_total{NODE}[{RATE}])", "out {{instance}}")], "Bps"),
+          [(f"rate(edgemesh_node_bytes_received_total{NODE}[{RATE}])", "in {{name}}"),
+           (f"rate(edgemesh_node_bytes_sent_total{NODE}[{RATE}])", "out {{name}}")], "Bps"),
     Panel("Tokens per second", "timeseries",
-          [(f"rate(edgemesh_node_tokens_generated_total{NODE}[{RATE}])", "{{instance}}"),
-           (f"edgemesh_node_decode_tokens_per_second{NODE}", "{{instance}} last request's decode speed")]),
+          [(f"rate(edgemesh_node_tokens_generated_total{NODE}[{RATE}])", "{{name}}"),
+           (f"edgemesh_node_decode_tokens_per_second{NODE}", "{{name}} last request's decode speed")]),
     Panel("Requests by status", "timeseries",
-          [(f"sum by (instance, status) (rate(edgemesh_node_requests_total{NODE}[{RATE}]))",
-            "{{instance}} {{status}}")], "reqps"),
+          [(f"sum by (name, status) (rate(edgemesh_node_requests_total{NODE}[{RATE}]))",
+            "{{name}} {{status}}")], "reqps"),
     Panel("Time to first token on the node", "timeseries",
-          quantiles("edgemesh_node_time_to_first_token_seconds", "instance", " {{instance}}", NODE, (0.5, 0.95)),
+          quantiles("edgemesh_node_time_to_first_token_seconds", "name", " {{name}}", NODE, (0.5, 0.95)),
           "s"),
     Panel("Requests in flight", "timeseries",
-          [(f"edgemesh_node_in_flight_requests{NODE}", "{{instance}}")]),
+          [(f"edgemesh_node_in_flight_requests{NODE}", "{{name}}")]),
 ]
 
 
@@ -217,15 +258,20 @@ def overview() -> dict[str, Any]:
     failovers = {"name": "Failovers", "enable": True, "iconColor": "red", "datasource": DATASOURCE,
                  "expr": f"sum by (from, to, reason) ({FAILOVERS}) > 0", "step": "15s",
                  "titleFormat": "failover {{from}} → {{to}}", "textFormat": "{{reason}}", "tagKeys": "reason"}
+    replans = {"name": "Placement changes", "enable": True, "iconColor": "purple", "datasource": DATASOURCE,
+               "expr": f"sum by (reason) ({REPLANS}) > 0", "step": "15s",
+               "titleFormat": "placement: {{reason}}", "textFormat": "the controller loaded a new placement",
+               "tagKeys": "reason"}
     return dashboard("edgemesh-overview", "EdgeMesh overview",
-                     "The mesh as the gateway sees it: nodes, cloud, routes, latency, failovers.",
-                     OVERVIEW, [], [failovers])
+                     "The mesh as the gateway sees it: nodes by name, cloud, routes, latency, failovers, "
+                     "placement changes.", OVERVIEW, [], [failovers, replans])
 
 
 def node() -> dict[str, Any]:
-    query = "label_values(edgemesh_node_info, instance)"
+    query = 'label_values(up{job="edgemesh-node"}, name)'
     variable = {"name": "node", "label": "Node", "type": "query", "datasource": DATASOURCE,
-                "description": "The nodes' scrape addresses (instance label of edgemesh_node_info)",
+                "description": "The nodes by name, as the gateway's service discovery lists them (down ones "
+                               "too)",
                 "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
                 "definition": query, "refresh": 2, "sort": 1, "regex": "", "hide": 0, "includeAll": True,
                 "multi": True, "options": [],  # no allValue: "All" is every listed node, never other targets

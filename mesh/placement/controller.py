@@ -284,9 +284,14 @@ class PlacementController:
         return True
 
     async def _release_redundant(self, decision: Decision, infos: Sequence[NodeInfo]) -> None:
-        """Once the decision's placements are all loaded, nodes let go of everything else."""
-        for node, layers in sorted(held_by(infos, self.model_sha) - holdings_of(decision.placements), key=_order):
+        """Once the decision's placements are all loaded, nodes let go of everything else
+        (what still serves a stream is freed when the stream ends); the scheduler then sees
+        at once that it is gone."""
+        redundant = sorted(held_by(infos, self.model_sha) - holdings_of(decision.placements), key=_order)
+        for node, layers in redundant:
             await self._release(node, layers)
+        if redundant:
+            await self.membership.refresh()
 
     async def _release(self, node: NodeId, layers: LayerRange | None) -> None:
         client = self.membership.client_for(node)

@@ -11,7 +11,8 @@ decision is written into `Plan.reasons` so `edgemesh plan --dry-run` can explain
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from mesh.types import LayerRange, ModelSha, NodeId, Placement, StagePlacement
@@ -37,7 +38,7 @@ class PeerCapability:
 # Measured speeds are noisy (devices share cores, probes run while others load); speeds
 # within this fraction of the fastest count as equal, so only a node that is much slower
 # than its peers gets fewer layers, and noise does not reshuffle stages.
-SIMILAR_SPEED = 0.67
+SIMILAR_SPEED = 0.5
 # What one hop between stages costs a token, for comparing placements (measured ~0.8 ms on
 # loopback, 1-5 ms on Wi-Fi); a replica has none.
 HOP_S = 0.002
@@ -166,30 +167,55 @@ def substitute(placement: Placement, peers: Sequence[PeerCapability], profile: M
     return replace(placement, stages=tuple(stages))
 
 
-def _max_layers(profile: ModelProfile, policy: Policy, peer: PeerCapability, first: int) -> int:
-    """How many layers starting at `first` fit the peer's budget."""
-    count = 0
-    while first + count < profile.n_layers and \
-            stage_bytes(profile, policy, LayerRange(first, first + count + 1)) <= peer.memory_budget:
-        count += 1
-    return count
+class _Room:
+    """How many layers from a given first layer fit a memory budget, from prefix sums (the
+    planner asks this thousands of times while it searches stage orders)."""
+
+    def __init__(self, profile: ModelProfile, policy: Policy) -> None:
+        self._profile, self._policy = profile, policy
+        self._prefix = [0]
+        for size in profile.layer_bytes:
+            self._prefix.append(self._prefix[-1] + size)
+        self._kv = profile.kv_bytes_per_token_layer * policy.n_ctx * policy.sessions_per_stage
+        self._compute = (compute_bytes(profile, policy, last=False), compute_bytes(profile, policy, last=True))
+        self._cache: dict[tuple[int, int], int] = {}
+
+    def bytes(self, first: int, last_exclusive: int) -> int:
+        n = self._profile.n_layers
+        at_end = last_exclusive == n
+        return (self._prefix[last_exclusive] - self._prefix[first] + self._kv * (last_exclusive - first)
+                + (self._profile.embed_bytes if first == 0 else 0) + (self._profile.head_bytes if at_end else 0)
+                + self._compute[at_end])
+
+    def layers(self, budget: int, first: int) -> int:
+        key = (budget, first)
+        if key not in self._cache:
+            count = 0
+            while first + count < self._profile.n_layers and self.bytes(first, first + count + 1) <= budget:
+                count += 1
+            self._cache[key] = count
+        return self._cache[key]
+
+
+# Stage orders the planner tries in full (5! = 120); beyond, one order: fastest first.
+MAX_PERMUTED = 5
 
 
 def _pipeline(profile: ModelProfile, policy: Policy, peers: Sequence[PeerCapability],
               reasons: list[str]) -> tuple[list[StagePlacement], list[PeerCapability]] | None:
-    """Layers in proportion to speed within each peer's memory, fastest peers first.
-    Returns the stages and the peers left unused, or None when the peers cannot hold the model."""
+    """The fewest peers (fastest first) whose memory holds the model, in the stage order and
+    with the layer counts that make the slowest stage fastest. Returns the stages and the
+    peers left unused, or None when the peers cannot hold the model."""
     speeds = effective_speeds(peers)
-    order = sorted(peers, key=lambda p: (-speeds[p.node_id], p.held_first if p.held_first >= 0 else 1 << 30,
-                                         p.node_id))
+    order = sorted(peers, key=lambda p: (-speeds[p.node_id], p.node_id))
     wanted = policy.stages or (len(order) if policy.strategy == "pipeline" else 0)
+    room = _Room(profile, policy)
     chosen: list[PeerCapability] = []
-    # Take peers until their memory could cover every layer (cheap upper bound first).
     for peer in order:
         chosen.append(peer)
         if wanted and len(chosen) < wanted:
             continue
-        stages = _assign(profile, policy, chosen, speeds)
+        stages = _arrange(profile, room, chosen, speeds, every_peer=bool(wanted))
         if stages is not None:
             used = {s.node_id for s in stages}
             return stages, [p for p in order if p.node_id not in used]
@@ -198,40 +224,72 @@ def _pipeline(profile: ModelProfile, policy: Policy, peers: Sequence[PeerCapabil
     return None
 
 
-def _assign(profile: ModelProfile, policy: Policy, chosen: Sequence[PeerCapability],
-            speeds: dict[NodeId, float]) -> list[StagePlacement] | None:
+def _arrange(profile: ModelProfile, room: _Room, chosen: Sequence[PeerCapability],
+             speeds: dict[NodeId, float], every_peer: bool = False) -> list[StagePlacement] | None:
+    """The best stage order of the chosen peers: memory decides which can take the first
+    stage (the embedding) and the last (the output head). Ties go to the order the peers
+    serve in now (held_first), so a re-plan of what runs gives back what runs."""
+    if len(chosen) > MAX_PERMUTED:
+        orders: Iterable[Sequence[PeerCapability]] = [sorted(
+            chosen, key=lambda p: (p.held_first if p.held_first >= 0 else 1 << 30, -speeds[p.node_id], p.node_id))]
+    else:
+        orders = itertools.permutations(chosen)
+    held = {p.node_id: p.held_first if p.held_first >= 0 else 1 << 30 for p in chosen}
+    best: tuple[tuple[float, int, tuple[int, ...], tuple[str, ...]], list[StagePlacement]] | None = None
+    for candidate in orders:
+        stages = _assign(profile, room, candidate, speeds, every_peer)
+        if stages is None:
+            continue
+        slowest = max(s.layers.count / speeds[s.node_id] for s in stages)
+        moved = sum(1 for s in stages if held[s.node_id] != s.layers.first)
+        # Then incumbents in the order they serve in, newcomers after them, then node ids.
+        key = (round(slowest, 9), moved, tuple(held[s.node_id] for s in stages), tuple(s.node_id for s in stages))
+        if best is None or key < best[0]:
+            best = (key, stages)
+    return best[1] if best is not None else None
+
+
+def _assign(profile: ModelProfile, room: _Room, chosen: Sequence[PeerCapability],
+            speeds: dict[NodeId, float], every_peer: bool = False) -> list[StagePlacement] | None:
     """Contiguous ranges over the peers in the given order that make the slowest stage as
     fast as it can be: the smallest bottleneck T (seconds of a token, in units of one
     layer at speed 1) such that each peer, taking at most T x its speed layers and at most
     what its memory holds where it starts, gets the layers to the end. A peer that would
-    take no layer is passed over. None when no T covers the model."""
+    take no layer is passed over, unless `every_peer` (an asked-for stage count): then each
+    takes at least one and leaves one for each peer after it. None when no T covers the model."""
     n = profile.n_layers
     bounds = sorted({k / speeds[p.node_id] for p in chosen for k in range(1, n + 1)})
-    if not bounds or _fill(profile, policy, chosen, speeds, bounds[-1]) is None:
+    if not bounds or _fill(profile, room, chosen, speeds, bounds[-1], every_peer) is None:
         return None
     lo, hi = 0, len(bounds) - 1  # the last bound works; find the first that does
     while lo < hi:
         mid = (lo + hi) // 2
-        if _fill(profile, policy, chosen, speeds, bounds[mid]) is None:
+        if _fill(profile, room, chosen, speeds, bounds[mid], every_peer) is None:
             lo = mid + 1
         else:
             hi = mid
-    return _fill(profile, policy, chosen, speeds, bounds[lo])
+    return _fill(profile, room, chosen, speeds, bounds[lo], every_peer)
 
 
-def _fill(profile: ModelProfile, policy: Policy, chosen: Sequence[PeerCapability], speeds: dict[NodeId, float],
-          bottleneck: float) -> list[StagePlacement] | None:
+def _fill(profile: ModelProfile, room: _Room, chosen: Sequence[PeerCapability], speeds: dict[NodeId, float],
+          bottleneck: float, every_peer: bool) -> list[StagePlacement] | None:
     stages: list[StagePlacement] = []
     first = 0
-    for peer in chosen:
+    for index, peer in enumerate(chosen):
         if first == profile.n_layers:
             break
         cap = int(bottleneck * speeds[peer.node_id] + 1e-9)
-        take = min(cap, _max_layers(profile, policy, peer, first))
+        take = min(cap, room.layers(peer.memory_budget, first))
+        if every_peer:
+            take = min(take, profile.n_layers - first - (len(chosen) - 1 - index))
         if take < 1:
+            if every_peer:
+                return None
             continue
         stages.append(StagePlacement(peer.node_id, LayerRange(first, first + take)))
         first += take
+    if every_peer and len(stages) < len(chosen):
+        return None
     return stages if first == profile.n_layers else None
 
 
@@ -298,10 +356,10 @@ def _plan(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy
             by_id = {p.node_id: p for p in peers}
             reasons.append("pipeline: " + ", ".join(
                 f"{by_id[s.node_id].name}[{s.layers.first}-{s.layers.last_exclusive})" for s in stages))
-            speeds = effective_speeds(peers)
             for index, s in enumerate(stages):
+                measured = by_id[s.node_id].tokens_per_second
                 roles[s.node_id] = (f"stage {index + 1}/{len(stages)}: layers [{s.layers.first}, "
-                                    f"{s.layers.last_exclusive}) at {speeds[s.node_id]:.1f} tok/s, within its "
+                                    f"{s.layers.last_exclusive}) for a node of {measured:.0f} tok/s and a "
                                     f"{by_id[s.node_id].memory_budget / 2**20:.0f} MiB budget")
             if policy.strategy == "pipeline":
                 break  # one pipeline of the asked shape; the rest stand by

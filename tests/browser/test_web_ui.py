@@ -255,6 +255,18 @@ def open_page(browser: Browser, url: str, width: int = 1280, height: int = 860) 
         context.close()
 
 
+def texts(page: Page, testid: str) -> list[str]:
+    """Inner texts of every element with this test id, spaces normalised (chips use no-break spaces)."""
+    return [" ".join(t.split()) for t in page.get_by_test_id(testid).all_inner_texts()]
+
+
+def assert_no_ids(page: Page, ids: Any) -> None:
+    """People read names: no node id is left in the text of the page (tooltips may keep them)."""
+    text = page.locator("body").inner_text()
+    shown = [i for i in ids if i and i in text]
+    assert not shown, f"node ids {shown} are shown on the page:\n{text}"
+
+
 def layer_ranges(texts: list[str]) -> list[tuple[int, int]]:
     """Node layer texts such as "layers 0-9 · 10 of 30" (inclusive, en dash) -> half-open (0, 10)."""
     ranges = []
@@ -290,6 +302,10 @@ class TestTwoNodeMesh:
             assert route.is_visible()
             served = route.inner_text()
             assert served.startswith("via ") and served[4:] in names.values(), served
+            # The footer reads the node's name; the header with its id stays in the tooltip.
+            header = route.get_attribute("title") or ""
+            assert header.startswith("X-EdgeMesh-Route: ") and header.split(": ", 1)[1] in names, header
+            assert_no_ids(page, names)
             assert ui.chat_bodies[0]["stream"] is True
             assert [m["role"] for m in ui.chat_bodies[0]["messages"]] == ["user"]
             assert ui.chat_bodies[0]["model"] == view["model"]["name"]
@@ -360,10 +376,28 @@ class TestTwoNodeMesh:
             for memory in nodes.get_by_test_id("node-memory").all_inner_texts():
                 assert re.search(r"\d(\.\d)? (MB|GB|TB) free of \d", memory), memory
             assert nodes.get_by_test_id("node-role").all_inner_texts() == ["replica", "replica"]
+            # Why each node has its role, and its measured speed with where the figure comes from.
+            reasons = texts(page, "node-role-reason")
+            assert len(reasons) == 2 and all(r.startswith("Why: replica") for r in reasons), reasons
+            speeds = texts(page, "node-speed")
+            assert len(speeds) == 2 and all(re.fullmatch(r"[\d.]+ tok/s · (start-up|idle) probe", t)
+                                            for t in speeds), speeds
             placements = page.get_by_test_id("placement")
             assert placements.count() == 2
             assert page.get_by_test_id("placement-stage").count() == 2
             assert page.get_by_test_id("mesh-status").inner_text().strip() == "2/2 nodes ready"
+            # The controller's plan: this gateway places, two replicas, the changes that made them.
+            panel = page.get_by_test_id("placement-panel")
+            assert panel.get_attribute("data-active") == "true"
+            assert page.get_by_test_id("plan-mode").inner_text().startswith("This gateway places the model")
+            assert sorted(texts(page, "plan-line")) == [f"Replica: {n} serves all {n_layers} layers"
+                                                        for n in ("node-1", "node-2")]
+            history = panel.get_by_test_id("plan-history-entry")
+            assert history.count() >= 1
+            assert "initial" in [history.nth(i).get_attribute("data-change") for i in range(history.count())] \
+                or len(view["placement"]["history"]) > 5
+            assert re.search(r"after \S.* · [\d.]+ s", history.first.inner_text()), history.first.inner_text()
+            assert_no_ids(page, [n["id"] for n in view["nodes"]])
             ui.shot("cluster")
 
             # The view polls the gateway every ~2 s.
@@ -410,9 +444,37 @@ class TestTwoNodeMesh:
                 "ready", "ready", "ready", "down", "unauthenticated"]
             assert page.get_by_test_id("placement-stage").all_inner_texts() == [
                 "laptop · 0\u201311", "desktop · 12\u201320", "nas · 21\u201329"]
+            # Every card says why it has its role (ids in the reasons read as names).
+            assert texts(page, "node-role-reason") == [
+                "Why: stage 1/3: layers [0, 12) at 30.2 tok/s, within its 5722 MiB budget",
+                "Why: stage 2/3: layers [12, 21) (took over from a node that failed) (old-pc is down)",
+                "Why: stage 3/3: layers [21, 30) at 21.5 tok/s, within its 1431 MiB budget",
+                "Why: health check timed out", "Why: wrong cluster key"]
+            assert texts(page, "node-speed") == ["30.2 tok/s · start-up probe", "18 tok/s · idle probe",
+                                                 "21.5 tok/s · idle probe"]
+            assert texts(page, "node-stage-only") == ["layer ranges only"]  # desktop
+            assert texts(page, "node-budget")[:3] == ["budget for the model: 6.0 GB", "budget for the model: 2.0 GB",
+                                                      "budget for the model: 1.5 GB"]
+            # The failover box names the node that failed, not its id.
             failover = page.get_by_test_id("last-failover")
-            assert "cloud breaker opened" in failover.inner_text()
-            assert "mesh" in failover.inner_text()
+            assert "old-pc failed after 12 tokens" in failover.inner_text(), failover.inner_text()
+            assert "node_error" in failover.inner_text()
+            # The plan: another gateway places it (this one routes), the plan, the latest changes first.
+            panel = page.get_by_test_id("placement-panel")
+            assert panel.get_attribute("data-active") == "false"
+            mode = page.get_by_test_id("plan-mode").inner_text()
+            assert "only routes" in mode and "gw-111111111111" in mode, mode
+            assert texts(page, "plan-line") == [
+                "Pipeline of 3 stages: laptop (layers 0\u201311) \u2192 desktop (layers 12\u201320) "
+                "\u2192 nas (layers 21\u201329)"]
+            assert page.get_by_test_id("plan-spares").count() == 0
+            assert page.get_by_test_id("plan-converged").count() == 0  # only the placing gateway converges
+            assert "repaired after a failure" in page.get_by_test_id("plan-change").inner_text()
+            history = texts(page, "plan-history-entry")
+            assert len(history) == 2
+            assert "repaired after a failure after old-pc failed mid-stream · 1.25 s" in history[0], history
+            assert "desktop [12, 21)" in history[0] and "first placement" in history[1], history
+            assert_no_ids(page, [LAPTOP, DESKTOP, NAS, OLD_PC, STRANGER])
             assert page.get_by_test_id("route-target").inner_text() == "Cloud"
             assert "breaker open" in page.get_by_test_id("routing").inner_text()
             assert page.get_by_test_id("mesh-status").inner_text().strip() == "3/5 nodes ready"
@@ -428,6 +490,68 @@ class TestTwoNodeMesh:
                 page.wait_for_timeout(300)
             assert nodes.count() == 0
             assert "No nodes yet" in page.get_by_test_id("cluster-view").inner_text()
+            ui.assert_no_errors()
+        finally:
+            context.close()
+
+    def test_chat_footers_and_the_plan_name_the_nodes(self, browser: Browser, mesh2: str) -> None:
+        """Route headers carry node ids: the chat footer shows names, also of a node that joined
+        after the page last polled; the placing gateway's plan lists replicas, spares and its
+        latest changes."""
+        views = [FAILOVER_VIEW]
+        routes = [NEW_NODE, f"{LAPTOP},{DESKTOP},{NAS}", "cloud"]
+        sse = "".join(f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': word}}]})}\n\n"
+                      for word in ("Hello", " there.")) + "data: [DONE]\n\n"
+
+        def cluster(route: Any) -> None:
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(views[0]))
+
+        def chat(route: Any) -> None:
+            route.fulfill(status=200, content_type="text/event-stream", body=sse,
+                          headers={"X-EdgeMesh-Route": routes.pop(0)})
+
+        context = browser.new_context(viewport={"width": 1280, "height": 1300})
+        try:
+            page = context.new_page()
+            ui = UiPage(page)
+            page.route("**/api/cluster", cluster)
+            page.route("**/v1/chat/completions", chat)
+            page.goto(f"{mesh2}/")
+            page.get_by_test_id("node").first.wait_for()
+            views[0] = ACTIVE_VIEW  # garage-pi joined: the page has not seen its name yet
+            ui.ask("Hi!")
+            ui.wait_until_idle()
+            footer = page.get_by_test_id("route")
+            page.wait_for_function(
+                "document.querySelectorAll('[data-testid=route]')[0].innerText === 'via garage-pi'")
+            assert footer.first.get_attribute("title") == f"X-EdgeMesh-Route: {NEW_NODE}"
+            ui.ask("Again, through the pipeline.")
+            ui.wait_until_idle()
+            assert footer.nth(1).inner_text() == "via laptop \u2192 desktop \u2192 nas"
+            ui.ask("And from the cloud.")
+            ui.wait_until_idle()
+            assert footer.nth(2).inner_text() == "via cloud"
+
+            page.wait_for_function("document.querySelectorAll('[data-testid=node]').length === 3")
+            assert page.get_by_test_id("node-name").all_inner_texts() == ["garage-pi", "laptop", "nas"]
+            panel = page.get_by_test_id("placement-panel")
+            assert panel.get_attribute("data-active") == "true"
+            assert page.get_by_test_id("plan-mode").inner_text().startswith("This gateway places the model")
+            assert page.get_by_test_id("plan-converged").inner_text() == "converged"
+            assert texts(page, "plan-line") == ["Replica: laptop serves all 30 layers",
+                                                "Replica: garage-pi serves all 30 layers"]
+            assert texts(page, "plan-spares") == ["Spares, standing by to take over: nas"]
+            assert texts(page, "placements-count") == ["PLACEMENTS 2 2 replicas · 1 spare"]
+            assert texts(page, "node-role-reason") == [
+                "Why: replica: its 5722 MiB budget holds the whole model"] * 2 + [
+                "Why: spare: not needed by the placements; takes over when a node fails"]
+            history = texts(page, "plan-history-entry")
+            assert len(history) == 5, history  # the last five, newest first
+            assert "new nodes put to use after membership changed · 4.50 s" in history[0], history
+            assert "replica: laptop; replica: garage-pi" in history[0], history
+            assert all("re-planned after periodic check · 0.50 s" in h for h in history[1:]), history
+            assert_no_ids(page, [LAPTOP, DESKTOP, NAS, NEW_NODE])
+            ui.shot("plan-and-footers")
             ui.assert_no_errors()
         finally:
             context.close()
@@ -504,9 +628,21 @@ class TestPipelineMesh:
             assert ranges[0][0] == 0 and ranges[-1][1] == n_layers
             assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges)), ranges
             assert nodes.get_by_test_id("node-role").all_inner_texts() == ["stage"] * 3
+            names = nodes.get_by_test_id("node-name").all_inner_texts()  # in the order of their layers
+            assert sorted(names) == ["node-1", "node-2", "node-3"]
             pipeline = page.locator("[data-testid=placement][data-kind=pipeline]")
             assert pipeline.count() == 1
             assert pipeline.get_by_test_id("placement-stage").count() == 3
+            # The controller placed it (`up` only starts processes): its plan, and each stage's reason.
+            assert page.get_by_test_id("placement-panel").get_attribute("data-active") == "true"
+            stages = " \u2192 ".join(f"{name} (layers {first}\u2013{last - 1})"
+                                     for name, (first, last) in zip(names, ranges, strict=True))
+            assert texts(page, "plan-line") == [f"Pipeline of 3 stages: {stages}"]
+            reasons = texts(page, "node-role-reason")
+            assert [r.split(":")[1].strip() for r in reasons] == ["stage 1/3", "stage 2/3", "stage 3/3"], reasons
+            for reason, (first, last) in zip(reasons, ranges, strict=True):
+                assert f"layers [{first}, {last})" in reason, reason
+            assert_no_ids(page, [n["id"] for n in view["nodes"]])
             ui.shot("pipeline-cluster")
 
             ui.set_max_tokens(32)
@@ -514,6 +650,7 @@ class TestPipelineMesh:
             ui.wait_until_idle()
             assert ui.last_answer()
             route = page.get_by_test_id("route").last.inner_text()
-            assert route.startswith("via ") and route.count("→") == 2, route
+            assert route == "via " + " \u2192 ".join(names), route
+            assert_no_ids(page, [n["id"] for n in view["nodes"]])
             ui.shot("pipeline-chat")
             ui.assert_no_errors()

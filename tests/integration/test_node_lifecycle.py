@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_node_rpcs_need_the_cluster_key(launcher: Launcher, default_model: Path) -> None:
-    node = launcher.node("node-a", default_model)
+    node = launcher.node("node-a", default_model, "--role", "replica")
     address = f"127.0.0.1:{node.ready[1]}"
 
     async def calls() -> None:
@@ -59,7 +59,7 @@ def test_node_rpcs_need_the_cluster_key(launcher: Launcher, default_model: Path)
 def test_bad_generate_requests_get_invalid_argument(launcher: Launcher, default_model: Path) -> None:
     from mesh.transport.auth import sign
 
-    node = launcher.node("node-b", default_model)
+    node = launcher.node("node-b", default_model, "--role", "replica")
     address = f"127.0.0.1:{node.ready[1]}"
     method = "/edgemesh.v1.Node/Generate"
 
@@ -83,7 +83,7 @@ def test_bad_generate_requests_get_invalid_argument(launcher: Launcher, default_
 
 
 def test_sigterm_drains_in_flight_stream_then_exits(launcher: Launcher, default_model: Path) -> None:
-    node = launcher.node("node-c", default_model)
+    node = launcher.node("node-c", default_model, "--role", "replica")
     gateway = launcher.gateway("gw", default_model, "--peer", f"127.0.0.1:{node.ready[1]}", "--no-discovery")
     url = gateway_url(gateway)
     wait_for_nodes(url, 1)
@@ -129,7 +129,8 @@ def test_full_node_is_skipped_and_a_refusal_before_the_first_token_is_retried(
     the client gets a 429 with a clear message at once, not a hang."""
     from mesh.types import GenerationRequest, RequestId, SamplingParams
 
-    nodes = [launcher.node(f"node-{i}", default_model, "--slots", "1", "--max-queue", "0") for i in (1, 2)]
+    nodes = [launcher.node(f"node-{i}", default_model, "--role", "replica", "--slots", "1", "--max-queue", "0")
+             for i in (1, 2)]
     peers = [a for n in nodes for a in ("--peer", f"127.0.0.1:{n.ready[1]}")]
     gateway = launcher.gateway("gw", default_model, "--no-discovery", *peers)
     url = gateway_url(gateway)
@@ -190,7 +191,7 @@ def test_a_cancelled_stream_frees_its_slot_for_the_queued_request(
     cancel can land at any point of A's step."""
     from mesh.types import GenerationRequest, RequestId, SamplingParams
 
-    node = launcher.node("node-q", default_model, "--slots", "1", "--max-queue", "1")
+    node = launcher.node("node-q", default_model, "--role", "replica", "--slots", "1", "--max-queue", "1")
 
     def request(name: str, max_tokens: int) -> GenerationRequest:
         return GenerationRequest(request_id=RequestId(name), prompt_tokens=(1, 504, 3458), max_tokens=max_tokens,

@@ -1,9 +1,10 @@
 """Faults on a simulated LAN: every node and the gateway on its own network namespace.
 
-Four `edgemesh node --role stage` processes (198.18.<k>.10-13) and a gateway (198.18.<k>.14,
-with an API key, as a non-loopback gateway must have) find each other by mDNS across a
-Linux bridge (no --peer). The test loads a 3-stage pipeline of the default model over
-nodes 0-2 ([0,10), [10,20), [20,30)); node 3 stays spare. The test process talks to the
+Four `edgemesh node` processes (198.18.<k>.10-13) and a gateway (198.18.<k>.14, with an
+API key, as a non-loopback gateway must have, and `--strategy pipeline --stages 3`) find
+each other by mDNS across a Linux bridge (no --peer). The gateway's placement controller
+places a 3-stage pipeline of the default model on three of the nodes (equal nodes: an even
+split, [0,10), [10,20), [20,30)); the fourth stays spare. The test process talks to the
 gateway and the nodes from the root namespace, through the bridge address 198.18.<k>.1.
 
 Faults: a link cut mid-stream, a stage frozen by SIGSTOP for short stalls, a stage
@@ -14,7 +15,6 @@ Measured times are printed (run pytest with -s to see them).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -44,8 +44,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.netns]
 PROMPT = "The history of the printing press"
 MAX_TOKENS = 64
 BODY = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
-SPLIT = [(0, 10), (10, 20), (20, 30)]
-NODES = 4  # hosts 0-3: nodes (0-2 stages, 3 spare); host 4: the gateway
+STAGES = 3
+NODES = 4  # hosts 0-3: nodes (three stages and a spare, as the controller places them); host 4: the gateway
 GATEWAY_HOST = NODES
 RECOVERY_BUDGET_S = 10.0  # detection (stage_step_s = 5 s) plus re-plan and replay
 STOP_EVERY_S = 5.0
@@ -68,6 +68,9 @@ class NetMesh:
     url: str = ""
     nodes: dict[int, Proc] = field(default_factory=dict)  # host index -> node process
     node_ids: dict[int, str] = field(default_factory=dict)
+    stage_hosts: list[int] = field(default_factory=list)  # hosts of the pipeline's stages, in order
+    spare_host: int = -1
+    layers: list[list[int]] = field(default_factory=list)  # each stage's [first, last) as placed
 
     # -------------------------------------------------------------- processes
 
@@ -98,7 +101,7 @@ class NetMesh:
     def start_node(self, host: int, *, wait: bool = True) -> Proc:
         name = f"node-{host}"
         proc = self._start(host, name, [
-            "node", "--model", str(self.model), "--name", name, "--role", "stage", "--threads", "1",
+            "node", "--model", str(self.model), "--name", name, "--threads", "1",
             "--host", self.net.hosts[host].address, "--port", "0", "--metrics-port", "0", "--step-port", "0"])
         self.nodes[host] = proc
         if wait:
@@ -116,7 +119,8 @@ class NetMesh:
         # No --peer: the nodes are found by mDNS across the bridge. The API key comes from
         # the environment (EDGEMESH_API_KEY), so `ps` does not show it.
         self.gateway = self._start(host, "gateway", [
-            "gateway", "--model", str(self.model), "--host", self.net.hosts[host].address, "--port", "0"])
+            "gateway", "--model", str(self.model), "--host", self.net.hosts[host].address, "--port", "0",
+            "--strategy", "pipeline", "--stages", str(STAGES)])
         self._wait_ready(self.gateway)
         address, port = self.gateway.ready[:2]
         self.url = f"http://{address}:{port}"
@@ -166,26 +170,6 @@ def pipeline_of(view: dict[str, Any]) -> list[dict[str, Any]]:
     return pipelines[0]["stages"] if pipelines else []
 
 
-async def _load_stages(addresses: list[str], cluster_key: str, model_sha: str) -> None:
-    from mesh.config import Limits, Timeouts
-    from mesh.transport.channels import NodeClient
-    from mesh.types import LayerRange
-
-    for address, (first, last) in zip(addresses, SPLIT, strict=True):
-        client = NodeClient(address, cluster_key, Timeouts(), Limits())
-        try:
-            await client.load_stage(model_sha, LayerRange(first, last), n_ctx=2048, slots=1, timeout_s=120)
-        finally:
-            await client.close()
-
-
-@pytest.fixture(scope="module")
-def model_sha(default_model: Path) -> str:
-    from node.gguf import file_sha256
-
-    return file_sha256(default_model)
-
-
 @pytest.fixture(scope="module")
 def expected(reference_llm: Any) -> str:
     """llama-cpp-python's own greedy completion of PROMPT."""
@@ -195,10 +179,9 @@ def expected(reference_llm: Any) -> str:
 
 
 @pytest.fixture
-def mesh(request: pytest.FixtureRequest, tmp_path: Path, default_model: Path,
-         model_sha: str) -> Iterator[NetMesh]:
-    """Four stage nodes and a gateway, each in its own namespace; a 3-stage pipeline on
-    nodes 0-2, node 3 spare."""
+def mesh(request: pytest.FixtureRequest, tmp_path: Path, default_model: Path) -> Iterator[NetMesh]:
+    """Four nodes and a gateway, each in its own namespace; the controller's 3-stage
+    pipeline on three of them, the fourth spare."""
     with TestNet(NODES + 1, tmp_path) as net:
         m = NetMesh(net, tmp_path, secrets.token_urlsafe(24), secrets.token_urlsafe(16), default_model)
         print(f"\nnetwork 198.18.{net.subnet}.0/24 on bridge {net.bridge}; logs in {tmp_path}")
@@ -213,10 +196,13 @@ def mesh(request: pytest.FixtureRequest, tmp_path: Path, default_model: Path,
         view = m.cluster()
         for host, proc in m.nodes.items():  # signals go to the right process
             assert m.node_view(host, view)["pid"] == proc.pid
-        addresses = [f"{m.nodes[h].ready[0]}:{m.nodes[h].ready[1]}" for h in range(len(SPLIT))]
-        asyncio.run(_load_stages(addresses, m.cluster_key, model_sha))
-        wanted = [m.node_ids[h] for h in range(len(SPLIT))]
-        m.wait_cluster(lambda v: [s["node"] for s in pipeline_of(v)] == wanted, "the 3-stage pipeline")
+        view = m.wait_cluster(lambda v: len(pipeline_of(v)) == STAGES and v["placement"]["converged"],
+                              "the controller's 3-stage pipeline")
+        host_of = {node_id: host for host, node_id in m.node_ids.items()}
+        m.stage_hosts = [host_of[s["node"]] for s in pipeline_of(view)]
+        m.layers = [s["layers"] for s in pipeline_of(view)]
+        m.spare_host = next(h for h in range(NODES) if h not in m.stage_hosts)
+        assert m.node_view(m.spare_host, view)["role"] == "spare"
         failed_before = request.session.testsfailed
         yield m
         if request.session.testsfailed > failed_before:
@@ -287,7 +273,7 @@ def test_cut_link_of_a_middle_stage_at_token_20_fails_over_to_the_spare(mesh: Ne
     assert clean.text == expected
     print(f"clean stream: {clean.ended - clean.started:.2f}s, longest gap {clean.longest_gap:.3f}s")
 
-    victim, spare = 1, 3
+    victim, spare = mesh.stage_hosts[1], mesh.spare_host
     cut_at: list[float] = []
 
     def cut_at_20(chunks: int) -> None:
@@ -311,14 +297,18 @@ def test_cut_link_of_a_middle_stage_at_token_20_fails_over_to_the_spare(mesh: Ne
     assert resumed <= RECOVERY_BUDGET_S
 
     assert 'edgemesh_failovers_total{from="pipeline",reason="node_error",to="pipeline"} 1.0' in metrics
-    assert metric_lines(metrics, "edgemesh_replans_total") == {'edgemesh_replans_total{reason="spare"}': 1.0}
+    # The controller gave the lost stage, whole, to the spare: one load, the survivors untouched.
+    assert metric_lines(metrics, "edgemesh_replans_total") == {'edgemesh_replans_total{reason="initial"}': 1.0,
+                                                               'edgemesh_replans_total{reason="repair"}': 1.0}
     assert metric_value(metrics, "edgemesh_replayed_tokens_total") >= 19
 
     view = mesh.cluster()
+    first, _, last = mesh.stage_hosts
     assert [(s["node"], s["layers"]) for s in pipeline_of(view)] == [
-        (mesh.node_ids[0], [0, 10]), (mesh.node_ids[spare], [10, 20]), (mesh.node_ids[2], [20, 30])]
+        (mesh.node_ids[first], mesh.layers[0]), (mesh.node_ids[spare], mesh.layers[1]),
+        (mesh.node_ids[last], mesh.layers[2])]
     spare_view = mesh.node_view(spare, view)
-    assert spare_view["state"] == "ready" and spare_view["role"] == "stage" and spare_view["layers"] == [10, 20]
+    assert spare_view["state"] == "ready" and spare_view["role"] == "stage" and spare_view["layers"] == mesh.layers[1]
     assert mesh.node_view(victim, view)["state"] != "ready"
 
     again = stream(mesh)  # the repaired pipeline serves the next request as well
@@ -327,7 +317,7 @@ def test_cut_link_of_a_middle_stage_at_token_20_fails_over_to_the_spare(mesh: Ne
 
 
 def test_short_sigstop_stalls_of_a_stage_are_not_failures(mesh: NetMesh, expected: str) -> None:
-    victim = 1
+    victim = mesh.stage_hosts[1]
     pid = mesh.nodes[victim].pid
     before = mesh.metrics()
     replans_before = metric_lines(before, "edgemesh_replans_total")
@@ -358,7 +348,7 @@ def test_short_sigstop_stalls_of_a_stage_are_not_failures(mesh: NetMesh, expecte
         staller.join(timeout=10)
         os.kill(pid, signal.SIGCONT)
 
-    wanted = ",".join(mesh.node_ids[h] for h in range(len(SPLIT)))
+    wanted = ",".join(mesh.node_ids[h] for h in mesh.stage_hosts)
     print(f"SIGSTOP {STOP_FOR_S}s every {STOP_EVERY_S}s for {STOP_WINDOW_S:.0f}s: {len(pauses)} stalls, "
           f"{len(streams)} streams, longest gap {max(s.longest_gap for s in streams):.3f}s, "
           f"streams took {min(s.ended - s.started for s in streams):.2f}-"
@@ -379,7 +369,7 @@ def test_short_sigstop_stalls_of_a_stage_are_not_failures(mesh: NetMesh, expecte
 
 
 def test_sigterm_drains_a_stage_mid_stream(mesh: NetMesh, expected: str) -> None:
-    victim = 1
+    victim = mesh.stage_hosts[1]
     proc = mesh.nodes[victim]
     victim_id = mesh.node_ids[victim]
     signalled: list[float] = []
@@ -431,7 +421,7 @@ def test_sigterm_drains_a_stage_mid_stream(mesh: NetMesh, expected: str) -> None
 
 
 def test_a_node_joining_mid_stream_becomes_a_spare_without_disturbing_it(mesh: NetMesh, expected: str) -> None:
-    wanted = ",".join(mesh.node_ids[h] for h in range(len(SPLIT)))
+    wanted = ",".join(mesh.node_ids[h] for h in mesh.stage_hosts)
     host = mesh.net.add_host().index  # a device plugged into the LAN
     joined: dict[str, float] = {}
     done = threading.Event()

@@ -296,14 +296,39 @@ def test_compose_mounts_the_monitoring_files_where_they_are_read() -> None:
     assert (DEPLOY / grafana[dashboards_path]).resolve() == DASHBOARDS.resolve()
 
 
-def test_prometheus_scrapes_the_compose_services() -> None:
+def test_prometheus_finds_the_nodes_through_the_gateway() -> None:
+    """No node is listed by hand: the node job asks the gateway (HTTP service discovery, with
+    the API key from a file that compose provides); only the gateway itself is a static target."""
     services = compose()["services"]
-    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    text = (DEPLOY / "prometheus.yml").read_text()
+    config = yaml.safe_load(text)
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) >= {"edgemesh-node", "edgemesh-gateway"}
-    node_targets = [t for sc in jobs["edgemesh-node"]["static_configs"] for t in sc["targets"]]
-    expected = [f"{n}:{flag(services[n]['command'], '--metrics-port')}" for n in ("node-1", "node-2", "node-3")]
-    assert node_targets == expected and all(t.endswith(":9471") for t in node_targets)
+    nodes = jobs["edgemesh-node"]
+    assert "static_configs" not in nodes and "file_sd_configs" not in nodes, "node targets are listed by hand"
+    for name in ("node-1", "node-2", "node-3"):
+        assert name not in re.sub(r"#.*", "", text), f"{name} is named in prometheus.yml"
+    [sd] = nodes["http_sd_configs"]
+    gateway_port = flag(services["gateway"]["command"], "--port")
+    assert sd["url"] == f"http://gateway:{gateway_port}/api/prometheus/targets"
+    assert sd["authorization"].get("type", "Bearer") == "Bearer"
+    # The key comes from a file; in compose, the secret that carries the gateway's own key.
+    key_file = sd["authorization"]["credentials_file"]
+    assert "credentials" not in sd["authorization"], "the API key must not be written into prometheus.yml"
+    secret = key_file.removeprefix("/run/secrets/")
+    assert key_file == f"/run/secrets/{secret}" and secret in services["prometheus"]["secrets"]
+    assert compose()["secrets"][secret] == {"environment": "EDGEMESH_API_KEY"}
+    assert "EDGEMESH_API_KEY" in services["gateway"]["environment"]
+    assert 5 <= seconds(sd.get("refresh_interval", "60s")) <= 60, "a node that joins is scraped within a minute"
+    # The node's own node_id/name labels (edgemesh_node_info) stay as they are, and the state
+    # the gateway reports does not become a label (it would split every series when it changes).
+    assert nodes.get("honor_labels") is True
+    assert {"action": "labeldrop", "regex": "state"} in nodes.get("relabel_configs", [])
+    # What the gateway will list: its peers' host names, on the nodes' metrics ports.
+    command = services["gateway"]["command"]
+    peers = [a for i, a in enumerate(command) if command[i - 1] == "--peer"]
+    assert [p.split(":")[0] for p in peers] == ["node-1", "node-2", "node-3"]
+    assert {flag(services[n]["command"], "--metrics-port") for n in ("node-1", "node-2", "node-3")} == {"9471"}
     gateway_targets = [t for sc in jobs["edgemesh-gateway"]["static_configs"] for t in sc["targets"]]
     assert gateway_targets == [f"gateway:{flag(services['gateway']['command'], '--port')}"] == ["gateway:8080"]
     assert jobs["edgemesh-gateway"].get("metrics_path", "/metrics") == "/metrics"
@@ -474,9 +499,11 @@ RULE_TESTS: list[dict[str, Any]] = [
     },
     {   # NodeDown: from the scrape, and from the gateway; a restarted node (new id, same name) is not down
         "interval": "1m",
-        "input_series": [
-            {"series": 'up{job="edgemesh-node", instance="node-1:9471"}', "values": "1x10"},
-            {"series": 'up{job="edgemesh-node", instance="node-2:9471"}', "values": "1 1 0x8"},
+        "input_series": [  # node targets carry the name and node_id the gateway's discovery gives them
+            {"series": 'up{job="edgemesh-node", instance="node-1:9471", name="node-1", node_id="n1"}',
+             "values": "1x10"},
+            {"series": 'up{job="edgemesh-node", instance="node-2:9471", name="node-2", node_id="n2"}',
+             "values": "1 1 0x8"},
             {"series": f'edgemesh_mesh_node_up{{{GW}, instance="gw", node_id="a1", name="node-3"}}',
              "values": "1 1 0x8"},  # node-3 restarted: its old id stays at 0 ...
             {"series": f'edgemesh_mesh_node_up{{{GW}, instance="gw", node_id="a2", name="node-3"}}',
@@ -487,7 +514,8 @@ RULE_TESTS: list[dict[str, Any]] = [
         "alert_rule_test": [
             {"eval_time": "1m", "alertname": "NodeDown", "exp_alerts": []},
             {"eval_time": "6m", "alertname": "NodeDown", "exp_alerts": [
-                _alert({"severity": "warning", "job": "edgemesh-node", "instance": "node-2:9471"}),
+                _alert({"severity": "warning", "job": "edgemesh-node", "instance": "node-2:9471", "name": "node-2",
+                        "node_id": "n2"}),
                 _alert({"severity": "warning", "job": "edgemesh-gateway", "instance": "gw", "node_id": "b1",
                         "name": "node-4"}),
             ]},
@@ -668,11 +696,44 @@ def test_node_dashboard_is_filtered_by_a_node_variable() -> None:
     assert "node" in variables
     query = variables["node"]["query"]
     selector, label = label_values_selector(query["query"] if isinstance(query, dict) else query)
-    assert (metric_names(selector), label) in (({"edgemesh_node_info"}, "name"), ({"edgemesh_node_info"}, "instance"),
-                                               ({"up"}, "instance"))
+    # By name (people pick "laptop", not 198.18.0.1:9471), from the scrape targets the gateway lists.
+    assert (metric_names(selector), label) in (({"up"}, "name"), ({"edgemesh_node_info"}, "name"))
+    assert 'job="edgemesh-node"' in selector or metric_names(selector) == {"edgemesh_node_info"}
     for panel in board["panels"]:
         for target in panel["targets"]:
-            assert "$node" in target["expr"], f"{panel['title']} ignores the node variable: {target['expr']}"
+            assert re.search(r'\bname=~"\$node"', target["expr"]), \
+                f"{panel['title']} ignores the node variable: {target['expr']}"
+
+
+def legends() -> list[tuple[str, str, str, str]]:
+    """(dashboard, panel, PromQL, legend) of every panel target."""
+    return [(board["title"], panel["title"], t["expr"], t.get("legendFormat", ""))
+            for _, board in boards() for panel in board["panels"] for t in panel["targets"]]
+
+
+def test_dashboards_show_nodes_by_name() -> None:
+    """People read names: no legend shows a node id or a scrape address; series of one node
+    are labelled {{name}}, and the gateway's per-node series (by node_id) are joined to it."""
+    for board, panel, expr, legend in legends():
+        assert "{{node_id}}" not in legend and "{{instance}}" not in legend, f"{board} / {panel}: {legend!r}"
+        if re.search(r"by \([^)]*\bnode_id\b", expr):
+            assert "group_left(name)" in expr and "{{name}}" in legend, f"{board} / {panel}: {expr}"
+    node_legends = [legend for board, _, _, legend in legends() if board == "EdgeMesh node"]
+    assert all("{{name}}" in legend or "{{method}}" in legend for legend in node_legends), node_legends
+
+
+def test_overview_shows_placement_changes() -> None:
+    panels = {p["title"]: p for p in json.loads((DASHBOARDS / "edgemesh-overview.json").read_text())["panels"]}
+    changes = [t["expr"] for t in panels["Placement changes"]["targets"]]
+    assert any("edgemesh_replans_total" in e and "by (reason)" in e for e in changes), changes
+    # A labelled counter is born at 1: the initial placement (once per gateway) is counted as born.
+    assert all("unless edgemesh_replans_total offset" in e for e in changes), changes
+    converge = [t["expr"] for t in panels["Placement convergence time"]["targets"]]
+    assert {q for e in converge for q in re.findall(r"histogram_quantile\(([\d.]+)", e)} == {"0.5", "0.95"}
+    assert all("edgemesh_placement_converge_seconds_bucket" in e for e in converge)
+    assert panels["Placement convergence time"]["fieldConfig"]["defaults"]["unit"] == "s"
+    overview = json.loads((DASHBOARDS / "edgemesh-overview.json").read_text())
+    assert any("edgemesh_replans_total" in a.get("expr", "") for a in overview["annotations"]["list"])
 
 
 def test_dashboards_are_generated_from_the_script(tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
-"""A real Prometheus scrapes a live mesh (two nodes and a gateway whose cloud is down):
-every query of both dashboards evaluates, the core panels have data, the alert rules of
-deploy/alerts.yml load and are healthy, CloudDown fires during the cloud outage and resolves
-after it, and NodeDown and MeshDegraded fire when a node stops."""
+"""A real Prometheus scrapes a live mesh (two nodes and a gateway whose cloud is down), with
+the scrape config of deploy/prometheus.yml: it finds the nodes through the gateway's HTTP
+service discovery (with the gateway's API key, from a file), no node listed by hand. Every
+query of both dashboards evaluates, the core panels have data and their legends' labels
+(node names) exist, the alert rules of deploy/alerts.yml load and are healthy, CloudDown
+fires during the cloud outage and resolves after it, and NodeDown and MeshDegraded fire when
+a node stops (the discovery keeps listing it, so its scrape fails)."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, Launcher, Proc, gateway_url, wait_for_nodes
-from tests.system.test_ops_files import dashboard_queries, label_values_selector, variable_queries
+from tests.system.test_ops_files import dashboard_queries, label_values_selector, legends, variable_queries, yaml
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +36,10 @@ ALERTS = {"CloudDown", "NodeDown", "MeshDegraded", "HighTimeToFirstToken"}
 # the dead cloud to the mesh while Prometheus watched).
 CORE = {
     "EdgeMesh overview": {"Nodes up", "Cloud up", "Breaker", "Placements", "Route split (requests/s)",
-                          "Requests by status", "Time to first token", "Tokens per second", "Failovers"},
-    "EdgeMesh node": {"Node up", "Scrape up", "Layers held", "Memory", "Tokens per second", "RPC latency by method"},
+                          "Requests by status", "Time to first token", "Tokens per second", "Failovers",
+                          "Nodes ready (gateway view)", "Placement changes", "Placement convergence time"},
+    "EdgeMesh node": {"Node up", "Scrape up", "Layers held", "Memory", "Tokens per second", "RPC latency by method",
+                      "Loads and releases"},
 }
 SHORT_FOR = "2s"  # the rules' `for:` in this test, so that it need not wait minutes
 
@@ -144,69 +149,102 @@ def concrete(expr: str, node: str) -> str:
     return out
 
 
+def live_config(gateway: str, key_file: Path) -> str:
+    """deploy/prometheus.yml as it is, pointed at this gateway (the service discovery URL, the
+    gateway's own target) and this key file, with the intervals of a test."""
+    config: dict[str, Any] = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    for sd in jobs["edgemesh-node"]["http_sd_configs"]:
+        sd["url"] = re.sub(r"^http://[^/]+", f"http://{gateway}", sd["url"])
+        sd["refresh_interval"] = "1s"
+        sd["authorization"]["credentials_file"] = str(key_file)
+    jobs["edgemesh-gateway"]["static_configs"] = [{"targets": [gateway]}]
+    return str(yaml.safe_dump(config, sort_keys=False))
+
+
 def test_dashboards_and_alerts_against_a_live_mesh(launcher: Launcher, default_model: Path, tmp_path: Path,
                                                    prometheus_binary: str) -> None:
     cloud_port = free_port()  # nothing listens here yet: the cloud starts out down
     nodes: list[Proc] = [launcher.node(f"node-{i}", default_model) for i in (1, 2)]
     peers = [a for n in nodes for a in ("--peer", f"127.0.0.1:{n.ready[1]}")]
-    gateway = launcher.gateway("gateway", default_model, "--no-discovery", *peers, "--policy", "cloud-first",
-                               "--cloud-url", f"http://127.0.0.1:{cloud_port}/v1")
+    api_key = "prometheus-test-key"
+    gateway = launcher.start("gateway", [
+        "gateway", "--model", str(default_model), "--port", "0", "--no-discovery", *peers, "--policy", "cloud-first",
+        "--cloud-url", f"http://127.0.0.1:{cloud_port}/v1"], env={"EDGEMESH_API_KEY": api_key})
     url = gateway_url(gateway)
-    wait_for_nodes(url, 2)
+    auth = {"Authorization": f"Bearer {api_key}"}
+    wait_for_nodes(url, 2, headers=auth)
 
+    # The gateway's service discovery: the nodes' metrics ports, by name; only with the key.
     node_targets = [f"127.0.0.1:{n.ready[2]}" for n in nodes]
+    assert httpx.get(f"{url}/api/prometheus/targets", timeout=10).status_code == 401
+    listed = httpx.get(f"{url}/api/prometheus/targets", headers=auth, timeout=10).json()
+    assert sorted((t["targets"], t["labels"]["name"]) for t in listed) == [
+        ([target], f"node-{i}") for i, target in enumerate(node_targets, 1)]
+    assert {t["labels"]["node_id"] for t in listed} == {n.ready[3] for n in nodes}
+
+    key_file = tmp_path / "api-key"
+    key_file.write_text(api_key + "\n")  # as a secret file ends; Prometheus trims the newline
+    key_file.chmod(0o600)
     # The real rules, with every `for:` shortened; the job names are those of deploy/prometheus.yml.
     rules = re.sub(r"^(\s+)for: \S+$", rf"\1for: {SHORT_FOR}", (REPO / "deploy" / "alerts.yml").read_text(),
                    flags=re.MULTILINE)
-    config = f"""
-global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
-rule_files: [alerts.yml]
-scrape_configs:
-  - job_name: edgemesh-node
-    static_configs: [{{targets: {json.dumps(node_targets)}}}]
-  - job_name: edgemesh-gateway
-    metrics_path: /metrics
-    static_configs: [{{targets: ["{url.removeprefix('http://')}"]}}]
-"""
     (tmp_path / "prometheus").mkdir()
-    prom = Prometheus(tmp_path / "prometheus", config, rules)
+    prom = Prometheus(tmp_path / "prometheus", live_config(url.removeprefix("http://"), key_file), rules)
     cloud: http.server.ThreadingHTTPServer | None = None
     try:
         def targets_up() -> bool:
             targets = prom.api("targets")["activeTargets"]
             return len(targets) == 3 and all(t["health"] == "up" for t in targets)
 
-        prom.wait_until(targets_up, 30, "3 targets up")
+        prom.wait_until(targets_up, 30, "3 targets up (2 of them found through the gateway)")
+        found = [t for t in prom.api("targets")["activeTargets"] if t["labels"]["job"] == "edgemesh-node"]
+        assert sorted((t["labels"]["instance"], t["labels"]["name"]) for t in found) == [
+            (target, f"node-{i}") for i, target in enumerate(node_targets, 1)]
+        assert all("state" not in t["labels"] and t["labels"]["node_id"] for t in found), found
+        # honor_labels: the node's own identity series keeps node_id and name as they are.
+        info = prom.query("edgemesh_node_info")["data"]["result"]
+        assert sorted(s["metric"]["name"] for s in info) == ["node-1", "node-2"], info
+        assert not any(k.startswith("exported_") for s in info for k in s["metric"]), info
 
         # Traffic while Prometheus watches: the first requests try the dead cloud and fail over
         # to the mesh (until the breaker opens), so the failover series are born under its eyes.
         for i in range(5):
-            chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, headers=auth, json={
                 "messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 8})
             assert chat.status_code == 200, chat.text
-            text = httpx.post(f"{url}/v1/completions", timeout=120,
+            text = httpx.post(f"{url}/v1/completions", timeout=120, headers=auth,
                               json={"prompt": f"{i}, {i + 1},", "max_tokens": 8, "stream": i % 2 == 0})
             assert text.status_code == 200, text.text
         time.sleep(3)  # a few more scrapes, so that every rate has two samples after the traffic
 
         # Every query of every panel and annotation, with "All" nodes (as Grafana sends it: the
-        # listed values, regex-escaped) and with one node.
-        every_node = "(" + "|".join(t.replace(".", "\\\\.") for t in node_targets) + ")"
+        # listed values, regex-escaped) and with one node; the nodes are picked by name.
+        names = ["node-1", "node-2"]
+        every_node = f"({'|'.join(names)})"  # no character of these names needs escaping
         empty: dict[str, set[str]] = {}
-        for node in (every_node, node_targets[0]):
+        for node in (every_node, names[0]):
             for board, panel, expr in dashboard_queries():
                 reply = prom.query(concrete(expr, node))
                 assert reply["status"] == "success", (board, panel, expr, reply)
                 if not reply["data"]["result"]:
                     empty.setdefault(board, set()).add(panel)
-        scrapes = prom.query(concrete('up{instance=~"$node"}', every_node))["data"]["result"]
+        scrapes = prom.query(concrete('up{job="edgemesh-node", name=~"$node"}', every_node))["data"]["result"]
         assert sorted(s["metric"]["instance"] for s in scrapes) == sorted(node_targets)  # no other target
         missing = {board: sorted(CORE[board] & empty.get(board, set())) for board in CORE}
         assert not any(missing.values()), f"core panels without data: {missing}"
-        # The node variable lists both nodes.
+        # Legends read labels that the series have: a node's {{name}} is never left blank.
+        for board, panel, expr, legend in legends():
+            wanted = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
+            for series in prom.query(concrete(expr, every_node))["data"]["result"]:
+                assert wanted <= set(series["metric"]), (board, panel, legend, series["metric"])
+                if "name" in wanted:
+                    assert series["metric"]["name"] in names, (board, panel, series["metric"])
+        # The node variable lists both nodes, by name.
         for _, _, query in variable_queries():
             selector, label = label_values_selector(query)
-            assert sorted(prom.api(f"label/{label}/values", **{"match[]": selector})) == sorted(node_targets)
+            assert sorted(prom.api(f"label/{label}/values", **{"match[]": selector})) == names
 
         # The alert rules load and evaluate; with the mesh whole, only the cloud is missing.
         prom.wait_until(lambda: all(r["health"] == "ok" for r in prom.rules().values()), 15, "rules evaluated")
@@ -229,7 +267,8 @@ scrape_configs:
             firing = prom.firing()
             down = firing.get("NodeDown", [])
             return ("MeshDegraded" in firing
-                    and any(a["job"] == "edgemesh-node" and a["instance"] == node_targets[1] for a in down)  # scrape
+                    and any(a["job"] == "edgemesh-node" and a["instance"] == node_targets[1]
+                            and a.get("name") == "node-2" for a in down)  # scrape: still listed by the gateway
                     and any(a["job"] == "edgemesh-gateway" and a.get("name") == "node-2" for a in down))  # gateway
 
         prom.wait_until(node_2_down, 30, "NodeDown (scrape and gateway) and MeshDegraded for node-2")

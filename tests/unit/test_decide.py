@@ -12,7 +12,7 @@ import pytest
 from mesh.placement.decide import IMPROVEMENT, best_token_seconds, decide
 from mesh.placement.planner import PeerCapability, Policy, effective_speeds, plan, stage_bytes, token_seconds
 from mesh.types import LayerRange, NodeId, Placement, StagePlacement
-from tests.unit.test_planner import MiB, POLICY, PROFILE, peer
+from tests.unit.test_planner import POLICY, PROFILE, MiB, peer
 
 N = PROFILE.n_layers
 
@@ -180,6 +180,16 @@ def test_a_pipeline_nobody_can_repair_is_replanned_without_the_lost_node() -> No
     assert all("node03" not in p.node_ids for p in decision.placements)
 
 
+def test_an_asked_for_pipeline_shape_that_no_longer_exists_after_a_failure_shrinks_to_the_survivors() -> None:
+    three = Policy(n_ctx=512, strategy="pipeline", stages=3)
+    broken = pipeline((1, 0, 10), (2, 10, 20), (3, 20, N))
+    peers = held([peer(1, 400), peer(2, 400)], [broken])  # node03 is gone and nobody stands by
+    decision = decide(peers, PROFILE, three, [], may_switch=False, broken=[broken])
+    assert decision.change == "replan"
+    assert [p.node_ids for p in decision.placements] == [("node01", "node02")]
+    assert not plan(peers, PROFILE, three).feasible  # the shape as asked cannot be built from two nodes
+
+
 def test_a_lost_replica_is_replanned_not_repaired() -> None:
     peers = [peer(2, 400), peer(3, 400)]
     decision = decide(peers, PROFILE, POLICY, [], broken=[replica(1)])
@@ -233,10 +243,6 @@ def test_best_token_seconds_is_the_fastest_placement() -> None:
     assert best_token_seconds([], peers, N) == float("inf")
 
 
-@pytest.mark.xfail(strict=True, reason="planner bug: stage order ignores memory, so the first plan puts a node too "
-                   "small for the first stage (embedding) at the head where it takes no layer; once the mesh runs "
-                   "that plan, the nodes' held_first reorders them, the fresh plan uses that node in the middle, is "
-                   ">10% faster, and decide() switches: every stage is reloaded right after the first convergence")
 def test_a_converged_first_plan_is_not_switched_for_the_planners_next_answer() -> None:
     peers = [peer(0, 40, 8.0), peer(1, 54, 0.0), peer(2, 126, 3.0)]
     first = plan(peers, PROFILE, POLICY)

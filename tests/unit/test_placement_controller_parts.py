@@ -12,7 +12,7 @@ from mesh.placement.planner import Policy
 from mesh.placement.reports import capabilities, capability, policy_for
 from mesh.placement.routes import stage_slots
 from mesh.types import LayerRange, ModelHeld, ModelSha, NodeId, NodeInfo, Placement, StageHeld, StagePlacement
-from tests.unit.test_planner import MiB, PROFILE, peer
+from tests.unit.test_planner import PROFILE, MiB, peer
 
 SHA = PROFILE.sha256
 OTHER = ModelSha("c" * 64)

@@ -8,6 +8,7 @@ never is one; incumbents keep their order; substitute() moves only what was lost
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
@@ -97,9 +98,12 @@ def compositions(n: int, parts: int) -> Iterator[tuple[int, ...]]:
 def best_bottleneck(profile: ModelProfile, policy: Policy, order: Sequence[PeerCapability],
                     speeds: dict[NodeId, float]) -> float | None:
     """Brute force: the smallest slowest-stage time over every contiguous split of the layers
-    over the peers in this order (a peer may take none), within each peer's memory."""
+    over the peers in this order, within each peer's memory. A peer may take none, except
+    when the policy asks for a number of stages (then every one of them takes a layer)."""
     best: float | None = None
     for sizes in compositions(profile.n_layers, len(order)):
+        if policy.stages and 0 in sizes:
+            continue
         first, worst, fits = 0, 0.0, True
         for p, size in zip(order, sizes, strict=True):
             if size == 0:
@@ -147,7 +151,7 @@ def test_infeasible_plans_say_why() -> None:
 @given(st.lists(st.tuples(st.floats(10, 500), st.floats(0.5, 50), st.booleans()), min_size=1, max_size=7),
        st.randoms(use_true_random=False))
 def test_plans_respect_memory_and_cover_layers_in_any_order(specs: list[tuple[float, float, bool]],
-                                                             rnd) -> None:  # type: ignore[no-untyped-def]
+                                                             rnd: random.Random) -> None:
     peers = [peer(i, mib, speed, can_replica=whole) for i, (mib, speed, whole) in enumerate(specs)]
     result = plan(peers, PROFILE, POLICY)
     check(result, peers)
@@ -194,7 +198,7 @@ def test_memory_counts_every_session_slot() -> None:
 
 
 def test_unequal_memory_gets_unequal_layer_counts_within_each_budget() -> None:
-    peers = [peer(1, 60), peer(2, 90), peer(3, 200)]  # equal speeds: only memory differs
+    peers = [peer(1, 40), peer(2, 90), peer(3, 200)]  # equal speeds: only memory differs
     result = plan(peers, PROFILE, PIPELINE)
     check(result, peers)
     layers = counts(result)
@@ -277,9 +281,10 @@ def test_strategy_replica_never_builds_a_pipeline() -> None:
 
 def test_speeds_within_similar_speed_count_as_equal() -> None:
     at_edge = SIMILAR_SPEED * 10.0
+    below = SIMILAR_SPEED * 10.0 * 0.9
     speeds = effective_speeds([peer(1, 1, 10.0), peer(2, 1, at_edge), peer(3, 1, 7.5), peer(4, 1, 0.0),
-                               peer(5, 1, 6.0)])
-    assert speeds == {"node01": 10.0, "node02": 10.0, "node03": 10.0, "node04": 10.0, "node05": 6.0}
+                               peer(5, 1, below)])
+    assert speeds == {"node01": 10.0, "node02": 10.0, "node03": 10.0, "node04": 10.0, "node05": below}
     assert effective_speeds([peer(1, 1, 0.0), peer(2, 1, 0.0)]) == {"node01": 1.0, "node02": 1.0}
     # Noise between similar nodes does not reshuffle layers: an even split.
     peers = [peer(1, 400, 10.0), peer(2, 400, 7.0), peer(3, 400, 8.5)]
@@ -326,19 +331,22 @@ def test_the_slowest_stage_is_as_fast_as_any_contiguous_split_allows(layer_mib: 
     policy = Policy(n_ctx=256, prefill_chunk=32, strategy="pipeline", stages=len(peers))
     result = plan(peers, profile, policy)
     speeds = effective_speeds(peers)
-    # The planner's stage order: fastest first, then by node id (no incumbents here).
-    order = sorted(peers, key=lambda p: (-speeds[p.node_id], p.node_id))
     sized = replace(policy, n_ctx=result.n_ctx, prefill_chunk=result.prefill_chunk)
-    best = best_bottleneck(profile, sized, order, speeds)
+
+    def best_of_every_order(pol: Policy) -> float | None:
+        found = [b for order in itertools.permutations(peers)
+                 if (b := best_bottleneck(profile, pol, order, speeds)) is not None]
+        return min(found, default=None)
+
     event("feasible" if result.feasible else "infeasible")
     if not result.feasible:
-        assert best_bottleneck(profile, policy, order, speeds) is None
+        assert best_of_every_order(policy) is None
         return
     check(result, peers, profile)
+    best = best_of_every_order(sized)
     assert best is not None
+    # No stage order and no contiguous split of the same nodes has a faster slowest stage.
     assert bottleneck(result.placements[0], speeds) == pytest.approx(best)
-    assert [s.node_id for s in result.placements[0].stages] == \
-        [p.node_id for p in order if p.node_id in counts(result)]
 
 
 @settings(FIXED, max_examples=60)
@@ -350,9 +358,12 @@ def test_with_memory_to_spare_no_order_of_the_nodes_does_better(layer_mib: list[
     policy = Policy(n_ctx=256, prefill_chunk=32, strategy="pipeline", stages=len(peers))
     result = plan(peers, profile, policy)
     speeds = effective_speeds(peers)
-    best = min(b for order in itertools.permutations(peers)
-               if (b := best_bottleneck(profile, policy, order, speeds)) is not None)
-    assert bottleneck(result.placements[0], speeds) == pytest.approx(best)
+    found = [b for order in itertools.permutations(peers)
+             if (b := best_bottleneck(profile, policy, order, speeds)) is not None]
+    if not found:  # fewer layers than the stages asked for
+        assert not result.feasible and profile.n_layers < len(peers)
+        return
+    assert bottleneck(result.placements[0], speeds) == pytest.approx(min(found))
 
 
 # ---------------------------------------------------------------------------- stability
@@ -387,9 +398,6 @@ def _as_held(peers: Sequence[PeerCapability], placed: Plan) -> list[PeerCapabili
     return [replace(p, held_first=held.get(p.node_id, -1)) for p in peers]
 
 
-@pytest.mark.xfail(strict=True, reason="planner bug: held_first orders the peers of every pipeline together, so "
-                   "the nodes at layer 0 of two pipelines sort first and the re-plan of a converged mesh of two "
-                   "pipelines merges them into one (fewer placements, layers moved)")
 def test_re_planning_two_running_pipelines_keeps_both() -> None:
     peers = [peer(0, 90), peer(1, 90), peer(2, 156)]
     first = plan(peers, PROFILE, POLICY)

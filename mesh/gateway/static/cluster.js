@@ -119,6 +119,7 @@ function summary(view, total) {
   const placements = view.placements || [];
   const kinds = {};
   for (const p of placements) kinds[p.kind || "?"] = (kinds[p.kind || "?"] || 0) + 1;
+  const spares = Array.isArray(view.placement?.spares) ? view.placement.spares.length : 0;
   const inFlight = nodes.reduce((s, n) => s + (Number(n.in_flight) || 0), 0);
   const capacity = nodes.reduce((s, n) => s + (n.state === "ready" ? Number(n.capacity) || 0 : 0), 0);
   const model = view.model || {};
@@ -129,7 +130,9 @@ function summary(view, total) {
     statCard("Model", model.name || "–", modelSub, "cluster-model", "model"),
     statCard("Nodes ready", `${ready} / ${nodes.length}`, nodes.length ? null : "waiting for nodes…", "nodes-ready"),
     statCard("Placements", String(placements.length),
-      Object.entries(kinds).map(([k, n]) => `${n} ${k}`).join(" · ") || "none yet"),
+      [...Object.entries(kinds).map(([k, n]) => `${n} ${k}${n === 1 ? "" : "s"}`),
+        spares ? `${spares} spare${spares === 1 ? "" : "s"}` : null].filter(Boolean).join(" · ") || "none yet",
+      "placements-count"),
     statCard("In flight", `${inFlight} / ${capacity}`, "of capacity"),
   ];
 }

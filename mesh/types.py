@@ -120,6 +120,8 @@ class NodeInfo:
     memory_budget: int = 0  # bytes it may use for models, counting what it holds now (0 = not reported)
     speed_source: str = "start-up probe"  # or "idle probe": where decode_tokens_per_second comes from
     step_tokens_per_second: float = 0.0  # real decode steps, scaled to the whole model (0 = none yet)
+    activity: str = ""  # what the node is busy with now (a shard transfer, a load); empty: nothing
+    activity_progress: float = -1.0  # 0..1, or -1 when it has no measure of progress
     claims: tuple[Claimed, ...] = ()  # placement claims held on the node, one per model
 
     @property

@@ -28,6 +28,7 @@ from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.transport.server import HealthState, bind, make_server
 from mesh.types import ModelHeld, ModelSha, NodeId
 from node import gguf, probe
+from node.activity import Activity
 from node.budget import MemoryBudget
 from node.claims import ClaimTable
 from node.compute import ComputeThread
@@ -107,8 +108,9 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         local = LocalFile(path, await asyncio.to_thread(describe_file, path, config.n_ctx))
     model_path, model = local.path, local.model
     budget = MemoryBudget(identity.memory_limit)
+    activity = Activity()
     replica = ReplicaHost(local, n_ctx=config.n_ctx, threads=threads, slots=config.slots, budget=budget,
-                          stage_only=identity.stage_only)
+                          stage_only=identity.stage_only, activity=activity)
     if config.role == "replica":
         try:
             await asyncio.to_thread(replica.load, model.sha256)
@@ -137,7 +139,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     state = NodeState()
     health = HealthState()
     meter = SpeedMeter(speed)
-    stages = StageHost([local], threads, metrics, config.decode_threads, budget, meter)
+    stages = StageHost([local], threads, metrics, config.decode_threads, budget, meter, activity)
     holdings = Holdings(replica=replica, stages=stages, budget=budget, claims=ClaimTable(), speed=meter)
     export_holdings(metrics, holdings)
     peers = PeerLinks(cluster_key, timeouts, limits)

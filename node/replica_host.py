@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 from mesh.errors import InvalidInput, NotFound, Unavailable
 from mesh.types import ModelHeld, ModelSha
+from node.activity import Activity
 from node.budget import MemoryBudget
 from node.engines.llamacpp import LlamaCppEngine
 from node.stage_host import MAX_STAGE_CTX, LocalFile
@@ -24,8 +25,9 @@ log = logging.getLogger(__name__)
 
 class ReplicaHost:
     def __init__(self, local: LocalFile, *, n_ctx: int, threads: int, slots: int, budget: MemoryBudget,
-                 stage_only: bool) -> None:
+                 stage_only: bool, activity: Activity | None = None) -> None:
         self._local = local
+        self._activity = activity or Activity()
         self._n_ctx = n_ctx
         self._threads = threads
         self._slots = slots
@@ -66,7 +68,7 @@ class ReplicaHost:
         n_ctx = n_ctx or self._n_ctx
         if not 0 < n_ctx <= MAX_STAGE_CTX:
             raise InvalidInput(f"n_ctx must be 1..{MAX_STAGE_CTX}, got {n_ctx}")
-        with self._loading:
+        with self._loading, self._activity.doing(f"loading the whole model {local.model.name}"):
             with self._lock:
                 if self._model is not None and self._model.n_ctx == n_ctx:
                     self._retiring = False  # asked for again before its streams ended: keep it

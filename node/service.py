@@ -113,6 +113,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
     def info(self) -> NodeInfo:
         mem = probe.memory()
         model = self._replica.model
+        activity, progress = self._stages.activity.snapshot()
         return NodeInfo(
             node_id=self._id.node_id, name=self._id.name, version=__version__,
             protocol_version=PROTOCOL_VERSION, pid=os.getpid(), memory_total=mem.total,
@@ -122,7 +123,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             in_flight=self._state.in_flight, draining=self._state.draining,
             grpc_port=self._state.grpc_port, metrics_port=self._state.metrics_port, step_port=self._state.step_port,
             decode_tokens_per_second=self._speed.tokens_per_second, speed_source=self._speed.source,
-            step_tokens_per_second=self._speed.step_tokens_per_second,
+            step_tokens_per_second=self._speed.step_tokens_per_second, activity=activity,
+            activity_progress=progress,
             stage_only=self._id.stage_only, memory_budget=self._budget.total(), claims=self._claims.held(),
         )
 

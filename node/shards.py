@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mesh.errors import ModelError, PeerError
-from mesh.model_store import ProgressLog
+from mesh.model_store import Progress, ProgressLog
 from mesh.types import LayerRange, ModelHeld
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,15 @@ class ShardCache:
                                    "ranges": [[o, n, h] for o, (n, h) in sorted(self._ranges.items())]}))
         os.replace(tmp, self._manifest)
 
-    async def fetch(self, source: ShardSource, ranges: list[tuple[int, int]], *, header: bool = False) -> int:
+    async def fetch(self, source: ShardSource, ranges: list[tuple[int, int]], *, header: bool = False,
+                    progress: Progress | None = None) -> int:
         """Fetch `ranges` (or the header) from `source` into the sparse file, checking each
         range's sha256; returns the bytes fetched. Nothing unchecked is recorded as present."""
         todo = [] if header else self.missing(ranges)
         if not header and not todo:
             return 0
         total = sum(n for _, n in todo)
-        progress = ProgressLog()
+        progress = progress or ProgressLog()
         fetched = 0
         digest = hashlib.sha256()  # of the range being received: ranges arrive one after another
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

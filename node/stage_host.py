@@ -18,6 +18,7 @@ from mesh.errors import CapacityExhausted, InvalidInput, NotFound, Unavailable
 from mesh.metrics import NodeMetrics
 from mesh.sampling import sample
 from mesh.types import LayerRange, ModelHeld, ModelSha, StageHeld, StageOutput, StageStep
+from node.activity import Activity
 from node.budget import MemoryBudget
 from node.engines.stage import MAX_CHUNK, StageEngine
 from node.shards import ShardCache, ShardSource, stage_byte_ranges
@@ -45,8 +46,10 @@ StageKey = tuple[ModelSha, int, int]
 
 class StageHost:
     def __init__(self, files: list[LocalFile], threads: int, metrics: NodeMetrics, decode_threads: int = 0,
-                 budget: MemoryBudget | None = None, speed: SpeedMeter | None = None) -> None:
+                 budget: MemoryBudget | None = None, speed: SpeedMeter | None = None,
+                 activity: Activity | None = None) -> None:
         self._files = {f.model.sha256: f for f in files}
+        self.activity = activity or Activity()
         self._budget = budget or MemoryBudget(0)
         self._budget.add_holder(self.held_bytes)
         self._speed = speed
@@ -80,7 +83,10 @@ class StageHost:
         if not missing:
             log.info("layers [%d, %d) are in the shard cache", layers.first, layers.last_exclusive)
             return
-        fetched = await local.shards.fetch(local.source, missing)
+        fetched = await local.shards.fetch(
+            local.source, missing, progress=lambda _what, done, total: self.activity.progress(
+                f"shard of layers [{layers.first}, {layers.last_exclusive}) from {local.source.address}"
+                if local.source else "shard of layers", done, total))
         log.info("fetched %.1f MB of layers [%d, %d) from %s", fetched / 1e6, layers.first, layers.last_exclusive,
                  local.source.address)
 
@@ -106,7 +112,7 @@ class StageHost:
         """Blocking: reads the layer range's tensors from disk. Loading a range already held
         with the same shape returns it as it is (idempotent, so a planner may retry); a range
         held with another shape is only replaced while none of its sessions is open."""
-        with self._loading:
+        with self._loading, self.activity.doing(f"loading layers [{layers.first}, {layers.last_exclusive})"):
             return self._load(model_sha256, layers, n_ctx, slots, prefill_chunk)
 
     def _load(self, model_sha256: ModelSha, layers: LayerRange, n_ctx: int, slots: int,

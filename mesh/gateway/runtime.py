@@ -181,6 +181,9 @@ class GatewayRuntime:
             "speed_source": info.speed_source if info else None,
             "stage_only": info.stage_only if info else None,
             "role_reason": self._role_reason(member),
+            "step_tokens_per_second": round(info.step_tokens_per_second, 1) if info else None,
+            "activity": ({"what": info.activity, "progress": info.activity_progress if info.activity_progress >= 0
+                          else None} if info and info.activity else None),
         }
 
     def _role_reason(self, member: Member) -> str:

@@ -138,6 +138,7 @@ def node_info_to_pb(info: NodeInfo) -> Any:
         decode_tokens_per_second=info.decode_tokens_per_second,
         stage_only=info.stage_only, memory_budget=info.memory_budget, speed_source=info.speed_source,
         claims=[claimed_to_pb(c) for c in info.claims], step_tokens_per_second=info.step_tokens_per_second,
+        activity=info.activity, activity_progress=info.activity_progress,
     )
 
 
@@ -153,7 +154,8 @@ def node_info_from_pb(msg: Any) -> NodeInfo:
         decode_tokens_per_second=msg.decode_tokens_per_second,
         stage_only=msg.stage_only, memory_budget=msg.memory_budget,
         speed_source=msg.speed_source or "start-up probe", claims=tuple(claimed_from_pb(c) for c in msg.claims),
-        step_tokens_per_second=msg.step_tokens_per_second,
+        step_tokens_per_second=msg.step_tokens_per_second, activity=msg.activity,
+        activity_progress=msg.activity_progress,
     )
 
 

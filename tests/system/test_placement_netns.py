@@ -21,6 +21,9 @@ namespace through the bridge.
 - two gateways on one mesh for 60 s: every request answered, and the nodes receive the load
   calls of one convergence, not two.
 
+A strict xfail records a product bug found here: a `--model-from-peers` node can fetch only
+from the peer it found the file on at start-up (see its reason).
+
 How long a join and a failure took to reach a new plan is printed (pytest -s shows it).
 """
 
@@ -448,7 +451,7 @@ def small(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         m.gateway_url()
         everyone = set(m.ids.values())
         m.wait_cluster(lambda v: settled(v) and planned_nodes(v) == everyone, "a placement over the three nodes")
-        FIGURES["first plan"] = f"three nodes started -> a loaded pipeline: {time.monotonic() - started:.1f}s"
+        FIGURES["first plan"] = f"three nodes started -> a loaded, routed pipeline: {time.monotonic() - started:.1f}s"
         print(FIGURES["first plan"])
         yield m
 
@@ -545,10 +548,10 @@ class TestSmallNodes:
         in_flight = [s for s in streams if s.started < seen["planned"] and s.ended > seen["ready"]]
         view = small.cluster()
         role = "spare" if small.ids["dev-d"] in spare_nodes(view) else "in a placement"
-        FIGURES["join"] = (f"join: dev-d ready {seen['ready'] - started:.2f}s after its start, in the controller's "
+        FIGURES["join"] = (f"dev-d ready {seen['ready'] - started:.2f}s after its start, in the controller's "
                            f"plan ({role}) {join_s:.2f}s after it was ready; {len(streams)} streams, "
                            f"{len(in_flight)} in flight meanwhile")
-        print(FIGURES["join"])
+        print("join:", FIGURES["join"])
         assert join_s <= JOIN_BUDGET_S
         assert streams[0].started < started and streams[0].ended > started, "the first stream was not in flight"
         assert in_flight
@@ -615,12 +618,12 @@ class TestSmallNodes:
         if entry["change"] == "repair":  # the spare took the lost stage whole; the survivors kept theirs
             assert stage_layers(new[0]) == stage_layers(pipeline)
             assert new[0]["stages"][1]["node"] == small.ids["dev-d"]
-        FIGURES["failure"] = (f"failure: SIGKILL of {victim} at token {KILL_AT} -> a plan without it "
+        FIGURES["failure"] = (f"SIGKILL of {victim} at token {KILL_AT} -> a plan without it "
                               f"{replanned['planned'] - killed[0]:.2f}s later, loaded and routed "
                               f"{replanned['loaded'] - killed[0]:.2f}s later (controller's history: "
                               f"{entry['change']} after {entry['trigger']!r}, {entry['seconds']:.2f}s); "
                               f"the stream took {faulty.ended - faulty.started:.2f}s")
-        print(FIGURES["failure"])
+        print("failure:", FIGURES["failure"])
         metrics = small.gateway_metrics()
         replans = metric_lines(metrics, "edgemesh_replans_total")
         assert replans.get(f'edgemesh_replans_total{{reason="{entry["change"]}"}}', 0) >= 1, replans
@@ -703,10 +706,10 @@ class TestSmallNodes:
         entry = view["placement"]["history"][-1]
         assert len(view["placement"]["history"]) > history_before
         assert entry["change"] in ("extend", "better", "capacity"), entry
-        FIGURES["replica join"] = (f"join of a big node: ready -> replica loaded and routed {loaded_s:.2f}s "
+        FIGURES["replica join"] = (f"dev-f ready -> replica loaded and routed {loaded_s:.2f}s "
                                    f"(controller's history: {entry['change']} after {entry['trigger']!r}, "
                                    f"{entry['seconds']:.2f}s)")
-        print(FIGURES["replica join"])
+        print("replica join:", FIGURES["replica join"])
         node = node_view(view, node_id)
         assert node["role"] == "replica" and node["role_reason"].startswith("replica"), node
         assert node["memory_budget"] >= 213_000_000
@@ -767,31 +770,11 @@ def unequal(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         yield m
 
 
-def planned_speeds(view: dict[str, Any]) -> dict[str, float]:
-    """The speed the planner placed each stage at, from its reasons ("stage 1/3: layers [0, 8)
-    at 40.1 tok/s, within ..."); a stage kept from an earlier plan has no speed there."""
-    speeds = {}
-    for node, reason in view["placement"]["roles"].items():
-        found = re.match(r"stage \d+/\d+: layers \[\d+, \d+\) at ([\d.]+) tok/s", reason)
-        if found:
-            speeds[node] = float(found.group(1))
-    return speeds
-
-
 class TestUnequalMemory:
     def test_bigger_budgets_get_at_least_as_many_layers_and_none_exceeds_its_budget(
             self, unequal: Mesh, expected: str) -> None:
-        everyone = set(unequal.ids.values())
-
-        def planned_as_equally_fast(v: dict[str, Any]) -> bool:
-            speeds = planned_speeds(v)
-            return settled(v) and set(speeds) == everyone and len(set(speeds.values())) == 1
-
-        # The planner counts speeds within a third of each other as one; a probe disturbed by
-        # other work here can split them, and then speed, not memory, shapes the plan. The
-        # nodes re-probe when idle, and the controller follows.
-        view = unequal.wait_cluster(planned_as_equally_fast, "a plan that counts the nodes as equally fast",
-                                    timeout=120)
+        view = unequal.cluster()
+        print("roles:", {unequal.name_of(n): r for n, r in view["placement"]["roles"].items()})
         pipelines = plan_of(view)
         assert len(pipelines) == 1 and pipelines[0]["kind"] == "pipeline"
         assert_covers_the_model(pipelines[0])

@@ -253,6 +253,18 @@ function speedChip(node) {
   }, `${tps} tok/s`, source ? h("span", { class: "chip-note" }, `\u00a0· ${source}`) : null);
 }
 
+/** What the node is busy with (a shard transfer with its progress, a load), if anything. */
+function activityLine(node) {
+  const act = node.activity;
+  if (!act || !act.what) return null;
+  const pct = typeof act.progress === "number" ? Math.round(act.progress * 100) : null;
+  return h("div", { class: "activity", dataset: { testid: "node-activity" } },
+    h("span", {}, withNames(String(act.what))),
+    pct === null ? h("span", { class: "chip-note" }, " …")
+      : h("progress", { max: "100", value: String(pct), title: `${pct}%` }),
+    pct === null ? null : h("span", { class: "chip-note" }, ` ${pct}%`));
+}
+
 function nodeCard(node, view, total) {
   const color = node.id ? nodeColor(node.id) : "#94a3b8";
   const ranges = nodeRanges(node, view);
@@ -291,6 +303,7 @@ function nodeCard(node, view, total) {
     served ? chip("served last answer", "accent") : null),
   why ? h("div", { class: `role-reason${state === "ready" ? "" : " off"}`, dataset: { testid: "node-role-reason" } },
     h("span", { class: "why" }, "Why: "), why) : null,
+  activityLine(node),
   memoryBlock(node),
   h("div", { class: "layers" },
     h("div", { class: "row-label" }, h("span", {}, "Layers"),

@@ -18,6 +18,7 @@ from mesh import __version__
 from mesh.config import GatewayConfig, NodeConfig, add_arguments, from_arguments
 from mesh.errors import ConfigError, EdgeMeshError
 from mesh.logs import setup_logging
+from mesh.placement.planner import STRATEGIES
 
 log = logging.getLogger("edgemesh")
 
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address of the gateway [default: 127.0.0.1]")
     p.add_argument("--port", type=int, default=8080, help="gateway HTTP port (0 picks one) [default: 8080]")
     p.add_argument("--model", default="default", help="'default', a cached model name, or a GGUF path")
-    p.add_argument("--strategy", choices=["auto", "replica", "pipeline"], default="auto",
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="auto: replicas where the model fits, pipelines where it does not (see `edgemesh plan`); "
                         "replica: every node serves the whole model; pipeline: the nodes split its layers")
     p.add_argument("--stages", type=int, default=0,
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--memory-limit", default="0", help="memory each node may use (0 = free memory / nodes)")
     p.add_argument("--n-ctx", type=int, default=2048)
-    p.add_argument("--strategy", choices=["auto", "replica", "pipeline"], default="auto")
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto")
     p.add_argument("--stages", type=int, default=0)
     p.add_argument("--speeds", default="", help="decode tokens/s per node, e.g. 30,10,10 (default: equal)")
     p.set_defaults(func=cmd_plan)

@@ -27,6 +27,7 @@ from mesh.config import GatewayConfig, Timeouts, check_thread_counts, home_dir, 
 from mesh.discovery import Peer
 from mesh.errors import ConfigError, ModelError
 from mesh.model_store import resolve
+from mesh.placement.planner import STRATEGIES
 from mesh.types import NodeId
 from node.compute import STAGE_OPENMP_ENV
 from node.probe import default_threads
@@ -83,9 +84,6 @@ class NodeProcess:
                 self.peer = Peer(address=f"{fields[0]}:{fields[1]}", node_id=NodeId(fields[3]),
                                  metrics_port=int(fields[2]))
         return self.peer
-
-
-STRATEGIES = ("auto", "replica", "pipeline")
 
 
 def threads_per_node(nodes: int, requested: int) -> int:

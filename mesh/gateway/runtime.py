@@ -19,6 +19,7 @@ from mesh.gateway.completions import POLICIES, Completions
 from mesh.membership import Member, Membership, MemberState
 from mesh.metrics import GatewayMetrics
 from mesh.placement.controller import ControllerSettings, PlacementController
+from mesh.placement.planner import STRATEGIES
 from mesh.scheduler import Scheduler
 from mesh.tokenizer import Tokenizer
 from mesh.transport.auth import cluster_hash
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CLOUD_PROBE_S = 2.0  # how often the cloud's health is checked in the background
-STRATEGIES = ("auto", "replica", "pipeline")
 
 
 def check_bind_is_safe(config: GatewayConfig) -> None:

@@ -63,6 +63,9 @@ class ModelProfile:
         return len(self.layer_bytes)
 
 
+STRATEGIES = ("auto", "replica", "pipeline")
+
+
 @dataclass(frozen=True)
 class Policy:
     n_ctx: int = 2048

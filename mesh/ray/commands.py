@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from mesh.config import GatewayConfig, add_arguments
+from mesh.placement.planner import STRATEGIES
 from mesh.ray import DEFAULT_NAMESPACE
 
 
@@ -19,7 +20,7 @@ def add_ray_parser(sub: Any) -> None:
     up = ray_sub.add_parser("up", help="start N node actors on a Ray cluster and serve the API here")
     _common(up)
     up.add_argument("--nodes", type=int, default=2, help="node actors to start [default: 2]")
-    up.add_argument("--strategy", choices=["auto", "replica", "pipeline"], default="auto",
+    up.add_argument("--strategy", choices=STRATEGIES, default="auto",
                     help="auto: replicas where Ray's memory resource of a node holds the model, pipelines where "
                          "it does not; replica: every node serves the whole model; pipeline: they split its layers")
     up.add_argument("--stages", type=int, default=0, help="pipeline stages (0 = one per node; the rest are spare)")

@@ -27,12 +27,12 @@ from mesh.errors import ConfigError, ModelError
 from mesh.local_mesh import (
     NODE_START_TIMEOUT_S,
     NODE_STOP_GRACE_S,
-    STRATEGIES,
     announce,
     expects_stages,
     wait_for_placement,
 )
 from mesh.model_store import resolve
+from mesh.placement.planner import STRATEGIES
 from mesh.ray import ACTOR_PREFIX, DEFAULT_NAMESPACE, actor_name, import_ray
 from mesh.ray.actors import NodeActor, NodeSpec
 from mesh.ray.placement import Slot, alive_nodes, assign_slots

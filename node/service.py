@@ -300,40 +300,45 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ pipeline stages
 
-    async def LoadStage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    @contextlib.asynccontextmanager
+    async def _answering(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """The one error and metrics path of the unary placement RPCs: time the call, turn our
+        errors into their status, and any other failure (disk, memory) into INTERNAL, logged,
+        while the node keeps serving."""
         started = time.monotonic()
         try:
+            yield
+        except EdgeMeshError as exc:
+            self._metrics.rpc_errors.labels(method, exc.grpc_code).inc()
+            await _abort(context, exc)
+        except Exception as exc:
+            log.exception("%s failed", method)
+            self._metrics.rpc_errors.labels(method, "INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed: {exc}")
+        finally:
+            self._metrics.rpc_duration.labels(method).observe(time.monotonic() - started)
+
+    async def LoadStage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with self._answering("LoadStage", context):
             if self._state.draining:
                 raise Unavailable("node is draining and loads no new stages")
-            layers = convert.layer_range_from_pb(request.layers)
-            if not request.model_sha256:
+            try:
+                layers = convert.layer_range_from_pb(request.layers)
+            except ValueError as exc:  # an impossible layer range
+                raise InvalidInput(str(exc)) from None
+            model_sha = ModelSha(request.model_sha256)
+            if not model_sha:
                 raise InvalidInput("LoadStage must name its model's sha256")
-            self._claims.check(ModelSha(request.model_sha256), request.controller_id, "LoadStage")
-            await self._stages.ensure_present(ModelSha(request.model_sha256), layers)
+            self._claims.check(model_sha, request.controller_id, "LoadStage")
+            await self._stages.ensure_present(model_sha, layers)
             held = await asyncio.get_running_loop().run_in_executor(
-                self._stage_pool, self._stages.load, ModelSha(request.model_sha256), layers, request.n_ctx,
-                request.slots, request.prefill_chunk)
-        except ValueError as exc:  # an impossible layer range
-            self._metrics.rpc_errors.labels("LoadStage", "INVALID_ARGUMENT").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise  # unreachable: abort raises
-        except EdgeMeshError as exc:
-            self._metrics.rpc_errors.labels("LoadStage", exc.grpc_code).inc()
-            await _abort(context, exc)
-            raise
-        except Exception as exc:  # a disk or memory failure: tell the caller, keep serving
-            log.exception("loading a stage failed")
-            self._metrics.rpc_errors.labels("LoadStage", "INTERNAL").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, f"loading the stage failed: {exc}")
-            raise
-        finally:
-            self._metrics.rpc_duration.labels("LoadStage").observe(time.monotonic() - started)
-        return convert.load_stage_reply_to_pb(held)
+                self._stage_pool, self._stages.load, model_sha, layers, request.n_ctx, request.slots,
+                request.prefill_chunk)
+            return convert.load_stage_reply_to_pb(held)
 
     async def LoadModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Serve the whole model as a replica (idempotent), within the node's memory budget."""
-        started = time.monotonic()
-        try:
+        async with self._answering("LoadModel", context):
             if self._state.draining:
                 raise Unavailable("node is draining and loads nothing new")
             model_sha = ModelSha(request.model_sha256)
@@ -342,51 +347,26 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             self._claims.check(model_sha, request.controller_id, "LoadModel")
             model = await asyncio.get_running_loop().run_in_executor(
                 self._stage_pool, self._replica.load, model_sha, request.n_ctx)
-        except EdgeMeshError as exc:
-            self._metrics.rpc_errors.labels("LoadModel", exc.grpc_code).inc()
-            await _abort(context, exc)
-            raise
-        except Exception as exc:  # a disk or memory failure: tell the caller, keep serving
-            log.exception("loading the replica failed")
-            self._metrics.rpc_errors.labels("LoadModel", "INTERNAL").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, f"loading the replica failed: {exc}")
-            raise
-        finally:
-            self._metrics.rpc_duration.labels("LoadModel").observe(time.monotonic() - started)
-        return convert.load_model_reply_to_pb(model)
+            return convert.load_model_reply_to_pb(model)
 
     async def ReleaseHolding(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Stop serving a stage or the replica; what has open sessions is freed when they end."""
-        started = time.monotonic()
-        try:
+        async with self._answering("ReleaseHolding", context):
             model_sha, layers, controller_id = convert.release_holding_from_pb(request)
             self._claims.check(model_sha, controller_id, "ReleaseHolding")
             if layers is None:
-                outcome = self._replica.release() if self._replica_sha() == model_sha else "absent"
+                replica = self._replica.model
+                outcome = self._replica.release() if replica is not None and replica.sha256 == model_sha \
+                    else "absent"
             else:
                 outcome = await asyncio.get_running_loop().run_in_executor(
                     self._stage_pool, self._stages.release_stage, model_sha, layers)
-        except EdgeMeshError as exc:
-            self._metrics.rpc_errors.labels("ReleaseHolding", exc.grpc_code).inc()
-            await _abort(context, exc)
-            raise
-        finally:
-            self._metrics.rpc_duration.labels("ReleaseHolding").observe(time.monotonic() - started)
-        return convert.release_holding_reply_to_pb(outcome == "released", outcome == "pending")
-
-    def _replica_sha(self) -> ModelSha | None:
-        model = self._replica.model
-        return model.sha256 if model is not None else None
+            return convert.release_holding_reply_to_pb(outcome == "released", outcome == "pending")
 
     async def Claim(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with self._metrics.rpc_duration.labels("Claim").time():
-            try:
-                answer = self._claims.claim(ModelSha(request.model_sha256), request.controller_id, request.ttl_s,
-                                            request.give_up)
-            except EdgeMeshError as exc:
-                self._metrics.rpc_errors.labels("Claim", exc.grpc_code).inc()
-                await _abort(context, exc)
-                raise
+        async with self._answering("Claim", context):
+            answer = self._claims.claim(ModelSha(request.model_sha256), request.controller_id, request.ttl_s,
+                                        request.give_up)
             return convert.claim_reply_to_pb(answer.granted, answer.holder, answer.expires_in_s)
 
     async def Forward(self, request_iterator: AsyncIterator[Any],

@@ -927,7 +927,7 @@ class TestTwoGateways:
                 host, _port, metrics_port = m.nodes[name].ready[:3]
                 assert t["targets"] == [f"{host}:{metrics_port}"]
 
-    @pytest.mark.xfail(strict=True, reason=(
+    @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
         "product bug: a --model-from-peers node fetches from the one peer it found the file on at start-up "
         "(node/shard_source.py, StageHost.ensure_present); once that peer is gone every LoadStage fails with "
         "'FetchShard on <gone peer>: ... Connection refused' although other nodes hold the file, and the "

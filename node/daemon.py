@@ -35,7 +35,7 @@ from node.compute import ComputeThread
 from node.pipeline_head import PeerLinks, PipelineHead
 from node.replica_host import ReplicaHost
 from node.service import Holdings, NodeIdentity, NodeService, NodeState
-from node.shard_source import shard_file_from_peers
+from node.shard_source import ShardPeers, shard_file_from_peers
 from node.speed import SpeedMeter
 from node.stage_host import LocalFile, StageHost
 from node.step_server import StepServer
@@ -139,7 +139,9 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     state = NodeState()
     health = HealthState()
     meter = SpeedMeter(speed)
-    stages = StageHost([local], threads, metrics, config.decode_threads, budget, meter, activity)
+    shard_peers = ShardPeers(cluster_key, timeouts, limits)
+    stages = StageHost([local], threads, metrics, config.decode_threads, budget, meter, activity,
+                       connect=shard_peers.connect)
     holdings = Holdings(replica=replica, stages=stages, budget=budget, claims=ClaimTable(), speed=meter)
     export_holdings(metrics, holdings)
     peers = PeerLinks(cluster_key, timeouts, limits)
@@ -195,6 +197,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         if step_server is not None:
             await asyncio.to_thread(step_server.close)
         await peers.close()
+        await shard_peers.close()
         compute.close()
         service.shutdown()
         metrics_server.shutdown()

@@ -45,9 +45,11 @@ def default_threads() -> int:
 
 
 PROBE_LAYERS = 2
-PROBE_WINDOWS = 5  # the best of several windows: other work only ever slows a window down
-PROBE_WINDOW_S = 0.12  # longer than a CFS period (100 ms), so a cgroup CPU quota shows in every window
-PROBE_GAP_S = 0.25  # windows spread over ~2 s, so one burst of another process spoils few of them
+PROBE_WINDOWS = 5  # the median of several windows: a burst of other work spoils one or two, not the median
+# Two CFS periods (100 ms each): a cgroup CPU quota shows in every window at its true share
+# (a window of one period can catch two quota slices and look twice as fast).
+PROBE_WINDOW_S = 0.2
+PROBE_GAP_S = 0.15  # windows spread over ~2 s, so one burst of another process spoils few of them
 PROBE_CTX = 64
 # The probe runs on one thread: several nodes starting together on one machine (tests, a
 # desktop running two nodes) each probing with an OpenMP team of all cores oversubscribe
@@ -60,7 +62,7 @@ EXTRA_THREAD_GAIN = 0.62
 def measure_decode_speed(path: Path, n_layers: int, threads: int) -> float:
     """Decode tokens/s this device would reach on the whole model, estimated from single-token
     steps through two of its layers on the stage engine (about half a second). Every node
-    measures the same work, so the figures compare across nodes; the best of a few windows
+    measures the same work, so the figures compare across nodes; the median of a few windows
     is kept, so a neighbour's burst does not make a node look slow, while a CPU quota does."""
     import time
 
@@ -82,16 +84,17 @@ def measure_decode_speed(path: Path, n_layers: int, threads: int) -> float:
                 engine.forward("probe", position, hidden=hidden)
 
         step(0)
-        best = float("inf")
+        windows = []
         for _ in range(PROBE_WINDOWS):
             steps, started = 0, time.perf_counter()
             while time.perf_counter() - started < PROBE_WINDOW_S:
                 step(1 + steps % (PROBE_CTX - 2))  # positions wrap: the session is truncated and reused
                 steps += 1
-            best = min(best, (time.perf_counter() - started) / steps)
+            windows.append((time.perf_counter() - started) / steps)
             time.sleep(PROBE_GAP_S)
+        median = sorted(windows)[len(windows) // 2]
     finally:
         engine.close()
-    per_layer = best / (last - first)
+    per_layer = median / (last - first)
     one_thread = 1.0 / (per_layer * n_layers) if per_layer > 0 else 0.0
     return one_thread * (1 + EXTRA_THREAD_GAIN * (max(1, threads) - 1))

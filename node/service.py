@@ -43,6 +43,7 @@ from node.stage_host import StageHost
 log = logging.getLogger(__name__)
 
 _END = object()  # marks the end of a worker's token stream
+MAX_SHARD_SOURCES = 16  # peers a LoadStage may name to fetch shards from
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,10 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             if not model_sha:
                 raise InvalidInput("LoadStage must name its model's sha256")
             self._claims.check(model_sha, request.controller_id, "LoadStage")
-            await self._stages.ensure_present(model_sha, layers)
+            sources = list(request.shard_sources)
+            if len(sources) > MAX_SHARD_SOURCES or any(not 0 < len(a) <= 255 or not a.isascii() for a in sources):
+                raise InvalidInput(f"shard_sources: at most {MAX_SHARD_SOURCES} HOST:PORT addresses")
+            await self._stages.ensure_present(model_sha, layers, sources)
             held = await asyncio.get_running_loop().run_in_executor(
                 self._stage_pool, self._stages.load, model_sha, layers, request.n_ctx, request.slots,
                 request.prefill_chunk)

@@ -62,3 +62,29 @@ async def shard_file_from_peers(config: NodeConfig, cluster_key: str, timeouts: 
         await asyncio.sleep(1.0)
     raise Unavailable(f"no peer with the model file answered within {SOURCE_SEARCH_S:.0f}s "
                       "(start a node that has it, or give one with --peer HOST:PORT)")
+
+
+class ShardPeers:
+    """Connections to peers a shard copy may fetch layers from besides its first source
+    (the controller names them in LoadStage): each must prove the cluster key first."""
+
+    def __init__(self, cluster_key: str, timeouts: Timeouts, limits: Limits) -> None:
+        self._key, self._timeouts, self._limits = cluster_key, timeouts, limits
+        self._clients: dict[str, NodeClient] = {}
+
+    async def connect(self, address: str) -> NodeClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = NodeClient(address, self._key, self._timeouts, self._limits)
+            try:
+                await client.info()  # the peer proves the key before any of its bytes is trusted
+            except EdgeMeshError:
+                await client.close()
+                raise
+            self._clients[address] = client
+        return client
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()

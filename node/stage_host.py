@@ -11,11 +11,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mesh.errors import CapacityExhausted, InvalidInput, NotFound, Unavailable
+from mesh.errors import (
+    CapacityExhausted,
+    EdgeMeshError,
+    InvalidInput,
+    NotFound,
+    PeerError,
+    Unauthenticated,
+    Unavailable,
+)
 from mesh.metrics import NodeMetrics
+from mesh.model_store import Progress
 from mesh.sampling import sample
 from mesh.types import LayerRange, ModelHeld, ModelSha, StageHeld, StageOutput, StageStep
 from node.activity import Activity
@@ -47,8 +57,10 @@ StageKey = tuple[ModelSha, int, int]
 class StageHost:
     def __init__(self, files: list[LocalFile], threads: int, metrics: NodeMetrics, decode_threads: int = 0,
                  budget: MemoryBudget | None = None, speed: SpeedMeter | None = None,
-                 activity: Activity | None = None) -> None:
+                 activity: Activity | None = None,
+                 connect: Callable[[str], Awaitable[ShardSource]] | None = None) -> None:
         self._files = {f.model.sha256: f for f in files}
+        self._connect = connect  # a proved connection to a peer that may ship shards
         self.activity = activity or Activity()
         self._budget = budget or MemoryBudget(0)
         self._budget.add_holder(self.held_bytes)
@@ -73,22 +85,49 @@ class StageHost:
             raise NotFound(f"this node holds no whole copy of {model_sha256[:12]}…")
         return local.path
 
-    async def ensure_present(self, model_sha256: ModelSha, layers: LayerRange) -> None:
-        """Fetch the bytes of `layers` first when this node only has a shard copy."""
+    async def ensure_present(self, model_sha256: ModelSha, layers: LayerRange, others: Sequence[str] = ()) -> None:
+        """Fetch the bytes of `layers` first when this node only has a shard copy: from the peer
+        it found at start or, when that one fails (it left), from the next of `others`
+        (addresses of peers the controller says hold the whole file, each proved first)."""
         local = self._files.get(model_sha256)
         if local is None or local.shards is None or local.source is None:
             return
         ranges = stage_byte_ranges(local.path, layers)
-        missing = local.shards.missing(ranges)
-        if not missing:
+        if not local.shards.missing(ranges):
             log.info("layers [%d, %d) are in the shard cache", layers.first, layers.last_exclusive)
             return
-        fetched = await local.shards.fetch(
-            local.source, missing, progress=lambda _what, done, total: self.activity.progress(
-                f"shard of layers [{layers.first}, {layers.last_exclusive}) from {local.source.address}"
-                if local.source else "shard of layers", done, total))
-        log.info("fetched %.1f MB of layers [%d, %d) from %s", fetched / 1e6, layers.first, layers.last_exclusive,
-                 local.source.address)
+        failures: list[str] = []
+        source: ShardSource | None = local.source
+        candidates = [a for a in others if a != local.source.address]
+        while True:
+            if source is not None:
+                try:
+                    fetched = await local.shards.fetch(source, local.shards.missing(ranges),
+                                                       progress=self._shard_progress(layers, source.address))
+                except (PeerError, Unavailable, Unauthenticated) as exc:
+                    failures.append(str(exc))
+                    log.warning("could not fetch layers [%d, %d): %s", layers.first, layers.last_exclusive, exc)
+                else:
+                    if source is not local.source:
+                        self._files[model_sha256] = replace(local, source=source)  # later fetches start there
+                    log.info("fetched %.1f MB of layers [%d, %d) from %s", fetched / 1e6, layers.first,
+                             layers.last_exclusive, source.address)
+                    return
+            if not candidates or self._connect is None:
+                raise Unavailable(f"no peer could send layers [{layers.first}, {layers.last_exclusive}): "
+                                  + "; ".join(failures))
+            address = candidates.pop(0)
+            try:
+                source = await self._connect(address)
+            except EdgeMeshError as exc:
+                failures.append(f"{address}: {exc}")
+                source = None
+
+    def _shard_progress(self, layers: LayerRange, address: str) -> Progress:
+        def report(_what: str, done: int, total: int) -> None:
+            self.activity.progress(f"shard of layers [{layers.first}, {layers.last_exclusive}) from {address}",
+                                   done, total)
+        return report
 
     @property
     def files(self) -> tuple[ModelHeld, ...]:

@@ -98,6 +98,7 @@ class PlacementController:
         self._target: tuple[Placement, ...] = ()
         self.converged = False
         self.history: list[dict[str, Any]] = []  # the last changes, newest last
+        self._shard_sources: list[tuple[NodeId, str]] = []
         self.load_calls = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -250,6 +251,7 @@ class PlacementController:
             by_node.setdefault(node, []).append(layers)
         slots = {i.node_id: max(1, i.slots) for i in infos}
         shapes = stage_shapes(decision, infos, self.model_sha)
+        self._shard_sources = whole_file_holders(self.membership, self.model_sha)
         results = await asyncio.gather(*(self._load_all(node, items, shapes, slots.get(node, 1))
                                          for node, items in by_node.items()))
         if not all(results) and decision.change in ("better", "capacity"):
@@ -273,8 +275,9 @@ class PlacementController:
                     await client.load_model(self.model_sha, 0, self.settings.load_timeout_s, self.controller_id)
                 else:
                     n_ctx, chunk = shapes[(node, layers)]
+                    sources = tuple(a for n, a in self._shard_sources if n != node)
                     await client.load_stage(self.model_sha, layers, n_ctx, slots, self.settings.load_timeout_s, chunk,
-                                            self.controller_id)
+                                            self.controller_id, sources)
             except CapacityExhausted as exc:
                 log.info("placement: %s has no room for %s yet: %s", self._name(node), what, exc)
                 return False
@@ -350,6 +353,13 @@ class PlacementController:
             "n_ctx": d.n_ctx if d else None,
             "history": self.history,
         }
+
+
+def whole_file_holders(membership: Membership, model_sha: ModelSha) -> list[tuple[NodeId, str]]:
+    """(node, address) of ready nodes holding the whole model file: where a node with only a
+    shard copy may fetch layers from when its own source has gone."""
+    return [(m.info.node_id, m.address) for m in membership.ready() if m.info is not None
+            and any(f.sha256 == model_sha and not f.shard_copy for f in (*m.info.files, *m.info.models))]
 
 
 def stage_shapes(decision: Decision, infos: Sequence[NodeInfo], model_sha: ModelSha) -> dict[Holding, tuple[int, int]]:

@@ -153,9 +153,12 @@ class NodeClient:
             call.cancel()
 
     async def load_stage(self, model_sha256: str, layers: LayerRange, n_ctx: int, slots: int,
-                         timeout_s: float, prefill_chunk: int = 0, controller_id: str = "") -> StageHeld:
-        """Ask the node to load a layer range (reads its bytes from disk: may take a while)."""
-        request = convert.load_stage_request_to_pb(model_sha256, layers, n_ctx, slots, prefill_chunk, controller_id)
+                         timeout_s: float, prefill_chunk: int = 0, controller_id: str = "",
+                         shard_sources: tuple[str, ...] = ()) -> StageHeld:
+        """Ask the node to load a layer range (reads its bytes from disk, or fetches them from a
+        peer: may take a while)."""
+        request = convert.load_stage_request_to_pb(model_sha256, layers, n_ctx, slots, prefill_chunk, controller_id,
+                                                   shard_sources)
         try:
             reply = await self._stub.LoadStage(request,
                                                timeout=timeout_s, metadata=self._meta("LoadStage"))

@@ -304,9 +304,11 @@ def pipeline_job_from_pb(msg: Any) -> PipelineJob:
 
 
 def load_stage_request_to_pb(model_sha256: str, layers: LayerRange, n_ctx: int, slots: int,
-                             prefill_chunk: int = 0, controller_id: str = "") -> Any:
+                             prefill_chunk: int = 0, controller_id: str = "",
+                             shard_sources: tuple[str, ...] = ()) -> Any:
     return pb.LoadStageRequest(model_sha256=model_sha256, layers=layer_range_to_pb(layers), n_ctx=n_ctx,
-                               slots=slots, prefill_chunk=prefill_chunk, controller_id=controller_id)
+                               slots=slots, prefill_chunk=prefill_chunk, controller_id=controller_id,
+                               shard_sources=list(shard_sources))
 
 
 def load_model_request_to_pb(model_sha256: str, n_ctx: int, controller_id: str) -> Any:

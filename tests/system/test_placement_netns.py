@@ -21,8 +21,8 @@ namespace through the bridge.
 - two gateways on one mesh for 60 s: every request answered, and the nodes receive the load
   calls of one convergence, not two.
 
-A strict xfail records a product bug found here: a `--model-from-peers` node can fetch only
-from the peer it found the file on at start-up (see its reason).
+A `--model-from-peers` node whose first source leaves fetches its layers from another node
+that holds the file (the controller names them in LoadStage).
 
 How long a join and a failure took to reach a new plan is printed (pytest -s shows it).
 """
@@ -652,8 +652,8 @@ class TestSmallNodes:
         view = small.wait_cluster(lambda v: node_id in spare_nodes(v) and settled(v), "dev-e as a spare")
         new = node_view(view, node_id)
         assert new["files"] and not new["models"], new
-        # a device switched off cleanly: a stage drains and leaves. Not the one dev-e found the file
-        # on: dev-e can fetch from that peer only (see the xfail test in TestTwoGateways)
+        # a device switched off cleanly: a stage drains and leaves (not the one dev-e found the file
+        # on: that case has a test of its own, in TestTwoGateways)
         source = re.search(r"model \S+ comes from (\S+) \(", proc.log())
         assert source, proc.log()[-3000:]
         pipeline = plan_of(view, "pipeline")[0]
@@ -927,11 +927,6 @@ class TestTwoGateways:
                 host, _port, metrics_port = m.nodes[name].ready[:3]
                 assert t["targets"] == [f"{host}:{metrics_port}"]
 
-    @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "product bug: a --model-from-peers node fetches from the one peer it found the file on at start-up "
-        "(node/shard_source.py, StageHost.ensure_present); once that peer is gone every LoadStage fails with "
-        "'FetchShard on <gone peer>: ... Connection refused' although other nodes hold the file, and the "
-        "controller retries the same plan while requests get 503"))
     def test_a_node_without_the_file_fetches_from_another_peer_once_its_first_source_left(
             self, two_gateways: Mesh, expected: str) -> None:
         """Reuses this mesh (three small nodes, the two gateways) once the test above is done."""

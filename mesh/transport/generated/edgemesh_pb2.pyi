@@ -191,20 +191,22 @@ class GenerateEvent(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., position: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("model_sha256", "layers", "n_ctx", "slots", "prefill_chunk", "controller_id")
+    __slots__ = ("model_sha256", "layers", "n_ctx", "slots", "prefill_chunk", "controller_id", "shard_sources")
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_SOURCES_FIELD_NUMBER: _ClassVar[int]
     model_sha256: str
     layers: LayerRange
     n_ctx: int
     slots: int
     prefill_chunk: int
     controller_id: str
-    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., n_ctx: _Optional[int] = ..., slots: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., controller_id: _Optional[str] = ...) -> None: ...
+    shard_sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., n_ctx: _Optional[int] = ..., slots: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., controller_id: _Optional[str] = ..., shard_sources: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadStageReply(_message.Message):
     __slots__ = ("stage",)

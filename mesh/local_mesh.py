@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,10 +27,10 @@ from mesh.config import GatewayConfig, Timeouts, check_thread_counts, home_dir, 
 from mesh.discovery import Peer
 from mesh.errors import ConfigError, ModelError
 from mesh.model_store import resolve
-from mesh.placement.planner import STRATEGIES
+from mesh.placement.planner import STRATEGIES, ModelProfile, Policy, replica_bytes
 from mesh.types import NodeId
 from node.compute import STAGE_OPENMP_ENV
-from node.probe import default_threads
+from node.probe import default_threads, memory
 
 if TYPE_CHECKING:
     from mesh.gateway.runtime import GatewayRuntime
@@ -94,21 +94,14 @@ def threads_per_node(nodes: int, requested: int) -> int:
     return max(1, (os.cpu_count() or 1) // nodes)
 
 
-def expects_stages(model_path: Path, strategy: str, memory_limit: str | int, n_ctx: int) -> bool:
+def expects_stages(profile: ModelProfile, strategy: str, memory_limit: str | int, n_ctx: int) -> bool:
     """Whether the nodes will most likely serve layer ranges (so each should use every core
     in its turn) rather than whole replicas side by side. Only sets threads: the placement is
     the controller's decision."""
-    if strategy == "pipeline":
-        return True
-    if strategy == "replica":
-        return False
-    from mesh.placement.planner import Policy, replica_bytes
-    from node.gguf import file_sha256
-    from node.profile import model_profile
-
+    if strategy in ("pipeline", "replica"):
+        return strategy == "pipeline"
     limit = parse_bytes(memory_limit)
-    need = replica_bytes(model_profile(model_path, file_sha256(model_path)), Policy(n_ctx=n_ctx))
-    return bool(limit) and limit < need
+    return bool(limit) and limit < replica_bytes(profile, Policy(n_ctx=n_ctx))
 
 
 def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_key: str,
@@ -153,9 +146,11 @@ def stop_nodes(nodes: list[NodeProcess], grace_s: float = NODE_STOP_GRACE_S) -> 
             node.process.wait()
 
 
-def _banner(url: str, model_name: str, nodes: int, api_key: str, placement: list[str], key_file: Path) -> str:
+def _banner(url: str, model_name: str, nodes: int, api_key: str, placement: list[str],
+            key_file: Path | None) -> str:
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     placed = "".join(f"            {line}\n" for line in placement)
+    key_source = f'"$(cat {key_file})"' if key_file else "<the cluster key you gave>"
     return (
         f"\nEdgeMesh is up: {nodes} node(s) serving {model_name}\n"
         f"  placed:\n{placed}"
@@ -165,7 +160,7 @@ def _banner(url: str, model_name: str, nodes: int, api_key: str, placement: list
         f"  try:      curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
         "              -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 64}'\n"
         f"  join:     on another device of this LAN (the gateway must listen there too: `up --host ...`)\n"
-        f"            EDGEMESH_CLUSTER_KEY=\"$(cat {key_file})\" edgemesh node --host 0.0.0.0 --model default\n"
+        f"            EDGEMESH_CLUSTER_KEY={key_source} edgemesh node --host 0.0.0.0 --model default\n"
         "  stop:     Ctrl-C\n\n")
 
 
@@ -178,8 +173,9 @@ def announce(banner: str, host: str, port: int, ready_file: str) -> None:
 
 
 def write_cluster_key(key: str) -> Path:
-    """The mesh's key in a private file, so the banner can say how a real device joins."""
-    path = home_dir() / "up-cluster.key"
+    """The mesh's fresh key in a private file of this run (removed when it stops), so the
+    banner can say how a real device joins."""
+    path = home_dir() / f"up-{os.getpid()}.key"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -209,9 +205,12 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
                            stages=options.stages or (options.nodes if options.strategy == "pipeline" else 0))
     check_bind_is_safe(config)
     runtime = GatewayRuntime(config, model_path, timeouts=Timeouts())
-    stages = await asyncio.to_thread(expects_stages, model_path, options.strategy, options.memory_limit,
-                                     options.n_ctx)
-    key_file = await asyncio.to_thread(write_cluster_key, cluster_key)
+    if not parse_bytes(options.memory_limit):
+        # The nodes share this machine: each may use an equal share of what is free (each
+        # would otherwise report all of it, and the planner would count it N times).
+        options = replace(options, memory_limit=str(memory().free // options.nodes))
+    stages = expects_stages(runtime.controller.profile, options.strategy, options.memory_limit, options.n_ctx)
+    key_file = None if options.cluster_key else await asyncio.to_thread(write_cluster_key, cluster_key)
 
     with tempfile.TemporaryDirectory(prefix="edgemesh-up-") as tmp:
         nodes = [spawn_node(i, model_path, options, cluster_key, Path(tmp), stages) for i in range(options.nodes)]
@@ -235,6 +234,8 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
             gateway_stop.set()
             await asyncio.to_thread(stop_nodes, nodes)
             await asyncio.gather(gateway, return_exceptions=True)
+            if key_file is not None:
+                key_file.unlink(missing_ok=True)
 
 
 async def wait_for_placement(runtime: GatewayRuntime, gateway: asyncio.Task[None], stop: asyncio.Event) -> None:

@@ -70,7 +70,7 @@ class _Watcher:
         if old.state != state:
             log.info("node %s at %s: %s -> %s %s", info.name if info else "?", old.address,
                      old.state.value, state.value, reason)
-            self.owner.changed()
+            self.owner.changed(f"{info.name if info else old.address} {state.value}")
 
     async def run(self) -> None:
         """Follow the node until it turns out to duplicate another watcher's node."""
@@ -137,16 +137,17 @@ class Membership:
     """The gateway's view of every node it has heard of."""
 
     def __init__(self, cluster_key: str, timeouts: Timeouts, limits: Limits,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[str], None] | None = None) -> None:
         self.cluster_key = cluster_key
         self.timeouts = timeouts
         self.limits = limits
         self._on_change = on_change
         self._watchers: dict[str, _Watcher] = {}
 
-    def changed(self) -> None:
+    def changed(self, what: str) -> None:
+        """A node's state changed (`what` says which, for people: "desk ready", "laptop down")."""
         if self._on_change is not None:
-            self._on_change()
+            self._on_change(what)
 
     def add(self, peer: Peer) -> None:
         """Start following an address (idempotent)."""
@@ -176,7 +177,7 @@ class Membership:
             watcher.task.cancel()
             await asyncio.gather(watcher.task, return_exceptions=True)
         await watcher.client.close()
-        self.changed()
+        self.changed(f"{address} forgotten")
 
     def is_duplicate(self, watcher: _Watcher, node_id: NodeId) -> bool:
         return any(w is not watcher and w.member.node_id == node_id and w.member.state != MemberState.DOWN
@@ -187,6 +188,13 @@ class Membership:
 
     def ready(self) -> list[Member]:
         return [w.member for w in self._watchers.values() if w.member.state == MemberState.READY]
+
+    def name_of(self, node_id: NodeId) -> str:
+        """The node's name, for people (its id when it never answered Info)."""
+        for w in self._watchers.values():
+            if w.member.info is not None and w.member.info.node_id == node_id:
+                return w.member.info.name
+        return str(node_id)
 
     def client_for(self, node_id: NodeId) -> NodeClient | None:
         for w in self._watchers.values():

@@ -12,6 +12,7 @@ goes on as if nothing happened.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -22,7 +23,7 @@ from mesh.config import Timeouts
 from mesh.errors import CapacityExhausted, InvalidInput, NotFound, PeerError, Unavailable
 from mesh.membership import Membership
 from mesh.metrics import GatewayMetrics
-from mesh.placement.routes import pipeline_placements, replica_placements, stage_slots
+from mesh.placement.routes import routable, stage_slots
 from mesh.types import (
     FinishReason,
     GenerationRequest,
@@ -38,6 +39,7 @@ from mesh.types import (
 log = logging.getLogger(__name__)
 
 FIRST_TOKEN_RETRIES = 1  # another node is tried once when the first one fails before any token
+REPICK_PAUSE_S = 0.2  # a failover whose replacement moved or was full looks again after this
 MIDSTREAM_FAILOVERS = 3  # replays onto another replica after tokens were already sent
 
 
@@ -71,8 +73,7 @@ class Scheduler:
         return {m.info.node_id: m.info for m in self._membership.ready() if m.info is not None}
 
     def placements(self) -> list[Placement]:
-        infos = list(self._infos().values())
-        return replica_placements(infos, self._model_sha) + pipeline_placements(infos, self._model_sha)
+        return routable(self._infos().values(), self._model_sha)
 
     def context_length(self) -> int | None:
         """The smallest context any placement serves the model with (None: no placement)."""
@@ -216,7 +217,7 @@ class Session:
                 # moment ago): not a failure of the node. Look again and pick afresh.
                 attempts += 1
                 if attempts > FIRST_TOKEN_RETRIES + 1:
-                    raise
+                    raise Unavailable(f"the placement kept moving while this request started: {exc}") from exc
                 log.info("request %s: %s no longer holds its part (%s); picking again", self.request.request_id,
                          ",".join(placement.node_ids), exc)
                 await self._s._membership.refresh()
@@ -318,6 +319,11 @@ class Session:
             try:
                 self._first = await self._connect(placement, replay)
                 break
+            except (NotFound, CapacityExhausted) as exc:  # it moved (a re-plan) or is full: look again
+                log.info("request %s: replacement %s cannot take it yet (%s)", self.request.request_id,
+                         ",".join(placement.node_ids), exc)
+                await asyncio.sleep(REPICK_PAUSE_S)
+                await self._s._membership.refresh()
             except PeerError as exc:  # the replacement failed too, before its first token: next one
                 again = _culprit(placement, exc)
                 excluded |= {again} if again else set(placement.node_ids)

@@ -7,6 +7,7 @@ goes into Info as `memory_budget`, which a placement controller plans with.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from mesh.errors import CapacityExhausted
@@ -17,6 +18,9 @@ class MemoryBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit  # bytes (0 = no limit given: free memory decides)
         self._holders: list[Callable[[], int]] = []
+        # Held for a whole load (check, then read): two loads at once could each pass the
+        # check and together exceed the budget.
+        self.loading = threading.Lock()
 
     def add_holder(self, held_bytes: Callable[[], int]) -> None:
         """A source of held bytes (the stage host, the replica host)."""

@@ -61,18 +61,32 @@ def describe_file(path: Path, n_ctx: int) -> ModelHeld:
 
 async def keep_speed_current(meter: SpeedMeter, compute: ComputeThread, model_path: Path, n_layers: int,
                              threads: int) -> None:
-    """Re-probe the decode speed whenever it is due and the node is idle (see node.speed)."""
+    """Re-probe the decode speed whenever it is due and the node is idle (see node.speed).
+    Each window is its own compute call, with the pauses between them off the compute
+    thread; real work arriving meanwhile cancels the probe (it is tried again later)."""
     started_at = time.monotonic()
     while True:
         await asyncio.sleep(1.0)
         if not meter.probe_due(started_at):
             continue
         try:
-            speed = await asyncio.wrap_future(compute.call(
-                partial(probe.measure_decode_speed, model_path, n_layers, threads)))
+            session = await asyncio.wrap_future(compute.call(partial(probe.DecodeProbe, model_path, n_layers)))
         except EdgeMeshError as exc:
             log.info("re-probe failed (%s); keeping %.1f tok/s", exc, meter.tokens_per_second)
             return
+        windows: list[float] = []
+        try:
+            for _ in range(probe.PROBE_WINDOWS):
+                if not meter.idle():
+                    break
+                windows.append(await asyncio.wrap_future(compute.call(session.window)))
+                await asyncio.sleep(probe.PROBE_GAP_S)
+        finally:
+            await asyncio.wrap_future(compute.call(session.close))
+        if len(windows) < probe.PROBE_WINDOWS or not meter.idle():
+            meter.postpone()  # real work came: measure another time
+            continue
+        speed = session.tokens_per_second(windows, threads)
         if abs(speed - meter.tokens_per_second) > 0.2 * meter.tokens_per_second:
             log.info("probe: now about %.1f decode tokens/s (was %.1f)", speed, meter.tokens_per_second)
         meter.record_probe(speed)

@@ -59,42 +59,65 @@ PROBE_CTX = 64
 EXTRA_THREAD_GAIN = 0.62
 
 
+class DecodeProbe:
+    """Single-token steps through two of the model's layers on the stage engine, one thread,
+    timed in windows. Open, window and close run on the node's compute thread; whoever drives
+    it waits PROBE_GAP_S between windows off that thread (so a request is never held up by
+    more than one window)."""
+
+    def __init__(self, path: Path, n_layers: int) -> None:
+        import numpy as np
+
+        from node.engines.stage import StageEngine
+
+        self._first = min(1, max(0, n_layers - PROBE_LAYERS))
+        self._last = min(n_layers, self._first + PROBE_LAYERS)
+        self._n_layers = n_layers
+        self._engine = StageEngine.load(path, self._first, self._last, n_ctx=PROBE_CTX, slots=1, threads=1)
+        self._hidden = np.random.default_rng(0).normal(size=(1, self._engine.n_embd)).astype(np.float32)
+        self._position = 0
+        self._step()
+
+    def _step(self) -> None:
+        if self._engine.is_first:
+            self._engine.forward("probe", self._position, tokens=[1])
+        else:
+            self._engine.forward("probe", self._position, hidden=self._hidden)
+        self._position = 1 + self._position % (PROBE_CTX - 2)  # positions wrap: the session is reused
+
+    def window(self) -> float:
+        """Seconds per step over PROBE_WINDOW_S."""
+        import time
+
+        steps, started = 0, time.perf_counter()
+        while time.perf_counter() - started < PROBE_WINDOW_S:
+            self._step()
+            steps += 1
+        return (time.perf_counter() - started) / steps
+
+    def tokens_per_second(self, windows: list[float], threads: int) -> float:
+        """Whole-model decode tokens/s this device would reach with `threads`, from the
+        median window (a burst of other work spoils one or two windows, not the median)."""
+        per_layer = sorted(windows)[len(windows) // 2] / (self._last - self._first)
+        one_thread = 1.0 / (per_layer * self._n_layers) if per_layer > 0 else 0.0
+        return one_thread * (1 + EXTRA_THREAD_GAIN * (max(1, threads) - 1))
+
+    def close(self) -> None:
+        self._engine.close()
+
+
 def measure_decode_speed(path: Path, n_layers: int, threads: int) -> float:
-    """Decode tokens/s this device would reach on the whole model, estimated from single-token
-    steps through two of its layers on the stage engine (about half a second). Every node
-    measures the same work, so the figures compare across nodes; the median of a few windows
-    is kept, so a neighbour's burst does not make a node look slow, while a CPU quota does."""
+    """Decode tokens/s this device would reach on the whole model, from PROBE_WINDOWS windows
+    of a DecodeProbe (about 2 s, blocking). Every node measures the same work, so the figures
+    compare across nodes; a neighbour's burst does not make a node look slow, a CPU quota does."""
     import time
 
-    import numpy as np
-
-    from node.engines.stage import StageEngine
-
-    first = min(1, max(0, n_layers - PROBE_LAYERS))
-    last = min(n_layers, first + PROBE_LAYERS)
-    engine = StageEngine.load(path, first, last, n_ctx=PROBE_CTX, slots=1, threads=1)
+    probe = DecodeProbe(path, n_layers)
     try:
-        rng = np.random.default_rng(0)
-        hidden = rng.normal(size=(1, engine.n_embd)).astype(np.float32)
-
-        def step(position: int) -> None:
-            if engine.is_first:
-                engine.forward("probe", position, tokens=[1])
-            else:
-                engine.forward("probe", position, hidden=hidden)
-
-        step(0)
         windows = []
         for _ in range(PROBE_WINDOWS):
-            steps, started = 0, time.perf_counter()
-            while time.perf_counter() - started < PROBE_WINDOW_S:
-                step(1 + steps % (PROBE_CTX - 2))  # positions wrap: the session is truncated and reused
-                steps += 1
-            windows.append((time.perf_counter() - started) / steps)
+            windows.append(probe.window())
             time.sleep(PROBE_GAP_S)
-        median = sorted(windows)[len(windows) // 2]
+        return probe.tokens_per_second(windows, threads)
     finally:
-        engine.close()
-    per_layer = median / (last - first)
-    one_thread = 1.0 / (per_layer * n_layers) if per_layer > 0 else 0.0
-    return one_thread * (1 + EXTRA_THREAD_GAIN * (max(1, threads) - 1))
+        probe.close()

@@ -39,7 +39,7 @@ class ReplicaHost:
         self._streams = 0
         self._retiring = False
         self._lock = threading.Lock()
-        self._loading = threading.Lock()
+        self._loading = budget.loading  # one load at a time on the node (see node.budget)
         budget.add_holder(lambda: self._bytes)
 
     @property
@@ -75,7 +75,8 @@ class ReplicaHost:
                     return self._model
                 if self._model is not None and self._streams:
                     raise Unavailable("the replica serves streams with another context; retry when they end")
-            need = replica_bytes(model_profile(local.path, local.model.sha256), Policy(n_ctx=n_ctx))
+            need = replica_bytes(model_profile(local.path, local.model.sha256),
+                                 Policy(n_ctx=n_ctx, sessions_per_stage=self._slots))
             self._budget.check(need, f"the whole model {local.model.name} as a replica", replacing=self._bytes)
             started = time.monotonic()
             log.info("loading %s with llama.cpp (%d threads, context %d, %d slot(s))", local.path.name,

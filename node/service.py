@@ -211,6 +211,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                             self._metrics.time_to_first_token.observe(first_at - started)
                         produced += 1
                         self._metrics.tokens.inc()
+                        self._speed.touch()  # a long stream is real work: no re-probe meanwhile
                         if event.finish_reason and not left:
                             # The caller is done once it has the last token and frees its own
                             # count then; free ours before sending it so a request sent right
@@ -360,8 +361,9 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             self._claims.check(model_sha, controller_id, "ReleaseHolding")
             if layers is None:
                 replica = self._replica.model
-                outcome = self._replica.release() if replica is not None and replica.sha256 == model_sha \
-                    else "absent"
+                # On a worker: freeing llama.cpp's context takes a moment the event loop must not wait.
+                outcome = await asyncio.get_running_loop().run_in_executor(self._stage_pool, self._replica.release) \
+                    if replica is not None and replica.sha256 == model_sha else "absent"
             else:
                 outcome = await asyncio.get_running_loop().run_in_executor(
                     self._stage_pool, self._stages.release_stage, model_sha, layers)

@@ -62,6 +62,16 @@ class SpeedMeter:
             self._probe = tokens_per_second
             self._probed_at = time.monotonic() + random.uniform(0, REPROBE_JITTER_S)
 
+    def idle(self) -> bool:
+        """No real work for IDLE_BEFORE_PROBE_S."""
+        with self._lock:
+            return time.monotonic() - self._active_at >= IDLE_BEFORE_PROBE_S
+
+    def postpone(self) -> None:
+        """A re-probe was cut short by real work: the next one waits for quiet again."""
+        with self._lock:
+            self._active_at = time.monotonic()
+
     def probe_due(self, started_at: float) -> bool:
         """Whether a re-probe should run now: due, and the node has been quiet."""
         now = time.monotonic()

@@ -19,6 +19,7 @@ from mesh.errors import (
     CapacityExhausted,
     EdgeMeshError,
     InvalidInput,
+    ModelError,
     NotFound,
     PeerError,
     Unauthenticated,
@@ -76,7 +77,9 @@ class StageHost:
         self._retiring: set[StageKey] = set()
         self._fraction: dict[StageKey, float] = {}  # share of the model's weights a decode step touches
         self._lock = threading.Lock()  # guards the dict; each engine serializes its own compute
-        self._loading = threading.Lock()  # one load at a time: two loads of a range must not race
+        # One load at a time on the node (stages and the replica share it through the budget):
+        # two loads must not both pass the memory check and then exceed the budget together.
+        self._loading = self._budget.loading
 
     def whole_file(self, model_sha256: ModelSha) -> Path:
         """A file this node can ship to others (not a shard copy)."""
@@ -96,6 +99,12 @@ class StageHost:
         if not local.shards.missing(ranges):
             log.info("layers [%d, %d) are in the shard cache", layers.first, layers.last_exclusive)
             return
+        with self.activity.doing(f"fetching layers [{layers.first}, {layers.last_exclusive})"):
+            await self._fetch(model_sha256, local, layers, ranges, others)
+
+    async def _fetch(self, model_sha256: ModelSha, local: LocalFile, layers: LayerRange,
+                     ranges: list[tuple[int, int]], others: Sequence[str]) -> None:
+        assert local.shards is not None and local.source is not None  # checked by ensure_present
         failures: list[str] = []
         source: ShardSource | None = local.source
         candidates = [a for a in others if a != local.source.address]
@@ -189,11 +198,12 @@ class StageHost:
         held = StageHeld(model_sha256=model_sha256, layers=layers, slots=slots,
                          weight_bytes=engine.memory.weight_bytes, kv_cache_bytes=engine.memory.kv_cache_bytes,
                          compute_bytes=engine.memory.compute_bytes, prefill_chunk=chunk, n_ctx=n_ctx)
+        fraction = _model_fraction(local, layers)  # reads the header: not under the lock steps take
         with self._lock:
             old = self._stages.pop(key, None)
             self._stages[key] = (engine, held)
             self._retiring.discard(key)
-            self._fraction[key] = _model_fraction(local, layers)
+            self._fraction[key] = fraction
         if old is not None:
             old[0].close()
         log.info("stage [%d, %d) ready in %.1fs", layers.first, layers.last_exclusive, time.monotonic() - started)
@@ -256,8 +266,9 @@ class StageHost:
             raise NotFound(f"no stage [{step.layers.first}, {step.layers.last_exclusive}) of "
                            f"{step.model_sha256[:12]}… is loaded here")
         if retiring and found[0].session_length(step.session_id) is None:
-            raise Unavailable(f"layers [{step.layers.first}, {step.layers.last_exclusive}) are being released "
-                              "and take no new sessions")
+            # NOT_FOUND, not UNAVAILABLE: the node is healthy, the part moved (the gateway picks again).
+            raise NotFound(f"layers [{step.layers.first}, {step.layers.last_exclusive}) are being released "
+                           "and take no new sessions")
         return found[0], fraction
 
     def step(self, step: StageStep) -> StageOutput:
@@ -274,8 +285,11 @@ class StageHost:
             self._speed.touch()
         started = time.monotonic()
         threads = self._decode_threads if step.n_tokens == 1 else self._threads
-        result = engine.forward(step.session_id, step.start_position, tokens=step.tokens, hidden=step.hidden,
-                                threads=threads)
+        try:
+            result = engine.forward(step.session_id, step.start_position, tokens=step.tokens, hidden=step.hidden,
+                                    threads=threads)
+        except ModelError as exc:  # released between the lookup and the step: the part moved
+            raise NotFound(f"layers [{step.layers.first}, {step.layers.last_exclusive}): {exc}") from None
         kind = "decode" if step.n_tokens == 1 else "prefill"
         elapsed = time.monotonic() - started
         self._metrics.stage_step.labels(kind).observe(elapsed)

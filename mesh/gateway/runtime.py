@@ -69,7 +69,7 @@ class GatewayRuntime:
             raise ConfigError(f"--stages must be 0 (automatic) or a positive count, not {config.stages}")
         self.controller = PlacementController(
             self.membership, model_profile(model_path, self.model_sha), self.metrics,
-            ControllerSettings(strategy=config.strategy, stages=config.stages))
+            ControllerSettings(strategy=config.strategy, stages=config.stages, acting=config.placement))
         self.scheduler.replanner = self.controller
         self.cloud_up = False
         self.cloud = self._make_cloud(config)
@@ -119,9 +119,8 @@ class GatewayRuntime:
     def add_peer(self, peer: Peer) -> None:
         self.membership.add(peer)
 
-    def _membership_changed(self) -> None:
-        if self.config.placement:
-            self.controller.poke()
+    def _membership_changed(self, what: str) -> None:
+        self.controller.poke(what)
 
     async def start(self) -> None:
         for peer in static_peers(self.config.peer):
@@ -132,8 +131,7 @@ class GatewayRuntime:
             await self._browser.start()
         if self.cloud is not None:
             self._probe_task = asyncio.create_task(self._probe_cloud())
-        if self.config.placement:
-            self.controller.start()
+        self.controller.start()
 
     async def stop(self) -> None:
         await self.controller.stop()
@@ -193,12 +191,6 @@ class GatewayRuntime:
         roles = dict(self.controller.decision.roles) if self.controller.decision else {}
         return roles.get(member.info.node_id, "")
 
-    def node_name(self, node_id: str) -> str:
-        for m in self.membership.members():
-            if m.info is not None and m.info.node_id == node_id:
-                return m.info.name
-        return node_id
-
     def cluster_view(self) -> dict[str, Any]:
         return {
             "model": {"name": self.model_name, "sha256": self.model_sha, "n_layers": self.n_layers},
@@ -207,11 +199,11 @@ class GatewayRuntime:
             "last_failover": self.metrics.last_failover,
             "placements": [
                 {"kind": p.kind, "model": p.model_name,
-                 "stages": [{"node": s.node_id, "name": self.node_name(s.node_id), "layers": s.layers.as_list()}
-                            for s in p.stages]}
+                 "stages": [{"node": s.node_id, "name": self.membership.name_of(s.node_id),
+                             "layers": s.layers.as_list()} for s in p.stages]}
                 for p in self.scheduler.placements()
             ],
-            "placement": self.controller.view(),
+            "placement": self.controller.view(self.scheduler.context_length),
         }
 
     def prometheus_targets(self) -> list[dict[str, Any]]:

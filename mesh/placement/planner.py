@@ -69,7 +69,7 @@ STRATEGIES = ("auto", "replica", "pipeline")
 @dataclass(frozen=True)
 class Policy:
     n_ctx: int = 2048
-    sessions_per_stage: int = 1
+    sessions_per_stage: int = 1  # concurrent sessions of a stage, and slots of a replica
     prefill_chunk: int = 512
     strategy: str = "auto"  # auto | replica | pipeline
     stages: int = 0  # pipeline: stages wanted (0 = as few as memory allows, at least 2 nodes' worth)
@@ -90,18 +90,9 @@ class Plan:
         return bool(self.placements)
 
 
-def contiguous_ranges(sizes: Sequence[int]) -> list[LayerRange]:
-    """Back-to-back layer ranges of the given sizes, starting at layer 0."""
-    ranges, first = [], 0
-    for size in sizes:
-        ranges.append(LayerRange(first, first + size))
-        first += size
-    return ranges
-
-
-def even_split(n_layers: int, parts: int) -> list[LayerRange]:
-    """Contiguous ranges as equal as can be; the first ranges take the remainder."""
-    return contiguous_ranges([n_layers // parts + (1 if i < n_layers % parts else 0) for i in range(parts)])
+def stage_text(index: int, count: int, layers: LayerRange) -> str:
+    """How a stage is named wherever a person reads it."""
+    return f"stage {index + 1}/{count}: layers [{layers.first}, {layers.last_exclusive})"
 
 
 def compute_bytes(profile: ModelProfile, policy: Policy, *, last: bool) -> int:
@@ -123,8 +114,9 @@ def stage_bytes(profile: ModelProfile, policy: Policy, layers: LayerRange) -> in
 
 
 def replica_bytes(profile: ModelProfile, policy: Policy) -> int:
+    """The file (mapped once), and per slot (each one a llama.cpp context) its KV cache and buffers."""
     kv = profile.kv_bytes_per_token_layer * policy.n_ctx * profile.n_layers
-    return profile.file_bytes + kv + REPLICA_OVERHEAD_BYTES
+    return profile.file_bytes + max(1, policy.sessions_per_stage) * (kv + REPLICA_OVERHEAD_BYTES)
 
 
 def effective_speeds(peers: Sequence[PeerCapability]) -> dict[NodeId, float]:
@@ -361,9 +353,8 @@ def _plan(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy
                 f"{by_id[s.node_id].name}[{s.layers.first}-{s.layers.last_exclusive})" for s in stages))
             for index, s in enumerate(stages):
                 measured = by_id[s.node_id].tokens_per_second
-                roles[s.node_id] = (f"stage {index + 1}/{len(stages)}: layers [{s.layers.first}, "
-                                    f"{s.layers.last_exclusive}) for a node of {measured:.0f} tok/s and a "
-                                    f"{by_id[s.node_id].memory_budget / 2**20:.0f} MiB budget")
+                roles[s.node_id] = (f"{stage_text(index, len(stages), s.layers)} for a node of {measured:.0f} "
+                                    f"tok/s and a {by_id[s.node_id].memory_budget / 2**20:.0f} MiB budget")
             if policy.strategy == "pipeline":
                 break  # one pipeline of the asked shape; the rest stand by
     for peer in rest:

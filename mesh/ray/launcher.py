@@ -207,8 +207,8 @@ async def run_ray_mesh(options: RayMeshOptions, stop: asyncio.Event) -> None:
         runtime = GatewayRuntime(replace(config, model=str(model_path)), model_path, timeouts=Timeouts())
         slots = assign_slots(alive_nodes(ray.nodes()), options.nodes, options.threads,
                              parse_bytes(options.memory_limit))
-        stages = await asyncio.to_thread(expects_stages, model_path, options.strategy,
-                                         min(s.memory_budget for s in slots), options.n_ctx)
+        stages = expects_stages(runtime.controller.profile, options.strategy, min(s.memory_budget for s in slots),
+                                options.n_ctx)
         # A model given as a path here is the same path on every Ray node (a shared or
         # copied file); 'default' and cached names resolve in each node's own cache.
         model = str(model_path) if Path(options.model).expanduser().is_file() else options.model

@@ -175,16 +175,16 @@ class NodeClient:
             raise error_from_rpc(exc, f"LoadModel on {self.address}") from exc
         return convert.model_from_pb(reply.model)
 
-    async def release_holding(self, model_sha256: str, layers: LayerRange | None, controller_id: str) -> bool:
-        """Release a stage (or, `layers` None, the replica); True when freed now, False when it
-        is freed once its open sessions end."""
+    async def release_holding(self, model_sha256: str, layers: LayerRange | None, controller_id: str) -> str:
+        """Release a stage (or, `layers` None, the replica): 'released' (freed now), 'pending'
+        (freed once its open sessions end) or 'absent' (not held)."""
         request = convert.release_holding_request_to_pb(model_sha256, layers, controller_id)
         try:
             reply = await self._stub.ReleaseHolding(request, timeout=self._timeouts.info_rpc_s,
                                                     metadata=self._meta("ReleaseHolding"))
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"ReleaseHolding on {self.address}") from exc
-        return bool(reply.released)
+        return "released" if reply.released else "pending" if reply.pending else "absent"
 
     async def claim(self, model_sha256: str, controller_id: str, ttl_s: float,
                     give_up: bool = False) -> tuple[bool, str, float]:

@@ -235,7 +235,7 @@ class _Impostor(edgemesh_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._sha = sha
 
     def Info(self, request: object, context: object) -> object:
-        return edgemesh_pb2.NodeInfo(node_id="feedfacefeedface", name="impostor", protocol_version=1,
+        return edgemesh_pb2.NodeInfo(node_id="feedfacefeedface", name="impostor", protocol_version=2,
                                      slots=1, max_queue=8, proof="0" * 64,
                                      models=[edgemesh_pb2.ModelHeld(name="x", sha256=self._sha, n_layers=30,
                                                                     n_ctx=2048)])

@@ -84,7 +84,7 @@ async def raw_code(proc: Proc, key: str, method: str, request: Any) -> tuple[grp
 
 async def release(proc: Proc, key: str, sha: str, layers: LayerRange | None,
                   controller: str = "") -> tuple[bool, bool]:
-    """(released, pending) of a ReleaseHolding (NodeClient folds pending and absent together)."""
+    """(released, pending) of a ReleaseHolding, as the node answers it."""
     reply = await raw(proc, key, "ReleaseHolding", convert.release_holding_request_to_pb(sha, layers, controller))
     return bool(reply.released), bool(reply.pending)
 
@@ -230,7 +230,7 @@ def test_release_holding_frees_a_stage(small_node: Proc, sha: str, module_launch
             assert (await client.info()).stages == ()
             assert metric(small_node, "edgemesh_node_layers_held") == 0
             assert await release(small_node, key, sha, STAGE) == (False, False)  # absent: nothing to do
-            assert not await client.release_holding(sha, STAGE, "")
+            assert await client.release_holding(sha, STAGE, "") == "absent"
 
     asyncio.run(scenario())
 
@@ -295,7 +295,7 @@ def test_a_claim_lets_only_its_holder_load_and_release(stage_node: Proc, sha: st
                 assert (await client.info()).claims == ()
                 again = await client.load_stage(sha, STAGE, n_ctx=64, slots=1, timeout_s=120, controller_id="gw-b")
                 assert again == held  # the same stage, not loaded twice
-                assert await client.release_holding(sha, STAGE, "gw-b")
+                assert await client.release_holding(sha, STAGE, "gw-b") == "released"
                 assert (await client.info()).stages == ()
             finally:
                 await client.claim(sha, "gw-a", 0.0, give_up=True)
@@ -375,7 +375,7 @@ def test_bad_input_gets_invalid_argument_and_the_node_serves_on(auto_node: Proc,
             info = await client.info()
             assert info.stages == () and info.models == () and info.claims == ()
             await client.load_stage(sha, STAGE, n_ctx=64, slots=1, timeout_s=120)
-            assert await client.release_holding(sha, STAGE, "")
+            assert await client.release_holding(sha, STAGE, "") == "released"
 
     asyncio.run(scenario())
 

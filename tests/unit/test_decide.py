@@ -48,7 +48,8 @@ def test_with_nothing_running_the_fresh_plan_is_the_initial_placement() -> None:
     assert decision.placements == fresh.placements and decision.plan == fresh
     assert decision.spares == fresh.spares
     assert dict(decision.roles) == dict(fresh.roles)
-    assert (decision.n_ctx, decision.prefill_chunk) == (fresh.n_ctx, fresh.prefill_chunk)
+    assert decision.n_ctx == fresh.n_ctx
+    assert set(decision.shapes) == {(fresh.n_ctx, fresh.prefill_chunk)}
 
 
 def test_with_too_little_memory_nothing_is_placed_and_every_node_says_why() -> None:
@@ -248,3 +249,33 @@ def test_a_converged_first_plan_is_not_switched_for_the_planners_next_answer() -
     first = plan(peers, PROFILE, POLICY)
     decision = decide(held(peers, list(first.placements)), PROFILE, POLICY, list(first.placements), may_switch=True)
     assert decision.change == "keep"
+
+
+# ---------------------------------------------------------------------------- what a failure took away comes back
+
+
+def test_a_context_shrunk_after_a_failure_comes_back_with_the_node() -> None:
+    policy = Policy(n_ctx=2048)
+    three = [peer(1, 70), peer(2, 70), peer(3, 70)]
+    full = plan(three, PROFILE, policy)
+    two = plan(three[:2], PROFILE, policy)
+    assert two.feasible and two.n_ctx < full.n_ctx  # two nodes fit the model only with a shorter context
+    running = two.placements[0]
+    back = decide(held(three, [running]), PROFILE, policy, [running], current_ctx=two.n_ctx)
+    assert back.change == "context" and back.n_ctx == full.n_ctx
+    assert len(back.placements[0].stages) == 3
+    assert decide(held(three, [running]), PROFILE, policy, [running], may_switch=False,
+                  current_ctx=two.n_ctx).change == "keep"
+
+
+def test_an_asked_stage_count_serves_with_fewer_nodes_and_comes_back_when_they_do() -> None:
+    asked = Policy(n_ctx=512, strategy="pipeline", stages=3)
+    two = [peer(1, 400), peer(2, 400)]
+    early = decide(two, PROFILE, asked, [])
+    assert early.change == "initial" and [len(p.stages) for p in early.placements] == [2]
+    three = [*two, peer(3, 400)]
+    later = decide(held(three, list(early.placements)), PROFILE, asked, list(early.placements))
+    assert later.change == "shape" and [len(p.stages) for p in later.placements] == [3]
+    # Once it has the asked shape, it keeps it.
+    settled = decide(held(three, list(later.placements)), PROFILE, asked, list(later.placements))
+    assert settled.change == "keep" and settled.placements == later.placements

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from mesh.placement.controller import held_by, holdings_of, routes, stage_shapes
 from mesh.placement.decide import decide
+from mesh.placement.holdings import held_by, holdings_of, stage_shapes
 from mesh.placement.planner import Policy
 from mesh.placement.reports import capabilities, capability, policy_for
+from mesh.placement.routes import routable as routes
 from mesh.placement.routes import stage_slots
 from mesh.types import LayerRange, ModelHeld, ModelSha, NodeId, NodeInfo, Placement, StageHeld, StagePlacement
 from tests.unit.test_planner import PROFILE, MiB, peer
@@ -169,8 +170,26 @@ def test_new_stages_load_with_the_decisions_context_and_chunk() -> None:
     decision = decide(peers, PROFILE, Policy(n_ctx=2048), [])
     assert decision.placements and decision.n_ctx < 2048
     shapes = stage_shapes(decision, [info(1), info(2), info(3)], SHA)
-    assert shapes == {(s.node_id, s.layers): (decision.n_ctx, decision.prefill_chunk)
-                      for p in decision.placements for s in p.stages}
+    assert shapes == {(s.node_id, s.layers): shape for p, shape in zip(decision.placements, decision.shapes,
+                                                                       strict=True) for s in p.stages}
+    assert {shape[0] for shape in decision.shapes} == {decision.n_ctx}
+
+
+def test_a_placement_planned_on_free_nodes_loads_with_the_shape_it_was_sized_for() -> None:
+    """A node that joins a running pipeline is planned on its own: when that plan had to shrink
+    the context to fit, its stages load shrunk, not with the running pipeline's context."""
+    running = pipeline((1, 0, 10), (2, 10, 20), (3, 20, N))
+    infos = [info(i, memory_budget=400 * MiB, stages=(stage(a, b, n_ctx=2048, chunk=512),))
+             for i, (a, b) in ((1, (0, 10)), (2, (10, 20)), (3, (20, N)))]
+    infos += [info(4, memory_budget=57 * MiB), info(5, memory_budget=57 * MiB), info(6, memory_budget=57 * MiB)]
+    decision = decide(capabilities(infos, SHA), PROFILE, Policy(n_ctx=2048, strategy="auto"), [running],
+                      may_switch=False)
+    assert decision.change == "extend" and len(decision.placements) == 2
+    shapes = stage_shapes(decision, infos, SHA)
+    extra = decision.placements[1]
+    assert {shapes[(s.node_id, s.layers)] for s in extra.stages} == {decision.shapes[1]}
+    assert decision.shapes[1][0] < 2048  # shrunk to fit the small nodes
+    assert {shapes[(s.node_id, s.layers)] for s in running.stages} == {(2048, 512)}
 
 
 def test_a_repaired_pipeline_loads_its_new_stage_with_the_shape_the_survivors_stream_with() -> None:

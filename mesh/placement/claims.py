@@ -1,0 +1,80 @@
+"""The controller's side of the placement claims (node.claims has the node's side).
+
+A controller may change what nodes hold only while it holds every ready node's claim for
+the model. The claims are leases: renewed by a background task every third of their
+lifetime, for as long as the controller holds them (a round that loads a big model for
+minutes keeps them), given up when the gateway stops, and lapsing on their own when it
+vanishes. When two controllers each hold some claims, the one with the lower id keeps
+going and the other gives its claims up, so they never converge the nodes both at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from mesh.errors import EdgeMeshError
+from mesh.membership import Membership
+from mesh.types import ModelSha, NodeId, NodeInfo
+
+log = logging.getLogger(__name__)
+
+
+class ClaimKeeper:
+    def __init__(self, membership: Membership, model_sha: ModelSha, controller_id: str, ttl_s: float) -> None:
+        self._membership = membership
+        self._model_sha = model_sha
+        self.controller_id = controller_id
+        self._ttl_s = ttl_s
+        self.claimed: set[NodeId] = set()
+        self.rival = ""  # the controller that holds claims we wanted, if any
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._renew())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.give_up(set(self.claimed))
+
+    async def _claim(self, node: NodeId, give_up: bool = False) -> tuple[bool, str]:
+        client = self._membership.client_for(node)
+        if client is None:
+            return False, ""
+        try:
+            granted, holder, _ = await client.claim(self._model_sha, self.controller_id,
+                                                    0.0 if give_up else self._ttl_s, give_up=give_up)
+        except EdgeMeshError as exc:
+            log.warning("claim on %s failed: %s", self._membership.name_of(node), exc)
+            return False, ""
+        return granted, holder
+
+    async def claim_all(self, infos: Sequence[NodeInfo]) -> bool:
+        """Claim (or renew) every ready node; True when this controller may act."""
+        nodes = [i.node_id for i in infos]
+        answers = await asyncio.gather(*(self._claim(n) for n in nodes))
+        self.claimed = {n for n, (granted, _) in zip(nodes, answers, strict=True) if granted}
+        rivals = {holder for granted, holder in answers if not granted and holder}
+        self.rival = min(rivals, default="")
+        if rivals and min(rivals) < self.controller_id:
+            # Another gateway has precedence: let it converge the nodes alone.
+            await self.give_up(set(self.claimed))
+            return False
+        return not rivals and len(self.claimed) == len(nodes)
+
+    async def give_up(self, nodes: set[NodeId]) -> None:
+        await asyncio.gather(*(self._claim(n, give_up=True) for n in nodes))
+        self.claimed -= nodes
+
+    async def _renew(self) -> None:
+        """Keep the claims held while a round runs long (a load of minutes)."""
+        while True:
+            await asyncio.sleep(self._ttl_s / 3)
+            for node in list(self.claimed):
+                granted, _ = await self._claim(node)
+                if not granted:
+                    self.claimed.discard(node)

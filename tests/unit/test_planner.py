@@ -117,6 +117,9 @@ def best_bottleneck(profile: ModelProfile, policy: Policy, order: Sequence[PeerC
     return best
 
 
+THIRDS = (LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30))
+
+
 # ---------------------------------------------------------------------------- roles and memory
 
 
@@ -246,7 +249,7 @@ def test_strategy_pipeline_with_stages_0_uses_every_node() -> None:
     result = plan(peers, PROFILE, PIPELINE)
     check(result, peers)
     assert [p.kind for p in result.placements] == ["pipeline"]
-    assert [s.layers for s in result.placements[0].stages] == [LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30)]
+    assert [s.layers for s in result.placements[0].stages] == list(THIRDS)
     assert not result.spares
     assert all(r.startswith("stage ") and "/3" in r for _, r in result.roles)
 
@@ -301,7 +304,7 @@ def test_a_much_slower_node_gets_fewer_layers() -> None:
     assert result.placements[0].stages[-1].node_id == "node03"
     speeds = effective_speeds(peers)
     even = Placement("pipeline", PROFILE.sha256, PROFILE.name,
-                     tuple(StagePlacement(p.node_id, r) for p, r in zip(peers, (LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30)), strict=True)))
+                     tuple(StagePlacement(p.node_id, r) for p, r in zip(peers, THIRDS, strict=True)))
     assert bottleneck(result.placements[0], speeds) < bottleneck(even, speeds)
 
 

@@ -301,9 +301,10 @@ class Session:
         self._s._metrics.failover_detect.observe(detected_at - self._last_event_at)
         failed = self._placement
         culprit = _culprit(failed, cause) if failed else None
+        name = self._s._membership.name_of
+        who = name(culprit) if culprit else (",".join(name(n) for n in failed.node_ids) if failed else "?")
         log.warning("request %s: %s failed after %d tokens (%s); replaying on another placement",
-                    self.request.request_id, culprit or (",".join(failed.node_ids) if failed else "?"),
-                    len(self.generated), cause)
+                    self.request.request_id, who, len(self.generated), cause)
         await self._release()
         excluded = {culprit} if culprit else set(failed.node_ids if failed else ())
         for node_id in excluded:
@@ -337,7 +338,7 @@ class Session:
         self._s._metrics.failover_recover.observe(time.monotonic() - detected_at)
         self._s._metrics.retries.labels("midstream_failover").inc()
         self._s._metrics.failover(failed.kind if failed else "?", placement.kind, "node_error",
-                                  f"{culprit or '?'} failed after {len(self.generated)} tokens")
+                                  f"{who} failed after {len(self.generated)} tokens")
         self._s._metrics.replayed_tokens.inc(len(self.generated))
 
 

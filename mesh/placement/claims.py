@@ -42,6 +42,7 @@ class ClaimKeeper:
         await self.give_up(set(self.claimed))
 
     async def _claim(self, node: NodeId, give_up: bool = False) -> tuple[bool, str]:
+        """(granted, holder); holder "" when the node did not answer."""
         client = self._membership.client_for(node)
         if client is None:
             return False, ""
@@ -53,18 +54,20 @@ class ClaimKeeper:
             return False, ""
         return granted, holder
 
-    async def claim_all(self, infos: Sequence[NodeInfo]) -> bool:
-        """Claim (or renew) every ready node; True when this controller may act."""
+    async def claim_all(self, infos: Sequence[NodeInfo]) -> tuple[bool, set[NodeId]]:
+        """Claim (or renew) every ready node: (whether this controller may act, the nodes that
+        did not answer). A node that does not answer is left out of the plan (it is most likely
+        failing, and membership will say so); a node held by another controller stops us."""
         nodes = [i.node_id for i in infos]
         answers = await asyncio.gather(*(self._claim(n) for n in nodes))
         self.claimed = {n for n, (granted, _) in zip(nodes, answers, strict=True) if granted}
+        silent = {n for n, (granted, holder) in zip(nodes, answers, strict=True) if not granted and not holder}
         rivals = {holder for granted, holder in answers if not granted and holder}
         self.rival = min(rivals, default="")
         if rivals and min(rivals) < self.controller_id:
             # Another gateway has precedence: let it converge the nodes alone.
             await self.give_up(set(self.claimed))
-            return False
-        return not rivals and len(self.claimed) == len(nodes)
+        return not rivals and bool(self.claimed), silent
 
     async def give_up(self, nodes: set[NodeId]) -> None:
         await asyncio.gather(*(self._claim(n, give_up=True) for n in nodes))

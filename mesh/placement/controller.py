@@ -81,6 +81,7 @@ class PlacementController:
         self._pending_reason = ""
         self._changed_at = time.monotonic()
         self._round_started = 0.0
+        self._served_ctx = 0  # the longest context a placement of ours served: restored after a failure
         self.active = False
         self.decision: Decision | None = None
         # What this controller converges the nodes to, across rounds: a switch in progress is
@@ -165,7 +166,10 @@ class PlacementController:
     async def _round(self, urgent: bool) -> None:
         started = self._round_started = time.monotonic()
         infos = self._ready_infos()
-        self.active = self.settings.acting and await self.claims.claim_all(infos)
+        self.active = False
+        if self.settings.acting:
+            self.active, silent = await self.claims.claim_all(infos)
+            infos = [i for i in infos if i.node_id not in silent]
         peers = capabilities(infos, self.model_sha)
         policy = policy_for(infos, self.model_sha, self.settings.strategy, self.settings.stages)
         running = routable(infos, self.model_sha)
@@ -173,7 +177,8 @@ class PlacementController:
         if not self.active:
             # Only routing: what runs is the nodes' (another gateway, or --no-placement), and
             # our own target is forgotten, so a later take-over starts from what runs then.
-            self._target = ()
+            if self.claims.rival or not self.settings.acting:
+                self._target = ()
             self.decision = decide(peers, self.profile, policy, running, may_switch=False,
                                    current_ctx=_context(infos, self.model_sha))
             self.converged = holdings_of(self.decision.placements) <= held_by(infos, self.model_sha)
@@ -184,7 +189,8 @@ class PlacementController:
         # (a gateway that restarted, or took over from another one).
         current = target if target or broken else running
         may_switch = started - self._last_switch >= self.settings.switch_every_s
-        decision = decide(peers, self.profile, policy, current, may_switch, broken, _context(infos, self.model_sha))
+        decision = decide(peers, self.profile, policy, current, may_switch, broken, _context(infos, self.model_sha),
+                          self._served_ctx)
         unsettled = self.settings.settle_s - (started - self._changed_at)
         if decision.change == "initial" and unsettled > 0 and not urgent:
             # Devices started together join within moments of each other: plan them
@@ -200,7 +206,7 @@ class PlacementController:
                     log.info("placement: a %s plan does not fit beside the running one while it serves; "
                              "keeping the running one for now", decision.change)
                     decision = decide(peers, self.profile, policy, current, False, broken,
-                                      _context(infos, self.model_sha))
+                                      _context(infos, self.model_sha), self._served_ctx)
                 else:
                     release_first = True  # idle: let the old placement go first
         previous, self.decision, self._target = self.decision, decision, decision.placements
@@ -209,6 +215,7 @@ class PlacementController:
         infos = self._ready_infos()
         self.converged = holdings_of(decision.placements) <= held_by(infos, self.model_sha)
         if self.converged and decision.placements:
+            self._served_ctx = max(self._served_ctx, _context(infos, self.model_sha))
             await self._release_redundant(decision, infos)
         if changed or _placements(previous) != decision.placements:
             self._record(decision, started, changed)

@@ -8,9 +8,9 @@ flight are never disturbed. A pipeline that lost a node is repaired by giving th
 stages, whole, to free nodes whose memory holds them. Nodes left free are planned on their
 own (a node that joins becomes a replica, another pipeline or a spare). The whole fresh
 plan replaces what runs only when `may_switch` (the controller spaces such switches apart)
-and it is clearly better: more than IMPROVEMENT faster per token, more placements, a longer
-context (one shrunk after a failure comes back when the nodes do), or the stage count asked
-for when what runs has fewer.
+and it is clearly better: more than IMPROVEMENT faster per token, more placements, back the
+longer context the mesh served before a failure shrank it (`restore_ctx`), or the stage count
+asked for when what runs has fewer.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ def best_token_seconds(placements: Sequence[Placement], peers: Sequence[PeerCapa
 
 def decide(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy,
            current: Sequence[Placement], may_switch: bool = True, broken: Sequence[Placement] = (),
-           current_ctx: int = 0) -> Decision:
+           current_ctx: int = 0, restore_ctx: int = 0) -> Decision:
     """`current`: placements to keep (all their nodes ready); `broken`: pipelines that lost a
-    node; `current_ctx`: the smallest context what runs serves (0: unknown)."""
+    node; `current_ctx`: the smallest context what runs serves (0: unknown); `restore_ctx`:
+    the context the mesh served before (a longer one than now is worth a switch back)."""
     asked = policy.stages
     candidates = sum(1 for p in peers if p.has_file)
     if 0 < candidates < policy.stages:
@@ -106,7 +107,7 @@ def decide(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Polic
             change = "repair" if repaired else "extend"
     n_ctx = min([current_ctx or fresh.n_ctx, *(c for c, _ in shapes if c)])
     if may_switch and fresh.feasible and not repaired:
-        reason = _better(fresh, kept, peers, profile, asked, n_ctx)
+        reason = _better(fresh, kept, peers, profile, asked, n_ctx, restore_ctx)
         if reason:
             return _decision(fresh.placements, [fresh_shape] * len(fresh.placements), peers, fresh, reason,
                              planned, policy, fresh.n_ctx)
@@ -114,15 +115,15 @@ def decide(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Polic
 
 
 def _better(fresh: Plan, kept: Sequence[Placement], peers: Sequence[PeerCapability], profile: ModelProfile,
-            asked_stages: int, kept_ctx: int) -> str:
+            asked_stages: int, kept_ctx: int, restore_ctx: int) -> str:
     """Why the fresh plan should replace what runs ('' when it should not)."""
     if best_token_seconds(fresh.placements, peers, profile.n_layers) < \
             (1 - IMPROVEMENT) * best_token_seconds(kept, peers, profile.n_layers):
         return "better"
     if len(fresh.placements) > len(kept):
         return "capacity"
-    if kept_ctx and fresh.n_ctx > kept_ctx:
-        return "context"
+    if kept_ctx and kept_ctx < restore_ctx and fresh.n_ctx > kept_ctx:
+        return "context"  # a joining node never triggers it: only a context the mesh had is restored
     longest = max((len(p.stages) for p in kept if p.kind == "pipeline"), default=0)
     if asked_stages and longest < asked_stages and \
             any(len(p.stages) == asked_stages for p in fresh.placements if p.kind == "pipeline"):

@@ -91,7 +91,8 @@ def test_sigterm_drains_in_flight_stream_then_exits(launcher: Launcher, default_
 
     def long_request() -> None:
         result["r"] = httpx.post(f"{url}/v1/completions", timeout=120, json={
-            "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 200, "temperature": 0, "stream": True})
+            # Long enough (several seconds) to be mid-stream when SIGTERM comes 1.5 s in.
+            "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 800, "temperature": 0, "stream": True})
 
     client = threading.Thread(target=long_request)
     client.start()

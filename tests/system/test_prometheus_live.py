@@ -180,8 +180,8 @@ def test_dashboards_and_alerts_against_a_live_mesh(launcher: Launcher, default_m
     node_targets = [f"127.0.0.1:{n.ready[2]}" for n in nodes]
     assert httpx.get(f"{url}/api/prometheus/targets", timeout=10).status_code == 401
     listed = httpx.get(f"{url}/api/prometheus/targets", headers=auth, timeout=10).json()
-    assert sorted((t["targets"], t["labels"]["name"]) for t in listed) == [
-        ([target], f"node-{i}") for i, target in enumerate(node_targets, 1)]
+    assert sorted((t["labels"]["name"], t["targets"]) for t in listed) == [
+        (f"node-{i}", [target]) for i, target in enumerate(node_targets, 1)]
     assert {t["labels"]["node_id"] for t in listed} == {n.ready[3] for n in nodes}
 
     key_file = tmp_path / "api-key"

@@ -261,11 +261,16 @@ def test_a_context_shrunk_after_a_failure_comes_back_with_the_node() -> None:
     two = plan(three[:2], PROFILE, policy)
     assert two.feasible and two.n_ctx < full.n_ctx  # two nodes fit the model only with a shorter context
     running = two.placements[0]
-    back = decide(held(three, [running]), PROFILE, policy, [running], current_ctx=two.n_ctx)
+    back = decide(held(three, [running]), PROFILE, policy, [running], current_ctx=two.n_ctx,
+                  restore_ctx=full.n_ctx)
     assert back.change == "context" and back.n_ctx == full.n_ctx
     assert len(back.placements[0].stages) == 3
     assert decide(held(three, [running]), PROFILE, policy, [running], may_switch=False,
-                  current_ctx=two.n_ctx).change == "keep"
+                  current_ctx=two.n_ctx, restore_ctx=full.n_ctx).change == "keep"
+    # A node that joins a mesh that never served more does not trigger it: it stands by.
+    joined = decide(held(three, [running]), PROFILE, policy, [running], current_ctx=two.n_ctx,
+                    restore_ctx=two.n_ctx)
+    assert joined.change == "keep" and joined.placements == (running,)
 
 
 def test_an_asked_stage_count_serves_with_fewer_nodes_and_comes_back_when_they_do() -> None:

@@ -200,8 +200,8 @@ def test_dashboards_and_alerts_against_a_live_mesh(launcher: Launcher, default_m
 
         prom.wait_until(targets_up, 30, "3 targets up (2 of them found through the gateway)")
         found = [t for t in prom.api("targets")["activeTargets"] if t["labels"]["job"] == "edgemesh-node"]
-        assert sorted((t["labels"]["instance"], t["labels"]["name"]) for t in found) == [
-            (target, f"node-{i}") for i, target in enumerate(node_targets, 1)]
+        assert sorted((t["labels"]["name"], t["labels"]["instance"]) for t in found) == [
+            (f"node-{i}", target) for i, target in enumerate(node_targets, 1)]
         assert all("state" not in t["labels"] and t["labels"]["node_id"] for t in found), found
         # honor_labels: the node's own identity series keeps node_id and name as they are.
         info = prom.query("edgemesh_node_info")["data"]["result"]

@@ -75,6 +75,19 @@ class Proc:
         return self.popen.returncode
 
 
+def wait_for_ready_file(proc: Proc, ready: Path, timeout_s: float = START_TIMEOUT_S) -> list[str]:
+    """The fields of a process's ready file once it has written it; raises with the end of the
+    process's log when it exits first or takes longer than `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (ready.exists() and ready.read_text().strip()):
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.name} not ready after {timeout_s}s:\n{proc.log()[-4000:]}")
+        time.sleep(0.05)
+    return ready.read_text().split()
+
+
 class Launcher:
     """Starts `python -m mesh.cli ...` processes and waits for their ready files."""
 
@@ -96,14 +109,7 @@ class Launcher:
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
         if wait_ready:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not (ready.exists() and ready.read_text().strip()):
-                if popen.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {popen.returncode}:\n{proc.log()[-4000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} not ready after {START_TIMEOUT_S}s:\n{proc.log()[-4000:]}")
-                time.sleep(0.1)
-            proc.ready = ready.read_text().split()
+            proc.ready = wait_for_ready_file(proc, ready)
         return proc
 
     def node(self, name: str, model: Path, *extra: str) -> Proc:

@@ -48,7 +48,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, START_TIMEOUT_S, Proc
+from tests.conftest import REPO, START_TIMEOUT_S, Proc, wait_for_ready_file
 from tests.system.netns import TestNet, unavailable_reason
 
 _UNAVAILABLE = unavailable_reason()
@@ -113,15 +113,7 @@ class Mesh:
     def wait_ready(self, proc: Proc) -> list[str]:
         if proc.ready:
             return proc.ready
-        ready = self.workdir / f"{proc.name}.ready"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not (ready.exists() and ready.read_text().strip()):
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{proc.name} not ready after {START_TIMEOUT_S}s:\n{proc.log()[-4000:]}")
-            time.sleep(0.05)
-        proc.ready = ready.read_text().split()
+        proc.ready = wait_for_ready_file(proc, self.workdir / f"{proc.name}.ready")
         if proc.name in self.nodes:
             self.ids[proc.name] = proc.ready[3]
         return proc.ready

@@ -4,8 +4,10 @@ A controller may change what nodes hold only while it holds every ready node's c
 the model. The claims are leases: renewed by a background task every third of their
 lifetime, for as long as the controller holds them (a round that loads a big model for
 minutes keeps them), given up when the gateway stops, and lapsing on their own when it
-vanishes. When two controllers each hold some claims, the one with the lower id keeps
-going and the other gives its claims up, so they never converge the nodes both at once.
+vanishes. A controller that holds no claim and sees another's in the nodes' Info stays out
+(it does not even claim a node that just joined); when two controllers each hold some claims
+(they started together), the one with the lower id keeps going and the other gives its
+claims up, so they never converge the nodes both at once.
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ class ClaimKeeper:
         """Claim (or renew) every ready node: (whether this controller may act, the nodes that
         did not answer). A node that does not answer is left out of the plan (it is most likely
         failing, and membership will say so); a node held by another controller stops us."""
+        foreign = {c.controller_id for i in infos for c in i.claims
+                   if c.model_sha256 == self._model_sha and c.controller_id != self.controller_id}
+        if foreign and not self.claimed:
+            # Another gateway places the model (its claims are in the nodes' Info): leave it be,
+            # and do not grab a node that just joined, which would split the claims between us.
+            self.rival = min(foreign)
+            return False, set()
         nodes = [i.node_id for i in infos]
         answers = await asyncio.gather(*(self._claim(n) for n in nodes))
         self.claimed = {n for n, (granted, _) in zip(nodes, answers, strict=True) if granted}

@@ -50,12 +50,9 @@ def format_status(cluster: dict[str, Any]) -> str:
         stages = ", ".join(f"{s.get('name') or s['node']}[{s['layers'][0]}-{s['layers'][1]}]"
                            for s in placement.get("stages", []))
         lines.append(f"placement {placement.get('kind')}: {stages}")
-    roles = (cluster.get("placement") or {}).get("roles") or {}
-    for node in cluster.get("nodes", []):
+    for node in cluster.get("nodes", []):  # role_reason is the controller's reason for the node's role
         if node.get("role_reason"):
             lines.append(f"  {node.get('name')}: {node['role_reason']}")
-        elif node.get("id") in roles:
-            lines.append(f"  {node.get('name')}: {roles[node['id']]}")
     routing = cluster.get("routing") or {}
     cloud = routing.get("cloud")
     cloud_text = "none configured" if not cloud else \

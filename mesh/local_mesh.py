@@ -94,6 +94,13 @@ def threads_per_node(nodes: int, requested: int) -> int:
     return max(1, (os.cpu_count() or 1) // nodes)
 
 
+def asked_stages(strategy: str, stages: int, nodes: int) -> int:
+    """The stage count a launcher asks the controller for: an explicit pipeline spans every
+    node it starts unless told otherwise (said outright, so that a pipeline planned before
+    all of them joined grows to that shape when they have)."""
+    return stages or (nodes if strategy == "pipeline" else 0)
+
+
 def expects_stages(profile: ModelProfile, strategy: str, memory_limit: str | int, n_ctx: int) -> bool:
     """Whether the nodes will most likely serve layer ranges (so each should use every core
     in its turn) rather than whole replicas side by side. Only sets threads: the placement is
@@ -201,8 +208,7 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
                            api_key=options.api_key, model=str(model_path), policy=options.policy,
                            cloud_url=options.cloud_url, cloud_model=options.cloud_model,
                            cloud_key_env=options.cloud_key_env, strategy=options.strategy,
-                           # an explicit pipeline spans every node unless told otherwise
-                           stages=options.stages or (options.nodes if options.strategy == "pipeline" else 0))
+                           stages=asked_stages(options.strategy, options.stages, options.nodes))
     check_bind_is_safe(config)
     runtime = GatewayRuntime(config, model_path, timeouts=Timeouts())
     if not parse_bytes(options.memory_limit):

@@ -28,8 +28,8 @@ def print_dry_run(model: str, nodes: int, memory_limit: str, n_ctx: int, strateg
     budget = limit if limit else memory().free // nodes
     peers = [PeerCapability(NodeId(f"node-{i + 1}"), f"node-{i + 1}", budget, speeds[i] if i < len(speeds) else 0.0)
              for i in range(nodes)]
-    wanted = stages or (nodes if strategy == "pipeline" else 0)  # as `edgemesh up` asks the controller
-    result = plan(peers, model_profile(path, file_sha256(path)), Policy(n_ctx=n_ctx, strategy=strategy, stages=wanted))
+    # With --strategy pipeline and no --stages, the planner spans every node, as `edgemesh up` asks.
+    result = plan(peers, model_profile(path, file_sha256(path)), Policy(n_ctx=n_ctx, strategy=strategy, stages=stages))
     for placement in result.placements:
         sys.stdout.write(f"{placement.kind}: " + ", ".join(
             f"{s.node_id} layers [{s.layers.first}, {s.layers.last_exclusive})" for s in placement.stages) + "\n")

@@ -181,9 +181,6 @@ class Scheduler:
             await self.replanner.replan(f"failure of {culprit}")
             return self._pick(exclude)
 
-    def in_use(self) -> set[NodeId]:
-        return {n for n, count in self._outstanding.items() if count > 0}
-
 
 class Session:
     """One request's life: its placement, its token history, its failovers."""

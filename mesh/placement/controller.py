@@ -36,6 +36,7 @@ from mesh.placement.decide import Decision, decide
 from mesh.placement.holdings import (
     Holding,
     held_by,
+    holding_text,
     holdings_of,
     nodes_without_room,
     order,
@@ -89,7 +90,6 @@ class PlacementController:
         self._target: tuple[Placement, ...] = ()
         self.converged = False
         self.history: list[dict[str, Any]] = []  # the last changes, newest last
-        self.load_calls = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -254,9 +254,8 @@ class PlacementController:
         if client is None:
             return
         for layers in items:
-            what = "the whole model" if layers is None else f"layers [{layers.first}, {layers.last_exclusive})"
+            what = holding_text(layers)
             log.info("placement: loading %s on %s", what, self.membership.name_of(node))
-            self.load_calls += 1
             try:
                 if layers is None:
                     await client.load_model(self.model_sha, 0, self.settings.load_timeout_s, self.controller_id)
@@ -285,7 +284,7 @@ class PlacementController:
         client = self.membership.client_for(node)
         if client is None:
             return
-        what = "the whole model" if layers is None else f"layers [{layers.first}, {layers.last_exclusive})"
+        what = holding_text(layers)
         try:
             outcome = await client.release_holding(self.model_sha, layers, self.controller_id)
         except EdgeMeshError as exc:

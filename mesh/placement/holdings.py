@@ -24,6 +24,11 @@ def held_by(infos: Sequence[NodeInfo], model_sha: ModelSha) -> set[Holding]:
     return held
 
 
+def holding_text(layers: LayerRange | None) -> str:
+    """A holding as log lines name it (`layers` None: the replica)."""
+    return "the whole model" if layers is None else f"layers [{layers.first}, {layers.last_exclusive})"
+
+
 def order(holding: Holding) -> tuple[str, int]:
     node, layers = holding
     return node, -1 if layers is None else layers.first

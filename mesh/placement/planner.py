@@ -353,8 +353,9 @@ def _plan(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Policy
                 f"{by_id[s.node_id].name}[{s.layers.first}-{s.layers.last_exclusive})" for s in stages))
             for index, s in enumerate(stages):
                 measured = by_id[s.node_id].tokens_per_second
-                roles[s.node_id] = (f"{stage_text(index, len(stages), s.layers)} for a node of {measured:.0f} "
-                                    f"tok/s and a {by_id[s.node_id].memory_budget / 2**20:.0f} MiB budget")
+                speed = f"{measured:.0f} tok/s" if measured > 0 else "unmeasured speed"
+                roles[s.node_id] = (f"{stage_text(index, len(stages), s.layers)} for a node of {speed} and a "
+                                    f"{by_id[s.node_id].memory_budget / 2**20:.0f} MiB budget")
             if policy.strategy == "pipeline":
                 break  # one pipeline of the asked shape; the rest stand by
     for peer in rest:

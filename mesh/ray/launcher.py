@@ -28,6 +28,7 @@ from mesh.local_mesh import (
     NODE_START_TIMEOUT_S,
     NODE_STOP_GRACE_S,
     announce,
+    asked_stages,
     expects_stages,
     wait_for_placement,
 )
@@ -192,7 +193,7 @@ async def run_ray_mesh(options: RayMeshOptions, stop: asyncio.Event) -> None:
                            model=options.model, discovery=False, policy=options.policy,
                            cloud_url=options.cloud_url, cloud_model=options.cloud_model,
                            cloud_key_env=options.cloud_key_env, strategy=options.strategy,
-                           stages=options.stages or (options.nodes if options.strategy == "pipeline" else 0))
+                           stages=asked_stages(options.strategy, options.stages, options.nodes))
     check_bind_is_safe(config)  # before anything slow or anything on the cluster
     ray = connect(options.address, options.namespace)
     # ray.init replaces the SIGTERM handler with sys.exit; give it back to the stop event

@@ -32,7 +32,7 @@ from mesh.errors import CapacityExhausted, EdgeMeshError
 from mesh.membership import Membership
 from mesh.metrics import GatewayMetrics
 from mesh.placement.claims import ClaimKeeper
-from mesh.placement.decide import Decision, decide
+from mesh.placement.decide import AS_HELD, Decision, decide
 from mesh.placement.holdings import (
     Holding,
     held_by,
@@ -88,6 +88,7 @@ class PlacementController:
         # What this controller converges the nodes to, across rounds: a switch in progress is
         # finished, not forgotten, and what nodes still drain is not mistaken for a placement.
         self._target: tuple[Placement, ...] = ()
+        self._sized: dict[Placement, tuple[int, int]] = {}  # the shape each target placement was planned with
         self.converged = False
         self.history: list[dict[str, Any]] = []  # the last changes, newest last
 
@@ -178,7 +179,7 @@ class PlacementController:
             # Only routing: what runs is the nodes' (another gateway, or --no-placement), and
             # our own target is forgotten, so a later take-over starts from what runs then.
             if self.claims.rival or not self.settings.acting:
-                self._target = ()
+                self._target, self._sized = (), {}
             self.decision = decide(peers, self.profile, policy, running, may_switch=False,
                                    current_ctx=_context(infos, self.model_sha))
             self.converged = holdings_of(self.decision.placements) <= held_by(infos, self.model_sha)
@@ -210,6 +211,9 @@ class PlacementController:
                 else:
                     release_first = True  # idle: let the old placement go first
         previous, self.decision, self._target = self.decision, decision, decision.placements
+        self._sized = {p: s if s != AS_HELD else self._sized[p] for p, s in zip(decision.placements, decision.shapes,
+                                                                                 strict=True)
+                       if s != AS_HELD or p in self._sized}
         changed = await self._converge(decision, infos, running, release_first)
         await self.membership.refresh()
         infos = self._ready_infos()
@@ -241,7 +245,7 @@ class PlacementController:
         by_node: dict[NodeId, list[LayerRange | None]] = {}
         for node, layers in missing:
             by_node.setdefault(node, []).append(layers)
-        shapes = stage_shapes(decision, infos, self.model_sha)
+        shapes = stage_shapes(decision, infos, self.model_sha, self._sized)
         addresses = {m.info.node_id: m.address for m in self.membership.ready() if m.info is not None}
         sources = [(n, addresses[n]) for n in whole_file_holders(infos, self.model_sha) if n in addresses]
         await asyncio.gather(*(self._load_all(node, items, shapes, decision.slots, sources)

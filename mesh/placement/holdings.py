@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from mesh.placement.decide import AS_HELD, Decision
 from mesh.placement.planner import ModelProfile, Policy, replica_bytes, stage_bytes
@@ -34,10 +34,12 @@ def order(holding: Holding) -> tuple[str, int]:
     return node, -1 if layers is None else layers.first
 
 
-def stage_shapes(decision: Decision, infos: Sequence[NodeInfo], model_sha: ModelSha) -> dict[Holding, tuple[int, int]]:
+def stage_shapes(decision: Decision, infos: Sequence[NodeInfo], model_sha: ModelSha,
+                 sized: Mapping[Placement, tuple[int, int]] | None = None) -> dict[Holding, tuple[int, int]]:
     """(n_ctx, prefill chunk) to load each missing stage with: the shape its pipeline's stages
     already have (a repaired pipeline keeps the context it streams with), else the one the
-    decision sized that placement for."""
+    decision sized that placement for, else the one an earlier decision did (`sized`: a kept
+    placement whose load failed is retried with the shape it was planned with)."""
     held = {(i.node_id, s.layers): s for i in infos for s in i.stages if s.model_sha256 == model_sha}
     shapes: dict[Holding, tuple[int, int]] = {}
     for placement, planned in zip(decision.placements, decision.shapes, strict=True):
@@ -47,7 +49,7 @@ def stage_shapes(decision: Decision, infos: Sequence[NodeInfo], model_sha: Model
         if any(h.n_ctx for h in present):
             shape = (min(h.n_ctx for h in present if h.n_ctx), min(h.prefill_chunk for h in present))
         else:
-            shape = planned if planned != AS_HELD else (decision.n_ctx, 512)
+            shape = planned if planned != AS_HELD else (sized or {}).get(placement, (decision.n_ctx, 512))
         shapes.update({(s.node_id, s.layers): shape for s in placement.stages})
     return shapes
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from mesh.placement.decide import decide
+from mesh.placement.decide import AS_HELD, decide
 from mesh.placement.holdings import held_by, holdings_of, stage_shapes
 from mesh.placement.planner import Policy
 from mesh.placement.reports import capabilities, capability, policy_for
@@ -208,3 +208,15 @@ def test_replicas_have_no_stage_shape() -> None:
     decision = decide([peer(1, 400)], PROFILE, Policy(n_ctx=512), [])
     assert decision.placements == (replica(1),)
     assert stage_shapes(decision, [info(1)], SHA) == {}
+
+
+def test_a_kept_placement_whose_load_failed_is_retried_with_the_shape_it_was_planned_with() -> None:
+    """Kept placements carry no shape of their own (their stages keep theirs); one that never
+    finished loading takes the shape an earlier decision sized it for."""
+    planned = pipeline((1, 0, 10), (2, 10, 20), (3, 20, N))
+    infos = [info(1, memory_budget=100 * MiB), info(2, memory_budget=100 * MiB), info(3, memory_budget=100 * MiB)]
+    kept = decide(capabilities(infos, SHA), PROFILE, Policy(n_ctx=2048), [planned], may_switch=False)
+    assert kept.placements == (planned,) and kept.shapes == (AS_HELD,)
+    shapes = stage_shapes(kept, infos, SHA, {planned: (1024, 128)})
+    assert set(shapes.values()) == {(1024, 128)}
+    assert set(stage_shapes(kept, infos, SHA).values()) == {(kept.n_ctx, 512)}  # nothing remembered

@@ -75,6 +75,24 @@ class Proc:
         return self.popen.returncode
 
 
+def metric_lines(text: str, name: str) -> dict[str, float]:
+    """Every sample of one metric: {'name{labels}': value}."""
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            if key == name or key.startswith(name + "{"):
+                samples[key] = float(value)
+    return samples
+
+
+def load_calls(metrics: str) -> float:
+    """LoadStage and LoadModel calls a node received (granted or refused: each one counts),
+    from its own /metrics text."""
+    samples = metric_lines(metrics, "edgemesh_node_rpc_duration_seconds_count")
+    return sum(v for k, v in samples.items() if 'method="LoadStage"' in k or 'method="LoadModel"' in k)
+
+
 def wait_for_ready_file(proc: Proc, ready: Path, timeout_s: float = START_TIMEOUT_S) -> list[str]:
     """The fields of a process's ready file once it has written it; raises with the end of the
     process's log when it exits first or takes longer than `timeout_s`."""

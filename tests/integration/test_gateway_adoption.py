@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, Launcher, Proc, gateway_url
+from tests.conftest import REPO, Launcher, Proc, gateway_url, load_calls
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +27,9 @@ PROMPT = "The history of the printing press"
 CLAIM_TTL_S = 15.0  # mesh.placement.controller.ControllerSettings.claim_ttl_s
 
 
-def load_calls(nodes: list[Proc]) -> int:
+def node_load_calls(nodes: list[Proc]) -> int:
     """LoadStage + LoadModel calls every node has served, from its own metrics."""
-    total = 0.0
-    for node in nodes:
-        text = httpx.get(f"http://127.0.0.1:{node.ready[2]}/metrics", timeout=10).text
-        for line in text.splitlines():
-            if line.startswith("edgemesh_node_rpc_duration_seconds_count") and \
-                    ('method="LoadStage"' in line or 'method="LoadModel"' in line):
-                total += float(line.split()[-1])
-    return int(total)
+    return int(sum(load_calls(httpx.get(f"http://127.0.0.1:{n.ready[2]}/metrics", timeout=10).text) for n in nodes))
 
 
 def wait_view(url: str, predicate: Any, what: str, timeout: float = 60.0) -> dict[str, Any]:
@@ -69,7 +62,7 @@ def test_a_later_gateway_adopts_what_the_nodes_hold(launcher: Launcher, default_
     assert view["placement"]["active"] and view["placement"]["change"] in ("initial", "keep")
     assert all(n["role"] == "stage" and n["role_reason"].startswith("stage ") for n in view["nodes"])
     placed = view["placements"]
-    loads = load_calls(nodes)
+    loads = node_load_calls(nodes)
     assert loads == 3
     assert complete(url).json()["choices"][0]["text"] == expected
 
@@ -105,4 +98,4 @@ def test_a_later_gateway_adopts_what_the_nodes_hold(launcher: Launcher, default_
     view = wait_view(url, lambda v: v["placement"]["active"] and v["placement"]["converged"],
                      "the lapsed claims taken over", CLAIM_TTL_S + 15)
     assert view["placements"] == placed
-    assert load_calls(nodes) == loads, "a gateway that adopts the nodes' roles reloaded something"
+    assert node_load_calls(nodes) == loads, "a gateway that adopts the nodes' roles reloaded something"

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, START_TIMEOUT_S, Proc, wait_for_ready_file
+from tests.conftest import REPO, START_TIMEOUT_S, Proc, metric_lines, wait_for_ready_file
 from tests.system.netns import TestNet, unavailable_reason
 
 _UNAVAILABLE = unavailable_reason()
@@ -240,17 +240,6 @@ def stream(m: NetMesh, on_chunk: Callable[[int], None] | None = None) -> Stream:
             if on_chunk is not None:
                 on_chunk(len(pieces))
     return Stream("".join(pieces), finish, times, started, time.monotonic(), route)
-
-
-def metric_lines(text: str, name: str) -> dict[str, float]:
-    """Every sample of one metric: {'name{labels}': value}."""
-    samples = {}
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            if key == name or key.startswith(name + "{"):
-                samples[key] = float(value)
-    return samples
 
 
 def metric_value(text: str, name: str) -> float:

@@ -48,7 +48,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, START_TIMEOUT_S, Proc, wait_for_ready_file
+from tests.conftest import REPO, START_TIMEOUT_S, Proc, load_calls, metric_lines, wait_for_ready_file
 from tests.system.netns import TestNet, unavailable_reason
 
 _UNAVAILABLE = unavailable_reason()
@@ -263,23 +263,6 @@ def assert_covers_the_model(placement: dict[str, Any]) -> None:
 def held_bytes(node: dict[str, Any]) -> int:
     """Memory of the stages a node reports (weights, KV cache, compute buffers)."""
     return sum(s["weight_bytes"] + s["kv_cache_bytes"] + s["compute_bytes"] for s in node["stages"])
-
-
-def metric_lines(text: str, name: str) -> dict[str, float]:
-    """Every sample of one metric: {'name{labels}': value}."""
-    samples = {}
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            if key == name or key.startswith(name + "{"):
-                samples[key] = float(value)
-    return samples
-
-
-def load_calls(metrics: str) -> float:
-    """LoadStage and LoadModel calls a node received (granted or refused: each one counts)."""
-    samples = metric_lines(metrics, "edgemesh_node_rpc_duration_seconds_count")
-    return sum(v for k, v in samples.items() if 'method="LoadStage"' in k or 'method="LoadModel"' in k)
 
 
 # ---------------------------------------------------------------------------- requests

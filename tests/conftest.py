@@ -181,22 +181,39 @@ def sse_events(response: httpx.Response) -> list[dict[str, Any]]:
     return [json.loads(line[6:]) for line in lines[:-1]]
 
 
+@dataclass
+class CompletionChunks:
+    """What a streamed /v1/completions answer sent: its text pieces, when each arrived, and
+    the last finish_reason."""
+
+    pieces: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # time.monotonic() of every chunk
+    finish: str = ""
+
+
+def read_completion_stream(response: httpx.Response,
+                           on_chunk: Callable[[int], None] | None = None) -> CompletionChunks:
+    """Read a streamed completion's SSE events, checking none is an error; `on_chunk(n)` runs
+    after the n-th chunk (tests use it to inject a fault mid-stream)."""
+    got = CompletionChunks()
+    for line in response.iter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        assert "error" not in event, event
+        got.times.append(time.monotonic())
+        got.pieces.append(event["choices"][0]["text"])
+        got.finish = event["choices"][0]["finish_reason"] or got.finish
+        if on_chunk is not None:
+            on_chunk(len(got.pieces))
+    return got
+
+
 def stream_completion(url: str, body: dict[str, Any],
                       on_chunk: Callable[[int], None] | None = None) -> tuple[str, float, str]:
-    """Stream a completion: its text, the seconds it took and its last finish_reason.
-    `on_chunk(n)` runs after the n-th chunk (tests use it to inject a fault mid-stream)."""
-    pieces: list[str] = []
-    finish = ""
+    """Stream a completion: its text, the seconds it took and its last finish_reason."""
     started = time.monotonic()
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as response:
         assert response.status_code == 200
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
-            pieces.append(event["choices"][0]["text"])
-            finish = event["choices"][0]["finish_reason"] or finish
-            if on_chunk is not None:
-                on_chunk(len(pieces))
-    return "".join(pieces), time.monotonic() - started, finish
+        got = read_completion_stream(response, on_chunk)
+    return "".join(got.pieces), time.monotonic() - started, got.finish

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, START_TIMEOUT_S, Proc, metric_lines, wait_for_ready_file
+from tests.conftest import REPO, START_TIMEOUT_S, Proc, metric_lines, read_completion_stream, wait_for_ready_file
 from tests.system.netns import TestNet, unavailable_reason
 
 _UNAVAILABLE = unavailable_reason()
@@ -221,25 +221,12 @@ class Stream:
 
 def stream(m: NetMesh, on_chunk: Callable[[int], None] | None = None) -> Stream:
     """One greedy streamed completion; `on_chunk(n)` runs after the n-th chunk arrives."""
-    pieces: list[str] = []
-    times: list[float] = []
-    finish = ""
     started = time.monotonic()
     with m.http(timeout=120) as client, client.stream("POST", "/v1/completions", json=BODY) as response:
         assert response.status_code == 200, response.read().decode(errors="replace")
         route = response.headers.get("x-edgemesh-route", "")
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
-            times.append(time.monotonic())
-            choice = event["choices"][0]
-            pieces.append(choice["text"])
-            finish = choice["finish_reason"] or finish
-            if on_chunk is not None:
-                on_chunk(len(pieces))
-    return Stream("".join(pieces), finish, times, started, time.monotonic(), route)
+        got = read_completion_stream(response, on_chunk)
+    return Stream("".join(got.pieces), got.finish, got.times, started, time.monotonic(), route)
 
 
 def metric_value(text: str, name: str) -> float:

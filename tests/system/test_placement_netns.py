@@ -48,7 +48,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, START_TIMEOUT_S, Proc, load_calls, metric_lines, wait_for_ready_file
+from tests.conftest import (
+    REPO,
+    START_TIMEOUT_S,
+    Proc,
+    load_calls,
+    metric_lines,
+    read_completion_stream,
+    wait_for_ready_file,
+)
 from tests.system.netns import TestNet, unavailable_reason
 
 _UNAVAILABLE = unavailable_reason()
@@ -280,24 +288,13 @@ class Stream:
 
 def stream(m: Mesh, on_chunk: Callable[[int], None] | None = None, index: int = 0) -> Stream:
     """One greedy streamed completion; `on_chunk(n)` runs after the n-th chunk arrives."""
-    pieces: list[str] = []
-    finish = ""
     started = time.monotonic()
     with m.http(index, timeout=180) as client, \
             client.stream("POST", "/v1/completions", json={**BODY, "stream": True}) as response:
         assert response.status_code == 200, response.read().decode(errors="replace")
         route = response.headers.get("x-edgemesh-route", "")
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
-            choice = event["choices"][0]
-            pieces.append(choice["text"])
-            finish = choice["finish_reason"] or finish
-            if on_chunk is not None:
-                on_chunk(len(pieces))
-    return Stream("".join(pieces), finish, started, time.monotonic(), route, len(pieces))
+        got = read_completion_stream(response, on_chunk)
+    return Stream("".join(got.pieces), got.finish, started, time.monotonic(), route, len(got.pieces))
 
 
 def route_of(placement: dict[str, Any]) -> str:

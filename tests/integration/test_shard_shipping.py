@@ -133,6 +133,11 @@ def test_fetch_shard_refuses_bad_requests_and_keeps_serving(launcher: Launcher, 
     (["up", "--strategy", "pipeline", "--decode-threads", "-3", "--port", "0"], "--decode-threads must be 0"),
     (["up", "--threads", "-1", "--port", "0"], "--threads must be 0"),
     (["bench", "--strategy", "pipeline", "--nodes", "3", "--decode-threads", "-3"], "--decode-threads must be 0"),
+    (["gateway", "--strategy", "bogus", "--port", "0", "--no-discovery"], "--strategy must be one of"),
+    (["gateway", "--stages", "-2", "--port", "0", "--no-discovery"], "--stages must be 0"),
+    (["up", "--stages", "-1", "--port", "0"], "--stages must be 0"),
+    (["plan", "--url", "http://127.0.0.1:9"], "cannot reach the gateway"),
+    (["node", "--model-from-peers", "--role", "replica", "--port", "0", "--metrics-port", "0"], "drop --role replica"),
 ])
 def test_cli_refuses_bad_flags_with_a_clear_message(argv: list[str], message: str) -> None:
     import subprocess

@@ -1,27 +1,87 @@
 """Cluster-key authentication of node RPCs.
 
-Every call carries the time it was made and an HMAC-SHA256 of (time, method) under the
-cluster key. A node refuses a call whose signature is missing, wrong, or whose time is
-further than the allowed skew from its own clock (UNAUTHENTICATED). The mDNS record
-carries only `cluster_hash`, a keyed digest that lets meshes on one LAN ignore each
-other without revealing the key.
+Every call carries four headers: the time it was made, a random nonce, the sha256 of its
+serialized request (only for calls with one request message; a request-streaming call
+leaves it out), and an HMAC-SHA256 of those and the method under the cluster key. A node
+checks them in two steps:
+
+1. From the headers alone, before a byte of the request is read: a missing, malformed or
+   non-finite time, a time further than the allowed skew from the node's clock, a wrong
+   HMAC, a nonce already used (a replay), or a single-request call without a body digest
+   end the call UNAUTHENTICATED. The refusal is a request-streaming handler that never asks
+   for a message, so an unsigned 60 MB call costs the node its headers and what the fixed
+   HTTP/2 receive window let the sender push ahead (see server.server_options); a handler
+   of the method's own unary shape made gRPC read and buffer the whole message first.
+2. For calls with one request message, the raw request bytes must hash to the signed
+   digest before they are parsed; a captured signature sent with another body (another
+   prompt, another LoadStage) ends UNAUTHENTICATED, "request body does not match its
+   signature", and the servicer never sees it.
+
+Nonces are remembered until their time leaves the skew window (after which the clock check
+refuses them anyway); the memory is bounded: past `capacity` nonces the oldest are
+forgotten and every call signed at or before a forgotten one is refused, so nothing is
+ever accepted twice, and under a flood of signed calls only the accepted window shrinks.
+
+What this does not cover, and only TLS (issue 17) does: the messages of a request stream
+(Forward) after its headers cannot be bound in them, so an on-path attacker could change a
+live stream's frames (the nonce still stops a replay of the whole call); responses are not
+signed; a signature names no node, so a call captured on its way to one node can be played
+once to each other node of the mesh within the skew window (with its own body only). A
+passive listener on the LAN already reads prompts and tokens in the clear. The standard
+health service stays open (it reveals nothing, orchestrators probe it), and Info's
+challenge lets a caller check the node (node_proof).
+
+The mDNS record carries only `cluster_hash`, a keyed digest that lets meshes on one LAN
+ignore each other without revealing the key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
+import inspect
+import math
+import re
+import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 
+from mesh.errors import Unauthenticated
+
 TS_HEADER = "x-edgemesh-ts"
+NONCE_HEADER = "x-edgemesh-nonce"
+BODY_HEADER = "x-edgemesh-body"
 SIG_HEADER = "x-edgemesh-sig"
 
 # The standard health service stays open: it reveals nothing and orchestrators probe it.
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+
+# Strict shapes: every field of the signed text has a fixed alphabet without newlines, so the
+# text cannot be read two ways, and "nan", "inf", "1e9" or "1_000" are not times.
+_TIMESTAMP = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?")
+_NONCE = re.compile(r"[0-9a-f]{32}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_DOMAIN = "edgemesh rpc v2"
+
+
+class Serializable(Protocol):
+    """A protobuf message (what a gRPC stub serializes and sends)."""
+
+    def SerializeToString(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class SignedCall:
+    """What an authentic call's headers say."""
+
+    sent_at: float
+    nonce: str
+    body_sha256: str  # "" when the body is not bound (request-streaming calls)
 
 
 def cluster_hash(cluster_key: str) -> str:
@@ -36,44 +96,113 @@ def node_proof(cluster_key: str, challenge: bytes, node_id: str) -> str:
                     hashlib.sha256).hexdigest()
 
 
-def _signature(cluster_key: str, timestamp: str, method: str) -> str:
-    message = f"{timestamp}\n{method}".encode()
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _signature(cluster_key: str, timestamp: str, nonce: str, digest: str, method: str) -> str:
+    # The method goes last: it is the only field whose alphabet the server does not check.
+    message = f"{_DOMAIN}\n{timestamp}\n{nonce}\n{digest}\n{method}".encode()
     return hmac.new(cluster_key.encode(), message, hashlib.sha256).hexdigest()
 
 
-def sign(cluster_key: str, method: str, now: float | None = None) -> tuple[tuple[str, str], ...]:
-    """Metadata to attach to a call of `method` (full name, e.g. /edgemesh.v1.Node/Info)."""
+def sign(cluster_key: str, method: str, request: Serializable | bytes | None = None, *,
+         now: float | None = None) -> tuple[tuple[str, str], ...]:
+    """Metadata to attach to one call of `method` (full name, e.g. /edgemesh.v1.Node/Info).
+
+    `request` is the call's request message (or its serialized bytes); leave it out only for
+    request-streaming methods (Forward), whose body cannot be bound. Metadata is good for
+    one call: a node refuses its second use."""
     timestamp = f"{time.time() if now is None else now:.3f}"
-    return ((TS_HEADER, timestamp), (SIG_HEADER, _signature(cluster_key, timestamp, method)))
+    nonce = secrets.token_hex(16)
+    if request is None:
+        digest = ""
+    else:
+        digest = body_digest(request if isinstance(request, bytes) else request.SerializeToString())
+    meta = [(TS_HEADER, timestamp), (NONCE_HEADER, nonce)]
+    if digest:
+        meta.append((BODY_HEADER, digest))
+    meta.append((SIG_HEADER, _signature(cluster_key, timestamp, nonce, digest, method)))
+    return tuple(meta)
 
 
 def verify(cluster_key: str, method: str, metadata: dict[str, str], skew_s: float,
-           now: float | None = None) -> str | None:
-    """None when the call is authentic, else the reason it is not."""
-    timestamp = metadata.get(TS_HEADER)
-    signature = metadata.get(SIG_HEADER)
+           now: float | None = None) -> SignedCall:
+    """What an authentic call's headers say; Unauthenticated with the reason otherwise.
+    Header-only: does not know whether the nonce was used before (see ReplayGuard)."""
+    timestamp = metadata.get(TS_HEADER, "")
+    nonce = metadata.get(NONCE_HEADER, "")
+    digest = metadata.get(BODY_HEADER, "")
+    signature = metadata.get(SIG_HEADER, "")
     if not timestamp or not signature:
-        return "missing cluster-key signature"
-    try:
-        sent = float(timestamp)
-    except ValueError:
-        return "malformed signature timestamp"
+        raise Unauthenticated("missing cluster-key signature")
+    if not _TIMESTAMP.fullmatch(timestamp):
+        raise Unauthenticated("malformed signature timestamp")
+    sent = float(timestamp)
     current = time.time() if now is None else now
-    if abs(current - sent) > skew_s:
-        return f"signature time is {current - sent:+.0f}s off this node's clock (limit {skew_s:.0f}s)"
-    if not hmac.compare_digest(signature, _signature(cluster_key, timestamp, method)):
-        return "wrong cluster key"
-    return None
+    if not math.isfinite(sent) or not abs(current - sent) <= skew_s:
+        raise Unauthenticated(f"signature time is {current - sent:+.0f}s off this node's clock "
+                              f"(limit {skew_s:.0f}s)")
+    if not _NONCE.fullmatch(nonce) or (digest and not _SHA256_HEX.fullmatch(digest)) \
+            or not _SHA256_HEX.fullmatch(signature):
+        raise Unauthenticated("malformed cluster-key signature")
+    if not hmac.compare_digest(signature.encode(), _signature(cluster_key, timestamp, nonce, digest,
+                                                              method).encode()):
+        raise Unauthenticated("wrong cluster key")
+    return SignedCall(sent_at=sent, nonce=nonce, body_sha256=digest)
+
+
+class ReplayGuard:
+    """The nonces of the calls accepted within the clock window, so that none is accepted twice.
+
+    Invariant: every nonce whose time is above `floor` is remembered. A nonce is forgotten
+    once its time is older than now - skew (the clock check refuses it from then on) or, past
+    `capacity`, oldest first; forgetting one raises the floor to its time, and a call signed
+    at or before the floor is refused. So a wall clock stepped back, or a flood of signed
+    calls, can only narrow what is accepted, never let a call in twice. Not thread-safe: the
+    aio server calls it from its one event loop."""
+
+    def __init__(self, skew_s: float, capacity: int) -> None:
+        self._skew_s = skew_s
+        self._capacity = max(1, capacity)
+        self._seen: set[str] = set()
+        self._by_time: list[tuple[float, str]] = []  # a heap, oldest first
+        self._floor = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def admit(self, call: SignedCall, now: float) -> None:
+        """Record the call's nonce; Unauthenticated if it cannot be told apart from a replay."""
+        horizon = now - self._skew_s
+        while self._by_time and self._by_time[0][0] < horizon:
+            self._forget()
+        if call.sent_at <= self._floor:
+            # Only after a flood of signed calls (past capacity) or a wall clock stepped back.
+            raise Unauthenticated("signature is older than the calls this node can still check for a replay")
+        if call.nonce in self._seen:
+            raise Unauthenticated("replayed signature (its nonce was used before)")
+        self._seen.add(call.nonce)
+        heapq.heappush(self._by_time, (call.sent_at, call.nonce))
+        while len(self._seen) > self._capacity:
+            self._forget()
+
+    def _forget(self) -> None:
+        sent_at, nonce = heapq.heappop(self._by_time)
+        self._seen.discard(nonce)
+        self._floor = max(self._floor, sent_at)
 
 
 class ClusterKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Rejects calls without a valid cluster-key signature before they reach a servicer."""
+    """Rejects calls without a valid cluster-key signature before they reach a servicer, and
+    binds the request body of single-request calls to their signature."""
 
     def __init__(self, cluster_key: str, skew_s: float,
-                 on_reject: Callable[[str], None] | None = None) -> None:
+                 on_reject: Callable[[str], None] | None = None, nonce_capacity: int = 100_000) -> None:
         self._key = cluster_key
         self._skew_s = skew_s
         self._on_reject = on_reject
+        self._replays = ReplayGuard(skew_s, nonce_capacity)
 
     async def intercept_service(
         self,
@@ -85,30 +214,94 @@ class ClusterKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return await continuation(handler_call_details)
         metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ())
                     if isinstance(v, str)}
-        reason = verify(self._key, method, metadata, self._skew_s)
-        if reason is None:
-            return await continuation(handler_call_details)
+        now = time.time()
+        try:
+            call = verify(self._key, method, metadata, self._skew_s, now)
+            self._replays.admit(call, now)
+        except Unauthenticated as exc:
+            return self._refuse(method, str(exc))
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler  # unknown method (UNIMPLEMENTED), or a stream: headers are all we can check
+        if not call.body_sha256:
+            return self._refuse(method, "the request body is not signed")
+        return _bind_body(handler, call.body_sha256, lambda: self._count(method))
+
+    def _count(self, method: str) -> None:
         if self._on_reject is not None:
             self._on_reject(method)
-        return _reject_handler(await continuation(handler_call_details), reason)
+
+    def _refuse(self, method: str, reason: str) -> Any:
+        self._count(method)
+        return _refusal(reason)
 
 
-def _reject_handler(handler: Any, reason: str) -> Any:
-    """A handler of the same streaming shape as the real one that aborts UNAUTHENTICATED."""
+def _refusal(reason: str) -> Any:
+    """Ends any call UNAUTHENTICATED without reading its request: a request-streaming handler
+    is started with an iterator it never touches, whatever shape the method has (on the wire a
+    refusal is the same status either way), so no message is received or buffered."""
 
-    async def abort(_request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def abort(_requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"cluster key check failed: {reason}")
 
-    async def abort_stream(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"cluster key check failed: {reason}")
-        yield  # pragma: no cover - makes this an async generator
+    return grpc.stream_unary_rpc_method_handler(abort)
 
-    if handler is None:
-        return None
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort_stream)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
+
+class _Mismatch:
+    """What the checking deserializer hands the servicer wrapper instead of a request whose
+    bytes do not hash to the signed digest (a deserializer that raises ends the call UNKNOWN,
+    with a logged traceback, and cannot choose the status)."""
+
+
+_MISMATCH = _Mismatch()
+_MISMATCH_REASON = "cluster key check failed: request body does not match its signature"
+
+
+def _bind_body(handler: Any, digest: str, count: Callable[[], None]) -> Any:
+    """The handler of a single-request method with its request bytes checked against the
+    signed digest before they are parsed."""
+    parse = handler.request_deserializer
+
+    def checked(raw: bytes) -> Any:
+        if not hmac.compare_digest(body_digest(raw).encode(), digest.encode()):
+            return _MISMATCH
+        return raw if parse is None else parse(raw)
+
+    async def refuse(context: grpc.aio.ServicerContext) -> None:
+        count()
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MISMATCH_REASON)
+
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort_stream)
-    return grpc.unary_unary_rpc_method_handler(abort)
+        behaviour = handler.unary_stream
+        if inspect.isasyncgenfunction(behaviour):
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if request is _MISMATCH:
+                    await refuse(context)
+                replies = behaviour(request, context)
+                try:
+                    async for reply in replies:
+                        yield reply
+                finally:  # a caller that went away closes this generator: the servicer's cleanup runs now
+                    await replies.aclose()
+
+            wrapped: Callable[..., Any] = stream
+        else:  # the reader/writer style: a coroutine that writes to the context
+            async def stream_by_writes(request: Any, context: grpc.aio.ServicerContext) -> None:
+                if request is _MISMATCH:
+                    await refuse(context)
+                await behaviour(request, context)
+
+            wrapped = stream_by_writes
+        return grpc.unary_stream_rpc_method_handler(wrapped, request_deserializer=checked,
+                                                    response_serializer=handler.response_serializer)
+
+    unary = handler.unary_unary
+
+    async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request is _MISMATCH:
+            await refuse(context)
+        reply = unary(request, context)
+        return await reply if inspect.isawaitable(reply) else reply
+
+    return grpc.unary_unary_rpc_method_handler(single, request_deserializer=checked,
+                                               response_serializer=handler.response_serializer)

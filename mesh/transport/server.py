@@ -15,12 +15,20 @@ from mesh.transport.channels import shared_options
 
 def server_options(timeouts: Timeouts, limits: Limits) -> list[tuple[str, int]]:
     """Accept the keepalive pings our clients send; gRPC's server default would answer
-    them with GOAWAY (too_many_pings) and drop healthy connections."""
+    them with GOAWAY (too_many_pings) and drop healthy connections.
+
+    The receive window is fixed: with gRPC's bandwidth-delay probing a sender's window grows
+    to megabytes per connection, and that is what an unsigned caller gets buffered in the
+    node before its refusal lands (six unsigned 60 MB calls still added 20-60 MB resident,
+    with the refusal already made from the headers alone). 1 MiB per stream is 1 GB/s at a
+    1 ms round trip, more than a LAN carries."""
     return [
         *shared_options(timeouts, limits),
         ("grpc.http2.min_ping_interval_without_data_ms", int(timeouts.keepalive_time_s * 500)),
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.so_reuseport", 0),  # two nodes must never share a port by accident
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", limits.grpc_window_bytes),
     ]
 
 
@@ -41,7 +49,7 @@ class HealthState:
 def make_server(cluster_key: str, timeouts: Timeouts, limits: Limits, health_state: HealthState,
                 on_reject: Callable[[str], None] | None = None) -> grpc.aio.Server:
     server = grpc.aio.server(
-        interceptors=[ClusterKeyInterceptor(cluster_key, timeouts.auth_skew_s, on_reject)],
+        interceptors=[ClusterKeyInterceptor(cluster_key, timeouts.auth_skew_s, on_reject, limits.auth_nonces)],
         options=server_options(timeouts, limits),
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)

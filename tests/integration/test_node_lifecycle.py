@@ -16,6 +16,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh import PROTOCOL_VERSION
 from mesh.config import Limits, Timeouts
 from mesh.errors import Unauthenticated
 from mesh.transport.channels import NodeClient
@@ -69,14 +70,15 @@ def test_bad_generate_requests_get_invalid_argument(launcher: Launcher, default_
             for bad in (edgemesh_pb2.GenerateRequest(request_id="x", prompt_tokens=[], max_tokens=4),
                         edgemesh_pb2.GenerateRequest(request_id="y", prompt_tokens=[1, 2, 10**8], max_tokens=4),
                         edgemesh_pb2.GenerateRequest(request_id="z", prompt_tokens=[1] * 5000, max_tokens=4)):
-                call = stub.Generate(bad, timeout=10, metadata=sign(launcher.cluster_key, method))
+                call = stub.Generate(bad, timeout=10, metadata=sign(launcher.cluster_key, method, bad))
                 with pytest.raises(grpc.aio.AioRpcError) as raised:
                     async for _ in call:
                         pass
                 assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
             # and it still serves
             good = edgemesh_pb2.GenerateRequest(request_id="ok", prompt_tokens=[1, 504, 3458], max_tokens=3)
-            events = [e async for e in stub.Generate(good, timeout=30, metadata=sign(launcher.cluster_key, method))]
+            events = [e async for e in stub.Generate(good, timeout=30,
+                                                     metadata=sign(launcher.cluster_key, method, good))]
             assert len(events) == 3 and events[-1].finish_reason == "length"
 
     asyncio.run(calls())
@@ -236,7 +238,7 @@ class _Impostor(edgemesh_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._sha = sha
 
     def Info(self, request: object, context: object) -> object:
-        return edgemesh_pb2.NodeInfo(node_id="feedfacefeedface", name="impostor", protocol_version=2,
+        return edgemesh_pb2.NodeInfo(node_id="feedfacefeedface", name="impostor", protocol_version=PROTOCOL_VERSION,
                                      slots=1, max_queue=8, proof="0" * 64,
                                      models=[edgemesh_pb2.ModelHeld(name="x", sha256=self._sha, n_layers=30,
                                                                     n_ctx=2048)])

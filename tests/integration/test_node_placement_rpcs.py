@@ -71,7 +71,8 @@ async def raw(proc: Proc, key: str, method: str, request: Any) -> Any:
     """A signed call with a hand-made request (what NodeClient would never send)."""
     async with grpc.aio.insecure_channel(address(proc)) as channel:
         stub = pb_grpc.NodeStub(channel)
-        return await getattr(stub, method)(request, timeout=30, metadata=auth.sign(key, SERVICE + method))
+        return await getattr(stub, method)(request, timeout=30,
+                                           metadata=auth.sign(key, SERVICE + method, request))
 
 
 async def raw_code(proc: Proc, key: str, method: str, request: Any) -> tuple[grpc.StatusCode, str]:

@@ -111,9 +111,11 @@ def test_bad_stage_input_is_refused_and_the_stage_keeps_serving(launcher: Launch
             stub = edgemesh_pb2_grpc.NodeStub(channel)
 
             async def load(first: int, last: int, sha256: str = sha) -> Any:
-                return await stub.LoadStage(edgemesh_pb2.LoadStageRequest(
+                request = edgemesh_pb2.LoadStageRequest(
                     model_sha256=sha256, layers=edgemesh_pb2.LayerRange(first=first, last_exclusive=last),
-                    n_ctx=256, slots=2), timeout=120, metadata=sign(key, "/edgemesh.v1.Node/LoadStage"))
+                    n_ctx=256, slots=2)
+                return await stub.LoadStage(request, timeout=120,
+                                            metadata=sign(key, "/edgemesh.v1.Node/LoadStage", request))
 
             for bad, code in (((0, 31), grpc.StatusCode.INVALID_ARGUMENT), ((5, 5), grpc.StatusCode.INVALID_ARGUMENT),
                               ((0, 10, "ab" * 32), grpc.StatusCode.NOT_FOUND)):
@@ -124,10 +126,10 @@ def test_bad_stage_input_is_refused_and_the_stage_keeps_serving(launcher: Launch
             assert held.weight_bytes > 0 and held.layers.first == 10
 
             # Generate on a stage-only node is refused, not crashed.
+            generate = edgemesh_pb2.GenerateRequest(request_id="r", prompt_tokens=[1], max_tokens=2)
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                async for _ in stub.Generate(edgemesh_pb2.GenerateRequest(request_id="r", prompt_tokens=[1],
-                                                                          max_tokens=2), timeout=10,
-                                             metadata=sign(key, "/edgemesh.v1.Node/Generate")):
+                async for _ in stub.Generate(generate, timeout=10,
+                                             metadata=sign(key, "/edgemesh.v1.Node/Generate", generate)):
                     pass
             assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 

@@ -105,7 +105,7 @@ def test_fetch_shard_refuses_bad_requests_and_keeps_serving(launcher: Launcher, 
                     model_sha256=sha256, ranges=[edgemesh_pb2.ByteRange(offset=o, length=n) for o, n in ranges])
                 return [c async for c in stub.FetchShard(request, timeout=30,
                                                           metadata=sign(launcher.cluster_key,
-                                                                        "/edgemesh.v1.Node/FetchShard"))]
+                                                                        "/edgemesh.v1.Node/FetchShard", request))]
 
             for bad_sha, ranges, code in (("ab" * 32, [(0, 10)], grpc.StatusCode.NOT_FOUND),
                                           (sha, [(size - 5, 10)], grpc.StatusCode.INVALID_ARGUMENT),

@@ -41,6 +41,10 @@ class Peer:
     node_id: NodeId | None  # known from mDNS; None for a static peer until Info answers
     metrics_port: int = 0
     source: Literal["mdns", "static", "ray"] = "static"
+    # What its mDNS record says it speaks (None: not known before its Info answers). A node of
+    # another version is still a peer: membership shows it as incompatible, with the reason,
+    # instead of leaving a user to wonder why a device they started never appears.
+    protocol_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Advertisement:
     cluster_hash: str
     grpc_port: int
     metrics_port: int
+    protocol_version: int = PROTOCOL_VERSION
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -110,7 +115,7 @@ class Advertiser:
             port=ad.grpc_port,
             properties={
                 "id": ad.node_id,
-                "pv": str(PROTOCOL_VERSION),
+                "pv": str(ad.protocol_version),
                 "ch": ad.cluster_hash,
                 "gp": str(ad.grpc_port),
                 "mp": str(ad.metrics_port),
@@ -144,8 +149,10 @@ def peer_from_record(info: AsyncServiceInfo, cluster_hash: str) -> Peer | None:
     if props.get("ch") != cluster_hash or not _CLUSTER_HASH.match(props.get("ch", "")):
         log.debug("ignoring %s: other cluster", info.name)
         return None
-    if props.get("pv") != str(PROTOCOL_VERSION):
-        log.info("ignoring %s: protocol version %s, ours is %s", info.name, props.get("pv"), PROTOCOL_VERSION)
+    try:
+        protocol_version = int(props.get("pv", ""))
+    except ValueError:
+        log.warning("ignoring %s: malformed protocol version %r", info.name, props.get("pv"))
         return None
     node_id = props.get("id", "")
     if not _NODE_ID.match(node_id):
@@ -163,8 +170,10 @@ def peer_from_record(info: AsyncServiceInfo, cluster_hash: str) -> Peer | None:
     addresses = info.parsed_addresses(IPVersion.V4Only)
     if not addresses:
         return None
+    if protocol_version != PROTOCOL_VERSION:
+        log.info("%s speaks protocol version %d, ours is %d", info.name, protocol_version, PROTOCOL_VERSION)
     return Peer(address=f"{addresses[0]}:{grpc_port}", node_id=NodeId(node_id),
-                metrics_port=metrics_port, source="mdns")
+                metrics_port=metrics_port, source="mdns", protocol_version=protocol_version)
 
 
 class Browser:

@@ -60,6 +60,7 @@ class _Watcher:
         self.member = Member(address=peer.address, state=MemberState.JOINING, since=time.time(),
                              info=None, source=peer.source)
         self.task: asyncio.Task[None] | None = None
+        self.peer_changed = asyncio.Event()  # a newer record for this address (another version)
 
     def set(self, state: MemberState, info: NodeInfo | None = None, reason: str = "") -> None:
         old = self.member
@@ -76,22 +77,32 @@ class _Watcher:
         """Follow the node until it turns out to duplicate another watcher's node."""
         delay = RETRY_MIN_S
         while True:
+            advertised = self.peer.protocol_version
+            if advertised is not None and advertised != PROTOCOL_VERSION:
+                # Its Info would not even parse; say why it is left out and wait for a new record.
+                self.set(MemberState.INCOMPATIBLE, reason=_version_reason(advertised))
+                self.peer_changed.clear()
+                await self.peer_changed.wait()
+                continue
             try:
                 await self._follow()
             except _Duplicate:
                 return
             except Unauthenticated as exc:
                 self.set(MemberState.UNAUTHENTICATED, reason=str(exc))
+                self.client.abandon(f"membership lost the node: {exc}")
                 await asyncio.sleep(UNAUTHENTICATED_RETRY_S)
                 continue
             except EdgeMeshError as exc:
                 self.set(MemberState.DOWN, reason=str(exc))
+                # Streams still open on it would otherwise wait out their token-idle deadline.
+                self.client.abandon(f"membership marked the node down: {exc}")
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S) if self.member.state == MemberState.DOWN else RETRY_MIN_S
 
     def _accept(self, info: NodeInfo) -> None:
         if info.protocol_version != PROTOCOL_VERSION:
-            self.set(MemberState.INCOMPATIBLE, info, f"protocol {info.protocol_version}, ours {PROTOCOL_VERSION}")
+            self.set(MemberState.INCOMPATIBLE, info, _version_reason(info.protocol_version))
         elif info.draining:
             self.set(MemberState.DRAINING, info)
         else:
@@ -129,6 +140,11 @@ class _Watcher:
             self._accept(await self.client.info())
 
 
+def _version_reason(theirs: int) -> str:
+    return (f"it speaks protocol version {theirs}, this gateway speaks {PROTOCOL_VERSION}: run the same "
+            "EdgeMesh release on every device")
+
+
 class _Duplicate(Exception):
     """This address reaches a node that another watcher already follows."""
 
@@ -151,7 +167,11 @@ class Membership:
 
     def add(self, peer: Peer) -> None:
         """Start following an address (idempotent)."""
-        if peer.address in self._watchers:
+        known = self._watchers.get(peer.address)
+        if known is not None:
+            if peer.protocol_version is not None and peer.protocol_version != known.peer.protocol_version:
+                known.peer = peer  # upgraded (or downgraded) in place: judge it by its new record
+                known.peer_changed.set()
             return
         if peer.node_id is not None and any(
                 w.member.node_id == peer.node_id and w.member.state != MemberState.DOWN

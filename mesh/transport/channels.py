@@ -7,7 +7,7 @@ import asyncio
 import hmac
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -97,17 +97,41 @@ class NodeClient:
         self._channel = grpc.aio.insecure_channel(address, options=channel_options(timeouts, limits))
         self._stub = pb_grpc.NodeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        # How to end each token stream open on this node. When membership decides the node is
+        # gone (its Info or health watch failed), waiting out the token-idle deadline of every
+        # stream on it would only delay their failover.
+        self._open_streams: dict[object, Callable[[str], None]] = {}
 
-    def _meta(self, method: str) -> tuple[tuple[str, str], ...]:
-        return auth.sign(self._key, SERVICE + method)
+    def abandon(self, reason: str) -> None:
+        """End every Generate/RunPipeline stream open on this node with a PeerError that says
+        `reason` (membership's verdict); the scheduler then fails them over."""
+        for end in list(self._open_streams.values()):
+            end(reason)
+
+    def _track(self, call: Any) -> tuple[object, list[str]]:
+        """Register a stream for abandon(); returns its key and the reasons it was ended for."""
+        key, reasons = object(), []
+
+        def end(reason: str) -> None:
+            reasons.append(reason)
+            call.cancel()
+
+        self._open_streams[key] = end
+        return key, reasons
+
+    def _meta(self, method: str, request: Any = None) -> tuple[tuple[str, str], ...]:
+        """Fresh signed metadata for one call; `request` binds a single-request call's body to
+        the signature (leave it out only for request-streaming calls)."""
+        return auth.sign(self._key, SERVICE + method, request)
 
     async def info(self) -> NodeInfo:
         """The node's Info, once it has proved it knows the cluster key (a node only ever gets
         work, prompts or signed calls after this check)."""
         challenge = os.urandom(16)
+        request = convert.info_request(challenge)
         try:
-            msg = await self._stub.Info(convert.info_request(challenge), timeout=self._timeouts.info_rpc_s,
-                                        metadata=self._meta("Info"))
+            msg = await self._stub.Info(request, timeout=self._timeouts.info_rpc_s,
+                                        metadata=self._meta("Info", request))
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"Info on {self.address}") from exc
         if not hmac.compare_digest(msg.proof, auth.node_proof(self._key, challenge, msg.node_id)):
@@ -117,9 +141,11 @@ class NodeClient:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Stream tokens. The whole call has the request deadline, the first token its own
         deadline and every later token the idle deadline, so a stalled node is noticed."""
-        call = self._stub.Generate(convert.generate_request_to_pb(request), timeout=self._timeouts.request_s,
-                                   metadata=self._meta("Generate"))
+        pb_request = convert.generate_request_to_pb(request)
+        call = self._stub.Generate(pb_request, timeout=self._timeouts.request_s,
+                                   metadata=self._meta("Generate", pb_request))
         first = True
+        key, abandoned = self._track(call)
         try:
             while True:
                 wait = self._timeouts.first_token_s if first else self._timeouts.token_idle_s
@@ -132,9 +158,14 @@ class NodeClient:
                     return
                 first = False
                 yield convert.token_event_from_pb(msg)
-        except grpc.aio.AioRpcError as exc:
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
+            if abandoned:
+                raise PeerError(f"Generate on {self.address}: {abandoned[0]}") from None
+            if isinstance(exc, asyncio.CancelledError):
+                raise  # our own task was cancelled (the client went away)
             raise error_from_rpc(exc, f"Generate on {self.address}") from exc
         finally:
+            self._open_streams.pop(key, None)
             call.cancel()  # no-op after a clean end; frees the node's slot when the consumer stops early
 
     async def health_watch(self) -> AsyncIterator[bool]:
@@ -161,7 +192,7 @@ class NodeClient:
                                                    shard_sources)
         try:
             reply = await self._stub.LoadStage(request,
-                                               timeout=timeout_s, metadata=self._meta("LoadStage"))
+                                               timeout=timeout_s, metadata=self._meta("LoadStage", request))
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"LoadStage on {self.address}") from exc
         return convert.stage_from_pb(reply.stage)
@@ -170,7 +201,7 @@ class NodeClient:
         """Ask the node to serve the whole model as a replica (llama.cpp reads the file: may take a while)."""
         request = convert.load_model_request_to_pb(model_sha256, n_ctx, controller_id)
         try:
-            reply = await self._stub.LoadModel(request, timeout=timeout_s, metadata=self._meta("LoadModel"))
+            reply = await self._stub.LoadModel(request, timeout=timeout_s, metadata=self._meta("LoadModel", request))
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"LoadModel on {self.address}") from exc
         return convert.model_from_pb(reply.model)
@@ -181,7 +212,7 @@ class NodeClient:
         request = convert.release_holding_request_to_pb(model_sha256, layers, controller_id)
         try:
             reply = await self._stub.ReleaseHolding(request, timeout=self._timeouts.info_rpc_s,
-                                                    metadata=self._meta("ReleaseHolding"))
+                                                    metadata=self._meta("ReleaseHolding", request))
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"ReleaseHolding on {self.address}") from exc
         return "released" if reply.released else "pending" if reply.pending else "absent"
@@ -191,7 +222,8 @@ class NodeClient:
         """(granted, holder, seconds left) of this node's placement claim for the model."""
         request = convert.claim_request_to_pb(model_sha256, controller_id, ttl_s, give_up)
         try:
-            reply = await self._stub.Claim(request, timeout=self._timeouts.info_rpc_s, metadata=self._meta("Claim"))
+            reply = await self._stub.Claim(request, timeout=self._timeouts.info_rpc_s,
+                                           metadata=self._meta("Claim", request))
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"Claim on {self.address}") from exc
         return bool(reply.granted), str(reply.holder), float(reply.expires_in_s)
@@ -201,12 +233,14 @@ class NodeClient:
         blames a later stage that stalls (after job.step_timeout_s) and names it in the status;
         this side waits head_margin_s longer, so it counts the head as failed only when the
         head itself goes silent."""
-        call = self._stub.RunPipeline(convert.pipeline_job_to_pb(job), timeout=self._timeouts.request_s,
-                                      metadata=self._meta("RunPipeline"))
+        request = convert.pipeline_job_to_pb(job)
+        call = self._stub.RunPipeline(request, timeout=self._timeouts.request_s,
+                                      metadata=self._meta("RunPipeline", request))
         head = job.stages[0].node_id
         loop = asyncio.get_running_loop()
         wait = self._timeouts.first_token_s + self._timeouts.head_margin_s
         expired = False
+        key, abandoned = self._track(call)
 
         def expire() -> None:
             nonlocal expired
@@ -226,10 +260,14 @@ class NodeClient:
                 wait = job.step_timeout_s + self._timeouts.head_margin_s
                 yield convert.token_event_from_pb(msg)
         except asyncio.CancelledError:
+            if abandoned:
+                raise PeerError(f"RunPipeline on {self.address}: {abandoned[0]}", node_id=head) from None
             if not expired:
                 raise  # our own task was cancelled (the client went away)
             raise PeerError(f"RunPipeline on {self.address}: no token for {wait:.0f}s", node_id=head) from None
         except grpc.aio.AioRpcError as exc:
+            if abandoned:
+                raise PeerError(f"RunPipeline on {self.address}: {abandoned[0]}", node_id=head) from None
             if expired:
                 raise PeerError(f"RunPipeline on {self.address}: no token for {wait:.0f}s", node_id=head) from None
             error = error_from_rpc(exc, f"RunPipeline on {self.address}")
@@ -238,6 +276,7 @@ class NodeClient:
                 error.node_id = failed or head
             raise error from exc
         finally:
+            self._open_streams.pop(key, None)
             call.cancel()  # no-op after a clean end; frees every stage when the consumer stops early
 
     def open_forward(self, step_timeout_s: float) -> StageStream:
@@ -250,8 +289,9 @@ class NodeClient:
         """Bytes of a model file from a node that holds it whole (see node.shards)."""
         from node.shards import Chunk
 
-        call = self._stub.FetchShard(convert.fetch_shard_request_to_pb(model_sha256, ranges, header),
-                                     timeout=self._timeouts.request_s, metadata=self._meta("FetchShard"))
+        request = convert.fetch_shard_request_to_pb(model_sha256, ranges, header)
+        call = self._stub.FetchShard(request, timeout=self._timeouts.request_s,
+                                     metadata=self._meta("FetchShard", request))
         try:
             while True:
                 try:
@@ -269,9 +309,9 @@ class NodeClient:
 
     async def release_session(self, session_id: str) -> bool:
         try:
-            reply = await self._stub.ReleaseSession(convert.release_request_to_pb(session_id),
-                                                    timeout=self._timeouts.info_rpc_s,
-                                                    metadata=self._meta("ReleaseSession"))
+            request = convert.release_request_to_pb(session_id)
+            reply = await self._stub.ReleaseSession(request, timeout=self._timeouts.info_rpc_s,
+                                                    metadata=self._meta("ReleaseSession", request))
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"ReleaseSession on {self.address}") from exc
         return bool(reply.released)

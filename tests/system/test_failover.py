@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -137,6 +138,43 @@ def test_sigkill_of_a_replica_mid_stream_continues_on_another(launcher: Launcher
 
     text, _, finish = stream_tokens(url, kill_at_20)
     assert killed and text == expected and finish == "length"
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert 'edgemesh_failovers_total{from="replica",reason="node_error",to="replica"} 1.0' in metrics
+
+
+def test_a_frozen_replica_is_left_when_membership_marks_it_down(launcher: Launcher, default_model: Path,
+                                                                 reference_llm: Any) -> None:
+    """SIGSTOP, not SIGKILL: the node's sockets stay open and nothing errors, so only a verdict
+    (its Info refresh failing) says it is gone. The stream moves then, not after the 30 s
+    token-idle deadline."""
+    up = launcher.start("up", ["up", "--strategy", "replica", "--nodes", "2", "--port", "0",
+                               "--model", str(default_model)])
+    url = gateway_url(up)
+    pid_of = {n["id"]: n["pid"] for n in httpx.get(f"{url}/api/cluster", timeout=10).json()["nodes"]}
+    reference_llm.reset()
+    expected = reference_llm.create_completion(PROMPT, max_tokens=64, temperature=0)["choices"][0]["text"]
+    frozen: list[int] = []
+    arrivals: list[float] = []
+
+    def freeze_at_20(chunks: int) -> None:
+        arrivals.append(time.monotonic())
+        if chunks == 20 and not frozen:
+            busy = httpx.get(f"{url}/api/cluster", timeout=10).json()
+            serving = [n["id"] for n in busy["nodes"] if n["in_flight"]]
+            frozen.append(pid_of[serving[0]])
+            os.kill(frozen[0], signal.SIGSTOP)
+
+    try:
+        text, _, finish = stream_tokens(url, freeze_at_20)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGKILL)  # a stopped process acts on nothing gentler
+    assert frozen and text == expected and finish == "length"
+    stall = max(later - earlier for earlier, later in itertools.pairwise(arrivals))
+    # Info is refreshed every 5 s with a 5 s deadline: the verdict comes within ~10 s; the
+    # token-idle deadline it must beat is 30 s.
+    print(f"longest gap between tokens with a frozen replica: {stall:.1f}s")
+    assert stall < 20, f"the stream waited {stall:.1f}s for the frozen replica"
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert 'edgemesh_failovers_total{from="replica",reason="node_error",to="replica"} 1.0' in metrics
 

@@ -77,7 +77,11 @@ def test_mdns_records_are_validated() -> None:
     peer = peer_from_record(_record(GOOD), "abcdef012345")
     assert peer is not None and peer.address == "127.0.0.1:7000" and peer.node_id == "0123456789abcdef"
     assert peer_from_record(_record(GOOD), "ffffffffffff") is None  # another cluster
-    assert peer_from_record(_record({**GOOD, b"pv": b"999"}), "abcdef012345") is None
+    assert peer is not None and peer.protocol_version == PROTOCOL_VERSION
+    # Another release is still a peer (membership shows it as incompatible); garbage is not.
+    other = peer_from_record(_record({**GOOD, b"pv": b"999"}), "abcdef012345")
+    assert other is not None and other.protocol_version == 999
+    assert peer_from_record(_record({**GOOD, b"pv": b"two"}), "abcdef012345") is None
     assert peer_from_record(_record({**GOOD, b"id": b"../../etc"}), "abcdef012345") is None
     assert peer_from_record(_record({**GOOD, b"gp": b"70000"}), "abcdef012345") is None
     assert peer_from_record(_record({**GOOD, b"gp": b"7001"}), "abcdef012345") is None  # port mismatch

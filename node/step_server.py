@@ -1,19 +1,26 @@
 """The node's end of the step socket (see mesh.transport.step_socket).
 
-Each connection gets a plain thread that reads a step, hands it to the node's compute
-thread, waits for the result and writes the reply: no event loop on the path, so an idle
-stage sleeps in recv and leaves the cores to the stage that is computing. The checks are
-Forward's: the same conversion and validation, draining refuses new sessions, and every
-session opened on a connection is released when the connection ends, however it ends.
+Each connection that proved the cluster key gets a plain thread that reads a step, hands
+it to the node's compute thread, waits for the result and writes the reply: no event loop
+on the path, so an idle stage sleeps in recv and leaves the cores to the stage that is
+computing. Connections still in the handshake share one selector thread instead: one that
+never proves the key costs a socket, for a bounded time and among a bounded number, and
+no thread. The checks are Forward's: the same conversion and validation, draining refuses
+new sessions, and every session opened on a connection is released when the connection
+ends, however it ends.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import selectors
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 from google.protobuf.message import DecodeError
@@ -37,12 +44,36 @@ from node.stage_host import StageHost
 
 log = logging.getLogger(__name__)
 
-_ACCEPT_POLL_S = 0.5  # how soon the accept loop notices close()
+_ACCEPT_POLL_S = 0.5  # how soon the handshake loop notices close()
+_REPORT_EVERY_S = 60.0  # dropped handshakes are logged as one line per interval, not one each
+_BACKLOG = 128
+# accept() errors that say the process or system is out of a resource, not that the
+# listener broke: shed a pending handshake (its descriptor) and go on.
+_SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A connection that has not yet proved the cluster key; its handshake gathers the bytes."""
+
+    sock: socket.socket
+    peer: object
+    handshake: wire.NodeHandshake
+    deadline: float
 
 
 class StepServer:
     """`on_open`/`on_close` are called from connection threads as a connection starts and
-    ends, so a draining node waits for open step connections as it does for streams."""
+    ends, so a draining node waits for open step connections as it does for streams.
+
+    Two stages, so that connections which never prove the key (idle, slow, or without it)
+    cannot take what a real head needs: one thread accepts and runs every handshake with a
+    selector, giving each at most Timeouts.connect_s however slowly its bytes come, and
+    holding at most Limits.max_step_handshakes of them, dropping the oldest for a newcomer
+    (a real head answers within a round trip, so it is never the oldest for long). Only a
+    connection that proved the key counts against Limits.max_step_connections and gets its
+    own thread."""
 
     def __init__(self, node_id: str, cluster_key: str, stages: StageHost, compute: ComputeThread,
                  metrics: NodeMetrics, timeouts: Timeouts, limits: Limits, draining: Callable[[], bool],
@@ -58,10 +89,15 @@ class StepServer:
         self._on_open = on_open
         self._on_close = on_close
         self._listener: socket.socket | None = None
+        self._selector: selectors.BaseSelector | None = None
+        # Oldest first: handshakes all get the same time, so this is also deadline order.
+        self._pending: OrderedDict[socket.socket, _Pending] = OrderedDict()
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
         self._accepting: threading.Thread | None = None
+        self._dropped = 0
+        self._next_report = 0.0
 
     def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 picks a free port) and return the port bound."""
@@ -74,10 +110,12 @@ class StepServer:
             listener.close()
             raise ConfigError(f"cannot bind the step socket on {host}:{port} ({exc}); choose another "
                               "--step-port, or 0 for a free one") from exc
-        listener.listen(64)
-        listener.settimeout(_ACCEPT_POLL_S)
+        listener.listen(_BACKLOG)
+        listener.setblocking(False)
         self._listener = listener
-        self._accepting = threading.Thread(target=self._accept_loop, name="step-accept", daemon=True)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(listener, selectors.EVENT_READ, None)
+        self._accepting = threading.Thread(target=self._handshake_loop, name="step-accept", daemon=True)
         self._accepting.start()
         return int(listener.getsockname()[1])
 
@@ -89,50 +127,181 @@ class StepServer:
         for conn in connections:
             _shutdown(conn)  # wakes its thread, which releases the sessions and closes it
         if self._accepting is not None:
-            self._accepting.join()
+            self._accepting.join()  # it closes the pending handshakes as it ends
+        if self._selector is not None:
+            self._selector.close()
         if self._listener is not None:
             self._listener.close()
 
-    def _accept_loop(self) -> None:
+    def _handshake_loop(self) -> None:
+        assert self._selector is not None
+        try:
+            while not self._closed:
+                wait = _ACCEPT_POLL_S
+                if self._pending:
+                    first = next(iter(self._pending.values()))
+                    wait = max(0.0, min(wait, first.deadline - time.monotonic()))
+                for key, _events in self._selector.select(wait):
+                    if key.data is None:
+                        if not self._accept_all():
+                            return
+                    else:
+                        self._advance(key.data)
+                self._expire(time.monotonic())
+        except Exception:  # a bug here would silently end the step socket: say so
+            log.exception("the step socket stopped accepting")
+        finally:
+            while self._pending:
+                self._forget(next(iter(self._pending.values())))
+
+    def _accept_all(self) -> bool:
+        """Take every connection waiting in the backlog; False once the listener broke."""
         assert self._listener is not None
         while not self._closed:
             try:
                 conn, peer = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:
+                    continue
+                if exc.errno in _SHORTAGE:
+                    # Out of descriptors: make room by dropping the oldest handshake, or wait
+                    # for connections to end (the listener stays readable meanwhile).
+                    if self._pending:
+                        self._shed(next(iter(self._pending.values())), "out of file descriptors")
+                    else:
+                        log.warning("the step socket cannot accept: %s", exc)
+                        time.sleep(_ACCEPT_POLL_S)
+                    return True
                 if not self._closed:
                     log.exception("the step socket stopped accepting")
-                return
+                return False
             try:
-                self._admit(conn, peer)
+                self._begin(conn, peer)
             except Exception:  # one connection's trouble must not stop the node accepting
                 log.exception("could not take a step connection from %s", peer)
-                with self._lock:
-                    self._connections.discard(conn)
-                conn.close()
+                if conn in self._pending:
+                    self._forget(self._pending[conn])
+                else:
+                    conn.close()
+        return True
 
-    def _admit(self, conn: socket.socket, peer: object) -> None:
+    def _begin(self, conn: socket.socket, peer: object) -> None:
+        assert self._selector is not None
+        if self._pending and len(self._pending) >= self._limits.max_step_handshakes:
+            # The newcomer may be the head that has the key; the oldest has had longest to
+            # prove it and has not.
+            self._shed(next(iter(self._pending.values())),
+                       f"{self._limits.max_step_handshakes} handshakes pending")
+        conn.setblocking(False)
+        wire.tune(conn, self._timeouts)
+        handshake = wire.NodeHandshake(self._key, self._node_id)
+        pending = _Pending(conn, peer, handshake, time.monotonic() + self._timeouts.connect_s)
+        self._pending[conn] = pending
+        self._selector.register(conn, selectors.EVENT_READ, pending)
+        if not _send_all_now(conn, handshake.hello()):
+            self._forget(pending)
+
+    def _advance(self, pending: _Pending) -> None:
+        """Read what the peer sent; answer its proof once whole."""
+        try:
+            data = pending.sock.recv(512)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("step connection from %s broke in the handshake: %s", pending.peer, exc)
+            self._forget(pending)
+            return
+        if not data:
+            self._forget(pending)  # gone before proving anything
+            return
+        try:
+            proof = pending.handshake.feed(data)
+        except EdgeMeshError as exc:
+            if isinstance(exc, Unauthenticated):
+                self._metrics.auth_failures.inc()
+            self._metrics.rpc_errors.labels("Step", exc.grpc_code).inc()
+            log.info("step connection from %s refused: %s", pending.peer, exc)
+            _send_all_now(pending.sock, wire.error_frame(exc))
+            _discard_unread(pending.sock)
+            self._forget(pending)
+            return
+        if proof is not None:
+            self._admit(pending, proof)
+
+    def _admit(self, pending: _Pending, proof: bytes) -> None:
+        """The head proved the key: from now on this is one of the node's step connections."""
+        assert self._selector is not None
+        conn = pending.sock
+        self._selector.unregister(conn)
+        del self._pending[conn]
         with self._lock:
             full = len(self._connections) >= self._limits.max_step_connections
             if not full and not self._closed:
                 self._connections.add(conn)
         if full or self._closed:
-            # A frame this small fits the new socket's send buffer: sending it cannot block.
-            _try_send_error(conn, CapacityExhausted(
-                f"node has {self._limits.max_step_connections} step connections open"))
+            # Said in place of the node's proof, so the head's open fails with it at once.
+            refusal: EdgeMeshError = Unavailable("node is stopping") if self._closed else CapacityExhausted(
+                f"node has {self._limits.max_step_connections} step connections open")
+            self._metrics.rpc_errors.labels("Step", refusal.grpc_code).inc()
+            _send_all_now(conn, wire.error_frame(refusal))
             conn.close()
             return
-        wire.tune(conn, self._timeouts)
-        threading.Thread(target=self._serve, args=(conn, peer), name="step-conn", daemon=True).start()
+        if not _send_all_now(conn, proof):
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+            return
+        conn.setblocking(True)
+        try:
+            threading.Thread(target=self._serve, args=(conn, pending.peer), name="step-conn", daemon=True).start()
+        except RuntimeError:  # no thread to be had: this connection cannot be served
+            log.exception("no thread for the step connection from %s", pending.peer)
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    def _expire(self, now: float) -> None:
+        while self._pending:
+            oldest = next(iter(self._pending.values()))
+            if oldest.deadline > now:
+                return
+            self._metrics.rpc_errors.labels("Step", "DEADLINE_EXCEEDED").inc()
+            self._drop(oldest, f"no proof of the cluster key within {self._timeouts.connect_s:.0f}s")
+
+    def _shed(self, pending: _Pending, why: str) -> None:
+        """Make room for a newcomer."""
+        self._metrics.rpc_errors.labels("Step", "RESOURCE_EXHAUSTED").inc()
+        self._drop(pending, why)
+
+    def _drop(self, pending: _Pending, why: str) -> None:
+        """End a handshake that went nowhere. One log line per interval: a flood of idle
+        connections must not become a flood of log lines."""
+        log.debug("step connection from %s dropped: %s", pending.peer, why)
+        self._forget(pending)
+        self._dropped += 1
+        now = time.monotonic()
+        if now >= self._next_report:
+            log.warning("step socket: dropped %d connection(s) that had not proved the cluster key (latest: %s)",
+                        self._dropped, why)
+            self._dropped = 0
+            self._next_report = now + _REPORT_EVERY_S
+
+    def _forget(self, pending: _Pending) -> None:
+        assert self._selector is not None
+        self._pending.pop(pending.sock, None)
+        try:
+            self._selector.unregister(pending.sock)
+        except (KeyError, ValueError):
+            pass  # never registered, or already closed
+        pending.sock.close()
 
     def _serve(self, conn: socket.socket, peer: object) -> None:
         opened: set[str] = set()
         counted = False
         try:
-            conn.settimeout(self._timeouts.connect_s)
-            wire.handshake_as_node(conn, self._key, self._node_id, time.monotonic() + self._timeouts.connect_s)
-            # Counted as work in flight (a drain waits for it) only once the head proved the key.
+            # Counted as work in flight (a drain waits for it) only now that the head proved the key.
             self._on_open()
             counted = True
             # A connection lives as long as one request may; a head that vanished is noticed
@@ -149,8 +318,6 @@ class StepServer:
         except wire.ConnectionClosed:
             pass  # the head ended the run
         except EdgeMeshError as exc:
-            if isinstance(exc, Unauthenticated):
-                self._metrics.auth_failures.inc()
             self._metrics.rpc_errors.labels("Step", exc.grpc_code).inc()
             log.info("step connection from %s ended: %s", peer, exc)
             _try_send_error(conn, exc)
@@ -191,6 +358,27 @@ def _shutdown(conn: socket.socket) -> None:
         conn.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass  # already closed by its thread
+
+
+def _send_all_now(conn: socket.socket, data: bytes) -> bool:
+    """Send a handshake-sized frame on a non-blocking socket. It fits an empty send buffer,
+    so a short send means the peer is gone or is not reading: either way it is dropped."""
+    try:
+        return conn.send(data) == len(data)
+    except OSError:
+        return False
+
+
+def _discard_unread(conn: socket.socket) -> None:
+    """Read what the peer sent past the point of refusal (a bounded amount, without waiting):
+    closing a socket with unread bytes resets the connection, and the reset can destroy the
+    ERROR frame before the peer reads why it was refused."""
+    for _ in range(16):
+        try:
+            if not conn.recv(4096):
+                return
+        except OSError:  # nothing more waiting (BlockingIOError), or already gone
+            return
 
 
 def _try_send_error(conn: socket.socket, error: EdgeMeshError) -> None:

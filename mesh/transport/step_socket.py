@@ -22,7 +22,9 @@ The connection opens with a mutual cluster-key handshake:
 
 so neither side sends a step to, or takes one from, a peer without the key, a recorded
 handshake cannot be replayed (each side's nonce is fresh), and the head learns that the
-node it reached is the one it was told to use.
+node it reached is the one it was told to use. A node gives a connection Timeouts.connect_s
+to finish the handshake, however slowly its bytes come, and counts it as one of its step
+connections (Limits.max_step_connections) only once the head proved the key.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ ERROR = 5  # payload: "<gRPC status code name>\n<message>", then the sender clos
 
 _HEADER = struct.Struct(">IB")
 _HANDSHAKE_MAX = 1 + NONCE_BYTES + MAC_BYTES + MAX_NODE_ID_BYTES
+_HEAD_PROOF_BYTES = NONCE_BYTES + MAC_BYTES
 
 
 class ConnectionClosed(PeerError):
@@ -115,9 +118,15 @@ def _read_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
     return bytes(buffer)
 
 
-def send_error(sock: socket.socket, error: EdgeMeshError) -> None:
+def error_frame(error: EdgeMeshError) -> bytes:
+    """The ERROR frame that tells the other end why the connection ends."""
     code = error.code if isinstance(error, PeerError) else error.grpc_code
-    send_frame(sock, ERROR, f"{code}\n{error}".encode()[:4096])
+    payload = f"{code}\n{error}".encode()[:4096]
+    return _HEADER.pack(len(payload), ERROR) + payload
+
+
+def send_error(sock: socket.socket, error: EdgeMeshError) -> None:
+    sock.sendall(error_frame(error))
 
 
 def error_from_frame(payload: bytes, what: str) -> EdgeMeshError:
@@ -141,15 +150,48 @@ def _expect(frame: Frame, kind: int, what: str) -> bytes:
     return frame.payload
 
 
-def handshake_as_node(sock: socket.socket, key: str, node_id: str, deadline: float) -> None:
-    """The node's side; Unauthenticated when the head lacks the key."""
-    node_nonce = os.urandom(NONCE_BYTES)
-    send_frame(sock, HELLO, bytes([VERSION]) + node_nonce)
-    payload = _expect(read_frame(sock, _HANDSHAKE_MAX, deadline), PROOF, "step handshake")
-    head_nonce, mac = payload[:NONCE_BYTES], payload[NONCE_BYTES:]
-    if len(head_nonce) != NONCE_BYTES or not hmac.compare_digest(mac, _mac(key, b"head", node_nonce, head_nonce)):
-        raise Unauthenticated("cluster key check failed on the step socket")
-    send_frame(sock, PROOF, _mac(key, b"node", head_nonce, node_nonce, node_id.encode()) + node_id.encode())
+class NodeHandshake:
+    """The node's side of the handshake, fed the bytes as they arrive rather than reading a
+    socket, so that one thread can hold every connection still proving the key (see
+    node.step_server) and none of them costs a thread of its own.
+
+    The head's PROOF is checked as strictly as its size allows: a frame of another kind or
+    length is refused from its 5-byte header, and a head sends nothing after its proof
+    until the node has answered, so a byte more is refused too. The buffer never holds
+    more than one proof."""
+
+    def __init__(self, key: str, node_id: str) -> None:
+        self._key = key
+        self._node_id = node_id.encode()
+        self._node_nonce = os.urandom(NONCE_BYTES)
+        self._buffer = bytearray()
+
+    def hello(self) -> bytes:
+        """The node's first frame, sent as soon as the connection is accepted."""
+        return _HEADER.pack(1 + NONCE_BYTES, HELLO) + bytes([VERSION]) + self._node_nonce
+
+    def feed(self, data: bytes) -> bytes | None:
+        """None while the head's proof is incomplete, then the node's PROOF frame to send;
+        InvalidInput for a frame no head sends, Unauthenticated when the head lacks the key."""
+        self._buffer += data
+        if len(self._buffer) < _HEADER.size:
+            return None
+        length, kind = _HEADER.unpack_from(self._buffer)
+        if kind != PROOF:
+            raise InvalidInput(f"step handshake: expected the head's proof, got frame kind {kind}")
+        if length != _HEAD_PROOF_BYTES:
+            raise InvalidInput(f"step handshake: a proof of {length} bytes, expected {_HEAD_PROOF_BYTES}")
+        end = _HEADER.size + length
+        if len(self._buffer) < end:
+            return None
+        if len(self._buffer) > end:
+            raise InvalidInput("step handshake: the head sent more before the node answered its proof")
+        payload = bytes(self._buffer[_HEADER.size:])
+        head_nonce, mac = payload[:NONCE_BYTES], payload[NONCE_BYTES:]
+        if not hmac.compare_digest(mac, _mac(self._key, b"head", self._node_nonce, head_nonce)):
+            raise Unauthenticated("cluster key check failed on the step socket")
+        proof = _mac(self._key, b"node", head_nonce, self._node_nonce, self._node_id) + self._node_id
+        return _HEADER.pack(len(proof), PROOF) + proof
 
 
 def handshake_as_head(sock: socket.socket, key: str, node_id: str, what: str, deadline: float) -> None:

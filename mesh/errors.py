@@ -29,6 +29,18 @@ class InvalidInput(EdgeMeshError):
     kind = "invalid_request_error"
 
 
+class PayloadTooLarge(InvalidInput):
+    """A request body larger than the gateway accepts (refused before it is read or parsed)."""
+
+    http_status = 413
+
+
+class RequestTimeout(InvalidInput):
+    """The client did not send its whole request in time."""
+
+    http_status = 408
+
+
 class NotFound(EdgeMeshError):
     """A model, session or route that does not exist."""
 

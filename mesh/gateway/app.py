@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -18,8 +19,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mesh.errors import EdgeMeshError, InvalidInput, NotFound, Unauthenticated
-from mesh.gateway.completions import CHAT, TEXT, error_response
+from mesh.errors import EdgeMeshError, InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, Unauthenticated
+from mesh.gateway.completions import CHAT, TEXT, error_response, rejection_reason
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, parse
 
 if TYPE_CHECKING:
@@ -50,15 +51,26 @@ class ApiKeyMiddleware:
         await self._app(scope, receive, send)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, deadline_s: float) -> bytes:
+    """The whole body, refused (413) as soon as it is known to be larger than `limit` (by its
+    Content-Length, before a byte of it is read, or while it streams in) and refused (408)
+    when it takes longer than `deadline_s` to arrive."""
+    too_large = PayloadTooLarge(f"request body is larger than {limit} bytes; send a shorter prompt")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise InvalidInput(f"request body is larger than {limit} bytes")
+        raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise InvalidInput(f"request body is larger than {limit} bytes")
+
+    async def collect() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise too_large
+
+    try:
+        await asyncio.wait_for(collect(), deadline_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {deadline_s:g} s") from None
     return bytes(body)
 
 
@@ -67,12 +79,14 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
 
     async def completion(request: Request, schema: type[Any], flavor: Any) -> Response:
         try:
-            body = parse(schema, await _read_body(request, limits.max_body_bytes))
+            body = parse(schema, await _read_body(request, limits.max_body_bytes, runtime.timeouts.http_body_s))
             if isinstance(body, CompletionRequest) and len(body.prompt_text()) > limits.max_prompt_chars:
                 raise InvalidInput(f"prompt is longer than {limits.max_prompt_chars} characters")
+            if isinstance(body, ChatRequest) and body.text_chars() > limits.max_prompt_chars:
+                raise InvalidInput(f"the messages hold more than {limits.max_prompt_chars} characters")
         except EdgeMeshError as exc:
             runtime.metrics.requests.labels("mesh", str(exc.http_status)).inc()
-            runtime.metrics.rejected.labels("invalid").inc()
+            runtime.metrics.rejected.labels(rejection_reason(exc) or "invalid").inc()
             return error_response(exc)
         return await runtime.completions.handle(body, flavor)
 
@@ -95,9 +109,25 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
         return JSONResponse(runtime.prometheus_targets())
 
     async def healthz(request: Request) -> Response:
+        """Readiness: 200 while some placement serves the model, else 503 with the reason (a load
+        balancer or supervisor sends traffic elsewhere). Liveness is /livez."""
         ready = len(runtime.membership.ready())
+        placements = len(runtime.scheduler.placements())
         uptime = round(time.time() - runtime.started_at, 1)
-        return JSONResponse({"status": "ok", "nodes_ready": ready, "uptime_s": uptime})
+        view = {"nodes_ready": ready, "placements": placements, "uptime_s": uptime}
+        if placements:
+            return JSONResponse({"status": "ok", **view})
+        known = len(runtime.membership.members())
+        reason = (f"no node serving {runtime.model_name} is ready: {ready} of {known} known node(s) ready, "
+                  "none holds the model yet" if ready else
+                  f"no node serving {runtime.model_name} is ready ({known} known, none ready); "
+                  "start one with `edgemesh node`")
+        return JSONResponse({"status": "unavailable", "reason": reason, **view}, status_code=503,
+                            headers={"Retry-After": "1"})
+
+    async def livez(request: Request) -> Response:
+        """Liveness: the process answers HTTP, whatever the mesh behind it is doing."""
+        return JSONResponse({"status": "ok", "uptime_s": round(time.time() - runtime.started_at, 1)})
 
     async def metrics(request: Request) -> Response:
         runtime.refresh_gauges()
@@ -126,6 +156,7 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
         Route("/api/cluster", cluster, methods=["GET"]),
         Route("/api/prometheus/targets", prometheus_targets, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/livez", livez, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/", index, methods=["GET"]),
         Route("/cluster", index, methods=["GET"]),

@@ -7,17 +7,19 @@ is shared here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, Unavailable
+from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, PayloadTooLarge, RequestTimeout, Unavailable
 from mesh.gateway.answers import CLOUD_ROUTE, MESH_ROUTE, Answer, CloudAnswer, MeshAnswer
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, _Common
 from mesh.metrics import GatewayMetrics
@@ -40,6 +42,22 @@ def error_body(error: EdgeMeshError) -> dict[str, Any]:
 def error_response(error: EdgeMeshError) -> JSONResponse:
     headers = {"Retry-After": "1"} if error.http_status in (429, 503) else None
     return JSONResponse(error_body(error), status_code=error.http_status, headers=headers)
+
+
+def rejection_reason(error: EdgeMeshError) -> str | None:
+    """The `reason` label of edgemesh_rejected_total for a request refused with `error`
+    (None: not a refusal before work, such as a node failing mid-way)."""
+    if isinstance(error, PayloadTooLarge):
+        return "too_large"
+    if isinstance(error, RequestTimeout):
+        return "timeout"
+    if isinstance(error, InvalidInput):
+        return "invalid"
+    if isinstance(error, CapacityExhausted):
+        return "capacity"
+    if isinstance(error, Unavailable):
+        return "unavailable"
+    return None
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,11 @@ TEXT = Flavor("text_completion", "text_completion",
 
 POLICIES = ("local-only", "cloud-first", "local-first")
 
+# Threads that render chat templates and tokenize prompts. Tokenizing runs in llama.cpp
+# without the GIL, so a second thread uses a second core; more would only queue on the same
+# cores, and a bounded pool keeps a flood of long prompts from starting a thread each.
+PROMPT_THREADS = 2
+
 
 class Completions:
     """Chooses where an answer comes from (the routing policy), then shapes it as JSON or SSE.
@@ -84,20 +107,31 @@ class Completions:
         self._cloud = cloud
         self.policy = policy if cloud is not None else "local-only"
         self.last_route = ""
+        self._prompt_pool = ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="edgemesh-prompt")
 
-    def _prompt_tokens(self, body: _Common) -> list[int]:
+    def close(self) -> None:
+        self._prompt_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _encode(self, body: _Common, continuation: str) -> tuple[list[int], list[int]]:
+        """Prompt and continuation tokens; CPU work (a template render and a tokenizer pass over
+        up to a few megabytes), so it runs on the prompt pool, never on the event loop."""
         if isinstance(body, ChatRequest):
-            return self._tokenizer.encode_chat(body.template_messages())
-        assert isinstance(body, CompletionRequest)
-        return self._tokenizer.encode_completion(body.prompt_text())
+            prompt = self._tokenizer.encode_chat(body.template_messages())
+        else:
+            assert isinstance(body, CompletionRequest)
+            prompt = self._tokenizer.encode_completion(body.prompt_text())
+        return prompt, self._tokenizer.encode_continuation(continuation)
+
+    async def _prompt_tokens(self, body: _Common, continuation: str = "") -> tuple[list[int], list[int]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prompt_pool, self._encode, body, continuation)
 
     async def _generation_request(self, body: _Common, continuation: str = "") -> GenerationRequest:
         check_model(body.model, self._model_name)
         n_ctx = await self._scheduler.serving_context_length()
         if n_ctx is None:
             raise Unavailable("no node serving this model is ready; start one with `edgemesh node`")
-        prompt = self._prompt_tokens(body)
-        sent = self._tokenizer.encode_continuation(continuation)
+        prompt, sent = await self._prompt_tokens(body, continuation)
         check_prompt(len(prompt) + len(sent), n_ctx)
         room = n_ctx - len(prompt) - len(sent)
         limit = body.token_limit()
@@ -126,12 +160,15 @@ class Completions:
         stream = self._cloud.stream(kind, upstream_body)
         try:
             first = await stream.__anext__()
+            # Counted for `usage`; a template the mesh refuses is refused here too (the cloud
+            # would have rendered its own), and the open stream is closed on the way out.
+            prompt_tokens = len((await self._prompt_tokens(body))[0])
         except StopAsyncIteration:
+            await stream.aclose()
             raise Unavailable("the cloud ended its answer before any text") from None
         except BaseException:
             await stream.aclose()
             raise
-        prompt_tokens = len(self._prompt_tokens(body))
         return CloudAnswer(stream, first, uuid.uuid4().hex, self._metrics,
                            lambda text: self._mesh_answer(body, started, text),
                            lambda text: len(self._tokenizer.encode_continuation(text)), prompt_tokens, started)
@@ -179,8 +216,9 @@ class Completions:
             return JSONResponse(await self._collect(flavor, answer), headers=headers)
         except EdgeMeshError as exc:
             self._metrics.requests.labels(MESH_ROUTE, str(exc.http_status)).inc()
-            if isinstance(exc, InvalidInput):
-                self._metrics.rejected.labels("invalid").inc()
+            reason = rejection_reason(exc)
+            if reason is not None:
+                self._metrics.rejected.labels(reason).inc()
             return error_response(exc)
         except Exception as exc:  # a bug: still an OpenAI-shaped answer, and the gateway goes on
             log.exception("request failed unexpectedly")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from mesh.config import GatewayConfig, Limits, Timeouts, is_loopback, resolve_cluster_key
+from mesh.config import GatewayConfig, Limits, Timeouts, is_loopback, resolve_cluster_key, tuned_from_environment
 from mesh.discovery import Browser, Peer, browse_interfaces, static_peers
 from mesh.errors import ConfigError
 from mesh.gateway.completions import POLICIES, Completions
@@ -21,7 +21,7 @@ from mesh.metrics import GatewayMetrics
 from mesh.placement.controller import ControllerSettings, PlacementController
 from mesh.placement.planner import STRATEGIES
 from mesh.scheduler import Scheduler
-from mesh.tokenizer import Tokenizer
+from mesh.tokenizer import TemplateBudget, Tokenizer
 from mesh.transport.auth import cluster_hash
 from mesh.types import ModelSha
 
@@ -34,7 +34,15 @@ CLOUD_PROBE_S = 2.0  # how often the cloud's health is checked in the background
 
 
 def check_bind_is_safe(config: GatewayConfig) -> None:
-    """Secure by default: a gateway reachable from the network must ask for a key."""
+    """Secure by default: a gateway reachable from the network must ask for a key, and a key
+    must be one a client can send."""
+    if config.api_key and not config.api_key.strip():
+        # A blank key (an unset variable in quotes, say) would "protect" a public bind with
+        # a key of spaces, which HTTP strips from the header: refuse it rather than guess.
+        raise ConfigError("--api-key is blank: pass a real key (or EDGEMESH_API_KEY), or none on 127.0.0.1")
+    if config.api_key != config.api_key.strip():
+        raise ConfigError("--api-key starts or ends with whitespace, which HTTP drops from the Authorization "
+                          "header, so no client could send it: remove the spaces")
     if not is_loopback(config.host) and not config.api_key:
         raise ConfigError(
             f"refusing to serve on {config.host} without an API key: anyone on the network could use "
@@ -50,15 +58,16 @@ class GatewayRuntime:
 
         check_bind_is_safe(config)
         self.config = config
-        self.timeouts = timeouts or Timeouts()
-        self.limits = limits or Limits()
+        # Timeouts and Limits have no flags; EDGEMESH_<FIELD> tunes them (e.g. EDGEMESH_HTTP_HEADER_S).
+        self.timeouts = timeouts or tuned_from_environment(Timeouts)
+        self.limits = limits or tuned_from_environment(Limits)
         self.api_key = config.api_key
         self.cluster_key = resolve_cluster_key(config.cluster_key)
         self.started_at = time.time()
         self.model_path = model_path
         self.model_name = model_path.stem
         self.model_sha = ModelSha(file_sha256(model_path))
-        self.tokenizer = Tokenizer.load(model_path)
+        self.tokenizer = Tokenizer.load(model_path, TemplateBudget.of(self.timeouts, self.limits))
         self.n_layers = inspect_gguf(model_path).n_layers
         self.metrics = GatewayMetrics(CollectorRegistry())
         self.membership = Membership(self.cluster_key, self.timeouts, self.limits, on_change=self._membership_changed)
@@ -134,6 +143,7 @@ class GatewayRuntime:
         self.controller.start()
 
     async def stop(self) -> None:
+        self.completions.close()
         await self.controller.stop()
         if self._probe_task is not None:
             self._probe_task.cancel()
@@ -254,11 +264,17 @@ async def serve(runtime: GatewayRuntime, stop: asyncio.Event,
     """Serve HTTP until `stop` is set; once listening, writes the ready file and calls
     `on_listening(port)` (which `edgemesh up` uses to wait for its nodes)."""
     from mesh.gateway.app import build_app
+    from mesh.gateway.connections import guarded_protocol
 
     await runtime.start()
+    cap = runtime.limits.max_http_connections
+    protocol = guarded_protocol(runtime.timeouts.http_header_s, cap,
+                                lambda reason: runtime.metrics.rejected.labels(reason).inc())
     server = uvicorn.Server(uvicorn.Config(
         build_app(runtime), host=runtime.config.host, port=runtime.config.port, log_level="warning",
-        lifespan="off", access_log=False, timeout_graceful_shutdown=5))
+        lifespan="off", access_log=False, timeout_graceful_shutdown=5,
+        # One past the cap: uvicorn answers 503 to a request when this many connections are open.
+        http=protocol, limit_concurrency=cap + 1))
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:

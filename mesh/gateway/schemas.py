@@ -89,6 +89,10 @@ class ChatMessage(_Strict):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
 
+    def text_chars(self) -> int:
+        """Characters of text in all the messages (what the prompt-length limit counts)."""
+        return sum(len(m.text()) for m in self.messages)
+
     def template_messages(self) -> list[dict[str, Any]]:
         # "developer" is OpenAI's newer name for the system role; templates know "system".
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}

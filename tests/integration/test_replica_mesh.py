@@ -219,7 +219,9 @@ def test_api_key_is_required_when_set(launcher: Launcher, default_model: Path) -
     assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
     assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=10).status_code == 401
     assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer s3cret"}, timeout=10).status_code == 200
-    assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+    # Health stays open without the key: liveness 200; readiness 503 (this gateway has no node).
+    assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
+    assert httpx.get(f"{url}/healthz", timeout=10).status_code == 503
 
 
 def test_json_error_bodies_are_openai_shaped(mesh: tuple[str, list[Proc]]) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from mesh import __version__
-from mesh.config import GatewayConfig, NodeConfig, add_arguments, from_arguments
+from mesh.config import GatewayConfig, NodeConfig, add_arguments, check_ports_free, from_arguments
 from mesh.errors import ConfigError, EdgeMeshError
 from mesh.logs import setup_logging
 from mesh.placement.planner import STRATEGIES
@@ -53,6 +53,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
     config = from_arguments(GatewayConfig, args)
     check_bind_is_safe(config)  # before the slow parts, so a wrong bind fails at once
+    check_ports_free(config.host, (("--port", config.port),))
     runtime = GatewayRuntime(config, resolve(config.model))
     run_until_signalled(lambda stop: serve(runtime, stop))
 

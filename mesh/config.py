@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import ipaddress
 import os
 import re
@@ -80,6 +81,11 @@ class Timeouts:
     head_margin_s: float = setting(2.0, "how much longer the gateway waits for a pipeline's head than the head "
                                    "waits for a later stage, so that a stalled stage is blamed, not the head")
     drain_s: float = setting(60.0, "longest a draining node waits for in-flight streams before it exits")
+    http_header_s: float = setting(10.0, "longest the gateway waits for a request's headers (from the connection "
+                                   "or the previous answer) before it closes the connection")
+    http_body_s: float = setting(60.0, "longest the gateway waits for a whole request body (408 after that)")
+    template_render_s: float = setting(2.0, "longest a chat template may take to render one conversation; a "
+                                       "slower one is refused (400) and the gateway goes on")
 
 
 @dataclass(frozen=True)
@@ -87,10 +93,26 @@ class Limits:
     """Sizes a process accepts from peers and clients."""
 
     max_message_bytes: int = setting(64 * 2**20, "largest gRPC message sent or received")
+    auth_nonces: int = setting(100_000, "signed gRPC calls a node remembers to refuse a replay (about 200 bytes "
+                               "each); past this many within the clock window the oldest are forgotten and "
+                               "calls signed before them refused")
+    grpc_window_bytes: int = setting(2**20, "fixed HTTP/2 receive window of a node's gRPC streams: what a "
+                                     "caller may send ahead of the node's reading (and of its refusal)")
     max_prompt_chars: int = setting(1_000_000, "largest prompt text the gateway accepts")
     max_body_bytes: int = setting(4 * 2**20, "largest HTTP request body the gateway accepts")
+    max_http_connections: int = setting(512, "HTTP connections the gateway serves at once; a request on one more "
+                                        "gets 503, and past twice this many connections are closed at once")
+    template_max_chars: int = setting(4_000_000, "longest prompt a chat template may render, and longest value it "
+                                      "may build; all it builds together may be 16 times this")
+    template_max_steps: int = setting(1_000_000, "loop turns, calls, lookups and outputs a chat template may make "
+                                      "for one conversation")
     max_step_connections: int = setting(256, "step-socket connections a node serves at once (one per pipeline "
                                         "request through it); more get RESOURCE_EXHAUSTED")
+    max_step_handshakes: int = setting(64, "step-socket connections a node holds while they prove the cluster "
+                                       "key (not counted as step connections); past this the oldest is dropped, "
+                                       "so idle connections cannot lock a pipeline head out")
+    max_metrics_connections: int = setting(32, "connections a node's metrics server serves at once (a thread "
+                                           "each); past this the oldest is dropped")
 
 
 def check_thread_counts(threads: int, decode_threads: int) -> None:
@@ -98,6 +120,36 @@ def check_thread_counts(threads: int, decode_threads: int) -> None:
     for flag, value in (("--threads", threads), ("--decode-threads", decode_threads)):
         if value < 0:
             raise ConfigError(f"{flag} must be 0 (automatic) or a positive count, not {value}")
+
+
+def check_ports_free(host: str, ports: tuple[tuple[str, int], ...]) -> None:
+    """Fail at once, before any slow start-up work (hashing, loading, probing), when a fixed
+    port is taken, given twice, or `host` is not this machine's. Each server still binds for
+    itself later; this makes the common mistake quick and a one-line error."""
+    seen: dict[int, str] = {}
+    for flag, port in ports:
+        if port < 0:  # the step socket's -1: off
+            continue
+        if port in seen:  # 0 (a free port, chosen by the system) is checked once, for the address
+            if port == 0:
+                continue
+            raise ConfigError(f"{seen[port]} and {flag} are both {port}; give each its own port")
+        seen[port] = flag
+        try:
+            family, kind, proto, _name, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ConfigError(f"cannot listen on {host!r}: {exc}") from None
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers: TIME_WAIT is free
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                hint = {errno.EADDRINUSE: f"another program (or node) listens there: choose another {flag}, "
+                                          "or 0 for a free one",
+                        errno.EADDRNOTAVAIL: f"{host} is not an address of this machine",
+                        errno.EACCES: "ports below 1024 need privileges"}.get(exc.errno or 0, f"choose another {flag}")
+                raise ConfigError(f"cannot listen on {host}:{port} ({flag}): {exc.strerror}; {hint}") from None
 
 
 @dataclass(frozen=True)
@@ -167,26 +219,68 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any], *, skip: tupl
         if f.name in skip or (only and f.name not in only):
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        env = os.environ.get(ENV_PREFIX + f.name.upper())
+        variable = ENV_PREFIX + f.name.upper()
+        env = os.environ.get(variable)
         help_text = f.metadata.get("help", "")
         default: Any = f.default
+        value = default if env is None else _from_environment(variable, env, default, flag)
         if isinstance(default, bool):
-            flag_on = default if env is None else env.lower() in ("1", "true", "yes", "on")
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=flag_on,
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=value,
                                 help=help_text)
         elif isinstance(default, tuple):
-            listed = tuple(env.split(",")) if env else default
             parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text)
-            parser.set_defaults(**{f"_default_{f.name}": listed})
+            parser.set_defaults(**{f"_default_{f.name}": value})
         else:
-            kind = type(default)
-            value = default if env is None else kind(env)
             shown = "(hidden)" if f.metadata.get("secret") else repr(default)
-            parser.add_argument(flag, dest=f.name, type=kind, default=value,
+            parser.add_argument(flag, dest=f.name, type=type(default), default=value,
                                 help=f"{help_text} [default: {shown}]")
 
 
+@dataclass(frozen=True)
+class _BadEnvironment:
+    """An EDGEMESH_<FIELD> value that is not of its setting's type. It stands as the flag's
+    default, so that only a command that uses the setting fails (a bad EDGEMESH_SLOTS does
+    not break `edgemesh status`), and an explicit flag still wins over it."""
+
+    variable: str
+    value: str
+    expected: str
+    flag: str
+
+    def error(self) -> ConfigError:
+        return ConfigError(f"{self.variable}={self.value!r} is not {self.expected} (it sets {self.flag}; "
+                           f"fix or unset it)")
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _from_environment(variable: str, raw: str, default: Any, flag: str) -> Any:
+    """An environment value read as the type of its setting's default, or _BadEnvironment."""
+    text = raw.strip()
+    if isinstance(default, bool):
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        return _BadEnvironment(variable, raw, "a boolean (1, true, yes, on or 0, false, no, off)", flag)
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            return _BadEnvironment(variable, raw, "a whole number", flag)
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            return _BadEnvironment(variable, raw, "a number", flag)
+    return raw
+
+
 def from_arguments(cls: type[T], args: argparse.Namespace) -> T:
+    """The config dataclass from parsed flags; an unreadable environment value that no flag
+    overrode is a ConfigError naming the variable and the type it needs."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if not hasattr(args, f.name):
@@ -194,6 +288,30 @@ def from_arguments(cls: type[T], args: argparse.Namespace) -> T:
         value = getattr(args, f.name)
         if isinstance(f.default, tuple):
             value = tuple(value) if value is not None else getattr(args, f"_default_{f.name}", ())
+        if isinstance(value, _BadEnvironment):
+            raise value.error()
+        values[f.name] = value
+    return cls(**values)
+
+
+def tuned_from_environment(cls: type[T]) -> T:
+    """Timeouts or Limits with the fields set in the environment as EDGEMESH_<FIELD> (for example
+    EDGEMESH_HTTP_HEADER_S=5): they have no flags, yet an operator (or a test) may tune one.
+    Each value must be a positive number; anything else is a ConfigError naming the variable."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = ENV_PREFIX + f.name.upper()
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        default: Any = f.default
+        kind = type(default)
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not {'a whole' if kind is int else 'a'} number") from None
+        if not value > 0 or value == float("inf"):
+            raise ConfigError(f"{name}={raw!r} must be a positive number")
         values[f.name] = value
     return cls(**values)
 

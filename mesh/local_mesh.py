@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mesh.config import GatewayConfig, Timeouts, check_thread_counts, home_dir, parse_bytes
+from mesh.config import GatewayConfig, Timeouts, check_ports_free, check_thread_counts, home_dir, parse_bytes
 from mesh.discovery import Peer
 from mesh.errors import ConfigError, ModelError
 from mesh.model_store import resolve
@@ -191,7 +191,7 @@ def write_cluster_key(key: str) -> Path:
 
 
 async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None:
-    from mesh.gateway.runtime import GatewayRuntime, check_bind_is_safe, serve
+    from mesh.gateway.runtime import GatewayRuntime, check_bind_is_safe
 
     if options.nodes < 1:
         raise ConfigError("--nodes must be at least 1")
@@ -202,6 +202,8 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
         raise ConfigError(f"--stages must be 0 (automatic) or a positive count, not {options.stages}")
     if options.strategy == "pipeline" and options.stages > options.nodes:
         raise ConfigError(f"{options.stages} stages need at least {options.stages} nodes, not {options.nodes}")
+    # The gateway listens only once the nodes run: a port taken now must fail before any of them starts.
+    check_ports_free(options.host, (("--port", options.port),))
     cluster_key = options.cluster_key or secrets.token_urlsafe(32)
     model_path = await asyncio.to_thread(resolve, options.model)
     config = GatewayConfig(host=options.host, port=options.port, cluster_key=cluster_key,
@@ -217,31 +219,47 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
         options = replace(options, memory_limit=str(memory().free // options.nodes))
     stages = expects_stages(runtime.controller.profile, options.strategy, options.memory_limit, options.n_ctx)
     key_file = None if options.cluster_key else await asyncio.to_thread(write_cluster_key, cluster_key)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgemesh-up-") as tmp:
+            await _run_started_mesh(runtime, options, model_path, cluster_key, Path(tmp), stages, key_file, stop)
+    finally:
+        if key_file is not None:
+            key_file.unlink(missing_ok=True)
 
-    with tempfile.TemporaryDirectory(prefix="edgemesh-up-") as tmp:
-        nodes = [spawn_node(i, model_path, options, cluster_key, Path(tmp), stages) for i in range(options.nodes)]
+
+async def _run_started_mesh(runtime: GatewayRuntime, options: LocalMeshOptions, model_path: Path,
+                            cluster_key: str, workdir: Path, stages: bool, key_file: Path | None,
+                            stop: asyncio.Event) -> None:
+    """Start the nodes and the gateway, serve until `stop`, and stop every process started
+    here whatever fails on the way (a node that cannot start, the gateway, a signal), so that
+    `up` never leaves a node running after it has gone."""
+    from mesh.gateway.runtime import serve
+
+    nodes: list[NodeProcess] = []
+    gateway: asyncio.Task[None] | None = None
+    gateway_stop = asyncio.Event()
+    try:
+        for i in range(options.nodes):
+            nodes.append(spawn_node(i, model_path, options, cluster_key, workdir, stages))
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        gateway_stop = asyncio.Event()
         gateway = asyncio.create_task(serve(runtime, gateway_stop, on_listening=listening.set_result))
-        try:
-            await _wait_for_mesh(runtime, nodes, listening, gateway, stop)
-            if stop.is_set():
-                return
-            await wait_for_placement(runtime, gateway, stop)
-            if stop.is_set():
-                return
-            port = listening.result()
-            placement = runtime.controller.describe(runtime.scheduler.placements())
-            announce(_banner(f"http://{options.host}:{port}", model_path.stem, len(nodes), options.api_key,
-                             placement, key_file), options.host, port, options.ready_file)
-            await _supervise(nodes, gateway, stop)
-        finally:
-            log.info("stopping the local mesh")
-            gateway_stop.set()
-            await asyncio.to_thread(stop_nodes, nodes)
+        await _wait_for_mesh(runtime, nodes, listening, gateway, stop)
+        if stop.is_set():
+            return
+        await wait_for_placement(runtime, gateway, stop)
+        if stop.is_set():
+            return
+        port = listening.result()
+        placement = runtime.controller.describe(runtime.scheduler.placements())
+        announce(_banner(f"http://{options.host}:{port}", model_path.stem, len(nodes), options.api_key,
+                         placement, key_file), options.host, port, options.ready_file)
+        await _supervise(nodes, gateway, stop)
+    finally:
+        log.info("stopping the local mesh")
+        gateway_stop.set()
+        await asyncio.to_thread(stop_nodes, nodes)
+        if gateway is not None:
             await asyncio.gather(gateway, return_exceptions=True)
-            if key_file is not None:
-                key_file.unlink(missing_ok=True)
 
 
 async def wait_for_placement(runtime: GatewayRuntime, gateway: asyncio.Task[None], stop: asyncio.Event) -> None:

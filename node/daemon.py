@@ -15,10 +15,18 @@ import uuid
 from functools import partial
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from mesh import __version__
-from mesh.config import Limits, NodeConfig, Timeouts, default_node_name, parse_bytes, resolve_cluster_key
+from mesh.config import (
+    Limits,
+    NodeConfig,
+    Timeouts,
+    check_ports_free,
+    default_node_name,
+    parse_bytes,
+    resolve_cluster_key,
+)
 from mesh.discovery import Advertisement, Advertiser
 from mesh.errors import CapacityExhausted, ConfigError, EdgeMeshError
 from mesh.metrics import NodeMetrics
@@ -32,6 +40,7 @@ from node.activity import Activity
 from node.budget import MemoryBudget
 from node.claims import ClaimTable
 from node.compute import ComputeThread
+from node.metrics_server import start_metrics_server
 from node.pipeline_head import PeerLinks, PipelineHead
 from node.replica_host import ReplicaHost
 from node.service import Holdings, NodeIdentity, NodeService, NodeState
@@ -115,6 +124,9 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {config.role!r}")
     if not -1 <= config.step_port <= 65535:
         raise ConfigError(f"--step-port must be a port, 0 (a free one) or -1 (off), not {config.step_port}")
+    # Before the slow parts (hashing, the probe): a taken port is a one-line error at once.
+    check_ports_free(config.host, (("--port", config.port), ("--metrics-port", config.metrics_port),
+                                   ("--step-port", config.step_port)))
     if config.model_from_peers:
         local = await shard_file_from_peers(config, cluster_key, timeouts, limits)
     else:
@@ -147,7 +159,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     metrics.memory.labels("total").set(mem.total)
     metrics.memory.labels("free").set(mem.free)
     metrics.memory.labels("limit").set(identity.memory_limit)
-    metrics_server, _thread = start_http_server(config.metrics_port, addr=config.host, registry=registry)
+    metrics_server = start_metrics_server(config.host, config.metrics_port, registry, timeouts, limits)
     metrics_port = int(metrics_server.server_port)
 
     state = NodeState()
@@ -163,7 +175,11 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     service = NodeService(identity, holdings, metrics, state, cluster_key, compute, head)
     server = make_server(cluster_key, timeouts, limits, health, on_reject=lambda _m: metrics.auth_failures.inc())
     pb_grpc.add_NodeServicer_to_server(service, server)
-    port = bind(server, config.host, config.port)
+    try:
+        port = bind(server, config.host, config.port)
+    except (RuntimeError, OSError) as exc:  # taken since the check above; grpc says only "failed to bind"
+        raise ConfigError(f"cannot listen on {config.host}:{config.port} (--port): {exc}; choose another "
+                          "--port, or 0 for a free one") from None
     state.grpc_port, state.metrics_port = port, metrics_port
     step_server = None
     if config.step_port >= 0:

@@ -12,6 +12,7 @@ from mesh.discovery import Browser, Peer, browse_interfaces, static_peers
 from mesh.errors import ConfigError, EdgeMeshError, Unavailable
 from mesh.transport.auth import cluster_hash
 from mesh.transport.channels import NodeClient
+from node.gguf import check_header
 from node.shards import ShardCache
 from node.stage_host import LocalFile
 
@@ -53,6 +54,9 @@ async def shard_file_from_peers(config: NodeConfig, cluster_key: str, timeouts: 
                     cache = ShardCache(home_dir() / "shards", replace(model, n_ctx=config.n_ctx, shard_copy=True))
                     if not cache.has_header:
                         await cache.fetch(client, [], header=True)
+                    # The header came from a peer: every length in it is checked against the file
+                    # before anything (the stage engine's reader, llama.cpp) trusts it.
+                    check_header(cache.path)
                     log.info("model %s comes from %s (%s); %.1f MB of it already cached", model.name, info.name,
                              peer.address, cache.present_bytes() / 1e6)
                     return LocalFile(cache.path, cache.model, shards=cache, source=client)

@@ -8,6 +8,7 @@ reads the header with a handful of buffered reads.
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,15 +23,37 @@ _DEFAULT_ALIGNMENT = 32
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO, path: Path) -> None:
+    """Every length the header claims is checked against what is left of the file before it is
+    read or skipped: a hostile header must not make us allocate (or loop over) its claim."""
+
+    def __init__(self, f: BinaryIO, path: Path, size: int) -> None:
         self.f = f
         self.path = path
+        self.size = size
+
+    def left(self) -> int:
+        return self.size - self.f.tell()
+
+    def _fits(self, n: int) -> None:
+        if n < 0 or n > self.left():
+            raise ModelError(f"{self.path} ends inside its GGUF header (a length of {n} bytes runs past the end)")
 
     def take(self, n: int) -> bytes:
+        self._fits(n)
         data = self.f.read(n)
         if len(data) != n:
             raise ModelError(f"{self.path} ends inside its GGUF header")
         return data
+
+    def skip(self, n: int) -> None:
+        self._fits(n)
+        self.f.seek(n, 1)
+
+    def count(self, min_entry_bytes: int) -> int:
+        """A count of entries, each at least `min_entry_bytes` long, that the file can hold."""
+        n = int(self.unpack("<Q"))
+        self._fits(n * min_entry_bytes)
+        return n
 
     def unpack(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
@@ -39,7 +62,7 @@ class _Reader:
         return self.take(self.unpack("<Q")).decode("utf-8", errors="replace")
 
     def skip_string(self) -> None:
-        self.f.seek(self.unpack("<Q"), 1)
+        self.skip(self.unpack("<Q"))
 
     def value(self, vtype: int, keep_array: bool) -> Any:
         if vtype in _SCALARS:
@@ -48,14 +71,15 @@ class _Reader:
             return self.string()
         if vtype == _ARRAY:
             etype = self.unpack("<I")
-            count = self.unpack("<Q")
             if etype in _SCALARS:
                 size = struct.calcsize(_SCALARS[etype])
+                count = self.count(size)
                 if keep_array:
                     return list(struct.unpack(f"<{count}{_SCALARS[etype][1]}", self.take(size * count)))
-                self.f.seek(size * count, 1)
+                self.skip(size * count)
                 return count
             if etype == _STRING:
+                count = self.count(8)  # each string has at least its 8-byte length
                 for _ in range(count):
                     self.skip_string()
                 return count  # string arrays (vocabularies, merges) are reported by length only
@@ -71,14 +95,16 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, int, t
     except OSError as exc:
         raise ModelError(f"cannot read model file {path}: {exc}") from exc
     with f:
-        r = _Reader(f, path)
+        r = _Reader(f, path, os.fstat(f.fileno()).st_size)
         if r.take(4) != _MAGIC:
             raise ModelError(f"{path} is not a GGUF file")
         version = r.unpack("<I")
         if version not in (2, 3):
             raise ModelError(f"{path}: GGUF version {version} is not supported")
-        n_tensors = r.unpack("<Q")
-        n_kv = r.unpack("<Q")
+        # The smallest tensor entry: 8-byte name length, 4-byte n_dims, 4-byte type, 8-byte
+        # offset; the smallest key-value: 8-byte key length and 4-byte type.
+        n_tensors = r.count(24)
+        n_kv = r.count(12)
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
             key = r.string()
@@ -87,11 +113,15 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, int, t
         for _ in range(n_tensors):
             name = r.string()
             n_dims = r.unpack("<I")
+            if not 1 <= n_dims <= 4:
+                raise ModelError(f"{path}: tensor {name!r} has {n_dims} dimensions (GGUF allows 1 to 4)")
             shape = tuple(r.unpack("<Q") for _ in range(n_dims))
             ggml_type = r.unpack("<I")
             offset = r.unpack("<Q")
             tensors.append((name, ggml_type, shape, offset))
-        alignment = int(meta.get("general.alignment", _DEFAULT_ALIGNMENT))
+        alignment = meta.get("general.alignment", _DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise ModelError(f"{path}: general.alignment {alignment!r} is not a power of two")
         pos = f.tell()
         data_start = -(-pos // alignment) * alignment
     return meta, tensors, data_start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -177,14 +178,23 @@ def tensor_to_pb(hidden: npt.NDArray[np.float32], dtype: HiddenDType) -> Any:
     return pb.Tensor(shape=list(hidden.shape), dtype=code, data=data)
 
 
+def _shape_text(shape: Sequence[int]) -> str:
+    """A shape as the peer sent it, cut short: an error quotes it, and a status message must
+    stay small whatever it quotes (a shape of 100,000 dimensions made a 1.2 MB one, past
+    what gRPC clients accept in a trailer, so the caller saw RESOURCE_EXHAUSTED instead)."""
+    if len(shape) <= 4:
+        return str(list(shape))
+    return f"[{', '.join(str(d) for d in shape[:4])}, ...] ({len(shape)} dimensions)"
+
+
 def tensor_from_pb(msg: Any) -> npt.NDArray[np.float32]:
     """Hidden states from the wire, checked for a consistent shape, dtype and byte length."""
     dtype = _DTYPE_NAMES.get(msg.dtype)
     if dtype is None:
         raise InvalidInput(f"hidden states: unsupported dtype {msg.dtype} (send DTYPE_F32 or DTYPE_F16)")
-    shape = tuple(int(d) for d in msg.shape)
-    if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
-        raise InvalidInput(f"hidden states must have shape [n_tokens, n_embd], got {list(shape)}")
+    if len(msg.shape) != 2 or msg.shape[0] == 0 or msg.shape[1] == 0:
+        raise InvalidInput(f"hidden states must have shape [n_tokens, n_embd], got {_shape_text(msg.shape)}")
+    shape = (int(msg.shape[0]), int(msg.shape[1]))
     if shape[0] > MAX_STEP_TOKENS:
         raise InvalidInput(f"hidden states of {shape[0]} tokens exceed the step limit of {MAX_STEP_TOKENS}")
     _, numpy_type = _DTYPES[dtype]

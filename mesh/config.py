@@ -93,6 +93,8 @@ class Limits:
     """Sizes a process accepts from peers and clients."""
 
     max_message_bytes: int = setting(64 * 2**20, "largest gRPC message sent or received")
+    max_request_bytes: int = setting(4 * 2**20, "largest request of a single-message node RPC (every one but "
+                                     "the Forward stream); larger gets RESOURCE_EXHAUSTED before it is parsed")
     auth_nonces: int = setting(100_000, "signed gRPC calls a node remembers to refuse a replay (about 200 bytes "
                                "each); past this many within the clock window the oldest are forgotten and "
                                "calls signed before them refused")

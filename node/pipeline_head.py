@@ -121,24 +121,33 @@ class PeerLinks:
 
     async def _peer(self, hop: PipelineHop) -> CheckedStageNode:
         key = (hop.address, hop.node_id)
-        async with self._checking.setdefault(key, asyncio.Lock()):
-            peer = self._peers.get(key)
-            if peer is not None:
-                return peer
-            try:
-                host, _port = parse_host_port(hop.address)
-            except ConfigError as exc:
-                raise InvalidInput(f"stage node {hop.node_id}: {exc}") from None
-            client = NodeClient(hop.address, self._key, self._timeouts, self._limits)
-            try:
-                info = await client.info()
-                if info.node_id != hop.node_id:
-                    raise Unauthenticated(f"the node at {hop.address} is {info.node_id}, not {hop.node_id}")
-            except EdgeMeshError as exc:
-                await client.close()
-                raise PeerError(f"stage node {hop.node_id} at {hop.address}: {exc}", node_id=hop.node_id) from exc
-            peer = self._peers[key] = CheckedStageNode(client, host, info.step_port)
+        try:
+            async with self._checking.setdefault(key, asyncio.Lock()):
+                return await self._checked(hop, key)
+        finally:
+            if key not in self._peers:
+                # A check that failed keeps nothing: the addresses a caller names must not grow
+                # this table without bound.
+                self._checking.pop(key, None)
+
+    async def _checked(self, hop: PipelineHop, key: tuple[str, NodeId]) -> CheckedStageNode:
+        peer = self._peers.get(key)
+        if peer is not None:
             return peer
+        try:
+            host, _port = parse_host_port(hop.address)
+        except ConfigError as exc:
+            raise InvalidInput(f"stage node {hop.node_id}: {exc}") from None
+        client = NodeClient(hop.address, self._key, self._timeouts, self._limits)
+        try:
+            info = await client.info()
+            if info.node_id != hop.node_id:
+                raise Unauthenticated(f"the node at {hop.address} is {info.node_id}, not {hop.node_id}")
+        except EdgeMeshError as exc:
+            await client.close()
+            raise PeerError(f"stage node {hop.node_id} at {hop.address}: {exc}", node_id=hop.node_id) from exc
+        peer = self._peers[key] = CheckedStageNode(client, host, info.step_port)
+        return peer
 
     async def forget(self, node_id: NodeId) -> None:
         for key in [k for k in self._peers if k[1] == node_id]:

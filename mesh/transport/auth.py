@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from mesh.errors import Unauthenticated
 
@@ -198,8 +199,10 @@ class ClusterKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     binds the request body of single-request calls to their signature."""
 
     def __init__(self, cluster_key: str, skew_s: float,
-                 on_reject: Callable[[str], None] | None = None, nonce_capacity: int = 100_000) -> None:
+                 on_reject: Callable[[str], None] | None = None, nonce_capacity: int = 100_000,
+                 max_request_bytes: int = 4 * 2**20) -> None:
         self._key = cluster_key
+        self._max_request_bytes = max_request_bytes
         self._skew_s = skew_s
         self._on_reject = on_reject
         self._replays = ReplayGuard(skew_s, nonce_capacity)
@@ -225,7 +228,7 @@ class ClusterKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler  # unknown method (UNIMPLEMENTED), or a stream: headers are all we can check
         if not call.body_sha256:
             return self._refuse(method, "the request body is not signed")
-        return _bind_body(handler, call.body_sha256, lambda: self._count(method))
+        return _bind_body(handler, call.body_sha256, lambda: self._count(method), self._max_request_bytes)
 
     def _count(self, method: str) -> None:
         if self._on_reject is not None:
@@ -247,36 +250,54 @@ def _refusal(reason: str) -> Any:
     return grpc.stream_unary_rpc_method_handler(abort)
 
 
-class _Mismatch:
-    """What the checking deserializer hands the servicer wrapper instead of a request whose
-    bytes do not hash to the signed digest (a deserializer that raises ends the call UNKNOWN,
-    with a logged traceback, and cannot choose the status)."""
+@dataclass(frozen=True)
+class _Unusable:
+    """What the checking deserializer hands the servicer wrapper instead of a request it must
+    not see: bytes that do not hash to the signed digest, or bytes that are no message of the
+    method's type. (A deserializer that raises ends the call UNKNOWN, with a logged
+    traceback, and cannot choose the status.)"""
+
+    code: grpc.StatusCode
+    message: str
+    auth_failure: bool  # counted as a failed cluster-key check
 
 
-_MISMATCH = _Mismatch()
-_MISMATCH_REASON = "cluster key check failed: request body does not match its signature"
+_MISMATCH = _Unusable(grpc.StatusCode.UNAUTHENTICATED,
+                      "cluster key check failed: request body does not match its signature", True)
 
 
-def _bind_body(handler: Any, digest: str, count: Callable[[], None]) -> Any:
+def _bind_body(handler: Any, digest: str, count: Callable[[], None], max_bytes: int) -> Any:
     """The handler of a single-request method with its request bytes checked against the
-    signed digest before they are parsed."""
+    signed digest, and their size against `max_bytes`, before they are parsed."""
     parse = handler.request_deserializer
 
     def checked(raw: bytes) -> Any:
         if not hmac.compare_digest(body_digest(raw).encode(), digest.encode()):
             return _MISMATCH
-        return raw if parse is None else parse(raw)
+        if len(raw) > max_bytes:
+            # Only Forward carries bulk (hidden states); a single-message request this large is
+            # a mistake or an attack, and parsing it costs several times its size.
+            return _Unusable(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"a request of {len(raw)} bytes is over this node's limit of {max_bytes}", False)
+        if parse is None:
+            return raw
+        try:
+            return parse(raw)
+        except DecodeError as exc:  # signed by a key holder, but not a message: its own mistake
+            return _Unusable(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {exc}",
+                             False)
 
-    async def refuse(context: grpc.aio.ServicerContext) -> None:
-        count()
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MISMATCH_REASON)
+    async def refuse(context: grpc.aio.ServicerContext, unusable: _Unusable) -> None:
+        if unusable.auth_failure:
+            count()
+        await context.abort(unusable.code, unusable.message)
 
     if handler.response_streaming:
         behaviour = handler.unary_stream
         if inspect.isasyncgenfunction(behaviour):
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                if request is _MISMATCH:
-                    await refuse(context)
+                if isinstance(request, _Unusable):
+                    await refuse(context, request)
                 replies = behaviour(request, context)
                 try:
                     async for reply in replies:
@@ -287,8 +308,8 @@ def _bind_body(handler: Any, digest: str, count: Callable[[], None]) -> Any:
             wrapped: Callable[..., Any] = stream
         else:  # the reader/writer style: a coroutine that writes to the context
             async def stream_by_writes(request: Any, context: grpc.aio.ServicerContext) -> None:
-                if request is _MISMATCH:
-                    await refuse(context)
+                if isinstance(request, _Unusable):
+                    await refuse(context, request)
                 await behaviour(request, context)
 
             wrapped = stream_by_writes
@@ -298,8 +319,8 @@ def _bind_body(handler: Any, digest: str, count: Callable[[], None]) -> Any:
     unary = handler.unary_unary
 
     async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if request is _MISMATCH:
-            await refuse(context)
+        if isinstance(request, _Unusable):
+            await refuse(context, request)
         reply = unary(request, context)
         return await reply if inspect.isawaitable(reply) else reply
 

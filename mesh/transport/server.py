@@ -49,7 +49,8 @@ class HealthState:
 def make_server(cluster_key: str, timeouts: Timeouts, limits: Limits, health_state: HealthState,
                 on_reject: Callable[[str], None] | None = None) -> grpc.aio.Server:
     server = grpc.aio.server(
-        interceptors=[ClusterKeyInterceptor(cluster_key, timeouts.auth_skew_s, on_reject, limits.auth_nonces)],
+        interceptors=[ClusterKeyInterceptor(cluster_key, timeouts.auth_skew_s, on_reject, limits.auth_nonces,
+                                                  limits.max_request_bytes)],
         options=server_options(timeouts, limits),
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)

@@ -231,6 +231,21 @@ def test_an_oversized_signed_message_is_resource_exhausted(node: Proc, key: str)
     asyncio.run(signed_info_works(node, key))
 
 
+def test_a_signed_single_message_request_over_the_request_limit_is_refused_unparsed(node: Proc, key: str) -> None:
+    """Under the transport's 64 MiB but over Limits.max_request_bytes (4 MiB): only Forward
+    carries bulk, and parsing a large message costs several times its size."""
+    async def scenario() -> tuple[grpc.StatusCode, str]:
+        request = pb.LoadModelRequest(model_sha256="ab" * 32, controller_id="x" * (8 * 2**20))
+        async with channel_to(node) as channel:
+            return await outcome(pb_grpc.NodeStub(channel).LoadModel(
+                request, metadata=auth.sign(key, SERVICE + "LoadModel", request), timeout=30))
+
+    code, detail = asyncio.run(scenario())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, detail
+    assert "over this node's limit" in detail, detail
+    asyncio.run(signed_info_works(node, key))
+
+
 def test_health_stays_open_and_a_call_signed_without_its_body_is_refused(node: Proc, key: str) -> None:
     async def scenario() -> None:
         async with channel_to(node) as channel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import stat
 from pathlib import Path
@@ -19,7 +20,7 @@ from mesh.config import (
     parse_bytes,
     resolve_cluster_key,
 )
-from mesh.errors import ConfigError, Unauthenticated
+from mesh.errors import ConfigError, EdgeMeshError, Unauthenticated
 from mesh.gateway.runtime import check_bind_is_safe
 from mesh.transport.auth import (
     BODY_HEADER,
@@ -245,3 +246,33 @@ def test_the_interceptor_binds_bodies_and_refuses_replays_on_a_real_server() -> 
     asyncio.run(scenario())
     # 3 altered + 3 replays + 3 unsigned bodies + 1 altered + chat replay + unsigned chat + wrong key
     assert len(refused) == 13
+
+
+def test_a_pipeline_head_keeps_nothing_of_stage_nodes_it_could_not_check() -> None:
+    """A caller with the key names the later stages of a RunPipeline; addresses that fail their
+    check must not pile up in the head (the fuzzer named thousands)."""
+    import socket
+
+    from mesh.config import Limits, Timeouts
+    from mesh.errors import PeerError
+    from mesh.types import LayerRange, NodeId, PipelineHop
+    from node.pipeline_head import PeerLinks
+
+    with socket.socket() as probe:  # a port nothing listens on: the check fails at once
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+
+    async def run() -> int:
+        links = PeerLinks("key", Timeouts(connect_s=1.0, info_rpc_s=1.0), Limits())
+        for i in range(50):
+            hop = PipelineHop(NodeId(f"{i:016x}"), f"127.0.0.1:{dead}", LayerRange(0, 1))
+            with pytest.raises(PeerError):
+                await links.open_link(hop, 1.0)
+        bad = PipelineHop(NodeId("f" * 16), "no-port-here", LayerRange(0, 1))
+        with pytest.raises(EdgeMeshError):
+            await links.open_link(bad, 1.0)
+        kept = len(links._checking) + len(links._peers)
+        await links.close()
+        return kept
+
+    assert asyncio.run(run()) == 0

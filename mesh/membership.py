@@ -90,13 +90,13 @@ class _Watcher:
                 return
             except Unauthenticated as exc:
                 self.set(MemberState.UNAUTHENTICATED, reason=str(exc))
-                self.client.abandon(f"membership lost the node: {exc}")
+                self.client.abandon(f"membership lost the node: {exc}", self.owner.timeouts.info_rpc_s)
                 await asyncio.sleep(UNAUTHENTICATED_RETRY_S)
                 continue
             except EdgeMeshError as exc:
                 self.set(MemberState.DOWN, reason=str(exc))
                 # Streams still open on it would otherwise wait out their token-idle deadline.
-                self.client.abandon(f"membership marked the node down: {exc}")
+                self.client.abandon(f"membership marked the node down: {exc}", self.owner.timeouts.info_rpc_s)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S) if self.member.state == MemberState.DOWN else RETRY_MIN_S
 

@@ -146,6 +146,10 @@ class PeerLinks:
         except EdgeMeshError as exc:
             await client.close()
             raise PeerError(f"stage node {hop.node_id} at {hop.address}: {exc}", node_id=hop.node_id) from exc
+        won = self._peers.get(key)
+        if won is not None:  # a check that started beside this one (after a failed one) got there first
+            await client.close()
+            return won
         peer = self._peers[key] = CheckedStageNode(client, host, info.step_port)
         return peer
 

@@ -155,9 +155,14 @@ class StepServer:
                 self._forget(next(iter(self._pending.values())))
 
     def _accept_all(self) -> bool:
-        """Take every connection waiting in the backlog; False once the listener broke."""
+        """Take the connections waiting in the backlog, a quarter of the handshake cap at a
+        time; False once the listener broke. Between batches the selector reads the proofs
+        that have arrived: a flood that filled the backlog must not push out, unread, a head
+        whose proof is already waiting."""
         assert self._listener is not None
-        while not self._closed:
+        batch = max(1, self._limits.max_step_handshakes // 4)
+        while not self._closed and batch > 0:
+            batch -= 1
             try:
                 conn, peer = self._listener.accept()
             except BlockingIOError:

@@ -7,7 +7,8 @@ import asyncio
 import hmac
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -87,6 +88,19 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, what: str) -> EdgeMeshError:
     return PeerError(message, retryable=retryable, code=code.name)
 
 
+class _OpenStream:
+    """A token stream of a NodeClient, for abandon(): when it last heard a token, and how to end it."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.last_event = time.monotonic()  # the call's start counts: a first token may take long
+        self.reasons: list[str] = []
+
+    def end(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.call.cancel()
+
+
 class NodeClient:
     """A connection to one node."""
 
@@ -97,27 +111,25 @@ class NodeClient:
         self._channel = grpc.aio.insecure_channel(address, options=channel_options(timeouts, limits))
         self._stub = pb_grpc.NodeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        # How to end each token stream open on this node. When membership decides the node is
-        # gone (its Info or health watch failed), waiting out the token-idle deadline of every
-        # stream on it would only delay their failover.
-        self._open_streams: dict[object, Callable[[str], None]] = {}
+        # The token streams open on this node. When membership decides the node is gone (its
+        # Info or health watch failed), a stream that has gone quiet too would otherwise wait
+        # out its token-idle deadline before it fails over.
+        self._open_streams: dict[object, _OpenStream] = {}
 
-    def abandon(self, reason: str) -> None:
-        """End every Generate/RunPipeline stream open on this node with a PeerError that says
-        `reason` (membership's verdict); the scheduler then fails them over."""
-        for end in list(self._open_streams.values()):
-            end(reason)
+    def abandon(self, reason: str, quiet_s: float) -> None:
+        """End, with a PeerError that says `reason` (membership's verdict), every Generate/
+        RunPipeline stream on this node that has had no token for `quiet_s`; the scheduler then
+        fails them over. A stream still receiving tokens is left alone: a node whose Info was
+        merely slow is serving it."""
+        now = time.monotonic()
+        for stream in list(self._open_streams.values()):
+            if now - stream.last_event >= quiet_s:
+                stream.end(reason)
 
-    def _track(self, call: Any) -> tuple[object, list[str]]:
-        """Register a stream for abandon(); returns its key and the reasons it was ended for."""
-        key, reasons = object(), []
-
-        def end(reason: str) -> None:
-            reasons.append(reason)
-            call.cancel()
-
-        self._open_streams[key] = end
-        return key, reasons
+    def _track(self, call: Any) -> tuple[object, _OpenStream]:
+        key, stream = object(), _OpenStream(call)
+        self._open_streams[key] = stream
+        return key, stream
 
     def _meta(self, method: str, request: Any = None) -> tuple[tuple[str, str], ...]:
         """Fresh signed metadata for one call; `request` binds a single-request call's body to
@@ -145,7 +157,7 @@ class NodeClient:
         call = self._stub.Generate(pb_request, timeout=self._timeouts.request_s,
                                    metadata=self._meta("Generate", pb_request))
         first = True
-        key, abandoned = self._track(call)
+        key, tracked = self._track(call)
         try:
             while True:
                 wait = self._timeouts.first_token_s if first else self._timeouts.token_idle_s
@@ -157,10 +169,11 @@ class NodeClient:
                 if msg is grpc.aio.EOF:
                     return
                 first = False
+                tracked.last_event = time.monotonic()
                 yield convert.token_event_from_pb(msg)
         except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
-            if abandoned:
-                raise PeerError(f"Generate on {self.address}: {abandoned[0]}") from None
+            if tracked.reasons:
+                raise PeerError(f"Generate on {self.address}: {tracked.reasons[0]}") from None
             if isinstance(exc, asyncio.CancelledError):
                 raise  # our own task was cancelled (the client went away)
             raise error_from_rpc(exc, f"Generate on {self.address}") from exc
@@ -240,7 +253,7 @@ class NodeClient:
         loop = asyncio.get_running_loop()
         wait = self._timeouts.first_token_s + self._timeouts.head_margin_s
         expired = False
-        key, abandoned = self._track(call)
+        key, tracked = self._track(call)
 
         def expire() -> None:
             nonlocal expired
@@ -258,16 +271,17 @@ class NodeClient:
                 if msg is grpc.aio.EOF:
                     return
                 wait = job.step_timeout_s + self._timeouts.head_margin_s
+                tracked.last_event = time.monotonic()
                 yield convert.token_event_from_pb(msg)
         except asyncio.CancelledError:
-            if abandoned:
-                raise PeerError(f"RunPipeline on {self.address}: {abandoned[0]}", node_id=head) from None
+            if tracked.reasons:
+                raise PeerError(f"RunPipeline on {self.address}: {tracked.reasons[0]}", node_id=head) from None
             if not expired:
                 raise  # our own task was cancelled (the client went away)
             raise PeerError(f"RunPipeline on {self.address}: no token for {wait:.0f}s", node_id=head) from None
         except grpc.aio.AioRpcError as exc:
-            if abandoned:
-                raise PeerError(f"RunPipeline on {self.address}: {abandoned[0]}", node_id=head) from None
+            if tracked.reasons:
+                raise PeerError(f"RunPipeline on {self.address}: {tracked.reasons[0]}", node_id=head) from None
             if expired:
                 raise PeerError(f"RunPipeline on {self.address}: no token for {wait:.0f}s", node_id=head) from None
             error = error_from_rpc(exc, f"RunPipeline on {self.address}")

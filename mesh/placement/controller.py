@@ -143,6 +143,10 @@ class PlacementController:
         except asyncio.TimeoutError:
             return
         while not self.active and time.monotonic() < deadline:
+            if not self._ready_infos():
+                # No node is ready, so no other gateway can place anything we could route to:
+                # waiting out the timeout only keeps the client from its clear error.
+                return
             await asyncio.sleep(0.5)
             await self.membership.refresh()
             if held_by(self._ready_infos(), self.model_sha) != before:

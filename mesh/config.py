@@ -306,12 +306,9 @@ def tuned_from_environment(cls: type[T]) -> T:
         raw = os.environ.get(name)
         if raw is None:
             continue
-        default: Any = f.default
-        kind = type(default)
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not {'a whole' if kind is int else 'a'} number") from None
+        value = _from_environment(name, raw, f.default, f"{cls.__name__}.{f.name}")
+        if isinstance(value, _BadEnvironment):
+            raise value.error()
         if not value > 0 or value == float("inf"):
             raise ConfigError(f"{name}={raw!r} must be a positive number")
         values[f.name] = value

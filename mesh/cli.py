@@ -89,16 +89,30 @@ def cmd_model(args: argparse.Namespace) -> None:
     from mesh import model_store
 
     if args.action == "pull":
-        path = model_store.resolve(args.name, pull=True) if args.name != "default" else model_store.pull_default()
-        sys.stdout.write(f"{path}\n")
+        sys.stdout.write(f"{model_store.pull(args.name)}\n")
     elif args.action == "path":
         sys.stdout.write(f"{model_store.resolve(args.name, pull=True)}\n")
     else:
-        cached = model_store.list_cached()
-        if not cached:
-            sys.stdout.write("no models cached; run `edgemesh model pull default`\n")
-        for m in cached:
-            sys.stdout.write(f"{m.name:40s} {m.size / 1e6:9.1f} MB  {m.sha256}  {m.path}\n")
+        _print_model_list()
+
+
+def _print_model_list() -> None:
+    from mesh import model_store
+
+    statuses = model_store.catalogue_status()
+    sys.stdout.write("catalogue (`edgemesh model pull NAME`, then `--model NAME`):\n")
+    sys.stdout.write(f"  {'NAME':14s} {'STATE':10s} {'SIZE':>9s}  {'ARCH':8s} {'LICENCE':11s} DESCRIPTION\n")
+    for s in statuses:
+        e = s.entry
+        where = f"  [{s.path}]" if s.state != "not cached" else ""
+        sys.stdout.write(f"  {e.name:14s} {s.state:10s} {e.size / 1e6:6.1f} MB  {e.architecture:8s} "
+                         f"{e.licence:11s} {e.description}{where}\n")
+    known = {s.path.name for s in statuses}
+    others = [m for m in model_store.list_cached() if m.path.name not in known]
+    if others:
+        sys.stdout.write("other cached GGUF files (`--model NAME` or a path):\n")
+        for m in others:
+            sys.stdout.write(f"  {m.name:40s} {m.size / 1e6:9.1f} MB  {m.sha256}  {m.path}\n")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -152,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=2, help="how many nodes to start [default: 2]")
     p.add_argument("--host", default="127.0.0.1", help="address of the gateway [default: 127.0.0.1]")
     p.add_argument("--port", type=int, default=8080, help="gateway HTTP port (0 picks one) [default: 8080]")
-    p.add_argument("--model", default="default", help="'default', a cached model name, or a GGUF path")
+    p.add_argument("--model", default="default",
+                   help="a catalogue name (see `edgemesh model list`), a cached model's file name, or a GGUF path "
+                        "[default: default]")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="auto: replicas where the model fits, pipelines where it does not (see `edgemesh plan`); "
                         "replica: every node serves the whole model; pipeline: the nodes split its layers")
@@ -184,14 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("model", help="pull, locate and list models")
     p.add_argument("action", choices=["pull", "path", "list"])
-    p.add_argument("name", nargs="?", default="default", help="model name or path [default: default]")
+    p.add_argument("name", nargs="?", default="default",
+                   help="a catalogue name (see `edgemesh model list`); for `path`, also a cached file name or a "
+                        "GGUF path [default: default]")
     p.set_defaults(func=cmd_model)
 
     p = sub.add_parser("plan", help="how the planner places the model, and why: offline or a live gateway's")
     p.add_argument("--dry-run", action="store_true", help="plan N made-up local nodes without starting anything")
     p.add_argument("--url", default="", help="explain the live plan of the gateway at URL, from its nodes' reports")
     p.add_argument("--api-key", default="", help="bearer key, if the gateway asks for one")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default", help="a catalogue name (see `edgemesh model list`) or a GGUF path")
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--memory-limit", default="0", help="memory each node may use (0 = free memory / nodes)")
     p.add_argument("--n-ctx", type=int, default=2048)
@@ -201,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="gateway streaming speed as a ratio to llama-cpp-python")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default", help="a catalogue name (see `edgemesh model list`) or a GGUF path")
     p.add_argument("--nodes", type=int, default=1, help="nodes in the benchmarked mesh [default: 1]")
     p.add_argument("--strategy", choices=["replica", "pipeline"], default="replica")
     p.add_argument("--tokens", type=int, default=128, help="tokens generated per run [default: 128]")

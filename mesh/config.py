@@ -156,7 +156,8 @@ def check_ports_free(host: str, ports: tuple[tuple[str, int], ...]) -> None:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    model: str = setting("default", "GGUF model to serve: 'default', a cached model name, or a path")
+    model: str = setting("default", "GGUF model to serve: a catalogue name (see `edgemesh model list`), a "
+                         "cached model's file name, or a path")
     name: str = setting("", "human name of this node (default: host name)")
     host: str = setting(LOOPBACK, "address to bind gRPC and metrics on (0.0.0.0 for the LAN)")
     port: int = setting(7471, "gRPC port (0 picks a free one)")

@@ -495,6 +495,35 @@ class ChatTemplate:
             _active.spend = None
 
 
+# Chat formats for GGUFs that carry no `tokenizer.chat_template`, by `general.architecture`.
+# Gemma's turns: the system text opens the first user turn (Gemma has no system role), the
+# assistant speaks as `model`, and the prompt ends by opening the model's turn.
+_GEMMA_TURNS = """{{ bos_token }}
+{%- set state = namespace(system='') -%}
+{%- for message in messages -%}
+  {%- if message['role'] == 'system' -%}
+    {%- set state.system = state.system + (message['content'] | trim) + '\n\n' -%}
+  {%- elif message['role'] in ('user', 'assistant') -%}
+    {%- set speaker = 'model' if message['role'] == 'assistant' else 'user' -%}
+    {{ '<start_of_turn>' + speaker + '\n' }}
+    {%- if speaker == 'user' -%}
+      {{ state.system }}{%- set state.system = '' -%}
+    {%- endif -%}
+    {{ (message['content'] | trim) + '<end_of_turn>\n' }}
+  {%- else -%}
+    {{ raise_exception('Gemma knows the roles system, user and assistant, not ' + message['role']) }}
+  {%- endif -%}
+{%- endfor -%}
+{%- if state.system -%}
+  {{ '<start_of_turn>user\n' + (state.system | trim) + '<end_of_turn>\n' }}
+{%- endif -%}
+{%- if add_generation_prompt -%}
+  {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"""
+BUILTIN_CHAT_TEMPLATES: dict[str, str] = {"gemma3": _GEMMA_TURNS}
+
+
 class Tokenizer:
     """One model's vocabulary. Thread-safe for reads; loading is the only slow part."""
 
@@ -512,7 +541,9 @@ class Tokenizer:
         self._pieces: dict[int, bytes] = {}
         self._lock = threading.Lock()
         metadata: dict[str, str] = dict(llm.metadata or {})
-        template = metadata.get("tokenizer.chat_template")
+        # A file without a template of its own gets the built-in one of its architecture, if any.
+        template = metadata.get("tokenizer.chat_template") or BUILTIN_CHAT_TEMPLATES.get(
+            metadata.get("general.architecture", ""))
         self.chat_template = None if not template else ChatTemplate(
             source=template,
             bos_token=self._special_text(self.bos_id),

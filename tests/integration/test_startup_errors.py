@@ -122,11 +122,11 @@ def _corrupt_a_tensor(path: Path) -> None:
 def test_a_damaged_cached_default_model_is_refused_before_it_serves(tmp_path: Path, default_model: Path) -> None:
     """The issue's probe: 4 KB of random bytes inside a tensor of the default model, which
     today a node serves (garbage). The cache's copy must match the sha256 its wheel promised."""
-    from mesh.model_store import DEFAULT_GGUF_NAME
+    from mesh.catalogue import default
 
     home = tmp_path / "home"
     (home / "models").mkdir(parents=True)
-    cached = home / "models" / DEFAULT_GGUF_NAME
+    cached = home / "models" / default().file_name
     shutil.copyfile(default_model, cached)
     env = {"EDGEMESH_HOME": str(home)}
     # Hashed once while intact, as a node that ran before would have: the damage comes after.

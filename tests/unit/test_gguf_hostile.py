@@ -299,11 +299,11 @@ def test_a_wheel_whose_gguf_does_not_match_its_record_is_refused(tiny: Path, tmp
 
 
 def test_the_default_model_is_checked_against_its_pinned_sha256(default_model: Path, store: Path) -> None:
-    from mesh import model_store
+    from mesh import catalogue, model_store
 
-    assert gguf.file_sha256(default_model) == model_store.DEFAULT_GGUF_SHA256
-    assert default_model.stat().st_size == model_store.DEFAULT_GGUF_BYTES
-    copy = store / model_store.DEFAULT_GGUF_NAME  # pulled before origins were recorded: no .origin.json
+    assert gguf.file_sha256(default_model) == catalogue.default().sha256
+    assert default_model.stat().st_size == catalogue.default().size
+    copy = store / catalogue.default().file_name  # pulled before origins were recorded: no .origin.json
     copy.write_bytes(default_model.read_bytes())
     assert model_store.resolve("default") == copy
     _corrupt_inside_a_tensor(copy)

@@ -72,6 +72,8 @@ _SIGNATURES: dict[str, tuple[str, Any, list[Any]]] = {
     "ggml_soft_max_ext": ("base", _p, [_p, _p, _p, _f32, _f32]),
     "ggml_silu": ("base", _p, [_p, _p]),
     "ggml_swiglu_split": ("base", _p, [_p, _p, _p]),
+    "ggml_geglu_split": ("base", _p, [_p, _p, _p]),
+    "ggml_tanh": ("base", _p, [_p, _p]),
     # graphs
     "ggml_new_graph_custom": ("base", _p, [_p, _sz, _bool]),
     "ggml_build_forward_expand": ("base", None, [_p, _p]),
@@ -92,7 +94,15 @@ _SIGNATURES: dict[str, tuple[str, Any, list[Any]]] = {
     "ggml_gallocr_reserve": ("base", _bool, [_p, _p]),
     "ggml_gallocr_alloc_graph": ("base", _bool, [_p, _p]),
     "ggml_gallocr_get_buffer_size": ("base", _sz, [_p, _i32]),
+    # buffer types and devices: placing weights in the CPU's extra (repacked) buffer types
+    "ggml_backend_alloc_ctx_tensors_from_buft": ("base", _p, [_p, _p]),
+    "ggml_backend_buft_alloc_buffer": ("base", _p, [_p, _sz]),
+    "ggml_backend_buft_name": ("base", ctypes.c_char_p, [_p]),
+    "ggml_backend_reg_dev_get": ("base", _p, [_p, _sz]),
+    "ggml_backend_reg_get_proc_address": ("base", _p, [_p, ctypes.c_char_p]),
+    "ggml_backend_dev_supports_op": ("base", _bool, [_p, _p]),
     # CPU backend
+    "ggml_backend_cpu_reg": ("cpu", _p, []),
     "ggml_backend_cpu_init": ("cpu", _p, []),
     "ggml_backend_cpu_set_n_threads": ("cpu", None, [_p, _i32]),
 }

@@ -62,8 +62,10 @@ def strides(t: ops.Tensor) -> tuple[int, int, int, int]:
 class Buffer:
     """A backend buffer that holds every tensor of one context (weights, KV cache)."""
 
-    def __init__(self, ctx: MetaContext, backend: CpuBackend, *, usage: int) -> None:
-        ptr = F["ggml_backend_alloc_ctx_tensors"](ctx.ptr, backend.ptr)
+    def __init__(self, ctx: MetaContext, backend: CpuBackend, *, usage: int, buffer_type: int | None = None) -> None:
+        # buffer_type: one of the CPU's extra buffer types (see placement); None = the backend's own
+        ptr = (F["ggml_backend_alloc_ctx_tensors"](ctx.ptr, backend.ptr) if buffer_type is None
+               else F["ggml_backend_alloc_ctx_tensors_from_buft"](ctx.ptr, buffer_type))
         if not ptr:
             raise GgmlError("ggml_backend_alloc_ctx_tensors failed (out of memory?)")
         self.ptr: int = ptr

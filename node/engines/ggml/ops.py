@@ -59,6 +59,8 @@ cpy: Callable[[_C, _T, _T], _T] = F["ggml_cpy"]
 soft_max_ext: Callable[[_C, _T, _T | None, float, float], _T] = F["ggml_soft_max_ext"]  # mask, scale, max_bias
 silu: Callable[[_C, _T], _T] = F["ggml_silu"]
 swiglu_split: Callable[[_C, _T, _T], _T] = F["ggml_swiglu_split"]  # silu(a) * b
+geglu_split: Callable[[_C, _T, _T], _T] = F["ggml_geglu_split"]  # gelu(a) * b
+tanh: Callable[[_C, _T], _T] = F["ggml_tanh"]
 
 new_graph_custom: Callable[[_C, int, bool], Graph] = F["ggml_new_graph_custom"]
 build_forward_expand: Callable[[Graph, _T], None] = F["ggml_build_forward_expand"]

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from mesh.errors import ModelError
 from node.engines.ggml.structs import ROPE_TYPE_NEOX, ROPE_TYPE_NORMAL
 
@@ -14,7 +16,12 @@ SUPPORTED_ARCHITECTURES: dict[str, int] = {
     "llama": ROPE_TYPE_NORMAL,
     "qwen2": ROPE_TYPE_NEOX,
     "qwen3": ROPE_TYPE_NEOX,
+    "gemma3": ROPE_TYPE_NEOX,
 }
+# gemma3 without a sliding_window_pattern key: every 6th layer attends globally (llama.cpp's default)
+_GEMMA3_SWA_PERIOD = 6
+# llama.cpp's rope base for sliding-window layers when the file names none
+_DEFAULT_ROPE_FREQ_BASE_SWA = 10000.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,19 @@ class ModelArgs:
     rope_freq_base: float
     rope_freq_scale: float
     attn_scale: float  # applied to QK^T inside soft_max
+    # gemma3 (all neutral for llama/qwen): sliding-window attention on some layers, with their own rope
+    n_swa: int = 0  # window in positions; 0 = every layer attends to the whole context
+    swa_layers: tuple[bool, ...] = ()  # per model layer: True = sliding window
+    rope_freq_base_swa: float = _DEFAULT_ROPE_FREQ_BASE_SWA
+    rope_freq_scale_swa: float = 1.0
+    embd_scale: float = 1.0  # token embeddings are multiplied by this (gemma: sqrt(n_embd))
+    q_scale: float = 1.0  # Q is multiplied by this before attention (gemma; attn_scale is then 1)
+    ffn_gelu: bool = False  # GELU-gated feed-forward instead of SiLU-gated (SwiGLU)
+    post_norms: bool = False  # RMSNorm after attention and after the feed-forward (gemma)
+    final_logit_softcap: float = 0.0  # logits -> c * tanh(logits / c) when > 0
+
+    def is_swa(self, layer: int) -> bool:
+        return self.n_swa > 0 and bool(self.swa_layers) and self.swa_layers[layer]
 
     @property
     def n_embd_q(self) -> int:
@@ -88,9 +108,11 @@ def model_args_from_metadata(meta: dict[str, Any], n_vocab_tokens: int) -> Model
     attn_scale = float(meta.get(f"{arch}.attention.scale", 0.0)) if arch == "llama" else 0.0
 
     n_vocab = int(meta.get(f"{arch}.vocab_size", n_vocab_tokens))
-    return ModelArgs(
+    n_layer = int(get("block_count"))
+    gemma = _gemma3_args(meta, n_layer, n_embd, head_k) if arch == "gemma3" else {}
+    common: dict[str, Any] = dict(
         arch=arch,
-        n_layer=int(get("block_count")),
+        n_layer=n_layer,
         n_embd=n_embd,
         n_head=n_head,
         n_head_kv=n_head_kv,
@@ -105,3 +127,41 @@ def model_args_from_metadata(meta: dict[str, Any], n_vocab_tokens: int) -> Model
         rope_freq_scale=1.0 if factor == 0.0 else 1.0 / factor,
         attn_scale=attn_scale if attn_scale != 0.0 else 1.0 / math.sqrt(head_k),
     )
+    return ModelArgs(**(common | gemma))
+
+
+def _gemma3_args(meta: dict[str, Any], n_layer: int, n_embd: int, head_k: int) -> dict[str, Any]:
+    """What llama.cpp's gemma3 loader sets beyond the common keys (llama_model_gemma3::load_arch_hparams)."""
+    n_swa = int(meta.get("gemma3.attention.sliding_window", 0) or 0)
+    swa_layers: tuple[bool, ...] = ()
+    if n_swa > 0:
+        pattern = meta.get("gemma3.attention.sliding_window_pattern", _GEMMA3_SWA_PERIOD)
+        if isinstance(pattern, list):  # one flag per layer
+            if len(pattern) < n_layer:
+                raise ModelError(f"gemma3.attention.sliding_window_pattern has {len(pattern)} entries for "
+                                 f"{n_layer} layers")
+            swa_layers = tuple(bool(v) for v in pattern[:n_layer])
+        else:  # a period: the last layer of every period attends globally (0: all layers slide)
+            period = int(pattern)
+            swa_layers = tuple(period == 0 or il % period < period - 1 for il in range(n_layer))
+    if n_layer == 62:  # the 27B model scales by n_embd / n_head instead of the head size (as llama.cpp)
+        n_head = int(_scalar(meta["gemma3.attention.head_count"], "gemma3.attention.head_count"))
+        q_scale = _f32_rsqrt(n_embd // n_head)
+    else:
+        q_scale = _f32_rsqrt(head_k)
+    return {
+        "n_swa": n_swa,
+        "swa_layers": swa_layers,
+        "rope_freq_base_swa": float(meta.get("gemma3.rope.freq_base_swa", _DEFAULT_ROPE_FREQ_BASE_SWA)),
+        "embd_scale": float(np.sqrt(np.float32(n_embd))),
+        "q_scale": q_scale,
+        "attn_scale": 1.0,
+        "ffn_gelu": True,
+        "post_norms": True,
+        "final_logit_softcap": float(meta.get("gemma3.final_logit_softcapping", 0.0) or 0.0),
+    }
+
+
+def _f32_rsqrt(n: int) -> float:
+    # computed in float32 as llama.cpp does (1.0f / sqrtf(n)), so the scale is the same float
+    return float(np.float32(1.0) / np.sqrt(np.float32(n)))

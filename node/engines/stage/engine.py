@@ -34,7 +34,7 @@ class _DecodeInputs:
     """Host copies of a cached decode graph's inputs, made once: a step only writes its
     position into them, instead of building index arrays and a mask for every token."""
 
-    def __init__(self, slot: int, n_ctx: int, n_embd_kv: int, n_kv: int) -> None:
+    def __init__(self, slot: int, n_ctx: int, n_embd_kv: int, n_kv: int, n_swa: int) -> None:
         self.pos = np.zeros(1, dtype=np.int32)
         self.k_idx = np.zeros(1, dtype=np.int64)
         self._k_base = slot * n_ctx
@@ -43,6 +43,9 @@ class _DecodeInputs:
         self.v_idx = self._v_base.copy()
         self.mask = np.full(n_kv, -np.inf, dtype=np.float32)
         self._visible = 0  # mask cells [0, _visible) are 0, the rest -inf
+        self._n_swa = n_swa
+        # sliding-window layers see only cells (position - n_swa, position]
+        self.mask_swa = np.full(n_kv, -np.inf, dtype=np.float32) if n_swa > 0 else None
 
     def at(self, position: int) -> None:
         self.pos[0] = position
@@ -54,6 +57,9 @@ class _DecodeInputs:
         elif visible < self._visible:
             self.mask[visible:self._visible] = -np.inf
         self._visible = visible
+        if self.mask_swa is not None:
+            np.copyto(self.mask_swa, self.mask)
+            self.mask_swa[:max(0, position - self._n_swa + 1)] = -np.inf
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ class StageEngine:
         self._allocated: StepGraph | None = None  # the cached graph whose tensors the compute buffer holds
         self._closed = False
         self.max_chunk = MAX_CHUNK
-        self.memory = StageMemory(weight_bytes=weights.buffer.size if weights.buffer else 0,
+        self.memory = StageMemory(weight_bytes=weights.buffer_bytes,
                                   kv_cache_bytes=kv.buffer.size, compute_bytes=allocator.size)
 
     # ---------------------------------------------------------------- construction
@@ -246,7 +252,8 @@ class StageEngine:
             return found
         g = build_step(self.args, self._w, self._kv, n_tokens=1, n_kv=n_kv, slot=slot,
                        is_first=self.is_first, is_last=self.is_last)
-        found = (g, _DecodeInputs(slot, self.n_ctx, self.args.n_embd_kv, n_kv))
+        found = (g, _DecodeInputs(slot, self.n_ctx, self.args.n_embd_kv, n_kv,
+                                  self.args.n_swa if g.mask_swa is not None else 0))
         self._decode_graphs[key] = found
         if len(self._decode_graphs) > _DECODE_GRAPH_CACHE:
             _, (old, _inputs) = self._decode_graphs.popitem(last=False)
@@ -270,7 +277,10 @@ class StageEngine:
             ggml.tensor_set(g.pos, inputs.pos)
             ggml.tensor_set(g.k_idx, inputs.k_idx)
             ggml.tensor_set(g.v_idx, inputs.v_idx)
-            ggml.tensor_set(g.mask, inputs.mask)
+            if g.mask is not None:
+                ggml.tensor_set(g.mask, inputs.mask)
+            if g.mask_swa is not None and inputs.mask_swa is not None:
+                ggml.tensor_set(g.mask_swa, inputs.mask_swa)
             return self._compute(g, 1)
         g = build_step(self.args, self._w, self._kv, n_tokens=n, n_kv=n_kv, slot=slot,
                        is_first=self.is_first, is_last=self.is_last)
@@ -286,8 +296,13 @@ class StageEngine:
                      + positions.astype(np.int64)[:, None])
             ggml.tensor_set(g.v_idx, np.ascontiguousarray(v_idx.ravel()))
             cells = np.arange(n_kv, dtype=np.int32)
-            mask = np.where(cells[None, :] <= positions[:, None], np.float32(0.0), np.float32(-np.inf))
-            ggml.tensor_set(g.mask, mask.astype(np.float32))
+            visible = cells[None, :] <= positions[:, None]
+            mask = np.where(visible, np.float32(0.0), np.float32(-np.inf))
+            if g.mask is not None:
+                ggml.tensor_set(g.mask, mask.astype(np.float32))
+            if g.mask_swa is not None:
+                in_window = visible & (positions[:, None] - cells[None, :] < self.args.n_swa)
+                ggml.tensor_set(g.mask_swa, np.where(in_window, np.float32(0.0), np.float32(-np.inf)))
             return self._compute(g, n)
         finally:
             g.close()

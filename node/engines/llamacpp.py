@@ -41,6 +41,11 @@ class _Slot:
             n_batch=PREFILL_BATCH,
             n_threads=threads,
             n_threads_batch=threads,
+            # pinned to what the stage engine matches (llama-cpp-python's defaults today): attention
+            # by mul_mat + soft_max, and a sliding-window cache as long as the context, whose cells
+            # hold the positions in order (a shorter one wraps around and sums in another order)
+            flash_attn=False,
+            swa_full=True,
             verbose=False,
         )
         self.n_vocab = int(self.llm.n_vocab())

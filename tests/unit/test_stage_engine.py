@@ -91,8 +91,9 @@ def test_tiny_logits_match_llama_cpp(tiny_models: dict[str, Path], spec: TinySpe
         pipe.close()
 
 
-def test_chunked_prefill_and_replay_match_single_pass(tiny_models: dict[str, Path]) -> None:
-    path = tiny_models["qwen2-f16"]
+@pytest.mark.parametrize("name", ["qwen2-f16", "gemma3-f16"])  # gemma3: the sliding window moves back too
+def test_chunked_prefill_and_replay_match_single_pass(tiny_models: dict[str, Path], name: str) -> None:
+    path = tiny_models[name]
     tokens, ref = llama_reference(path, PROMPT, 3)
     pipe = Pipeline(path, 2)
     try:
@@ -279,3 +280,33 @@ def test_header_reader_agrees_with_gguf_package(tiny_models: dict[str, Path]) ->
         assert {t.name: (t.data_offset, t.n_bytes, t.shape) for t in summary.tensors} == {
             t.name: (t.offset, t.n_bytes, t.shape) for t in tensors.values()
         }
+
+
+def _llama_cpp_repacked(path: Path, capfd: pytest.CaptureFixture[str]) -> set[str]:
+    """The weights llama.cpp itself loads into a repacked buffer type, from its load log."""
+    import re
+
+    import llama_cpp
+
+    capfd.readouterr()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=True)
+    llm.close()
+    return set(re.findall(r"repack tensor (\S+) with", capfd.readouterr().err))
+
+
+@pytest.mark.parametrize("name", ["gemma3-q4_0", "llama-q4_0", "qwen3-q8_0", "llama-f16"])
+def test_weights_sit_where_llama_cpp_puts_them(tiny_models: dict[str, Path], name: str,
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    """The repacked kernels sum in another order than the plain ones, so a weight in the other
+    layout would make the logits differ in their last bits. A tied head is loaded by llama.cpp
+    as a duplicate of the embedding placed for a matrix product: repacked when the vocabulary
+    allows (gemma3-q4_0: 272 rows), while the lookup keeps the plain embedding."""
+    path = tiny_models[name]
+    tied = next(s for s in SPECS if s.name == name).tied_output
+    want = _llama_cpp_repacked(path, capfd)
+    with StageEngine.load(path, 0, N_LAYER, n_ctx=64, slots=1, threads=1) as engine:
+        # llama.cpp logs the tied head's copy under the embedding's name
+        got = {"token_embd.weight" if tied and n == "output.weight" else n for n in engine._w.repacked}
+    assert got == want
+    if name == "gemma3-q4_0":
+        assert "token_embd.weight" in want  # the tied head really is repacked: the case is exercised

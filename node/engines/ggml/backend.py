@@ -10,6 +10,7 @@ import ctypes
 import functools
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,8 +62,17 @@ def strides(t: ops.Tensor) -> tuple[int, int, int, int]:
     return (nb[0], nb[1], nb[2], nb[3])
 
 
-_HUGE_PAGE = 2 * 1024 * 1024
 _MADV_HUGEPAGE = 14  # linux/mman.h
+_PMD_SIZE_FILE = "/sys/kernel/mm/transparent_hugepage/hpage_pmd_size"
+_DEFAULT_HUGE_PAGE = 2 * 1024 * 1024  # x86-64 and 4 KiB-page arm64
+
+
+@functools.lru_cache(maxsize=1)
+def _huge_page_bytes() -> int:
+    try:  # 512 MiB on 64 KiB-page arm64 kernels, for instance
+        return int(Path(_PMD_SIZE_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return _DEFAULT_HUGE_PAGE
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,8 +95,9 @@ def advise_huge_pages(base: int, size: int) -> bool:
     if sys.platform != "linux":
         return False
     madvise = _libc_madvise()
-    start = (base + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
-    end = (base + size) // _HUGE_PAGE * _HUGE_PAGE
+    page = _huge_page_bytes()
+    start = (base + page - 1) // page * page
+    end = (base + size) // page * page
     if madvise is None or end <= start:
         return False
     if madvise(start, end - start, _MADV_HUGEPAGE) != 0:

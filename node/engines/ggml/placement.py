@@ -55,8 +55,7 @@ def extra_buffer_type_for_matmul(weight: ops.Tensor) -> int | None:
     if not extras:
         return None
     st = tensor_struct(weight)
-    if st.buffer:
-        raise ValueError("extra_buffer_type_for_matmul probes a weight that is not allocated yet")
+    assert not st.buffer, "the probe sets the weight's buffer; it must not be allocated yet"
     probe = MetaContext(4)
     try:
         batch = ops.new_tensor_3d(probe.ptr, TYPE_F32, st.ne[0], _PROBE_ROWS, st.ne[2])

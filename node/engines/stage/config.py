@@ -49,7 +49,6 @@ class ModelArgs:
     embd_scale: float = 1.0  # token embeddings are multiplied by this (gemma: sqrt(n_embd))
     q_scale: float = 1.0  # Q is multiplied by this before attention (gemma; attn_scale is then 1)
     ffn_gelu: bool = False  # GELU-gated feed-forward instead of SiLU-gated (SwiGLU)
-    post_norms: bool = False  # RMSNorm after attention and after the feed-forward (gemma)
     final_logit_softcap: float = 0.0  # logits -> c * tanh(logits / c) when > 0
 
     def is_swa(self, layer: int) -> bool:
@@ -132,11 +131,16 @@ def model_args_from_metadata(meta: dict[str, Any], n_vocab_tokens: int) -> Model
 
 def _gemma3_args(meta: dict[str, Any], n_layer: int, n_embd: int, head_k: int) -> dict[str, Any]:
     """What llama.cpp's gemma3 loader sets beyond the common keys (llama_model_gemma3::load_arch_hparams)."""
+    for key, value in (("attention.key_length_swa", head_k), ("attention.value_length_swa", head_k),
+                       ("rope.dimension_count_swa", head_k)):
+        if f"gemma3.{key}" in meta and int(meta[f"gemma3.{key}"]) != value:
+            raise ModelError(f"gemma3.{key} = {meta[f'gemma3.{key}']} differs from the global layers' {value}: "
+                             "sliding-window layers of another head size are not supported by the stage engine")
     n_swa = int(meta.get("gemma3.attention.sliding_window", 0) or 0)
     swa_layers: tuple[bool, ...] = ()
     if n_swa > 0:
         pattern = meta.get("gemma3.attention.sliding_window_pattern", _GEMMA3_SWA_PERIOD)
-        if isinstance(pattern, list):  # one flag per layer
+        if isinstance(pattern, list):  # one flag per layer (llama.cpp would take missing ones as global)
             if len(pattern) < n_layer:
                 raise ModelError(f"gemma3.attention.sliding_window_pattern has {len(pattern)} entries for "
                                  f"{n_layer} layers")
@@ -157,7 +161,6 @@ def _gemma3_args(meta: dict[str, Any], n_layer: int, n_embd: int, head_k: int) -
         "q_scale": q_scale,
         "attn_scale": 1.0,
         "ffn_gelu": True,
-        "post_norms": True,
         "final_logit_softcap": float(meta.get("gemma3.final_logit_softcapping", 0.0) or 0.0),
     }
 

@@ -60,7 +60,7 @@ class LayerWeights:
 @dataclass
 class StageWeights:
     layers: list[LayerWeights]
-    first: int = 0  # model index of layers[0] (per-layer settings such as sliding windows follow it)
+    first: int  # model index of layers[0] (per-layer settings such as sliding windows follow it)
     tok_embd: ggml.Tensor | None = None
     output_norm: ggml.Tensor | None = None
     output: ggml.Tensor | None = None
@@ -70,6 +70,7 @@ class StageWeights:
     buffers: list[ggml.Buffer] = field(default_factory=list)  # one per buffer type (see _buffer_type)
     tensor_bytes: int = 0  # sum of the GGUF tensor sizes loaded
     names: list[str] = field(default_factory=list)
+    repacked: list[str] = field(default_factory=list)  # weights in a CPU extra (repacked) buffer type
 
     @property
     def buffer_bytes(self) -> int:
@@ -139,6 +140,10 @@ def needed_tensors(args: ModelArgs, tensors: dict[str, TensorInfo], first: int, 
     return names
 
 
+# The key under which a tied head's own copy of the embedding is loaded (see load_weights).
+_TIED_HEAD = "output.weight"
+
+
 def load_weights(path: Path, args: ModelArgs, tensors: dict[str, TensorInfo], first: int, last: int,
                  backend: ggml.CpuBackend) -> StageWeights:
     names = needed_tensors(args, tensors, first, last)
@@ -146,10 +151,19 @@ def load_weights(path: Path, args: ModelArgs, tensors: dict[str, TensorInfo], fi
         info = tensors[name]
         if not 0 <= info.ggml_type < TYPE_COUNT or len(info.shape) > 3:
             raise ModelError(f"tensor {name} has unsupported type {info.ggml_type} or rank {len(info.shape)}")
-    # One context and buffer per buffer type: weights that llama.cpp repacks go where it puts them.
+    # What to load: key in `made` -> tensor of the file, each in the buffer type llama.cpp gives it.
+    sources = {name: name for name in names}
     groups: dict[int | None, list[str]] = {}
     for name in names:
         groups.setdefault(_buffer_type(name, tensors[name]), []).append(name)
+    tied = "output.weight" not in tensors
+    if tied and last == args.n_layer:
+        # llama.cpp loads a tied head as a duplicate of the embedding placed for a matrix product:
+        # where that is a repacked type, the head is a second, repacked copy (the lookup keeps the plain one)
+        head_buft = _buffer_type(_TIED_HEAD, tensors["token_embd.weight"])
+        if head_buft is not None:
+            sources[_TIED_HEAD] = "token_embd.weight"
+            groups.setdefault(head_buft, []).append(_TIED_HEAD)
     made: dict[str, ggml.Tensor] = {}
     ctxs: list[ggml.MetaContext] = []
     buffers: list[ggml.Buffer] = []
@@ -157,12 +171,14 @@ def load_weights(path: Path, args: ModelArgs, tensors: dict[str, TensorInfo], fi
         for buft, group in groups.items():
             ctx = ggml.MetaContext(len(group) + 1)
             ctxs.append(ctx)
-            for name in group:
-                made[name] = _new_weight(ctx, name, tensors[name])
+            for key in group:
+                made[key] = _new_weight(ctx, key, tensors[sources[key]])
             buffers.append(ggml.Buffer(ctx, backend, usage=BUFFER_USAGE_WEIGHTS, buffer_type=buft, huge_pages=True))
             if buft is not None:
-                log.debug("%d weights in %s", len(group), placement.buffer_type_name(buft))
-        total = _read_into(path, names, tensors, made, whole={n for b, g in groups.items() if b is not None for n in g})
+                log.debug("%s in %s", ", ".join(group), placement.buffer_type_name(buft))
+        whole = {key for buft, group in groups.items() if buft is not None for key in group}
+        total = _read_into(path, sources, tensors, made, whole=whole)
+        layers = [_layer_weights(args, made, il) for il in range(first, last)]
     except BaseException:
         for buffer in buffers:
             buffer.close()
@@ -170,55 +186,57 @@ def load_weights(path: Path, args: ModelArgs, tensors: dict[str, TensorInfo], fi
             ctx.close()
         raise
 
-    def opt(name: str) -> ggml.Tensor | None:
-        return made.get(name)
-
-    layers: list[LayerWeights] = []
-    for il in range(first, last):
-        p = f"blk.{il}."
-        try:
-            layers.append(LayerWeights(
-                attn_norm=made[p + "attn_norm.weight"], wq=made[p + "attn_q.weight"],
-                wk=made[p + "attn_k.weight"], wv=made[p + "attn_v.weight"], wo=made[p + "attn_output.weight"],
-                ffn_norm=made[p + "ffn_norm.weight"], ffn_gate=made[p + "ffn_gate.weight"],
-                ffn_up=made[p + "ffn_up.weight"], ffn_down=made[p + "ffn_down.weight"],
-                bq=opt(p + "attn_q.bias"), bk=opt(p + "attn_k.bias"), bv=opt(p + "attn_v.bias"),
-                bo=opt(p + "attn_output.bias"),
-                q_norm=opt(p + "attn_q_norm.weight"), k_norm=opt(p + "attn_k_norm.weight"),
-                attn_post_norm=opt(p + "post_attention_norm.weight"), ffn_post_norm=opt(p + "post_ffw_norm.weight"),
-            ))
-        except KeyError as exc:
-            raise ModelError(
-                f"layer {il} lacks tensor {exc.args[0]} (fused QKV or MoE layers are not supported)"
-            ) from exc
-        if args.arch == "qwen3" and (layers[-1].q_norm is None or layers[-1].k_norm is None):
-            raise ModelError(f"qwen3 layer {il} lacks attn_q_norm/attn_k_norm")
-        if args.arch == "gemma3":
-            lw = layers[-1]
-            if None in (lw.q_norm, lw.k_norm, lw.attn_post_norm, lw.ffn_post_norm):
-                raise ModelError(f"gemma3 layer {il} lacks one of attn_q_norm, attn_k_norm, "
-                                 "post_attention_norm, post_ffw_norm")
-    tied = "output.weight" not in tensors
+    if last == args.n_layer:
+        output: ggml.Tensor | None = made.get(_TIED_HEAD) or made["token_embd.weight"]
+    else:
+        output = None
     log.info("loaded %d tensors (%.1f MB) of layers [%d, %d) from %s", len(names), total / 1e6, first, last, path.name)
     return StageWeights(
         layers=layers,
         first=first,
-        tok_embd=opt("token_embd.weight") if first == 0 else None,
-        output_norm=opt("output_norm.weight"),
-        output=(made["token_embd.weight"] if tied else made["output.weight"]) if last == args.n_layer else None,
-        output_b=opt("output.bias"),
-        rope_freqs=opt("rope_freqs.weight"),
+        tok_embd=made.get("token_embd.weight") if first == 0 else None,
+        output_norm=made.get("output_norm.weight"),
+        output=output,
+        output_b=made.get("output.bias"),
+        rope_freqs=made.get("rope_freqs.weight"),
         ctxs=ctxs,
         buffers=buffers,
         tensor_bytes=total,
         names=names,
+        repacked=sorted(whole),
     )
+
+
+def _layer_weights(args: ModelArgs, made: dict[str, ggml.Tensor], il: int) -> LayerWeights:
+    p = f"blk.{il}."
+
+    def opt(name: str) -> ggml.Tensor | None:
+        return made.get(p + name)
+
+    try:
+        lw = LayerWeights(
+            attn_norm=made[p + "attn_norm.weight"], wq=made[p + "attn_q.weight"],
+            wk=made[p + "attn_k.weight"], wv=made[p + "attn_v.weight"], wo=made[p + "attn_output.weight"],
+            ffn_norm=made[p + "ffn_norm.weight"], ffn_gate=made[p + "ffn_gate.weight"],
+            ffn_up=made[p + "ffn_up.weight"], ffn_down=made[p + "ffn_down.weight"],
+            bq=opt("attn_q.bias"), bk=opt("attn_k.bias"), bv=opt("attn_v.bias"), bo=opt("attn_output.bias"),
+            q_norm=opt("attn_q_norm.weight"), k_norm=opt("attn_k_norm.weight"),
+            attn_post_norm=opt("post_attention_norm.weight"), ffn_post_norm=opt("post_ffw_norm.weight"),
+        )
+    except KeyError as exc:
+        raise ModelError(f"layer {il} lacks tensor {exc.args[0]} (fused QKV or MoE layers are not supported)") from exc
+    if args.arch == "qwen3" and (lw.q_norm is None or lw.k_norm is None):
+        raise ModelError(f"qwen3 layer {il} lacks attn_q_norm/attn_k_norm")
+    if args.arch == "gemma3" and None in (lw.q_norm, lw.k_norm, lw.attn_post_norm, lw.ffn_post_norm):
+        raise ModelError(f"gemma3 layer {il} lacks one of attn_q_norm, attn_k_norm, post_attention_norm, "
+                         "post_ffw_norm")
+    return lw
 
 
 def _buffer_type(name: str, info: TensorInfo) -> int | None:
     """The CPU extra buffer type llama.cpp loads this weight into, None for the plain buffer.
-    Only matrices that a matrix product reads qualify; the token embedding is placed by its
-    first use, a row lookup (llama.cpp's output reuses that same tensor when they are tied)."""
+    Only matrices that a matrix product reads qualify; the token embedding is read by a row
+    lookup, which no repacked type serves (a tied head gets its own copy: see load_weights)."""
     if len(info.shape) < 2 or name == "token_embd.weight":
         return None
     probe = ggml.MetaContext(1)
@@ -237,14 +255,14 @@ def _new_weight(ctx: ggml.MetaContext, name: str, info: TensorInfo) -> ggml.Tens
     return t
 
 
-def _read_into(path: Path, names: list[str], tensors: dict[str, TensorInfo], made: dict[str, ggml.Tensor],
+def _read_into(path: Path, sources: dict[str, str], tensors: dict[str, TensorInfo], made: dict[str, ggml.Tensor],
                whole: set[str]) -> int:
-    """Positioned reads of each tensor's bytes into its backend tensor. Tensors in `whole` are
-    set in one call: a repacking buffer converts a tensor only as a whole."""
+    """Positioned reads of each file tensor's bytes into the backend tensor(s) loaded from it.
+    Tensors in `whole` are set in one call: a repacking buffer converts a tensor only as a whole."""
     total = 0
     with path.open("rb") as f:
-        for name in names:
-            info = tensors[name]
+        for name, source in sources.items():
+            info = tensors[source]
             step = info.n_bytes if name in whole else _READ_CHUNK
             done = 0
             while done < info.n_bytes:

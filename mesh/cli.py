@@ -107,6 +107,7 @@ def _print_model_list() -> None:
         where = f"  [{s.path}]" if s.state != "not cached" else ""
         sys.stdout.write(f"  {e.name:14s} {s.state:10s} {e.size / 1e6:6.1f} MB  {e.architecture:8s} "
                          f"{e.licence:11s} {e.description}{where}\n")
+        sys.stdout.write(f"  {'':14s} sha256 {e.sha256}\n")  # what the file must hash to, cached or not
     known = {s.path.name for s in statuses}
     others = [m for m in model_store.list_cached() if m.path.name not in known]
     if others:

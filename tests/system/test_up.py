@@ -76,8 +76,11 @@ def test_model_commands(default_model: Path) -> None:
     listed = subprocess.run([sys.executable, "-m", "mesh.cli", "model", "list"], capture_output=True, text=True,
                             timeout=120, cwd=REPO)
     assert listed.returncode == 0
-    line = next(li for li in listed.stdout.splitlines() if default_model.stem in li)
-    assert "MB" in line and len(line.split()[3]) == 64  # name, size, 'MB', sha256
+    lines = listed.stdout.splitlines()
+    at = next(i for i, li in enumerate(lines) if li.split()[:2] == ["default", "cached"])
+    assert "MB" in lines[at] and f"[{default_model}]" in lines[at]
+    sha = lines[at + 1].split()
+    assert sha[0] == "sha256" and len(sha[1]) == 64  # the pinned sha256 on the line below
 
 
 def test_model_pull_into_an_empty_cache(tmp_path: Path) -> None:

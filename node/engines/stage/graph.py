@@ -9,9 +9,9 @@ attention, sliding-window layers (their own mask input and rope base), norms aft
 attention and after the FFN, a GELU-gated FFN, and optional final logit soft-capping.
 
 Sliding-window layers keep the same full-length cache as global layers and mask what
-lies outside the window: llama.cpp's separate window cache holds the positions in the
-same cells as long as the context fits it, so the attended values and their order
-agree.
+lies outside the window. The replicas build llama.cpp's separate window cache as long as
+the context (swa_full, pinned in node.engines.llamacpp), so it holds each position in the
+same cell in the same order, and the attended values and their order agree.
 
 KV cache layout (per layer, all slots in one tensor):
   K: [n_embd_kv, n_ctx * slots]: one row per (slot, position).

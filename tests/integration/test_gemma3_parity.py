@@ -18,9 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
-from node.engines.stage import StageEngine
 from node.engines.stage.weights import read_header
 from tests.conftest import Launcher, gateway_url
+from tests.fixtures.stage_chain import Pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -72,15 +72,9 @@ def test_the_model_has_sliding_window_and_global_layers(gemma3_model: Path, refe
 def test_greedy_output_through_stages_equals_llama_cpp(gemma3_model: Path, reference: Any, prompt: str,
                                                         n_stages: int) -> None:
     tokens, want, want_logits = llama_greedy(reference, PROMPTS[prompt])
-    stages = [StageEngine.load(gemma3_model, a, b, n_ctx=N_CTX, slots=1, threads=2) for a, b in SPLITS[n_stages]]
+    pipe = Pipeline(gemma3_model, SPLITS[n_stages], n_ctx=N_CTX, slots=1, threads=2)
     try:
-        def forward(ids: list[int], start: int) -> np.ndarray:
-            x = stages[0].forward("s", start, tokens=ids)
-            for stage in stages[1:]:
-                x = stage.forward("s", start, hidden=x)
-            return x
-
-        logits = forward(tokens, 0)
+        logits = pipe.forward("s", 0, tokens)
         got: list[int] = []
         worst = 0.0
         for step in range(TOKENS):
@@ -88,10 +82,9 @@ def test_greedy_output_through_stages_equals_llama_cpp(gemma3_model: Path, refer
             got.append(int(np.argmax(logits)))
             if got[-1] != want[step]:
                 break
-            logits = forward([got[-1]], len(tokens) + step)
+            logits = pipe.forward("s", len(tokens) + step, [got[-1]])
     finally:
-        for stage in stages:
-            stage.close()
+        pipe.close()
     assert got == want, f"{prompt}, {n_stages} stage(s): diverged at token {len(got) - 1}"
     assert worst <= LOGIT_TOL, f"{prompt}, {n_stages} stage(s): logits differ by {worst:.2e} of the largest"
 

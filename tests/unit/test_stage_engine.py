@@ -3,7 +3,6 @@ architecture, greedy parity on the default model, and the engine's limits and er
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,35 +13,12 @@ import pytest
 
 from mesh.errors import CapacityExhausted, InvalidInput, ModelError
 from node.engines.stage import SUPPORTED_ARCHITECTURES, StageEngine
+from tests.fixtures.stage_chain import Pipeline, splits
 from tests.fixtures.tiny_gguf import N_LAYER, SPECS, TinySpec, write_all, write_tiny_gguf
 
 PROMPT = b"the cat in the hat sat"  # 10 tokens with BOS in the tiny vocabulary
 DECODE_STEPS = 5
 REL_TOL = 1e-3
-
-
-def splits(n_layer: int, n_stages: int) -> list[tuple[int, int]]:
-    bounds = np.linspace(0, n_layer, n_stages + 1).round().astype(int).tolist()
-    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
-
-
-class Pipeline:
-    """Stages chained in-process, the way the scheduler chains them over the network."""
-
-    def __init__(self, path: Path, n_stages: int, *, n_ctx: int = 256, slots: int = 2, threads: int = 1,
-                 n_layer: int = N_LAYER) -> None:
-        self.stages = [StageEngine.load(path, a, b, n_ctx=n_ctx, slots=slots, threads=threads)
-                       for a, b in splits(n_layer, n_stages)]
-
-    def forward(self, session: str, start: int, tokens: list[int]) -> np.ndarray:
-        x = self.stages[0].forward(session, start, tokens=tokens)
-        for stage in self.stages[1:]:
-            x = stage.forward(session, start, hidden=x)
-        return x
-
-    def close(self) -> None:
-        for s in self.stages:
-            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +55,7 @@ def test_tiny_logits_match_llama_cpp(tiny_models: dict[str, Path], spec: TinySpe
     tokens, ref = llama_reference(path, PROMPT, DECODE_STEPS)
     n_prompt = len(tokens) - DECODE_STEPS
     assert n_prompt >= 8
-    pipe = Pipeline(path, n_stages)
+    pipe = Pipeline(path, splits(N_LAYER, n_stages))
     try:
         logits = pipe.forward("s", 0, tokens[:n_prompt])
         assert logits.shape == (pipe.stages[-1].n_vocab,) and logits.dtype == np.float32
@@ -95,7 +71,7 @@ def test_tiny_logits_match_llama_cpp(tiny_models: dict[str, Path], spec: TinySpe
 def test_chunked_prefill_and_replay_match_single_pass(tiny_models: dict[str, Path], name: str) -> None:
     path = tiny_models[name]
     tokens, ref = llama_reference(path, PROMPT, 3)
-    pipe = Pipeline(path, 2)
+    pipe = Pipeline(path, splits(N_LAYER, 2))
     try:
         # arbitrary chunking: 1 + 4 + rest, then decode
         pipe.forward("a", 0, tokens[:1])
@@ -121,7 +97,7 @@ def test_chunked_prefill_and_replay_match_single_pass(tiny_models: dict[str, Pat
 def test_sessions_are_isolated_and_thread_safe(tiny_models: dict[str, Path]) -> None:
     path = tiny_models["llama-q8_0"]
     tokens, ref = llama_reference(path, PROMPT, 4)
-    pipe = Pipeline(path, 2, slots=4)
+    pipe = Pipeline(path, splits(N_LAYER, 2), slots=4)
 
     def run(session: str) -> list[np.ndarray]:
         outs = [pipe.forward(session, 0, tokens[:6])]
@@ -249,7 +225,7 @@ def test_default_model_greedy_matches_llama_cpp(smollm2: Path, smollm2_reference
     eos = llm.token_eos()
 
     # one thread: parity does not depend on it, and tests share the machine
-    pipe = Pipeline(smollm2, n_stages, n_ctx=512, slots=1, threads=1, n_layer=30)
+    pipe = Pipeline(smollm2, splits(30, n_stages), n_ctx=512, slots=1, threads=1)
     try:
         logits = pipe.forward("s", 0, tokens)
         out: list[int] = []

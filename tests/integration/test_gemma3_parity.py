@@ -10,6 +10,7 @@ graph or a plain-layout weight makes).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,27 @@ def test_up_serves_gemma3_by_catalogue_name_as_llama_cpp_does(launcher: Launcher
         reference.reset()  # a fresh run, as the mesh's: no prefix reused from the KV cache
         want = reference.create_completion(PROMPTS[name], max_tokens=TOKENS, temperature=0)["choices"][0]["text"]
         assert _completion(url, PROMPTS[name]) == want, name
+
+
+def test_devices_started_one_by_one_form_a_gemma3_pipeline(launcher: Launcher, gemma3_model: Path,
+                                                          reference: Any) -> None:
+    """README's device commands, one device at a time, each naming the model by its catalogue
+    name: three nodes whose memory limit holds no replica, then a gateway that finds them over
+    mDNS and places a 3-stage pipeline on them by itself."""
+    for i in (1, 2, 3):
+        launcher.start(f"dev-{i}", ["node", "--host", "127.0.0.1", "--name", f"dev-{i}", "--model", "gemma3-270m",
+                                    "--memory-limit", "250MB", "--port", "0", "--metrics-port", "0",
+                                    "--step-port", "0", "--threads", "1"])
+    gateway = launcher.start("gw", ["gateway", "--model", "gemma3-270m", "--port", "0"])
+    url = gateway_url(gateway)
+    deadline = time.monotonic() + 120
+    while True:
+        view = httpx.get(f"{url}/api/cluster", timeout=10).json()
+        if view["placement"]["converged"] and view["placements"]:
+            break
+        assert time.monotonic() < deadline, f"no placement within 120 s: {view['placement']}"
+        time.sleep(0.2)
+    assert [len(p["stages"]) for p in view["placements"]] == [3], view["placements"]
+    reference.reset()
+    want = reference.create_completion(PROMPTS["beyond-window"], max_tokens=TOKENS, temperature=0)
+    assert _completion(url, PROMPTS["beyond-window"]) == want["choices"][0]["text"]

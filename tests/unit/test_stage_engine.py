@@ -176,6 +176,27 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
         assert name in str(info.value)
 
 
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("gemma3.attention.key_length_swa", 32, "key_length_swa = 32"),
+    ("gemma3.rope.dimension_count_swa", 8, "dimension_count_swa = 8"),
+    ("gemma3.attention.sliding_window_pattern", [True, False], "2 entries for 3 layers"),
+])
+def test_gemma3_metadata_the_engine_cannot_run_is_refused(key: str, value: object, fragment: str) -> None:
+    """Window layers of another head size, or a per-layer pattern that does not cover every layer:
+    a clear refusal at load, not a graph that silently differs from llama.cpp's."""
+    from node.engines.stage.config import model_args_from_metadata
+
+    meta: dict[str, object] = {
+        "general.architecture": "gemma3", "gemma3.embedding_length": 64, "gemma3.attention.head_count": 4,
+        "gemma3.attention.head_count_kv": 2, "gemma3.attention.key_length": 16,
+        "gemma3.attention.value_length": 16, "gemma3.block_count": 3, "gemma3.feed_forward_length": 128,
+        "gemma3.attention.layer_norm_rms_epsilon": 1e-6, "gemma3.attention.sliding_window": 4,
+    }
+    assert model_args_from_metadata(meta, 272).n_swa == 4  # the plain file loads
+    with pytest.raises(ModelError, match=fragment):
+        model_args_from_metadata({**meta, key: value}, 272)
+
+
 def test_reads_only_its_layers(tiny_models: dict[str, Path]) -> None:
     from node.gguf import inspect
 

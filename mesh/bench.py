@@ -44,6 +44,7 @@ class BenchOptions:
     strategy: str = "replica"
     prefill_tokens: int = 512
     decode_threads: int = 0  # threads of single-token pipeline steps (0 = the mesh's default)
+    insecure_plaintext: bool = False  # measure the mesh without TLS (what TLS costs)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ async def _bench(options: BenchOptions) -> dict[str, float]:
         mesh = asyncio.create_task(run_local_mesh(LocalMeshOptions(
             nodes=options.nodes, port=0, model=str(model_path), strategy=options.strategy,
             threads=options.threads if options.threads else (threads if options.nodes == 1 else 0),
-            decode_threads=options.decode_threads,
+            decode_threads=options.decode_threads, insecure_plaintext=options.insecure_plaintext,
             ready_file=str(ready)), stop))
         try:
             while not ready.exists():

@@ -66,7 +66,8 @@ def cmd_up(args: argparse.Namespace) -> None:
         threads=args.threads, slots=args.slots, n_ctx=args.n_ctx, api_key=args.api_key,
         cluster_key=args.cluster_key, ready_file=args.ready_file, memory_limit=args.memory_limit,
         stages=args.stages, decode_threads=args.decode_threads,
-        policy=args.policy, cloud_url=args.cloud_url, cloud_model=args.cloud_model, cloud_key_env=args.cloud_key_env)
+        policy=args.policy, cloud_url=args.cloud_url, cloud_model=args.cloud_model, cloud_key_env=args.cloud_key_env,
+        insecure_plaintext=args.insecure_plaintext)
     run_until_signalled(lambda stop: run_local_mesh(options, stop))
 
 
@@ -133,7 +134,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     run_bench(BenchOptions(model=args.model, nodes=args.nodes, tokens=args.tokens, runs=args.runs,
                            threads=args.threads, strategy=args.strategy, prefill_tokens=args.prefill_tokens,
-                           decode_threads=args.decode_threads))
+                           decode_threads=args.decode_threads, insecure_plaintext=args.insecure_plaintext))
 
 
 # ---------------------------------------------------------------------------- ray (begin)
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default="", help="bearer key for the API (required off loopback)")
     p.add_argument("--cluster-key", default="", help="cluster key (default: a fresh one for this mesh)")
     p.add_argument("--ready-file", default="", help="write 'host port' of the gateway here once all nodes are up")
-    add_arguments(p, GatewayConfig, only=("policy", "cloud_url", "cloud_model", "cloud_key_env"))
+    add_arguments(p, GatewayConfig, only=("policy", "cloud_url", "cloud_model", "cloud_key_env", "insecure_plaintext"))
     p.set_defaults(func=cmd_up)
 
     for name, helptext, func in (("status", "show the nodes of a mesh", cmd_status),
@@ -229,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement")
     p.add_argument("--decode-threads", type=int, default=0,
                    help="threads of single-token pipeline steps (0 = the mesh's default)")
+    p.add_argument("--insecure-plaintext", action="store_true",
+                   help="run the benchmarked mesh without TLS (to measure what TLS costs)")
     p.set_defaults(func=cmd_bench)
     add_ray_commands(sub)
     return parser

@@ -180,6 +180,8 @@ class NodeConfig:
                         "range or stands by; stage: layer ranges only, never the whole model; replica: also "
                         "load the whole model at start")
     advertise: bool = setting(True, "advertise this node with mDNS")
+    insecure_plaintext: bool = setting(False, "debugging only, loopback only: speak plain text to the mesh "
+                                       "instead of mutual TLS (the gateway and every node must say it)")
     ready_file: str = setting("", "write 'host port metrics_port node_id' here once serving (for supervisors)")
 
     def __post_init__(self) -> None:
@@ -208,6 +210,8 @@ class GatewayConfig:
                             "over the nodes; the rest stand by)")
     stages: int = setting(0, "pipeline stages wanted (0 = as few as the nodes' memory allows; with --strategy "
                           "pipeline, one per node)")
+    insecure_plaintext: bool = setting(False, "debugging only, loopback only: speak plain text to the nodes "
+                                       "instead of mutual TLS (every node must say it too)")
     placement: bool = setting(True, "place the model on the nodes (load, re-plan, release); --no-placement only "
                               "routes to what the nodes already hold")
 

@@ -56,6 +56,8 @@ class _Watcher:
     def __init__(self, owner: Membership, peer: Peer) -> None:
         self.owner = owner
         self.peer = peer
+        # Any node of the cluster, not the node id mDNS named: a node restarted at this address
+        # has a new id, and Info's proof (node_proof) authenticates whichever id answers.
         self.client = NodeClient(peer.address, owner.cluster_key, owner.timeouts, owner.limits)
         self.member = Member(address=peer.address, state=MemberState.JOINING, since=time.time(),
                              info=None, source=peer.source)

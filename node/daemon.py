@@ -31,6 +31,7 @@ from mesh.discovery import Advertisement, Advertiser
 from mesh.errors import CapacityExhausted, ConfigError, EdgeMeshError
 from mesh.metrics import NodeMetrics
 from mesh.model_store import ProgressLog, resolve
+from mesh.transport import tls
 from mesh.transport.auth import cluster_hash
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.transport.server import HealthState, bind, make_server
@@ -124,6 +125,9 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {config.role!r}")
     if not -1 <= config.step_port <= 65535:
         raise ConfigError(f"--step-port must be a port, 0 (a free one) or -1 (off), not {config.step_port}")
+    # Before anything calls a peer (--model-from-peers does): this process's certificate.
+    tls.use_plaintext(config.host, config.insecure_plaintext)
+    credentials = None if config.insecure_plaintext else tls.establish_node(cluster_key, identity.node_id)
     # Before the slow parts (hashing, the probe): a taken port is a one-line error at once.
     check_ports_free(config.host, (("--port", config.port), ("--metrics-port", config.metrics_port),
                                    ("--step-port", config.step_port)))
@@ -176,7 +180,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     server = make_server(cluster_key, timeouts, limits, health, on_reject=lambda _m: metrics.auth_failures.inc())
     pb_grpc.add_NodeServicer_to_server(service, server)
     try:
-        port = bind(server, config.host, config.port)
+        port = bind(server, config.host, config.port, credentials)
     except (RuntimeError, OSError) as exc:  # taken since the check above; grpc says only "failed to bind"
         raise ConfigError(f"cannot listen on {config.host}:{config.port} (--port): {exc}; choose another "
                           "--port, or 0 for a free one") from None
@@ -185,7 +189,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     if config.step_port >= 0:
         loop = asyncio.get_running_loop()
         step_server = StepServer(
-            identity.node_id, cluster_key, stages, compute, metrics, timeouts, limits,
+            identity.node_id, cluster_key, credentials, stages, compute, metrics, timeouts, limits,
             draining=lambda: state.draining, on_open=partial(loop.call_soon_threadsafe, service.enter),
             on_close=partial(loop.call_soon_threadsafe, service.leave))
         state.step_port = step_server.start(config.host, config.step_port)

@@ -138,7 +138,7 @@ class PeerLinks:
             host, _port = parse_host_port(hop.address)
         except ConfigError as exc:
             raise InvalidInput(f"stage node {hop.node_id}: {exc}") from None
-        client = NodeClient(hop.address, self._key, self._timeouts, self._limits)
+        client = NodeClient(hop.address, self._key, self._timeouts, self._limits, node_id=hop.node_id)
         try:
             info = await client.info()
             if info.node_id != hop.node_id:

@@ -47,7 +47,7 @@ async def shard_file_from_peers(config: NodeConfig, cluster_key: str, timeouts: 
     deadline = time.monotonic() + SOURCE_SEARCH_S
     while time.monotonic() < deadline:
         for peer in await _candidates(config, cluster_key, deadline):
-            client = NodeClient(peer.address, cluster_key, timeouts, limits)
+            client = NodeClient(peer.address, cluster_key, timeouts, limits, node_id=peer.node_id)
             try:
                 info = await client.info()
                 for model in (m for m in info.files if not m.shard_copy):  # a shard copy cannot ship

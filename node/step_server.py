@@ -16,6 +16,7 @@ import errno
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -39,6 +40,7 @@ from mesh.metrics import NodeMetrics
 from mesh.transport import convert
 from mesh.transport import step_socket as wire
 from mesh.transport.generated import edgemesh_pb2 as pb
+from mesh.transport.tls import ClusterCredentials
 from node.compute import ComputeThread
 from node.stage_host import StageHost
 
@@ -53,14 +55,17 @@ _SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Pending:
-    """A connection that has not yet proved the cluster key; its handshake gathers the bytes."""
+    """A connection that has not yet proved the cluster key: first its TLS handshake (when the
+    node speaks TLS), then the cluster-key handshake, which gathers the bytes. Mutable: the
+    one thread that runs handshakes moves it from the first phase to the second."""
 
     sock: socket.socket
     peer: object
     handshake: wire.NodeHandshake
     deadline: float
+    tls_done: bool
 
 
 class StepServer:
@@ -75,11 +80,15 @@ class StepServer:
     connection that proved the key counts against Limits.max_step_connections and gets its
     own thread."""
 
-    def __init__(self, node_id: str, cluster_key: str, stages: StageHost, compute: ComputeThread,
+    def __init__(self, node_id: str, cluster_key: str, credentials: ClusterCredentials | None,
+                 stages: StageHost, compute: ComputeThread,
                  metrics: NodeMetrics, timeouts: Timeouts, limits: Limits, draining: Callable[[], bool],
                  on_open: Callable[[], object], on_close: Callable[[], object]) -> None:
         self._node_id = node_id
         self._key = cluster_key
+        # None only under --insecure-plaintext; otherwise every connection is TLS 1.3 with a
+        # client certificate of this cluster before a byte of the step protocol is read.
+        self._tls = credentials.server_context() if credentials is not None else None
         self._stages = stages
         self._compute = compute
         self._metrics = metrics
@@ -201,18 +210,51 @@ class StepServer:
                        f"{self._limits.max_step_handshakes} handshakes pending")
         conn.setblocking(False)
         wire.tune(conn, self._timeouts)
+        if self._tls is not None:
+            conn = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         handshake = wire.NodeHandshake(self._key, self._node_id)
-        pending = _Pending(conn, peer, handshake, time.monotonic() + self._timeouts.connect_s)
+        pending = _Pending(conn, peer, handshake, time.monotonic() + self._timeouts.connect_s,
+                           tls_done=self._tls is None)
         self._pending[conn] = pending
         self._selector.register(conn, selectors.EVENT_READ, pending)
-        if not _send_all_now(conn, handshake.hello()):
+        if pending.tls_done:
+            self._greet(pending)
+
+    def _greet(self, pending: _Pending) -> None:
+        if not _send_all_now(pending.sock, pending.handshake.hello()):
             self._forget(pending)
+
+    def _advance_tls(self, pending: _Pending) -> None:
+        """One more round of the TLS handshake; the cluster-key handshake starts once it is done."""
+        assert self._selector is not None and isinstance(pending.sock, ssl.SSLSocket)
+        try:
+            pending.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._selector.modify(pending.sock, selectors.EVENT_READ, pending)
+            return
+        except ssl.SSLWantWriteError:
+            self._selector.modify(pending.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, pending)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            # A certificate of another cluster, none at all, or plain text: the peer has not the key.
+            if isinstance(exc, ssl.SSLError):
+                self._metrics.auth_failures.inc()
+                self._metrics.rpc_errors.labels("Step", "UNAUTHENTICATED").inc()
+            log.info("step connection from %s refused in the TLS handshake: %s", pending.peer, exc)
+            self._forget(pending)
+            return
+        pending.tls_done = True
+        self._selector.modify(pending.sock, selectors.EVENT_READ, pending)
+        self._greet(pending)
 
     def _advance(self, pending: _Pending) -> None:
         """Read what the peer sent; answer its proof once whole."""
+        if not pending.tls_done:
+            self._advance_tls(pending)
+            return
         try:
             data = pending.sock.recv(512)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as exc:
             log.debug("step connection from %s broke in the handshake: %s", pending.peer, exc)
@@ -360,7 +402,8 @@ class StepServer:
 
 def _shutdown(conn: socket.socket) -> None:
     try:
-        conn.shutdown(socket.SHUT_RDWR)
+        # The socket's own shutdown: SSLSocket's would drop the TLS state its thread reads through.
+        socket.socket.shutdown(conn, socket.SHUT_RDWR)
     except OSError:
         pass  # already closed by its thread
 

@@ -35,6 +35,7 @@ import os
 import random
 import shutil
 import socket
+import ssl
 import struct
 import time
 import tracemalloc
@@ -54,6 +55,7 @@ from mesh.transport import step_socket as wire
 from mesh.transport.channels import SERVICE
 from mesh.transport.generated import edgemesh_pb2 as pb
 from tests.conftest import Launcher, Proc, gateway_url
+from tests.fixtures.node_wire import node_channel, step_socket
 
 SURFACES = ("grpc", "step", "http", "gguf")
 
@@ -836,7 +838,7 @@ class GrpcFuzzer:
         from mesh.transport.channels import channel_options
 
         self.t = target
-        self.channel = grpc.aio.insecure_channel(target.address, options=channel_options(Timeouts(), Limits()))
+        self.channel = node_channel(target.address, target.cluster_key, channel_options(Timeouts(), Limits()))
         self._replayable: tuple[tuple[str, str], ...] = ()
 
     async def close(self) -> None:
@@ -1089,7 +1091,7 @@ def _read_answer(sock: socket.socket, wait_s: float) -> tuple[str, bytes]:
         return "closed", b""
     except TimeoutError:
         return "silent", b""
-    except ConnectionError:
+    except (ConnectionError, ssl.SSLError):  # a reset, or TLS torn down without its close alert
         return "closed", b""
     return "frame", bytes([frame.kind]) + frame.payload
 
@@ -1097,7 +1099,8 @@ def _read_answer(sock: socket.socket, wait_s: float) -> tuple[str, bytes]:
 def run_step_case(case: StepCase, target: Target) -> Verdict:
     describe = case.describe()
     try:
-        sock = socket.create_connection(("127.0.0.1", target.step_port), timeout=ANSWER_WAIT_S)
+        # Through the cluster's TLS: the cases are about the frames and the handshake inside it.
+        sock = step_socket(target.step_port, target.cluster_key, timeout=ANSWER_WAIT_S)
     except OSError as exc:
         return Verdict(describe, f"cannot connect to the step socket: {exc}", "refused")
     try:

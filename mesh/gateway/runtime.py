@@ -22,6 +22,7 @@ from mesh.placement.controller import ControllerSettings, PlacementController
 from mesh.placement.planner import STRATEGIES
 from mesh.scheduler import Scheduler
 from mesh.tokenizer import TemplateBudget, Tokenizer
+from mesh.transport import tls
 from mesh.transport.auth import cluster_hash
 from mesh.types import ModelSha
 
@@ -57,6 +58,7 @@ class GatewayRuntime:
         from node.profile import model_profile
 
         check_bind_is_safe(config)
+        tls.use_plaintext(config.host, config.insecure_plaintext)
         self.config = config
         # Timeouts and Limits have no flags; EDGEMESH_<FIELD> tunes them (e.g. EDGEMESH_HTTP_HEADER_S).
         self.timeouts = timeouts or tuned_from_environment(Timeouts)

@@ -22,14 +22,13 @@ refuses them anyway); the memory is bounded: past `capacity` nonces the oldest a
 forgotten and every call signed at or before a forgotten one is refused, so nothing is
 ever accepted twice, and under a flood of signed calls only the accepted window shrinks.
 
-What this does not cover, and only TLS (issue 17) does: the messages of a request stream
-(Forward) after its headers cannot be bound in them, so an on-path attacker could change a
-live stream's frames (the nonce still stops a replay of the whole call); responses are not
-signed; a signature names no node, so a call captured on its way to one node can be played
-once to each other node of the mesh within the skew window (with its own body only). A
-passive listener on the LAN already reads prompts and tokens in the clear. The standard
-health service stays open (it reveals nothing, orchestrators probe it), and Info's
-challenge lets a caller check the node (node_proof).
+This is the second check. The first is mutual TLS under the cluster CA (mesh.transport.tls):
+every node port speaks only TLS, so a caller without the key never gets a call to this
+interceptor, and TLS covers what a header signature cannot (the frames of a Forward stream
+after its headers, responses, and confidentiality). The signature stays because it binds
+each call's body and nonce under the key inside the encrypted channel, at the cost of an
+HMAC per call. The standard health service stays open to any member (it reveals nothing),
+and Info's challenge lets a caller check the node (node_proof).
 
 The mDNS record carries only `cluster_hash`, a keyed digest that lets meshes on one LAN
 ignore each other without revealing the key.

@@ -24,7 +24,7 @@ from mesh.errors import (
     PeerError,
     Unauthenticated,
 )
-from mesh.transport import auth, convert
+from mesh.transport import auth, convert, tls
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.types import (
     GenerationRequest,
@@ -67,6 +67,25 @@ def channel_options(timeouts: Timeouts, limits: Limits) -> list[tuple[str, int]]
     ]
 
 
+def open_channel(address: str, cluster_key: str, options: list[tuple[str, Any]],
+                 node_id: str | None = None) -> grpc.aio.Channel:
+    """A channel to a node: mutual TLS under the cluster CA (see mesh.transport.tls), checking
+    that the certificate names `node_id` (any node of the cluster when it is not known yet)."""
+    credentials = tls.credentials_for(cluster_key)
+    if credentials is None:  # --insecure-plaintext, loopback only
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, credentials.grpc_channel(),
+                                   options=[*options, ("grpc.ssl_target_name_override", tls.expected_name(node_id))])
+
+
+# What gRPC's details say when a TLS handshake fails on a certificate or a protocol mismatch,
+# as opposed to a connection that broke (those stay retryable). Only gRPC's own connection
+# failure counts: a node's status text may quote another hop's failure, which is that hop's.
+_CONNECT_FAILED = "failed to connect to all addresses"
+_TLS_REFUSALS = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "Hostname Verification Check failed",
+                 "TLSV1_ALERT", "SSLV3_ALERT", "CERTIFICATE_REQUIRED")
+
+
 def error_from_rpc(exc: grpc.aio.AioRpcError, what: str) -> EdgeMeshError:
     """Map a failed call to our error hierarchy; only transport-level failures are retryable."""
     code = exc.code()
@@ -76,7 +95,11 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, what: str) -> EdgeMeshError:
         return InvalidInput(message)
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(message)
-    if code == grpc.StatusCode.UNAUTHENTICATED:
+    if code == grpc.StatusCode.UNAUTHENTICATED or (
+            code == grpc.StatusCode.UNAVAILABLE and detail.startswith(_CONNECT_FAILED)
+            and any(sign in detail for sign in _TLS_REFUSALS)):
+        # A TLS refusal comes back as UNAVAILABLE, but it is no outage: the peer has no
+        # certificate of this cluster (another mesh, an impostor, a plain-text process).
         return Unauthenticated(message)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return CapacityExhausted(message)
@@ -104,11 +127,12 @@ class _OpenStream:
 class NodeClient:
     """A connection to one node."""
 
-    def __init__(self, address: str, cluster_key: str, timeouts: Timeouts, limits: Limits) -> None:
+    def __init__(self, address: str, cluster_key: str, timeouts: Timeouts, limits: Limits,
+                 node_id: str | None = None) -> None:
         self.address = address
         self._key = cluster_key
         self._timeouts = timeouts
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(timeouts, limits))
+        self._channel = open_channel(address, cluster_key, channel_options(timeouts, limits), node_id)
         self._stub = pb_grpc.NodeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         # The token streams open on this node. When membership decides the node is gone (its

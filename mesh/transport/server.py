@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mesh.config import Limits, Timeouts
 from mesh.transport.auth import ClusterKeyInterceptor
 from mesh.transport.channels import shared_options
+from mesh.transport.tls import ClusterCredentials
 
 
 def server_options(timeouts: Timeouts, limits: Limits) -> list[tuple[str, int]]:
@@ -57,10 +58,16 @@ def make_server(cluster_key: str, timeouts: Timeouts, limits: Limits, health_sta
     return server
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind and return the port actually bound (port 0 picks a free one)."""
+def bind(server: grpc.aio.Server, host: str, port: int, credentials: ClusterCredentials | None) -> int:
+    """Bind and return the port actually bound (port 0 picks a free one). With credentials
+    (always, but under --insecure-plaintext) the port speaks only mutual TLS under the
+    cluster CA: a caller without a certificate of this cluster gets no further than the
+    handshake."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = int(server.add_insecure_port(address))
+    if credentials is None:
+        bound = int(server.add_insecure_port(address))
+    else:
+        bound = int(server.add_secure_port(address, credentials.grpc_server()))
     if bound == 0:
         raise OSError(f"cannot bind gRPC on {address}")
     return bound

@@ -14,7 +14,10 @@ with a gRPC status code name and a message. gRPC stays for everything else (Info
 whole requests, shards).
 
 Wire format. Every frame is a 4-byte big-endian payload length, a 1-byte kind, the payload.
-The connection opens with a mutual cluster-key handshake:
+The connection is TLS 1.3 with certificates of the cluster CA on both ends (see
+mesh.transport.tls; plain TCP only under --insecure-plaintext), and the head checks that the
+node's certificate names the node id it expects. Inside it, the connection opens with a
+mutual cluster-key handshake:
 
     node -> head   HELLO  version byte + 16-byte node nonce
     head -> node   PROOF  16-byte head nonce + HMAC(key, "head" | node nonce | head nonce)
@@ -33,6 +36,7 @@ import hashlib
 import hmac
 import os
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass
@@ -47,7 +51,7 @@ from mesh.errors import (
     PeerError,
     Unauthenticated,
 )
-from mesh.transport import convert
+from mesh.transport import convert, tls
 from mesh.transport.channels import error_from_rpc
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.types import StageOutput, StageStep
@@ -228,13 +232,22 @@ class StepConnection:
              step_timeout_s: float) -> StepConnection:
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         what = f"step socket of {node_id} at {address}"
+        credentials = tls.credentials_for(cluster_key)
         try:
             sock = socket.create_connection((host, port), timeout=timeouts.connect_s)
         except OSError as exc:
             raise PeerError(f"{what}: {exc}", node_id=node_id) from exc
         try:
             tune(sock, timeouts)
-            handshake_as_head(sock, cluster_key, node_id, what, time.monotonic() + timeouts.connect_s)
+            deadline = time.monotonic() + timeouts.connect_s
+            if credentials is not None:
+                # The certificate must name the node we were told to use: a node id is a DNS label.
+                sock = credentials.client_context().wrap_socket(sock, server_hostname=node_id)
+            handshake_as_head(sock, cluster_key, node_id, what, deadline)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise Unauthenticated(f"{what}: its TLS certificate is not {node_id}'s in this cluster "
+                                  f"({exc.verify_message})") from exc
         except (EdgeMeshError, OSError) as exc:
             sock.close()
             if isinstance(exc, EdgeMeshError):
@@ -268,7 +281,9 @@ class StepConnection:
     def interrupt(self) -> None:
         """From any thread: end a step in progress at once (its run is being abandoned)."""
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            # The socket's own shutdown, not SSLSocket's: that one also drops the TLS state
+            # another thread may be reading through.
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
         except OSError:
             pass  # already closed
 

@@ -24,6 +24,7 @@ from mesh.transport.channels import SERVICE
 from mesh.transport.generated import edgemesh_pb2 as pb
 from tests import fuzz_cases as fz
 from tests.conftest import Launcher
+from tests.fixtures.node_wire import node_channel
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +117,7 @@ def test_gguf_header_sample(mesh: fz.FuzzMesh, tmp_path: Path, reader: str) -> N
 
 
 async def _forward(target: fz.Target, requests: list[bytes]) -> tuple[grpc.StatusCode, str]:
-    async with grpc.aio.insecure_channel(target.address) as channel:
+    async with node_channel(target.address, target.cluster_key) as channel:
         call = channel.stream_stream(SERVICE + "Forward")(
             timeout=10, metadata=auth.sign(target.cluster_key, SERVICE + "Forward"))
         try:
@@ -161,7 +162,7 @@ def test_a_fetch_of_countless_tiny_ranges_is_refused_at_once(mesh: fz.FuzzMesh) 
 
     async def fetch() -> tuple[grpc.StatusCode, str, int]:
         replies = 0
-        async with grpc.aio.insecure_channel(target.address) as channel:
+        async with node_channel(target.address, target.cluster_key) as channel:
             call = channel.unary_stream(SERVICE + "FetchShard")(
                 body, timeout=30, metadata=auth.sign(target.cluster_key, SERVICE + "FetchShard", body))
             try:

@@ -26,6 +26,7 @@ from mesh.transport.channels import SERVICE, NodeClient
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from tests.conftest import Launcher, Proc, metric_lines
+from tests.fixtures.node_wire import node_channel
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +44,12 @@ def key(module_launcher: Launcher) -> str:
     return module_launcher.cluster_key
 
 
-def channel_to(proc: Proc) -> grpc.aio.Channel:
-    # The attacker's side may send messages as large as it likes.
-    return grpc.aio.insecure_channel(f"127.0.0.1:{proc.ready[1]}",
-                                     options=[("grpc.max_send_message_length", 2 * MAX_MESSAGE)])
+def channel_to(proc: Proc, key: str) -> grpc.aio.Channel:
+    """Through the cluster's TLS, as a member would: these cases are about the signature
+    check behind it (a caller without the key gets no further than the TLS handshake, see
+    test_node_tls). The attacker's side may send messages as large as it likes."""
+    return node_channel(f"127.0.0.1:{proc.ready[1]}", key,
+                        options=[("grpc.max_send_message_length", 2 * MAX_MESSAGE)])
 
 
 async def outcome(call: Any) -> tuple[grpc.StatusCode, str]:
@@ -124,7 +127,7 @@ def run_pipeline(request_id: str) -> Any:
 def test_a_captured_signature_is_refused_with_another_body_and_on_replay(
         node: Proc, key: str, method: str, signed: Any, altered: Any) -> None:
     async def scenario() -> None:
-        async with channel_to(node) as channel:
+        async with channel_to(node, key) as channel:
             stub = pb_grpc.NodeStub(channel)
             captured = auth.sign(key, SERVICE + method, signed)
             code, detail = await outcome(getattr(stub, method)(altered, metadata=captured, timeout=30))
@@ -145,7 +148,7 @@ def test_a_captured_signature_is_refused_with_another_body_and_on_replay(
 def test_a_replayed_forward_stream_is_refused(node: Proc, key: str) -> None:
     """A stream's frames cannot be bound in its headers, but its nonce stops a replay of the call."""
     async def scenario() -> None:
-        async with channel_to(node) as channel:
+        async with channel_to(node, key) as channel:
             stub = pb_grpc.NodeStub(channel)
             meta = auth.sign(key, SERVICE + "Forward")
             step = pb.ForwardRequest(session_id="s", model_sha256="ab" * 32, step=1,
@@ -173,7 +176,7 @@ def test_a_non_finite_signature_time_is_refused(node: Proc, key: str, timestamp:
         # A correct HMAC over the time "nan": only the clock check stands in the way.
         meta = auth.sign(key, SERVICE + "Info", request, now=float(timestamp))
         assert dict(meta)[auth.TS_HEADER] == timestamp
-        async with channel_to(node) as channel:
+        async with channel_to(node, key) as channel:
             return await outcome(pb_grpc.NodeStub(channel).Info(request, metadata=meta, timeout=10))
 
     assert asyncio.run(scenario()) == (grpc.StatusCode.UNAUTHENTICATED,
@@ -189,7 +192,7 @@ def test_unsigned_60mb_calls_are_refused_without_being_read(launcher: Launcher, 
     hostile = pb.InfoRequest(challenge=b"\x00" * BIG)
 
     async def unsigned_calls() -> list[tuple[grpc.StatusCode, str]]:
-        channels = [channel_to(node) for _ in range(6)]  # one connection each, as six attackers would
+        channels = [channel_to(node, key) for _ in range(6)]  # one connection each, as six attackers would
         try:
             return await asyncio.gather(*(outcome(pb_grpc.NodeStub(ch).Info(hostile, timeout=30))
                                           for ch in channels))
@@ -198,7 +201,7 @@ def test_unsigned_60mb_calls_are_refused_without_being_read(launcher: Launcher, 
 
     async def warm_up() -> None:  # the node's first calls allocate gRPC's own buffers and threads
         for _ in range(3):
-            async with channel_to(node) as channel:
+            async with channel_to(node, key) as channel:
                 await outcome(pb_grpc.NodeStub(channel).Info(pb.InfoRequest(challenge=b"\x00" * 1000), timeout=10))
         await signed_info_works(node, key)
 
@@ -222,7 +225,7 @@ def test_unsigned_60mb_calls_are_refused_without_being_read(launcher: Launcher, 
 def test_an_oversized_signed_message_is_resource_exhausted(node: Proc, key: str) -> None:
     async def scenario() -> tuple[grpc.StatusCode, str]:
         request = pb.InfoRequest(challenge=b"\x00" * (MAX_MESSAGE + 1))
-        async with channel_to(node) as channel:
+        async with channel_to(node, key) as channel:
             return await outcome(pb_grpc.NodeStub(channel).Info(
                 request, metadata=auth.sign(key, SERVICE + "Info", request), timeout=30))
 
@@ -236,7 +239,7 @@ def test_a_signed_single_message_request_over_the_request_limit_is_refused_unpar
     carries bulk, and parsing a large message costs several times its size."""
     async def scenario() -> tuple[grpc.StatusCode, str]:
         request = pb.LoadModelRequest(model_sha256="ab" * 32, controller_id="x" * (8 * 2**20))
-        async with channel_to(node) as channel:
+        async with channel_to(node, key) as channel:
             return await outcome(pb_grpc.NodeStub(channel).LoadModel(
                 request, metadata=auth.sign(key, SERVICE + "LoadModel", request), timeout=30))
 
@@ -248,7 +251,7 @@ def test_a_signed_single_message_request_over_the_request_limit_is_refused_unpar
 
 def test_health_stays_open_and_a_call_signed_without_its_body_is_refused(node: Proc, key: str) -> None:
     async def scenario() -> None:
-        async with channel_to(node) as channel:
+        async with channel_to(node, key) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
             stub = pb_grpc.NodeStub(channel)

@@ -2,9 +2,9 @@
 
 Two `edgemesh node --role stage` processes carry a 2-stage pipeline placed by a gateway.
 Then 300 TCP connections to each node port (gRPC, step socket, metrics) that never prove
-the cluster key: half send nothing, half drip one byte a second, and any the node drops is
-opened again about a second later, as a persistent attacker would. Through it all a
-pipeline chat is still answered within 10 s with the answer it had before, the nodes do
+the cluster key (nor start TLS, which both node ports speak): half send nothing, half drip
+one byte a second, and any the node drops is opened again about a second later, as a
+persistent attacker would. Through it all a pipeline chat is still answered within 10 s with the answer it had before, the nodes do
 not spend a thread on each of those connections, and once the flood ends they are back to
 the threads they started with.
 
@@ -38,6 +38,7 @@ from mesh.config import Limits, Timeouts
 from mesh.transport import step_socket as wire
 from mesh.transport.channels import NodeClient
 from tests.conftest import Launcher, Proc, gateway_url
+from tests.fixtures.node_wire import step_socket
 
 pytestmark = pytest.mark.slow
 
@@ -205,17 +206,20 @@ def step_port(proc: Proc, key: str) -> int:
     return asyncio.run(ask())
 
 
-def check_the_handshake_is_bounded(port: int, connect_s: float) -> None:
-    """A step connection that says nothing, or drips its proof, is cut by the node within
-    Timeouts.connect_s of being accepted; one whose proof has the wrong size is refused at once."""
+def check_the_handshake_is_bounded(port: int, key: str, connect_s: float) -> None:
+    """A step connection that never starts TLS, one that says nothing after it, and one that
+    drips its proof are cut by the node within Timeouts.connect_s of being accepted; one whose
+    proof has the wrong size is refused at once."""
     started = time.monotonic()
-    silent, drip = (socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2))
+    bare = socket.create_connection(("127.0.0.1", port), timeout=10)
+    silent, drip = (step_socket(port, key, timeout=10) for _ in range(2))
     for sock in (silent, drip):
         assert wire.read_frame(sock, 4096, time.monotonic() + 10).kind == wire.HELLO
     drip.sendall(DRIPS["step"])
     ended: dict[str, float] = {}
-    while len(ended) < 2 and time.monotonic() - started < connect_s + 5:
-        for name, sock in (("silent", silent), ("drip", drip)):
+    socks = (("bare", bare), ("silent", silent), ("drip", drip))
+    while len(ended) < len(socks) and time.monotonic() - started < connect_s + 5:
+        for name, sock in socks:
             if name in ended:
                 continue
             sock.settimeout(0.1)
@@ -231,12 +235,12 @@ def check_the_handshake_is_bounded(port: int, connect_s: float) -> None:
                 drip.send(b"\0")  # a byte every ~0.2 s: a proof that never quite arrives
             except OSError:
                 ended["drip"] = time.monotonic() - started
-    silent.close()
-    drip.close()
-    assert set(ended) == {"silent", "drip"}, f"still open after {connect_s + 5:.0f}s: {ended}"
+    for _name, sock in socks:
+        sock.close()
+    assert set(ended) == {"bare", "silent", "drip"}, f"still open after {connect_s + 5:.0f}s: {ended}"
     assert max(ended.values()) < connect_s + 1.5, ended
 
-    wrong = socket.create_connection(("127.0.0.1", port), timeout=10)
+    wrong = step_socket(port, key, timeout=10)
     wire.read_frame(wrong, 4096, time.monotonic() + 10)
     wrong.sendall(wire._HEADER.pack(3, wire.PROOF))
     frame = wire.read_frame(wrong, 4096, time.monotonic() + 2)
@@ -273,7 +277,8 @@ def test_a_pipeline_is_served_through_idle_and_slow_connections_to_every_node_po
     targets = [("127.0.0.1", port, kind) for node in nodes for port, kind in
                ((int(node.ready[1]), "grpc"), (step_port(node, launcher.cluster_key), "step"),
                 (int(node.ready[2]), "metrics"))]
-    check_the_handshake_is_bounded(targets[1][1], Timeouts().connect_s)  # settles the warm-up's threads too
+    # Also settles the warm-up's threads.
+    check_the_handshake_is_bounded(targets[1][1], launcher.cluster_key, Timeouts().connect_s)
     before = [threads_of(n) for n in nodes]
     rss_before = [round(rss_mb(n)) for n in nodes]
     names_before = [thread_names(n) for n in nodes]

@@ -22,6 +22,7 @@ from mesh.errors import Unauthenticated
 from mesh.transport.channels import NodeClient
 from mesh.transport.generated import edgemesh_pb2, edgemesh_pb2_grpc
 from tests.conftest import REPO, Launcher, gateway_url, sse_events, wait_for_nodes
+from tests.fixtures.node_wire import node_channel
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +44,8 @@ def test_node_rpcs_need_the_cluster_key(launcher: Launcher, default_model: Path)
             await wrong.info()
         await wrong.close()
 
-        # No signature at all, through a raw stub.
-        async with grpc.aio.insecure_channel(address) as channel:
+        # No signature at all, through a raw stub (over the cluster's TLS, as a member would).
+        async with node_channel(address, launcher.cluster_key) as channel:
             stub = edgemesh_pb2_grpc.NodeStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await stub.Info(edgemesh_pb2.InfoRequest(), timeout=5)
@@ -65,7 +66,7 @@ def test_bad_generate_requests_get_invalid_argument(launcher: Launcher, default_
     method = "/edgemesh.v1.Node/Generate"
 
     async def calls() -> None:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with node_channel(address, launcher.cluster_key) as channel:
             stub = edgemesh_pb2_grpc.NodeStub(channel)
             for bad in (edgemesh_pb2.GenerateRequest(request_id="x", prompt_tokens=[], max_tokens=4),
                         edgemesh_pb2.GenerateRequest(request_id="y", prompt_tokens=[1, 2, 10**8], max_tokens=4),

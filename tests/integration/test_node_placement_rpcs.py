@@ -25,6 +25,7 @@ from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.types import GenerationRequest, LayerRange, ModelSha, RequestId, SamplingParams, TokenEvent
 from tests.conftest import Launcher, Proc
+from tests.fixtures.node_wire import node_channel
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +70,7 @@ async def client_of(proc: Proc, key: str) -> AsyncIterator[NodeClient]:
 
 async def raw(proc: Proc, key: str, method: str, request: Any) -> Any:
     """A signed call with a hand-made request (what NodeClient would never send)."""
-    async with grpc.aio.insecure_channel(address(proc)) as channel:
+    async with node_channel(address(proc), key) as channel:
         stub = pb_grpc.NodeStub(channel)
         return await getattr(stub, method)(request, timeout=30,
                                            metadata=auth.sign(key, SERVICE + method, request))

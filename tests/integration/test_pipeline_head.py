@@ -27,6 +27,7 @@ from mesh.types import (
     SamplingParams,
 )
 from tests.conftest import Launcher
+from tests.fixtures.node_wire import node_channel
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +142,7 @@ def test_run_pipeline_without_the_cluster_key_is_refused(launcher: Launcher, def
     proc = launcher.node("head", default_model, "--role", "stage")
 
     async def call() -> grpc.StatusCode:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.ready[1]}") as channel:
+        async with node_channel(f"127.0.0.1:{proc.ready[1]}", launcher.cluster_key) as channel:
             stub = edgemesh_pb2_grpc.NodeStub(channel)
             try:
                 async for _ in stub.RunPipeline(edgemesh_pb2.RunPipelineRequest(), timeout=10):

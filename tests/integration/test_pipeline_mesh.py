@@ -18,6 +18,7 @@ import pytest
 from mesh.transport.auth import sign
 from mesh.transport.generated import edgemesh_pb2, edgemesh_pb2_grpc
 from tests.conftest import Launcher, gateway_url, sse_events
+from tests.fixtures.node_wire import node_channel
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +108,7 @@ def test_bad_stage_input_is_refused_and_the_stage_keeps_serving(launcher: Launch
     sha = file_sha256(default_model)
 
     async def calls() -> None:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with node_channel(address, launcher.cluster_key) as channel:
             stub = edgemesh_pb2_grpc.NodeStub(channel)
 
             async def load(first: int, last: int, sha256: str = sha) -> Any:

@@ -15,6 +15,7 @@ from mesh.config import Limits, Timeouts
 from mesh.transport.channels import NodeClient
 from mesh.types import LayerRange
 from tests.conftest import Launcher, gateway_url, wait_for_nodes
+from tests.fixtures.node_wire import node_channel
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +98,7 @@ def test_fetch_shard_refuses_bad_requests_and_keeps_serving(launcher: Launcher, 
     size = default_model.stat().st_size
 
     async def calls() -> None:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{node.ready[1]}") as channel:
+        async with node_channel(f"127.0.0.1:{node.ready[1]}", launcher.cluster_key) as channel:
             stub = edgemesh_pb2_grpc.NodeStub(channel)
 
             async def fetch(sha256: str, ranges: list[tuple[int, int]]) -> list[Any]:

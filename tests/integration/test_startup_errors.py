@@ -228,6 +228,7 @@ def test_a_shard_whose_bytes_do_not_match_the_peers_sha256_is_refused(tmp_path: 
     from mesh.transport.generated import edgemesh_pb2 as pb
     from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
     from mesh.transport.server import HealthState, bind, make_server
+    from mesh.transport.tls import establish_node
     from node.shards import ShardCache
 
     content = random.Random(7).randbytes(3 << 20)
@@ -250,7 +251,7 @@ def test_a_shard_whose_bytes_do_not_match_the_peers_sha256_is_refused(tmp_path: 
     async def scenario() -> None:
         server = make_server(key, Timeouts(), Limits(), HealthState())
         pb_grpc.add_NodeServicer_to_server(LyingPeer(), server)
-        port = bind(server, "127.0.0.1", 0)
+        port = bind(server, "127.0.0.1", 0, establish_node(key, "0123456789abcdef"))
         await server.start()
         client = NodeClient(f"127.0.0.1:{port}", key, Timeouts(), Limits())
         try:

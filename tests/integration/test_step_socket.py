@@ -22,6 +22,7 @@ from mesh.transport.channels import NodeClient
 from mesh.transport.step_socket import StepConnection
 from mesh.types import LayerRange, ModelSha, SamplingParams, StageStep
 from tests.conftest import Launcher
+from tests.fixtures.node_wire import step_socket
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def _step(sha: str, session: str, hidden: np.ndarray, start: int = 0, step: int 
 
 def _raw_connection(port: int, key: str, node_id: str) -> socket.socket:
     """A handshaken connection on which a test writes frames by hand."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock = step_socket(port, key, timeout=10)
     wire.handshake_as_head(sock, key, node_id, "test", time.monotonic() + 10)
     return sock
 
@@ -152,7 +153,7 @@ def test_the_step_socket_answers_as_forward_does_checks_everything_and_frees_ses
         finally:
             await client.close()
 
-    silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+    silent = step_socket(port, key, timeout=10)
     assert asyncio.run(in_flight()) == 0
     silent.close()
 

@@ -62,6 +62,7 @@ class LocalMeshOptions:
     memory_limit: str = "0"
     decode_threads: int = 0  # threads of single-token pipeline steps (0 = as many as for prefill)
     stages: int = 0  # pipeline: how many stages (0 = as the controller plans); the other nodes stay spare
+    allowed_models: tuple[str, ...] = ()  # --allow-model of the gateway and every node (empty: any model)
 
 
 @dataclass
@@ -127,6 +128,7 @@ def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_
         "--decode-threads", str(decode_threads),
         "--slots", str(options.slots), "--n-ctx", str(options.n_ctx),
         "--memory-limit", options.memory_limit, "--ready-file", str(ready),
+        *[arg for sha in options.allowed_models for arg in ("--allow-model", sha)],
     ]
     # The key goes by environment, not argv, so `ps` does not show it.
     env = {**os.environ, "EDGEMESH_CLUSTER_KEY": cluster_key}
@@ -210,7 +212,8 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
                            api_key=options.api_key, model=str(model_path), policy=options.policy,
                            cloud_url=options.cloud_url, cloud_model=options.cloud_model,
                            cloud_key_env=options.cloud_key_env, strategy=options.strategy,
-                           stages=asked_stages(options.strategy, options.stages, options.nodes))
+                           stages=asked_stages(options.strategy, options.stages, options.nodes),
+                           allowed_models=options.allowed_models)
     check_bind_is_safe(config)
     runtime = GatewayRuntime(config, model_path, timeouts=Timeouts())
     if not parse_bytes(options.memory_limit):

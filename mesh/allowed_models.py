@@ -15,13 +15,13 @@ from mesh.errors import ConfigError, ModelNotAllowed
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def parse_allowed(values: Iterable[str], flag: str = "--allow-model") -> tuple[str, ...]:
+def parse_allowed(values: Iterable[str], flag: str = "--allow-model (or EDGEMESH_ALLOWED_MODELS)") -> tuple[str, ...]:
     """The entries of --allow-model, lower case and each checked to be a sha256 (64 hex digits)."""
     parsed: list[str] = []
     for value in values:
         sha = value.strip().lower()
         if not _SHA256.match(sha):
-            raise ConfigError(f"{flag} {value[:80]!r} is not a sha256 (64 hex digits; `edgemesh model list` "
+            raise ConfigError(f"{flag} entry {value[:80]!r} is not a sha256 (64 hex digits; `edgemesh model list` "
                               "shows each model's)")
         if sha not in parsed:
             parsed.append(sha)

@@ -135,6 +135,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         local = LocalFile(path, await asyncio.to_thread(describe_file, path, config.n_ctx))
     model_path, model = local.path, local.model
     identity.allowed.check(model.sha256, f"--model {model_path}")  # --model-from-peers picked an allowed one
+    if identity.allowed.restricted:
+        log.info("approved models (--allow-model): %s", identity.allowed.describe())
     budget = MemoryBudget(identity.memory_limit)
     activity = Activity()
     replica = ReplicaHost(local, n_ctx=config.n_ctx, threads=threads, slots=config.slots, budget=budget,

@@ -70,6 +70,8 @@ class GatewayRuntime:
         self.model_sha = ModelSha(file_sha256(model_path))
         self.allowed = AllowedModels(config.allowed_models)
         self.allowed.check(self.model_sha, f"--model {model_path}")  # its tokenizer and template too
+        if self.allowed.restricted:
+            log.info("approved models (--allow-model): %s", self.allowed.describe())
         self.provenance = provenance(model_path, self.model_sha)
         self.tokenizer = Tokenizer.load(model_path, TemplateBudget.of(self.timeouts, self.limits))
         self.n_layers = inspect_gguf(model_path).n_layers

@@ -134,7 +134,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         path = await asyncio.to_thread(resolve, config.model)
         local = LocalFile(path, await asyncio.to_thread(describe_file, path, config.n_ctx))
     model_path, model = local.path, local.model
-    identity.allowed.check(model.sha256, f"--model {model_path}")  # --model-from-peers picked an allowed one
+    identity.allowed.check(model.sha256, f"--model {model_path}")  # (a --model-from-peers copy is allowed already)
     if identity.allowed.restricted:
         log.info("approved models (--allow-model): %s", identity.allowed.describe())
     budget = MemoryBudget(identity.memory_limit)

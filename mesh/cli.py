@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from mesh import __version__
@@ -59,6 +60,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
+    from mesh.allowed_models import parse_allowed
     from mesh.local_mesh import LocalMeshOptions, run_local_mesh
 
     options = LocalMeshOptions(
@@ -67,7 +69,9 @@ def cmd_up(args: argparse.Namespace) -> None:
         cluster_key=args.cluster_key, ready_file=args.ready_file, memory_limit=args.memory_limit,
         stages=args.stages, decode_threads=args.decode_threads,
         policy=args.policy, cloud_url=args.cloud_url, cloud_model=args.cloud_model, cloud_key_env=args.cloud_key_env,
-        insecure_plaintext=args.insecure_plaintext)
+        insecure_plaintext=args.insecure_plaintext,
+        allowed_models=parse_allowed(args.allowed_models if args.allowed_models is not None
+                                     else args._default_allowed_models))
     run_until_signalled(lambda stop: run_local_mesh(options, stop))
 
 
@@ -109,12 +113,25 @@ def _print_model_list() -> None:
         sys.stdout.write(f"  {e.name:14s} {s.state:10s} {e.size / 1e6:6.1f} MB  {e.architecture:8s} "
                          f"{e.licence:11s} {e.description}{where}\n")
         sys.stdout.write(f"  {'':14s} sha256 {e.sha256}\n")  # what the file must hash to, cached or not
+        if s.state == "cached":
+            sys.stdout.write(f"  {'':14s} {_provenance_line(s.path, e.sha256)}\n")
     known = {s.path.name for s in statuses}
     others = [m for m in model_store.list_cached() if m.path.name not in known]
     if others:
         sys.stdout.write("other cached GGUF files (`--model NAME` or a path):\n")
         for m in others:
             sys.stdout.write(f"  {m.name:40s} {m.size / 1e6:9.1f} MB  {m.sha256}  {m.path}\n")
+            sys.stdout.write(f"  {'':40s} {_provenance_line(m.path, m.sha256)}\n")
+
+
+def _provenance_line(path: Path, sha256: str) -> str:
+    """What a cached GGUF says about its origin (its general.* metadata), on one line."""
+    from node.gguf import provenance
+
+    try:
+        return "provenance: " + provenance(path, sha256).summary()
+    except EdgeMeshError as exc:  # a file that is not a readable GGUF: say so, list the rest
+        return f"provenance: unreadable ({exc})"
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -186,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default="", help="bearer key for the API (required off loopback)")
     p.add_argument("--cluster-key", default="", help="cluster key (default: a fresh one for this mesh)")
     p.add_argument("--ready-file", default="", help="write 'host port' of the gateway here once all nodes are up")
-    add_arguments(p, GatewayConfig, only=("policy", "cloud_url", "cloud_model", "cloud_key_env", "insecure_plaintext"))
+    add_arguments(p, GatewayConfig, only=("policy", "cloud_url", "cloud_model", "cloud_key_env", "insecure_plaintext",
+                                          "allowed_models"))
     p.set_defaults(func=cmd_up)
 
     for name, helptext, func in (("status", "show the nodes of a mesh", cmd_status),

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from mesh.errors import EdgeMeshError, Unavailable
+from mesh.provenance import provenance_from_json
 
 CLIENT_TIMEOUT = httpx.Timeout(connect=5.0, read=300.0, write=30.0, pool=5.0)
 
@@ -46,6 +47,12 @@ def format_status(cluster: dict[str, Any]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     model = cluster.get("model", {})
     lines.insert(0, f"model {model.get('name', '?')}  ({len(rows) - 1} node(s))")
+    allowed = cluster.get("allowed_models") or {}
+    lines.insert(1, "models: any (no --allow-model)" if allowed.get("any", True) else
+                 "models: only " + ", ".join(str(sha) for sha in allowed.get("sha256", [])))
+    provenance = model.get("provenance")
+    if provenance:
+        lines.insert(1, f"provenance: {provenance_from_json(provenance).summary()}")
     for placement in cluster.get("placements", []):
         stages = ", ".join(f"{s.get('name') or s['node']}[{s['layers'][0]}-{s['layers'][1]}]"
                            for s in placement.get("stages", []))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mesh.allowed_models import parse_allowed
 from mesh.errors import ConfigError
 
 ENV_PREFIX = "EDGEMESH_"
@@ -183,9 +184,13 @@ class NodeConfig:
     insecure_plaintext: bool = setting(False, "debugging only, loopback only: speak plain text to the mesh "
                                        "instead of mutual TLS (the gateway and every node must say it)")
     ready_file: str = setting("", "write 'host port metrics_port node_id' here once serving (for supervisors)")
+    allowed_models: tuple[str, ...] = setting(
+        (), "sha256 of a model this node may load, serve and ship (repeatable; env EDGEMESH_ALLOWED_MODELS, "
+        "comma separated); any other is refused. Default: every model", flag="--allow-model")
 
     def __post_init__(self) -> None:
         check_thread_counts(self.threads, self.decode_threads)
+        object.__setattr__(self, "allowed_models", parse_allowed(self.allowed_models))
 
 
 @dataclass(frozen=True)
@@ -214,6 +219,12 @@ class GatewayConfig:
                                        "instead of mutual TLS (every node must say it too)")
     placement: bool = setting(True, "place the model on the nodes (load, re-plan, release); --no-placement only "
                               "routes to what the nodes already hold")
+    allowed_models: tuple[str, ...] = setting(
+        (), "sha256 of an approved model (repeatable; env EDGEMESH_ALLOWED_MODELS, comma separated): --model must "
+        "be one, and nodes holding any other are never used. Default: every model", flag="--allow-model")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_models", parse_allowed(self.allowed_models))
 
 
 T = TypeVar("T")

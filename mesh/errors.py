@@ -101,3 +101,11 @@ class PeerError(EdgeMeshError):
         self.retryable = retryable
         self.code = code
         self.node_id = node_id  # which node failed, when the caller knows (a pipeline stage)
+
+
+class ModelNotAllowed(EdgeMeshError):
+    """A model whose sha256 is not on this process's --allow-model list: refused, never retried."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+    kind = "permission_error"

@@ -63,6 +63,7 @@ class LocalMeshOptions:
     decode_threads: int = 0  # threads of single-token pipeline steps (0 = as many as for prefill)
     stages: int = 0  # pipeline: how many stages (0 = as the controller plans); the other nodes stay spare
     insecure_plaintext: bool = False  # debugging (and the TLS cost in `bench`): no TLS between gateway and nodes
+    allowed_models: tuple[str, ...] = ()  # --allow-model of the gateway and every node (empty: any model)
 
 
 @dataclass
@@ -129,6 +130,7 @@ def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_
         "--slots", str(options.slots), "--n-ctx", str(options.n_ctx),
         "--memory-limit", options.memory_limit, "--ready-file", str(ready),
         *(["--insecure-plaintext"] if options.insecure_plaintext else []),
+        *[arg for sha in options.allowed_models for arg in ("--allow-model", sha)],
     ]
     # The key goes by environment, not argv, so `ps` does not show it.
     env = {**os.environ, "EDGEMESH_CLUSTER_KEY": cluster_key}
@@ -213,7 +215,8 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
                            cloud_url=options.cloud_url, cloud_model=options.cloud_model,
                            cloud_key_env=options.cloud_key_env, strategy=options.strategy,
                            stages=asked_stages(options.strategy, options.stages, options.nodes),
-                           insecure_plaintext=options.insecure_plaintext)
+                           insecure_plaintext=options.insecure_plaintext,
+                           allowed_models=options.allowed_models)
     check_bind_is_safe(config)
     runtime = GatewayRuntime(config, model_path, timeouts=Timeouts())
     if not parse_bytes(options.memory_limit):

@@ -103,8 +103,11 @@ class _Watcher:
             delay = min(delay * 2, RETRY_MAX_S) if self.member.state == MemberState.DOWN else RETRY_MIN_S
 
     def _accept(self, info: NodeInfo) -> None:
+        refusal = self.owner.refusal(info)
         if info.protocol_version != PROTOCOL_VERSION:
             self.set(MemberState.INCOMPATIBLE, info, _version_reason(info.protocol_version))
+        elif refusal:
+            self.set(MemberState.INCOMPATIBLE, info, refusal)
         elif info.draining:
             self.set(MemberState.DRAINING, info)
         else:
@@ -155,12 +158,17 @@ class Membership:
     """The gateway's view of every node it has heard of."""
 
     def __init__(self, cluster_key: str, timeouts: Timeouts, limits: Limits,
-                 on_change: Callable[[str], None] | None = None) -> None:
+                 on_change: Callable[[str], None] | None = None,
+                 refuse: Callable[[NodeInfo], str] | None = None) -> None:
         self.cluster_key = cluster_key
         self.timeouts = timeouts
         self.limits = limits
         self._on_change = on_change
+        self._refuse = refuse  # why a node that answered Info must not be used ('' = it may)
         self._watchers: dict[str, _Watcher] = {}
+
+    def refusal(self, info: NodeInfo) -> str:
+        return self._refuse(info) if self._refuse is not None else ""
 
     def changed(self, what: str) -> None:
         """A node's state changed (`what` says which, for people: "desk ready", "laptop down")."""

@@ -123,6 +123,7 @@ class NodeInfo:
     activity: str = ""  # what the node is busy with now (a shard transfer, a load); empty: nothing
     activity_progress: float = -1.0  # 0..1, or -1 when it has no measure of progress
     claims: tuple[Claimed, ...] = ()  # placement claims held on the node, one per model
+    allowed_models: tuple[str, ...] = ()  # its --allow-model sha256s; empty: any model
 
     @property
     def capacity(self) -> int:

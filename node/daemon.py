@@ -18,6 +18,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from mesh import __version__
+from mesh.allowed_models import AllowedModels
 from mesh.config import (
     Limits,
     NodeConfig,
@@ -119,7 +120,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     identity = NodeIdentity(
         node_id=NodeId(uuid.uuid4().hex[:16]), name=config.name or default_node_name(), threads=threads,
         memory_limit=parse_bytes(config.memory_limit), slots=config.slots, max_queue=config.max_queue,
-        stage_only=config.role == "stage")
+        stage_only=config.role == "stage", allowed=AllowedModels(config.allowed_models))
 
     if config.role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {config.role!r}")
@@ -137,6 +138,9 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
         path = await asyncio.to_thread(resolve, config.model)
         local = LocalFile(path, await asyncio.to_thread(describe_file, path, config.n_ctx))
     model_path, model = local.path, local.model
+    identity.allowed.check(model.sha256, f"--model {model_path}")  # (a --model-from-peers copy is allowed already)
+    if identity.allowed.restricted:
+        log.info("approved models (--allow-model): %s", identity.allowed.describe())
     budget = MemoryBudget(identity.memory_limit)
     activity = Activity()
     replica = ReplicaHost(local, n_ctx=config.n_ctx, threads=threads, slots=config.slots, budget=budget,

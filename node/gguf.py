@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import ModelError
+from mesh.provenance import MAX_TEXT, MetaValue, Provenance, from_metadata
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ _DEFAULT_ALIGNMENT = 32
 # entry (name length, n_dims, type, offset) can take: bounds for the counts a header claims.
 _MIN_KV_BYTES = 8 + 4 + 1
 _MIN_TENSOR_BYTES = 8 + 4 + 4 + 8
+# general.* keys kept for provenance: a file may hold any number of them, we keep this many.
+_MAX_GENERAL_KEYS = 256
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class GgufSummary:
     n_vocab: int
     file_bytes: int
     tensors: tuple[TensorEntry, ...]
+    # The general.* scalars (name, organization, license, base_model.N.*, source.*, ...), each
+    # string cut to a bounded length: what the file says about where it comes from.
+    general: tuple[tuple[str, MetaValue], ...] = ()
 
     def layer_bytes(self, layer: int) -> int:
         return sum(t.n_bytes for t in self.tensors_of_layers(layer, layer + 1))
@@ -269,6 +275,7 @@ def _inspect_cached(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: i
         for t in reader.tensors
     )
     return GgufSummary(
+        general=_general_metadata(reader),
         path=Path(path),
         name=str(meta("general.name", Path(path).stem)),
         architecture=arch,
@@ -279,6 +286,29 @@ def _inspect_cached(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: i
         file_bytes=size,
         tensors=tensors,
     )
+
+
+def _general_metadata(reader: Any) -> tuple[tuple[str, MetaValue], ...]:
+    """The general.* scalar values of a file (arrays such as general.tags are left out); a
+    value the package cannot decode is left out too: provenance is shown, never relied on."""
+    found: list[tuple[str, MetaValue]] = []
+    for key, field in reader.fields.items():
+        if not key.startswith("general.") or len(found) >= _MAX_GENERAL_KEYS or len(key) > MAX_TEXT:
+            continue
+        try:
+            value = _field_value(field)
+        except (UnicodeDecodeError, ValueError, IndexError):
+            continue
+        if isinstance(value, str):
+            found.append((key, value[:MAX_TEXT * 2]))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.append((key, value))
+    return tuple(found)
+
+
+def provenance(path: Path, sha256: str) -> Provenance:
+    """What the file says about its origin (general.* metadata), with its sha256."""
+    return from_metadata(dict(inspect(path).general), sha256)
 
 
 def inspect(path: Path) -> GgufSummary:

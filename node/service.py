@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from mesh import PROTOCOL_VERSION, __version__
+from mesh.allowed_models import AllowedModels
 from mesh.errors import EdgeMeshError, InvalidInput, Unavailable
 from mesh.metrics import NodeMetrics
 from mesh.transport import auth, convert
@@ -92,6 +93,7 @@ class NodeIdentity:
     slots: int
     max_queue: int
     stage_only: bool = False  # --role stage: never a whole-model replica
+    allowed: AllowedModels = field(default_factory=AllowedModels)  # --allow-model: all it loads, serves, ships
 
 
 class NodeState:
@@ -174,6 +176,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             step_tokens_per_second=self._speed.step_tokens_per_second, activity=activity,
             activity_progress=progress,
             stage_only=self._id.stage_only, memory_budget=self._budget.total(), claims=self._claims.held(),
+            allowed_models=self._id.allowed.shas,
         )
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -210,6 +213,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         model = self._replica.model
         if model is None:
             raise NotFound("this node serves no whole-model replica now (pipeline stages only)")
+        if request.model_sha256:
+            self._id.allowed.check(request.model_sha256, "Generate")
         if request.model_sha256 and request.model_sha256 != model.sha256:
             raise NotFound(f"this node does not hold model {request.model_sha256[:12]}")
         engine.validate(request)
@@ -378,6 +383,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             model_sha = ModelSha(request.model_sha256)
             if not model_sha:
                 raise InvalidInput("LoadStage must name its model's sha256")
+            self._id.allowed.check(model_sha, "LoadStage")  # before any claim, fetch or load
             self._claims.check(model_sha, request.controller_id, "LoadStage")
             sources = list(request.shard_sources)
             if len(sources) > MAX_SHARD_SOURCES or any(not 0 < len(a) <= 255 or not a.isascii() for a in sources):
@@ -396,6 +402,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             model_sha = ModelSha(request.model_sha256)
             if not model_sha:
                 raise InvalidInput("LoadModel must name its model's sha256")
+            self._id.allowed.check(model_sha, "LoadModel")
             self._claims.check(model_sha, request.controller_id, "LoadModel")
             model = await asyncio.get_running_loop().run_in_executor(
                 self._stage_pool, _then_trim, self._replica.load, model_sha, request.n_ctx)
@@ -504,6 +511,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
     async def FetchShard(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Stream byte ranges of a file this node holds whole, each range closed by its sha256."""
         try:
+            self._id.allowed.check(request.model_sha256, "FetchShard")  # never ship a model not approved
             path = self._stages.whole_file(ModelSha(request.model_sha256))
             size = path.stat().st_size
             if request.header:

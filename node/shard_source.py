@@ -7,9 +7,10 @@ import logging
 import time
 from dataclasses import replace
 
+from mesh.allowed_models import AllowedModels
 from mesh.config import Limits, NodeConfig, Timeouts, home_dir
 from mesh.discovery import Browser, Peer, browse_interfaces, static_peers
-from mesh.errors import ConfigError, EdgeMeshError, Unavailable
+from mesh.errors import ConfigError, EdgeMeshError, ModelNotAllowed, Unavailable
 from mesh.transport.auth import cluster_hash
 from mesh.transport.channels import NodeClient
 from node.gguf import check_header
@@ -44,6 +45,8 @@ async def shard_file_from_peers(config: NodeConfig, cluster_key: str, timeouts: 
     if config.role == "replica":
         raise ConfigError("--model-from-peers serves pipeline stages only: drop --role replica (a replica needs "
                           "the whole file)")
+    allowed = AllowedModels(config.allowed_models)
+    refused: set[str] = set()  # models peers offered that --allow-model does not allow
     deadline = time.monotonic() + SOURCE_SEARCH_S
     while time.monotonic() < deadline:
         for peer in await _candidates(config, cluster_key, deadline):
@@ -51,6 +54,12 @@ async def shard_file_from_peers(config: NodeConfig, cluster_key: str, timeouts: 
             try:
                 info = await client.info()
                 for model in (m for m in info.files if not m.shard_copy):  # a shard copy cannot ship
+                    if not allowed.permits(model.sha256):  # nothing of it is fetched nor cached
+                        if model.sha256 not in refused:
+                            log.info("%s offers model %s (%s), which is not in --allow-model", info.name,
+                                     model.name, model.sha256)
+                        refused.add(model.sha256)
+                        continue
                     cache = ShardCache(home_dir() / "shards", replace(model, n_ctx=config.n_ctx, shard_copy=True))
                     if not cache.has_header:
                         await cache.fetch(client, [], header=True)
@@ -64,6 +73,9 @@ async def shard_file_from_peers(config: NodeConfig, cluster_key: str, timeouts: 
                 log.info("%s cannot ship the model: %s", peer.address, exc)
             await client.close()
         await asyncio.sleep(1.0)
+    if refused:
+        raise ModelNotAllowed(f"no peer offered an allowed model within {SOURCE_SEARCH_S:.0f}s: they hold only "
+                              f"{', '.join(sorted(refused))}, not in --allow-model ({allowed.describe()})")
     raise Unavailable(f"no peer with the model file answered within {SOURCE_SEARCH_S:.0f}s "
                       "(start a node that has it, or give one with --peer HOST:PORT)")
 

@@ -99,7 +99,8 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
             {"id": runtime.model_name, "object": "model", "created": int(runtime.started_at),
-             "owned_by": "edgemesh", "ready": bool(runtime.scheduler.placements())}]})
+             "owned_by": "edgemesh", "ready": bool(runtime.scheduler.placements()),
+             "provenance": runtime.provenance.as_json()}]})
 
     async def cluster(request: Request) -> Response:
         return JSONResponse(runtime.cluster_view())

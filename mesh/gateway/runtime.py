@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from mesh.allowed_models import AllowedModels
 from mesh.config import GatewayConfig, Limits, Timeouts, is_loopback, resolve_cluster_key, tuned_from_environment
 from mesh.discovery import Browser, Peer, browse_interfaces, static_peers
 from mesh.errors import ConfigError
@@ -24,7 +25,7 @@ from mesh.scheduler import Scheduler
 from mesh.tokenizer import TemplateBudget, Tokenizer
 from mesh.transport import tls
 from mesh.transport.auth import cluster_hash
-from mesh.types import ModelSha
+from mesh.types import ModelSha, NodeInfo
 
 if TYPE_CHECKING:
     from mesh.cloud import CloudUpstream
@@ -53,7 +54,7 @@ def check_bind_is_safe(config: GatewayConfig) -> None:
 class GatewayRuntime:
     def __init__(self, config: GatewayConfig, model_path: Path, *, timeouts: Timeouts | None = None,
                  limits: Limits | None = None) -> None:
-        from node.gguf import file_sha256
+        from node.gguf import file_sha256, provenance
         from node.gguf import inspect as inspect_gguf
         from node.profile import model_profile
 
@@ -69,10 +70,16 @@ class GatewayRuntime:
         self.model_path = model_path
         self.model_name = model_path.stem
         self.model_sha = ModelSha(file_sha256(model_path))
+        self.allowed = AllowedModels(config.allowed_models)
+        self.allowed.check(self.model_sha, f"--model {model_path}")  # its tokenizer and template too
+        if self.allowed.restricted:
+            log.info("approved models (--allow-model): %s", self.allowed.describe())
+        self.provenance = provenance(model_path, self.model_sha)
         self.tokenizer = Tokenizer.load(model_path, TemplateBudget.of(self.timeouts, self.limits))
         self.n_layers = inspect_gguf(model_path).n_layers
         self.metrics = GatewayMetrics(CollectorRegistry())
-        self.membership = Membership(self.cluster_key, self.timeouts, self.limits, on_change=self._membership_changed)
+        self.membership = Membership(self.cluster_key, self.timeouts, self.limits, on_change=self._membership_changed,
+                                     refuse=self._refusal)
         self.scheduler = Scheduler(self.membership, self.model_sha, self.metrics, self.timeouts)
         if config.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {config.strategy!r}")
@@ -133,6 +140,15 @@ class GatewayRuntime:
     def _membership_changed(self, what: str) -> None:
         self.controller.poke(what)
 
+    def _refusal(self, info: NodeInfo) -> str:
+        """Why a node must not be planned onto nor routed to: it holds a model not in --allow-model."""
+        held = {m.sha256: m.name for m in (*info.models, *info.files)}
+        held.update((s.model_sha256, s.model_sha256[:12]) for s in info.stages if s.model_sha256 not in held)
+        others = sorted(f"{name[:80]} ({sha[:64]})" for sha, name in held.items() if not self.allowed.permits(sha))
+        if not others:
+            return ""
+        return f"holds {', '.join(others[:4])}, not in the gateway's --allow-model"
+
     async def start(self) -> None:
         for peer in static_peers(self.config.peer):
             self.add_peer(peer)
@@ -192,6 +208,7 @@ class GatewayRuntime:
             "stage_only": info.stage_only if info else None,
             "role_reason": self._role_reason(member),
             "step_tokens_per_second": round(info.step_tokens_per_second, 1) if info else None,
+            "allowed_models": list(info.allowed_models) if info else None,  # [] = any model
             "activity": ({"what": info.activity, "progress": info.activity_progress if info.activity_progress >= 0
                           else None} if info and info.activity else None),
         }
@@ -205,7 +222,9 @@ class GatewayRuntime:
 
     def cluster_view(self) -> dict[str, Any]:
         return {
-            "model": {"name": self.model_name, "sha256": self.model_sha, "n_layers": self.n_layers},
+            "model": {"name": self.model_name, "sha256": self.model_sha, "n_layers": self.n_layers,
+                      "provenance": self.provenance.as_json()},
+            "allowed_models": self.allowed_view(),
             "nodes": [self._node_view(m) for m in sorted(self.membership.members(), key=lambda m: m.address)],
             "routing": self.routing_view(),
             "last_failover": self.metrics.last_failover,
@@ -217,6 +236,11 @@ class GatewayRuntime:
             ],
             "placement": self.controller.view(self.scheduler.context_length),
         }
+
+    def allowed_view(self) -> dict[str, Any]:
+        """The gateway's approved models: any (no --allow-model), or the list."""
+        return {"any": not self.allowed.restricted, "sha256": list(self.allowed.shas),
+                "text": self.allowed.describe()}
 
     def prometheus_targets(self) -> list[dict[str, Any]]:
         """Prometheus HTTP service discovery: every node the gateway knows, by its metrics port."""

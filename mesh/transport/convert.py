@@ -127,6 +127,9 @@ def claimed_from_pb(c: Any) -> Claimed:
                    expires_in_s=c.expires_in_s)
 
 
+MAX_ALLOWED_MODELS = 256  # --allow-model entries of a peer's Info the gateway keeps
+
+
 def node_info_to_pb(info: NodeInfo) -> Any:
     return pb.NodeInfo(
         node_id=info.node_id, name=info.name, version=info.version, protocol_version=info.protocol_version,
@@ -140,6 +143,7 @@ def node_info_to_pb(info: NodeInfo) -> Any:
         stage_only=info.stage_only, memory_budget=info.memory_budget, speed_source=info.speed_source,
         claims=[claimed_to_pb(c) for c in info.claims], step_tokens_per_second=info.step_tokens_per_second,
         activity=info.activity, activity_progress=info.activity_progress,
+        allowed_models=list(info.allowed_models),
     )
 
 
@@ -157,6 +161,8 @@ def node_info_from_pb(msg: Any) -> NodeInfo:
         speed_source=msg.speed_source or "start-up probe", claims=tuple(claimed_from_pb(c) for c in msg.claims),
         step_tokens_per_second=msg.step_tokens_per_second, activity=msg.activity,
         activity_progress=msg.activity_progress,
+        # Shown by the gateway: bounded, whatever a peer sends.
+        allowed_models=tuple(sha[:64] for sha in msg.allowed_models[:MAX_ALLOWED_MODELS]),
     )
 
 

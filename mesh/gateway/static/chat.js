@@ -286,12 +286,15 @@ function newChat() {
 
 // ---------------------------------------------------------------- models
 
+let shownModels = []; // the picker's models, with their provenance
+
 export async function loadModels() {
   const picker = $("model-picker");
   let ids = [];
   try {
     const list = await apiJson("v1/models");
-    ids = (list.data || []).filter((m) => m && m.id).map((m) => ({ id: String(m.id), ready: m.ready !== false }));
+    ids = (list.data || []).filter((m) => m && m.id).map((m) => ({
+      id: String(m.id), ready: m.ready !== false, provenance: m.provenance || null }));
   } catch {
     /* shown by the auth notice or the cluster status; the gateway's default model is used */
   }
@@ -302,6 +305,27 @@ export async function loadModels() {
   if (ids.some((m) => m.id === wanted)) picker.value = wanted;
   picker.disabled = ids.length <= 1;
   picker.title = picker.value || "the gateway's model";
+  shownModels = ids;
+  showProvenance(ids.find((m) => m.id === picker.value) || ids[0]);
+}
+
+// What the model's GGUF file says about its origin, and its sha256. The values come from
+// the file (untrusted): they are set as text, never as HTML, and cut short.
+function provenanceText(p) {
+  const cut = (v, n = 80) => { const t = String(v ?? ""); return t.length > n ? `${t.slice(0, n - 1)}…` : t; };
+  const parts = [cut(p.name) || "unnamed model"];
+  if (p.organization) parts.push(`by ${cut(p.organization)}`);
+  parts.push(`licence ${cut(p.license) || "not stated"}`);
+  if (p.sha256) parts.push(`sha256 ${String(p.sha256).slice(0, 12)}`);
+  return parts.join(" · ");
+}
+
+function showProvenance(model) {
+  const line = $("model-provenance");
+  const p = model && model.provenance;
+  line.hidden = !p;
+  line.textContent = p ? provenanceText(p) : "";
+  line.title = p ? `${provenanceText(p)}\nsha256 ${String(p.sha256 || "")}` : "";
 }
 
 // ---------------------------------------------------------------- wiring
@@ -330,6 +354,7 @@ export function initChat() {
   $("model-picker").addEventListener("change", (event) => {
     settings.model = event.target.value;
     event.target.title = event.target.value;
+    showProvenance(shownModels.find((m) => m.id === event.target.value));
   });
   for (const chip of document.querySelectorAll("[data-prompt]")) {
     chip.addEventListener("click", () => {

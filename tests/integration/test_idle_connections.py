@@ -5,8 +5,8 @@ Then 300 TCP connections to each node port (gRPC, step socket, metrics) that nev
 the cluster key (nor start TLS, which both node ports speak): half send nothing, half drip
 one byte a second, and any the node drops is opened again about a second later, as a
 persistent attacker would. Through it all a pipeline chat is still answered within 10 s
-with the answer it had before, the nodes do not spend a thread on each of those connections, and once the flood ends they are back to
-the threads they started with.
+with the answer it had before, the nodes do not spend a thread on each of those
+connections, and once the flood ends they are back to the threads they started with.
 
 Before the fix, step connections counted against Limits.max_step_connections (256) before
 the handshake and took a thread each, so the head's own step connection was refused with

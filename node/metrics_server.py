@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -81,6 +82,15 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
             raise ConfigError(f"cannot bind the metrics server on {host}:{port} ({exc}); choose another "
                               "--metrics-port, or 0 for a free one") from None
         self.set_app(make_wsgi_app(registry))
+
+    def server_bind(self) -> None:
+        """WSGIServer's bind without its socket.getfqdn(host): that is a reverse DNS query to the
+        LAN's resolver at every start, the one packet a node sent off the LAN with no cloud
+        configured (tests/system/test_no_egress.py). The name only fills SERVER_NAME."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+        self.setup_environ()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:

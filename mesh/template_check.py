@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,12 @@ MAX_FOLDED = 1 << 20
 # ... and all it folds together this much (every constant expression counts, its parts too:
 # the compiler folds a node and then each of its parents again).
 MAX_FOLDED_TOTAL = 4 * MAX_FOLDED
+# Filters that take an attribute name (dotted: `a.b`) as a positional argument, and where
+# (jinja2.filters' signatures); every filter's `attribute=` is checked too.
+_ATTRIBUTE_ARG = {"groupby": 0, "sum": 0, "selectattr": 0, "rejectattr": 0, "sort": 2, "unique": 1, "min": 1,
+                  "max": 1}
+# Filters whose arguments name attributes, filters or tests.
+_NAMING_FILTERS = frozenset(_ATTRIBUTE_ARG) | {"map", "select", "reject"}
 # Filters whose result is no bigger than (a small multiple of) their input.
 _LINEAR_FILTERS = ALLOWED_FILTERS - {"batch", "center", "format", "indent", "join", "replace", "slice",
                                      "sum", "tojson"}
@@ -152,7 +159,7 @@ def check_chat_template(source: str, name: str = "tokenizer.chat_template",
         tree = env.parse(source)
     except jinja2.TemplateSyntaxError as exc:
         raise UnsafeChatTemplate(f"the chat template {name} is refused: line {exc.lineno}: it is not valid "
-                                 f"Jinja: {exc.message}") from None
+                                 f"Jinja: {_one_line(exc.message or '')}") from None
     except RecursionError:
         raise UnsafeChatTemplate(f"the chat template {name} is refused: it nests deeper than Jinja can "
                                  "parse") from None
@@ -165,7 +172,7 @@ def check_chat_template(source: str, name: str = "tokenizer.chat_template",
         env.compile(tree)
     except (jinja2.TemplateError, SyntaxError, RecursionError, ValueError) as exc:
         raise UnsafeChatTemplate(f"the chat template {name} is refused: it cannot be compiled: "
-                                 f"{type(exc).__name__}: {exc}") from None
+                                 f"{type(exc).__name__}: {_one_line(str(exc))}") from None
 
 
 def check_model_templates(path: Path, max_bytes: int = Limits.template_max_source_bytes) -> None:
@@ -177,8 +184,14 @@ def check_model_templates(path: Path, max_bytes: int = Limits.template_max_sourc
         check_chat_template(source, f"{key} of {path.name}", max_bytes)
 
 
+def _one_line(text: str) -> str:
+    """An error is one log line (what Jinja or Python said may have several)."""
+    return " ".join(text.split())[:500]
+
+
 def _environment() -> jinja2.Environment:
-    """Parses as the renderer does: its extensions, its whitespace options."""
+    """Parses as our renderer does (its extensions and whitespace options), and compiles as
+    llama-cpp-python's Jinja2ChatFormatter does (the same sandbox, no filters of ours)."""
     return ImmutableSandboxedEnvironment(loader=None, trim_blocks=True, lstrip_blocks=True,
                                          extensions=[IgnoreGenerationTag, jinja2.ext.loopcontrols])
 
@@ -219,7 +232,7 @@ class _Walk:
         self.folded_total = 0
 
     def refuse(self, node: nodes.Node, what: str) -> UnsafeChatTemplate:
-        return UnsafeChatTemplate(f"the chat template {self.name} is refused: line {node.lineno}: {what}")
+        return UnsafeChatTemplate(f"the chat template {self.name} is refused: line {node.lineno or 1}: {what}")
 
     def check(self, tree: nodes.Template) -> None:
         # In reading order (by line, and within a line operands before what applies to them:
@@ -230,8 +243,6 @@ class _Walk:
             if isinstance(node, nodes.Name) and node.ctx in ("store", "param"):
                 self.declared.add(node.name)
             elif isinstance(node, nodes.Macro):
-                self.declared.add(node.name)
-            elif isinstance(node, nodes.NSRef):
                 self.declared.add(node.name)
         for node in every:
             self._check_node(node)
@@ -258,16 +269,17 @@ class _Walk:
             raise self.refuse(node, f"it uses {kind.__name__}, which is not plain Jinja")
         if isinstance(node, nodes.Getattr):
             self._attribute(node, node.attr)
-        elif isinstance(node, nodes.NSRef):
+            if node.attr == "format":
+                self._format_fields(node)
+        elif isinstance(node, nodes.NSRef):  # `{% set ns.attr = ... %}` reads `ns`
             self._attribute(node, node.attr)
+            self._variable(node, node.name)
         elif isinstance(node, nodes.Getitem):
             key = _static_text(node.arg)
             if key is not None:
                 self._attribute(node, key, "the key")
         elif isinstance(node, nodes.Name) and node.ctx == "load":
-            if node.name not in self.declared and node.name not in ALLOWED_GLOBALS:
-                raise self.refuse(node, f"it reads the variable {node.name!r}, which the renderer does not "
-                                        "give chat templates")
+            self._variable(node, node.name)
         elif isinstance(node, nodes.Filter):  # {% filter %} blocks hold one too
             self._filter(node)
         elif isinstance(node, nodes.Test):
@@ -275,9 +287,14 @@ class _Walk:
         if isinstance(node, nodes.Expr):
             self._fold(node)
 
-    def _attribute(self, node: nodes.Node, attr: str, what: str = "the attribute") -> None:
+    def _variable(self, node: nodes.Node, name: str) -> None:
+        if name not in self.declared and name not in ALLOWED_GLOBALS:
+            raise self.refuse(node, f"it reads the variable {name!r}, which the renderer does not give chat "
+                                    "templates")
+
+    def _attribute(self, node: nodes.Node, attr: str, what: str = "the attribute", where: str = "") -> None:
         if attr.startswith("_") or attr in DENIED_ATTRIBUTES:
-            raise self.refuse(node, f"it reads {what} {attr!r}, which leads to Python internals")
+            raise self.refuse(node, f"it reads {what} {attr!r}{where}, which leads to Python internals")
 
     def _test(self, node: nodes.Node, name: str) -> None:
         if name not in ALLOWED_TESTS:
@@ -287,28 +304,37 @@ class _Walk:
         name = node.name
         if name not in ALLOWED_FILTERS:
             raise self.refuse(node, f"it uses the filter {name!r}, which is not one chat templates may use")
+        if name in _NAMING_FILTERS and (node.dyn_args is not None or node.dyn_kwargs is not None):
+            raise self.refuse(node, f"it passes {name} arguments by * or **, which hides what they name")
         args = list(node.args)
         for keyword in node.kwargs:
             if keyword.key == "attribute":
                 self._attribute_path(node, keyword.value)
-        # The filters that name another filter, a test or an attribute in a string argument.
+        position = _ATTRIBUTE_ARG.get(name)
+        if position is not None and len(args) > position:
+            self._attribute_path(node, args[position])
+        # The filters that name another filter or a test in a string argument.
         if name in ("map", "select", "reject", "selectattr", "rejectattr"):
-            if node.dyn_args is not None or node.dyn_kwargs is not None:
-                raise self.refuse(node, f"it passes {name} arguments by * or **, which hides what it calls")
-            if name in ("selectattr", "rejectattr"):
-                if args:
-                    self._attribute_path(node, args.pop(0))
-            if name == "map" and any(k.key == "attribute" for k in node.kwargs):
+            named = args[1:] if name in ("selectattr", "rejectattr") else args
+            if not named or (name == "map" and any(k.key == "attribute" for k in node.kwargs)):
                 return
-            if args:
-                called = _static_text(args[0])
-                if called is None:
-                    raise self.refuse(node, f"it gives {name} a filter or test named at render time")
-                if name == "map":
-                    if called not in ALLOWED_FILTERS:
-                        raise self.refuse(node, f"it maps the filter {called!r}, which chat templates may not use")
-                else:
-                    self._test(node, called)
+            called = _static_text(named[0])
+            if called is None:
+                raise self.refuse(node, f"it gives {name} a filter or test named at render time")
+            if name == "map" and called not in ALLOWED_FILTERS:
+                raise self.refuse(node, f"it maps the filter {called!r}, which is not one chat templates may use")
+            if name != "map":
+                self._test(node, called)
+
+    def _format_fields(self, node: nodes.Getattr) -> None:
+        """`'{0.__class__}'.format(x)` reads attributes too, named inside the text."""
+        text = _static_text(node.node)
+        if text is None:
+            return
+        for field in _fields(text):
+            for part in re.split(r"[.\[\]]", field)[1:]:
+                if part:
+                    self._attribute(node, part, where=" in a format field")
 
     def _attribute_path(self, node: nodes.Node, value: nodes.Expr) -> None:
         path = _static_text(value)
@@ -467,6 +493,19 @@ def _printed(folded: _Folded) -> int:
     if folded.sequence or folded.number is None:
         return folded.size if folded.sequence else math.ceil(folded.size * 0.302) + 1
     return len(str(folded.number))
+
+
+def _fields(text: str) -> Iterator[str]:
+    """The field names of a str.format text, those in format specs (`{0:{1.x}}`) too."""
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError:  # not a valid format text: the render fails on it, reading nothing
+        return
+    for _literal, field, spec, _conversion in parsed:
+        if field:
+            yield field
+        if spec and "{" in spec:
+            yield from _fields(spec)
 
 
 def _pattern_width(node: nodes.Node) -> int:

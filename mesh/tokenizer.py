@@ -542,11 +542,13 @@ class Tokenizer:
         self._lock = threading.Lock()
         metadata: dict[str, str] = dict(llm.metadata or {})
         # A file without a template of its own gets the built-in one of its architecture, if any.
-        template = metadata.get("tokenizer.chat_template") or BUILTIN_CHAT_TEMPLATES.get(
-            metadata.get("general.architecture", ""))
+        architecture = metadata.get("general.architecture", "")
+        own = metadata.get("tokenizer.chat_template")
+        template = own or BUILTIN_CHAT_TEMPLATES.get(architecture)
         budget = template_budget or TemplateBudget()
         if template:  # the file's were checked before llama.cpp read it (load); this is the one rendered
-            check_chat_template(template, max_bytes=budget.max_source_bytes)
+            check_chat_template(template, "tokenizer.chat_template" if own else f"built in for {architecture}",
+                                budget.max_source_bytes)
         self.chat_template = None if not template else ChatTemplate(
             source=template,
             bos_token=self._special_text(self.bos_id),

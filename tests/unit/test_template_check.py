@@ -32,6 +32,7 @@ HOSTILE = {
     "format_map": ("{{ '{0.__class__}'.format_map(messages) }}", "'format_map'"),
     "a namespace attribute": ("{% set ns = namespace() %}{% set ns.__dict__ = 1 %}", "'__dict__'"),
     "cycler": ("{{ cycler.__init__ }}", "'cycler'"),
+    "a global as a namespace": ("{% set joiner.x = 1 %}", "'joiner'"),
     "joiner": ("{{ joiner() }}", "'joiner'"),
     "lipsum": ("{{ lipsum(10**6) }}", "'lipsum'"),
     "self": ("{{ self }}", "'self'"),
@@ -50,6 +51,13 @@ HOSTILE = {
     "an attribute by name in selectattr": ("{{ messages | selectattr('__dict__') | list }}", "'__dict__'"),
     "a filter named at render time": ("{{ messages | map(messages[0].content) | list }}", "render time"),
     "a test by name in select": ("{{ messages | select('callable') | list }}", "'callable'"),
+    "an attribute in a format field": ("{{ '{0.__class__}'.format(messages) }}", "'__class__' in a format field"),
+    "an attribute in a nested format field": ("{{ '{0:{1.__len__}}'.format(1, messages) }}", "'__len__'"),
+    "a positional attribute of groupby": ("{{ messages | groupby('__class__') }}", "'__class__'"),
+    "a positional attribute of sort": ("{{ messages | sort(false, false, '_x') }}", "'_x'"),
+    "an attribute of sum": ("{{ messages | sum(attribute='__len__') }}", "'__len__'"),
+    "an attribute hidden in **": ("{{ messages | sort(**{'attribute': '__class__'}) }}", "by * or **"),
+    "an attribute named at render time": ("{{ messages | unique(false, messages[0].content) }}", "render time"),
     "the callable test": ("{{ raise_exception is callable }}", "'callable'"),
     "include": ("{% include 'other' %}", "include"),
     "import": ("{% import 'other' as o %}", "import"),
@@ -114,6 +122,8 @@ BENIGN = [
     "{% generation %}{{ eos_token }}{% endgeneration %}{{ strftime_now('%Y') }}{{ dict(a=1) }}",
     "{{ message.tool_calls[0].function.arguments | tojson }}{% set message = messages[-1] %}",
     "{% for m in messages %}{% if loop.first %}{% continue %}{% endif %}{{ m.content }}{% endfor %}",
+    "{{ '{0.role}: {0[content]}'.format(messages[0]) }}{{ messages | groupby('role') | list }}",
+    "{{ messages | map('replace', '_', ' ') | list }}{{ messages | sort(attribute='role') | first }}",
 ]
 
 

@@ -6,6 +6,7 @@ under plain Jinja is refused by the check and, with the check skipped, by the sa
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -212,3 +213,19 @@ def test_from_json_renders_as_in_llama_cpp() -> None:
     assert template.render([{"role": "assistant", "content": '{"city": "Paris"}'}]) == "Paris"
     with pytest.raises(UnsafeChatTemplate, match=r"cannot be compiled: .*from_json"):
         check_chat_template("{{ messages[0].content | from_json }}")
+
+
+@pytest.mark.skipif(not os.environ.get("EDGEMESH_TEMPLATE_CORPUS"),
+                    reason="set EDGEMESH_TEMPLATE_CORPUS to a directory of real .jinja chat templates")
+def test_every_real_template_in_a_local_corpus_passes() -> None:
+    # For example llama.cpp's models/templates, in the llama-cpp-python sdist (vendor/llama.cpp):
+    # nothing is downloaded or kept in the repository; the check is run over what is there.
+    corpus = sorted(Path(os.environ["EDGEMESH_TEMPLATE_CORPUS"]).glob("*.jinja"))
+    assert corpus, "no .jinja files there"
+    refused = {}
+    for path in corpus:
+        try:
+            check_chat_template(path.read_text(encoding="utf-8"), path.name)
+        except UnsafeChatTemplate as exc:
+            refused[path.name] = str(exc)
+    assert not refused, refused

@@ -11,11 +11,11 @@ A chat template is code from the model file, run on every chat with the client's
 mesh.template_check refuses, when the model loads, a template that reaches for anything
 past its variables (before llama.cpp reads the file: llama-cpp-python compiles every
 template it finds); Jinja's sandbox still keeps the render from reaching Python, and the
-budget here keeps it from running forever or filling memory: a render stops after `TemplateBudget.seconds`, after
-`max_steps` loop turns, calls, lookups and outputs, or before it builds a value longer
-than `max_chars` (an operation that would is refused before it runs). The caller runs
-the render on a worker thread, so the budget is what bounds it: a thread cannot be
-stopped from outside.
+budget here keeps it from running forever or filling memory: a render stops after
+`TemplateBudget.seconds`, after `max_steps` loop turns, calls, lookups and outputs, or
+before it builds a value longer than `max_chars` (an operation that would is refused
+before it runs). The caller runs the render on a worker thread, so the budget is what
+bounds it: a thread cannot be stopped from outside.
 """
 
 from __future__ import annotations

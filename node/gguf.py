@@ -252,7 +252,7 @@ def chat_templates(path: Path, max_bytes: int) -> dict[str, str]:
             if vtype != _STRING:
                 raise UnsafeChatTemplate(f"{path.name}: {key} is refused: it has GGUF value type {vtype}, "
                                          "not a string")
-            (n,) = struct.unpack_from("<Q", data, w.pos) if w.size - w.pos >= 8 else (0,)
+            n = struct.unpack_from("<Q", data, w.pos)[0] if w.size - w.pos >= 8 else 0  # short: w.text says so
             if n > max_bytes:
                 raise UnsafeChatTemplate(f"{path.name}: {key} is refused: it is {n} bytes long, more than "
                                          f"{max_bytes} (EDGEMESH_TEMPLATE_MAX_SOURCE_BYTES); real chat "

@@ -26,6 +26,7 @@ import httpx
 from mesh.config import check_thread_counts
 from mesh.local_mesh import LocalMeshOptions, run_local_mesh
 from mesh.model_store import resolve
+from mesh.template_check import check_model_templates
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ async def _bench(options: BenchOptions) -> dict[str, float]:
     async def baseline(tokens: int, prompt: str = BENCH_PROMPT) -> RunTiming:
         return await loop.run_in_executor(baseline_thread, baseline_run, llm, tokens, prompt)
 
+    check_model_templates(model_path)  # Llama() compiles the file's chat templates (mesh.template_check)
     llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                           n_batch=512, verbose=False)
     stop = asyncio.Event()

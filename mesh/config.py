@@ -107,6 +107,8 @@ class Limits:
                                         "gets 503, and past twice this many connections are closed at once")
     template_max_chars: int = setting(4_000_000, "longest prompt a chat template may render, and longest value it "
                                       "may build; all it builds together may be 16 times this")
+    template_max_source_bytes: int = setting(256 * 2**10, "largest chat template (UTF-8 bytes) a model may carry; "
+                                             "real ones are at most about 17 KB, a bigger one is refused at load")
     template_max_steps: int = setting(1_000_000, "loop turns, calls, lookups and outputs a chat template may make "
                                       "for one conversation")
     max_step_connections: int = setting(256, "step-socket connections a node serves at once (one per pipeline "

@@ -88,6 +88,12 @@ class ModelError(EdgeMeshError):
     kind = "model_error"
 
 
+class UnsafeChatTemplate(ModelError):
+    """A model's chat template reaches for something a chat template has no use for (Python
+    internals, an unknown global or filter, another template), or is too big or too deep to
+    check: refused when the model loads, before anything compiles or renders it."""
+
+
 class PeerError(EdgeMeshError):
     """A peer answered with an error or broke the stream; the request may be retried elsewhere."""
 

@@ -8,12 +8,14 @@ tokenized with special tokens parsed; chats render the template with the model's
 and EOS strings and tokenize without adding BOS.
 
 A chat template is code from the model file, run on every chat with the client's text.
-Jinja's sandbox keeps it from reaching Python; the budget here keeps it from running
-forever or filling memory: a render stops after `TemplateBudget.seconds`, after
-`max_steps` loop turns, calls, lookups and outputs, or before it builds a value longer
-than `max_chars` (an operation that would is refused before it runs). The caller runs
-the render on a worker thread, so the budget is what bounds it: a thread cannot be
-stopped from outside.
+mesh.template_check refuses, when the model loads, a template that reaches for anything
+past its variables (before llama.cpp reads the file: llama-cpp-python compiles every
+template it finds); Jinja's sandbox still keeps the render from reaching Python, and the
+budget here keeps it from running forever or filling memory: a render stops after
+`TemplateBudget.seconds`, after `max_steps` loop turns, calls, lookups and outputs, or
+before it builds a value longer than `max_chars` (an operation that would is refused
+before it runs). The caller runs the render on a worker thread, so the budget is what
+bounds it: a thread cannot be stopped from outside.
 """
 
 from __future__ import annotations
@@ -42,18 +44,9 @@ from jinja2.visitor import NodeTransformer
 
 from mesh.config import Limits, Timeouts
 from mesh.errors import InvalidInput, ModelError
+from mesh.template_check import RENDERER_GLOBALS, IgnoreGenerationTag, check_chat_template, check_model_templates
 
 _PIECE_BUFFER = 256
-
-
-class _IgnoreGenerationTag(jinja2.ext.Extension):
-    """HF chat templates may mark assistant turns with {% generation %}; it only matters for training."""
-
-    tags = {"generation"}  # noqa: RUF012 - jinja2 declares it as a plain attribute
-
-    def parse(self, parser: Any) -> Any:
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
@@ -75,11 +68,12 @@ class TemplateBudget:
     seconds: float = Timeouts.template_render_s
     max_chars: int = Limits.template_max_chars
     max_steps: int = Limits.template_max_steps
+    max_source_bytes: int = Limits.template_max_source_bytes  # checked at load (mesh.template_check)
 
     @classmethod
     def of(cls, timeouts: Timeouts, limits: Limits) -> TemplateBudget:
         return cls(seconds=timeouts.template_render_s, max_chars=limits.template_max_chars,
-                   max_steps=limits.template_max_steps)
+                   max_steps=limits.template_max_steps, max_source_bytes=limits.template_max_source_bytes)
 
 
 # Everything a render builds, together, may be this many times max_chars: a template that
@@ -398,14 +392,18 @@ class _BudgetedSandbox(ImmutableSandboxedEnvironment):
 
     def __init__(self) -> None:
         super().__init__(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
-                         extensions=[_IgnoreGenerationTag, jinja2.ext.loopcontrols])
+                         extensions=[IgnoreGenerationTag, jinja2.ext.loopcontrols])
         self.filters["tojson"] = _tojson
+        self.filters["from_json"] = json.loads  # llama.cpp's own renderer has it; DeepSeek's templates use it
         self.filters = {name: _guard_filter(name, f) for name, f in self.filters.items()}
         self.filters[_LOOP] = _meter_loop
         self.filters[_OUTPUT] = _meter_output
         self.filters[_VALUE] = _meter_value
         self.globals["range"] = _budgeted_range
-        self.globals.pop("lipsum", None)  # paragraphs by the thousand; no chat template needs it
+        # Only the globals the load-time check lets templates name (lipsum writes paragraphs by
+        # the thousand; cycler and joiner no chat template needs): a name read before the
+        # template sets it, which the check cannot order, finds nothing.
+        self.globals = {name: value for name, value in self.globals.items() if name in RENDERER_GLOBALS}
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         spend = _spend()
@@ -445,7 +443,9 @@ class _BudgetedSandbox(ImmutableSandboxedEnvironment):
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A model's chat template, compiled once; `render` runs it under `budget`."""
+    """A model's chat template, compiled once; `render` runs it under `budget`. It does not
+    run mesh.template_check (Tokenizer does, at load): the sandbox and the budget hold on
+    their own, and tests hold them to that."""
 
     source: str
     bos_token: str
@@ -542,19 +542,26 @@ class Tokenizer:
         self._lock = threading.Lock()
         metadata: dict[str, str] = dict(llm.metadata or {})
         # A file without a template of its own gets the built-in one of its architecture, if any.
-        template = metadata.get("tokenizer.chat_template") or BUILTIN_CHAT_TEMPLATES.get(
-            metadata.get("general.architecture", ""))
+        architecture = metadata.get("general.architecture", "")
+        own = metadata.get("tokenizer.chat_template")
+        template = own or BUILTIN_CHAT_TEMPLATES.get(architecture)
+        budget = template_budget or TemplateBudget()
+        if template:  # the file's were checked before llama.cpp read it (load); this is the one rendered
+            check_chat_template(template, "tokenizer.chat_template" if own else f"built in for {architecture}",
+                                budget.max_source_bytes)
         self.chat_template = None if not template else ChatTemplate(
             source=template,
             bos_token=self._special_text(self.bos_id),
             eos_token=self._special_text(self.eos_id),
-            budget=template_budget or TemplateBudget(),
+            budget=budget,
         )
 
     @classmethod
     def load(cls, path: Path, template_budget: TemplateBudget | None = None) -> Tokenizer:
         from llama_cpp import Llama
 
+        # Before llama.cpp: Llama() compiles every chat template in the file.
+        check_model_templates(path, (template_budget or TemplateBudget()).max_source_bytes)
         try:
             llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
         except (ValueError, OSError) as exc:

@@ -32,6 +32,7 @@ from mesh.discovery import Advertisement, Advertiser
 from mesh.errors import CapacityExhausted, ConfigError, EdgeMeshError
 from mesh.metrics import NodeMetrics
 from mesh.model_store import ProgressLog, resolve
+from mesh.template_check import check_model_templates
 from mesh.transport import tls
 from mesh.transport.auth import cluster_hash
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
@@ -137,6 +138,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
     else:
         path = await asyncio.to_thread(resolve, config.model)
         local = LocalFile(path, await asyncio.to_thread(describe_file, path, config.n_ctx))
+        # A hostile chat template refuses the model at once, not when llama.cpp would compile it.
+        await asyncio.to_thread(check_model_templates, path, limits.template_max_source_bytes)
     model_path, model = local.path, local.model
     identity.allowed.check(model.sha256, f"--model {model_path}")  # (a --model-from-peers copy is allowed already)
     if identity.allowed.restricted:

@@ -227,6 +227,46 @@ def check_header(path: Path) -> None:
                              f"of the file ({size} bytes): truncated or corrupt")
 
 
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"  # and "tokenizer.chat_template.<name>": llama.cpp reads both
+
+
+def chat_templates(path: Path, max_bytes: int) -> dict[str, str]:
+    """The chat templates in a GGUF header, by key, read without llama.cpp (which compiles
+    every one when it loads the model, see mesh.template_check). A template over `max_bytes`
+    is refused before it is decoded; one that is not a string too: llama.cpp would turn an
+    array into text and compile that."""
+    from mesh.errors import UnsafeChatTemplate
+
+    try:
+        with path.open("rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as exc:  # ValueError: an empty file cannot be mapped
+        raise ModelError(f"cannot read model file {path}: {exc}") from exc
+    found: dict[str, str] = {}
+    with data:
+        w = _HeaderWalk(data, path)
+        if data[:4] != _MAGIC:
+            raise w.fail(f"it starts with {bytes(data[:4])!r}, not the GGUF magic")
+        w.pos = 8  # the magic and the version (the model's loader checks the version)
+        w.unpack("<Q", "the tensor count")
+        for _ in range(w.unpack("<Q", "the metadata count")):
+            key = w.text("a metadata key")
+            vtype = w.unpack("<I", f"the type of {key}")
+            if key != CHAT_TEMPLATE_KEY and not key.startswith(CHAT_TEMPLATE_KEY + "."):
+                w.skip_value(vtype, key)
+                continue
+            if vtype != _STRING:
+                raise UnsafeChatTemplate(f"{path.name}: {key} is refused: it has GGUF value type {vtype}, "
+                                         "not a string")
+            n = struct.unpack_from("<Q", data, w.pos)[0] if w.size - w.pos >= 8 else 0  # short: w.text says so
+            if n > max_bytes:
+                raise UnsafeChatTemplate(f"{path.name}: {key} is refused: it is {n} bytes long, more than "
+                                         f"{max_bytes} (EDGEMESH_TEMPLATE_MAX_SOURCE_BYTES); real chat "
+                                         "templates are a few KB")
+            found[key] = w.text(key)
+    return found
+
+
 def _field_value(field: Any) -> Any:
     value = field.contents()
     return value

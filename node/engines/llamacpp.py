@@ -19,16 +19,24 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 
 from mesh.errors import CapacityExhausted, InvalidInput, ModelError
 from mesh.sampling import sample
+from mesh.template_check import check_model_templates
 from mesh.types import GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
 PREFILL_BATCH = 512  # llama.cpp's default n_batch; matching it keeps outputs identical to llama.cpp's
+
+
+def _no_chat_formatting(**_kwargs: Any) -> NoReturn:
+    """llama-cpp-python's chat handler, never used: this engine takes token ids, and chats are
+    rendered by the gateway's sandboxed renderer (mesh.tokenizer)."""
+    raise InvalidInput("the replica engine takes token ids; it formats no chats")
 
 
 class _Slot:
@@ -46,6 +54,9 @@ class _Slot:
             # hold the positions in order (a shorter one wraps around and sums in another order)
             flash_attn=False,
             swa_full=True,
+            # so that llama-cpp-python neither guesses a chat format nor renders the file's
+            # template itself (it still compiles it: see the check in LlamaCppEngine)
+            chat_handler=_no_chat_formatting,
             verbose=False,
         )
         self.n_vocab = int(self.llm.n_vocab())
@@ -66,6 +77,9 @@ class LlamaCppEngine:
             raise ModelError("a replica engine needs at least one slot")
         self.model_path = model_path
         self.n_ctx = n_ctx
+        # Before llama.cpp: Llama() compiles every chat template in the file (CVE-2024-34359 was
+        # its rendering of one outside a sandbox; compiling folds constants with no budget).
+        check_model_templates(model_path)
         try:
             self._free = [_Slot(model_path, n_ctx, threads) for _ in range(slots)]
         except ValueError as exc:  # llama-cpp-python reports load failures as ValueError

@@ -66,7 +66,9 @@ def cmd_up(args: argparse.Namespace) -> None:
         threads=args.threads, slots=args.slots, n_ctx=args.n_ctx, api_key=args.api_key,
         cluster_key=args.cluster_key, ready_file=args.ready_file, memory_limit=args.memory_limit,
         stages=args.stages, decode_threads=args.decode_threads,
-        policy=args.policy, cloud_url=args.cloud_url, cloud_model=args.cloud_model, cloud_key_env=args.cloud_key_env)
+        policy=args.policy, cloud_url=args.cloud_url, cloud_model=args.cloud_model, cloud_key_env=args.cloud_key_env,
+        system_prompt_file=args.system_prompt_file, api_keys_file=args.api_keys_file,
+        deny_pattern=tuple(args.deny_pattern) if args.deny_pattern is not None else args._default_deny_pattern)
     run_until_signalled(lambda stop: run_local_mesh(options, stop))
 
 
@@ -185,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default="", help="bearer key for the API (required off loopback)")
     p.add_argument("--cluster-key", default="", help="cluster key (default: a fresh one for this mesh)")
     p.add_argument("--ready-file", default="", help="write 'host port' of the gateway here once all nodes are up")
-    add_arguments(p, GatewayConfig, only=("policy", "cloud_url", "cloud_model", "cloud_key_env"))
+    add_arguments(p, GatewayConfig, only=("policy", "cloud_url", "cloud_model", "cloud_key_env",
+                                          "system_prompt_file", "deny_pattern", "api_keys_file"))
     p.set_defaults(func=cmd_up)
 
     for name, helptext, func in (("status", "show the nodes of a mesh", cmd_status),

@@ -210,6 +210,13 @@ class GatewayConfig:
                           "pipeline, one per node)")
     placement: bool = setting(True, "place the model on the nodes (load, re-plan, release); --no-placement only "
                               "routes to what the nodes already hold")
+    system_prompt_file: str = setting("", "file whose text (UTF-8) opens every chat as the first system message, "
+                                      "before the client's own; /v1/completions is then refused (403)")
+    deny_pattern: tuple[str, ...] = setting((), "regular expression (case-insensitive; repeatable) that refuses a "
+                                            "prompt (400 content_policy) and stops an answer "
+                                            "(finish_reason content_filter)")
+    api_keys_file: str = setting("", "file of named bearer keys, one 'NAME KEY' per line ('#' comments), "
+                                 "re-read when it changes; besides or instead of --api-key")
 
 
 T = TypeVar("T")

@@ -57,6 +57,9 @@ class LocalMeshOptions:
     cloud_url: str = ""
     cloud_model: str = ""
     cloud_key_env: str = ""
+    system_prompt_file: str = ""  # the admin's policy on the gateway (see GatewayConfig)
+    deny_pattern: tuple[str, ...] = ()
+    api_keys_file: str = ""
     cluster_key: str = ""
     ready_file: str = ""
     memory_limit: str = "0"
@@ -210,6 +213,8 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
                            api_key=options.api_key, model=str(model_path), policy=options.policy,
                            cloud_url=options.cloud_url, cloud_model=options.cloud_model,
                            cloud_key_env=options.cloud_key_env, strategy=options.strategy,
+                           system_prompt_file=options.system_prompt_file, deny_pattern=options.deny_pattern,
+                           api_keys_file=options.api_keys_file,
                            stages=asked_stages(options.strategy, options.stages, options.nodes))
     check_bind_is_safe(config)
     runtime = GatewayRuntime(config, model_path, timeouts=Timeouts())

@@ -2,8 +2,9 @@
 on prompts and on streamed answers, and a file of named API keys re-read while it serves.
 
 Real processes on loopback: a node with the default model (SmolLM2, greedy answers known:
-"What is the capital of France?" -> "The capital of France is Paris.", "What is 2+2?" -> a
-42-token answer with "two numbers" in its 15th token, both under this file's system prompt)
+"What is the capital of France?" -> "The capital of France is Paris.", "Write a long story
+about a dragon." -> "Once upon a time, ... a dragon named Erebo. ..." for 300 tokens and more, both
+under this file's system prompt)
 behind a gateway with every policy flag; a second gateway with the same policy in front of
 a stand-in cloud (tests/fixtures/openai_standin.py); and start errors of bad policy files.
 """
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.slow
 SYSTEM_PROMPT = "You are the help desk of ACME. Answer in one short sentence."
 # 1 and 2 stop answers (1 spans the tokens " France", " is", " Paris"); 3 matches only the
 # admin's own system prompt; 4 refuses prompts. Numbered from 1 in flag order.
-DENY = [r"france\s{1,3}is\s{1,3}paris", "two numbers", "help desk", "launch codes"]
+DENY = [r"france\s{1,3}is\s{1,3}paris", r"named\s?erebo", "help desk", "launch codes"]
 KEYS = {"alice": "alice-key-0123456789", "bob": "bob-key-0123456789"}
 
 
@@ -185,13 +186,13 @@ def test_a_stopped_answer_ends_its_generation_on_the_node(mesh: dict[str, Any]) 
         return metric_lines(text, "edgemesh_node_tokens_generated_total")["edgemesh_node_tokens_generated_total"]
 
     before = node_tokens()
-    # The whole greedy answer is 42 tokens; "two numbers" arrives with the 15th.
-    answer = ask(url, "What is 2+2?", max_tokens=200)
+    # The greedy story runs past 300 tokens; "named Erebo" comes within its first 25.
+    answer = ask(url, "Write a long story about a dragon.", max_tokens=300)
     assert answer.status_code == 200, answer.text
     choice = answer.json()["choices"][0]
     assert choice["finish_reason"] == "content_filter", choice
-    assert "two numbers" not in choice["message"]["content"]
-    assert choice["message"]["content"].startswith("To solve this problem")
+    assert choice["message"]["content"] == "Once upon a time, in a land far, far away, there was a dragon "
+    assert answer.json()["usage"]["completion_tokens"] < 40
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         view = httpx.get(f"{url}/api/cluster", headers=auth("alice"), timeout=10).json()
@@ -200,7 +201,7 @@ def test_a_stopped_answer_ends_its_generation_on_the_node(mesh: dict[str, Any]) 
         time.sleep(0.05)
     assert all(n["in_flight"] == 0 for n in view["nodes"]), view["nodes"]
     generated = node_tokens() - before
-    assert generated < 30, f"the node went on to generate {generated} tokens"
+    assert generated < 150, f"the node went on to generate {generated} of the 300 tokens asked for"
 
 
 def test_raw_completions_are_refused_while_a_system_prompt_is_set(mesh: dict[str, Any]) -> None:

@@ -71,7 +71,9 @@ def cmd_up(args: argparse.Namespace) -> None:
         policy=args.policy, cloud_url=args.cloud_url, cloud_model=args.cloud_model, cloud_key_env=args.cloud_key_env,
         insecure_plaintext=args.insecure_plaintext,
         allowed_models=parse_allowed(args.allowed_models if args.allowed_models is not None
-                                     else args._default_allowed_models))
+                                     else args._default_allowed_models),
+        system_prompt_file=args.system_prompt_file, api_keys_file=args.api_keys_file,
+        deny_pattern=tuple(args.deny_pattern) if args.deny_pattern is not None else args._default_deny_pattern)
     run_until_signalled(lambda stop: run_local_mesh(options, stop))
 
 
@@ -204,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-key", default="", help="cluster key (default: a fresh one for this mesh)")
     p.add_argument("--ready-file", default="", help="write 'host port' of the gateway here once all nodes are up")
     add_arguments(p, GatewayConfig, only=("policy", "cloud_url", "cloud_model", "cloud_key_env", "insecure_plaintext",
-                                          "allowed_models"))
+                                          "allowed_models", "system_prompt_file", "deny_pattern", "api_keys_file"))
     p.set_defaults(func=cmd_up)
 
     for name, helptext, func in (("status", "show the nodes of a mesh", cmd_status),

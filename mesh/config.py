@@ -224,6 +224,13 @@ class GatewayConfig:
     allowed_models: tuple[str, ...] = setting(
         (), "sha256 of an approved model (repeatable; env EDGEMESH_ALLOWED_MODELS, comma separated): --model must "
         "be one, and nodes holding any other are never used. Default: every model", flag="--allow-model")
+    system_prompt_file: str = setting("", "file whose text (UTF-8) opens every chat as the first system message, "
+                                      "before the client's own; /v1/completions is then refused (403)")
+    deny_pattern: tuple[str, ...] = setting((), "regular expression (case-insensitive; repeatable) that refuses a "
+                                            "prompt (400 content_policy) and stops an answer "
+                                            "(finish_reason content_filter)")
+    api_keys_file: str = setting("", "file of named bearer keys, one 'NAME KEY' per line ('#' comments), "
+                                 "re-read when it changes; besides or instead of --api-key")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_models", parse_allowed(self.allowed_models))

@@ -57,6 +57,9 @@ class LocalMeshOptions:
     cloud_url: str = ""
     cloud_model: str = ""
     cloud_key_env: str = ""
+    system_prompt_file: str = ""  # the admin's policy on the gateway (see GatewayConfig)
+    deny_pattern: tuple[str, ...] = ()
+    api_keys_file: str = ""
     cluster_key: str = ""
     ready_file: str = ""
     memory_limit: str = "0"
@@ -216,7 +219,9 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
                            cloud_key_env=options.cloud_key_env, strategy=options.strategy,
                            stages=asked_stages(options.strategy, options.stages, options.nodes),
                            insecure_plaintext=options.insecure_plaintext,
-                           allowed_models=options.allowed_models)
+                           allowed_models=options.allowed_models,
+                           system_prompt_file=options.system_prompt_file, deny_pattern=options.deny_pattern,
+                           api_keys_file=options.api_keys_file)
     check_bind_is_safe(config)
     runtime = GatewayRuntime(config, model_path, timeouts=Timeouts())
     if not parse_bytes(options.memory_limit):

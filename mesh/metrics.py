@@ -126,6 +126,21 @@ class GatewayMetrics:
         self.breaker_state = Gauge("edgemesh_cloud_breaker_state",
                                    "1 for the circuit breaker's current state (closed, open, half_open)",
                                    ["state"], registry=registry)
+        # The admin's policy (mesh/gateway/policy.py, api_keys.py). Labels are rule numbers and
+        # key names from the admin's own flags and file, never keys or request text.
+        self.policy_blocks = Counter("edgemesh_gateway_policy_blocks_total",
+                                     "Prompts refused and answers stopped by a deny pattern, by its number "
+                                     "(rule) and where it matched (prompt or answer)", ["rule", "where"],
+                                     registry=registry)
+        self.requests_by_key = Counter("edgemesh_gateway_requests_by_key_total",
+                                       "Completion requests by the name of the API key they came with",
+                                       ["key_name"], registry=registry)
+        self.tokens_by_key = Counter("edgemesh_gateway_tokens_by_key_total",
+                                     "Tokens of served answers by API key name and kind (prompt or completion)",
+                                     ["key_name", "kind"], registry=registry)
+        self.api_keys_reload_errors = Counter("edgemesh_gateway_api_keys_reload_errors_total",
+                                              "Changes of the API keys file that could not be loaded (the "
+                                              "previous keys stayed in force)", registry=registry)
 
     def failover(self, source: str, target: str, reason: str, detail: str = "") -> None:
         """Count a failover and remember it as the last one."""

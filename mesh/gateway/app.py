@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from importlib import resources
@@ -20,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.errors import EdgeMeshError, InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, Unauthenticated
+from mesh.gateway.api_keys import ApiKeys
 from mesh.gateway.completions import CHAT, TEXT, error_response, rejection_reason
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, parse
 
@@ -29,25 +29,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROTECTED_PREFIXES = ("/v1/", "/api/")
+KEY_NAME = "edgemesh_key_name"  # where the middleware leaves the name of the request's key, in scope["state"]
+
+
+def key_name(request: Request) -> str:
+    return str(request.scope.get("state", {}).get(KEY_NAME, ""))
 
 
 class ApiKeyMiddleware:
     """Bearer-key check on the API; the page, health and metrics stay open. Plain ASGI, so
     streaming responses and client disconnects pass through untouched."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
         self._app = app
-        self._key = api_key.encode()
+        self._keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._key and scope["type"] == "http" and str(scope["path"]).startswith(PROTECTED_PREFIXES):
+        if self._keys.required and scope["type"] == "http" and str(scope["path"]).startswith(PROTECTED_PREFIXES):
             given = Headers(scope=scope).get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), self._key):
+            name = self._keys.identify(token)
+            if name is None:
                 response = error_response(
                     Unauthenticated("missing or wrong API key (send 'Authorization: Bearer KEY')"))
                 await response(scope, receive, send)
                 return
+            scope.setdefault("state", {})[KEY_NAME] = name
         await self._app(scope, receive, send)
 
 
@@ -78,17 +85,24 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
     limits = runtime.limits
 
     async def completion(request: Request, schema: type[Any], flavor: Any) -> Response:
+        key = key_name(request)
+        if key:
+            runtime.metrics.requests_by_key.labels(key).inc()
         try:
             body = parse(schema, await _read_body(request, limits.max_body_bytes, runtime.timeouts.http_body_s))
             if isinstance(body, CompletionRequest) and len(body.prompt_text()) > limits.max_prompt_chars:
                 raise InvalidInput(f"prompt is longer than {limits.max_prompt_chars} characters")
             if isinstance(body, ChatRequest) and body.text_chars() > limits.max_prompt_chars:
                 raise InvalidInput(f"the messages hold more than {limits.max_prompt_chars} characters")
+            if runtime.policy.rules:  # regexes over up to a million characters: off the event loop
+                await asyncio.to_thread(runtime.policy.admit, body)
+            else:
+                runtime.policy.admit(body)
         except EdgeMeshError as exc:
             runtime.metrics.requests.labels("mesh", str(exc.http_status)).inc()
             runtime.metrics.rejected.labels(rejection_reason(exc) or "invalid").inc()
             return error_response(exc)
-        return await runtime.completions.handle(body, flavor)
+        return await runtime.completions.handle(body, flavor, key_name=key)
 
     async def chat_completions(request: Request) -> Response:
         return await completion(request, ChatRequest, CHAT)
@@ -165,6 +179,6 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(ApiKeyMiddleware, api_key=runtime.api_key)],
+        middleware=[Middleware(ApiKeyMiddleware, keys=runtime.api_keys)],
         exception_handlers={404: not_found, 405: method_not_allowed},
     )

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, PayloadTooLarge, RequestTimeout, Unavailable
 from mesh.gateway.answers import CLOUD_ROUTE, MESH_ROUTE, Answer, CloudAnswer, MeshAnswer
+from mesh.gateway.policy import ContentPolicyViolation, GatewayPolicy, SystemPromptEnforced
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, _Common
 from mesh.metrics import GatewayMetrics
 from mesh.scheduler import Scheduler, check_model, check_prompt
@@ -36,7 +37,9 @@ ROUTE_HEADER = "X-EdgeMesh-Route"
 
 
 def error_body(error: EdgeMeshError) -> dict[str, Any]:
-    return {"error": {"message": str(error), "type": error.kind, "param": None, "code": error.http_status}}
+    # An error may name its OpenAI code (content_policy); else the code is the HTTP status.
+    code = getattr(error, "openai_code", None) or error.http_status
+    return {"error": {"message": str(error), "type": error.kind, "param": None, "code": code}}
 
 
 def error_response(error: EdgeMeshError) -> JSONResponse:
@@ -47,6 +50,10 @@ def error_response(error: EdgeMeshError) -> JSONResponse:
 def rejection_reason(error: EdgeMeshError) -> str | None:
     """The `reason` label of edgemesh_rejected_total for a request refused with `error`
     (None: not a refusal before work, such as a node failing mid-way)."""
+    if isinstance(error, ContentPolicyViolation):
+        return "content_policy"
+    if isinstance(error, SystemPromptEnforced):
+        return "system_prompt"
     if isinstance(error, PayloadTooLarge):
         return "too_large"
     if isinstance(error, RequestTimeout):
@@ -97,7 +104,8 @@ class Completions:
     capacity, then the cloud. A cloud answer that breaks mid-way is completed by the mesh."""
 
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, model_name: str,
-                 metrics: GatewayMetrics, cloud: CloudUpstream | None = None, policy: str = "local-only") -> None:
+                 metrics: GatewayMetrics, cloud: CloudUpstream | None = None, policy: str = "local-only",
+                 admin: GatewayPolicy | None = None) -> None:
         if policy not in POLICIES:
             raise InvalidInput(f"unknown routing policy {policy!r}; choose from {', '.join(POLICIES)}")
         self._scheduler = scheduler
@@ -105,6 +113,7 @@ class Completions:
         self._model_name = model_name
         self._metrics = metrics
         self._cloud = cloud
+        self._admin = admin or GatewayPolicy()  # the admin's system prompt and deny patterns
         self.policy = policy if cloud is not None else "local-only"
         self.last_route = ""
         self._prompt_pool = ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="edgemesh-prompt")
@@ -116,7 +125,7 @@ class Completions:
         """Prompt and continuation tokens; CPU work (a template render and a tokenizer pass over
         up to a few megabytes), so it runs on the prompt pool, never on the event loop."""
         if isinstance(body, ChatRequest):
-            prompt = self._tokenizer.encode_chat(body.template_messages())
+            prompt = self._tokenizer.encode_chat(self._admin.chat_messages(body.template_messages()))
         else:
             assert isinstance(body, CompletionRequest)
             prompt = self._tokenizer.encode_completion(body.prompt_text())
@@ -157,6 +166,8 @@ class Completions:
         assert self._cloud is not None
         kind: Literal["chat", "text"] = "chat" if flavor is CHAT else "text"
         upstream_body = body.model_dump(exclude_none=True, exclude=_NOT_OPENAI)
+        if isinstance(body, ChatRequest):
+            upstream_body["messages"] = self._admin.cloud_messages(upstream_body["messages"])
         stream = self._cloud.stream(kind, upstream_body)
         try:
             first = await stream.__anext__()
@@ -199,21 +210,21 @@ class Completions:
             except CloudError:
                 raise exc from None
 
-    async def handle(self, body: _Common, flavor: Flavor) -> Response:
+    async def handle(self, body: _Common, flavor: Flavor, key_name: str = "") -> Response:
         started = time.monotonic()
         self._metrics.in_flight.inc()
         handed_to_stream = False
         try:
             check_model(body.model, self._model_name)
-            answer = await self._answer(body, flavor, started)
+            answer = self._admin.filter(await self._answer(body, flavor, started))
             self._metrics.time_to_first_token.labels(answer.route).observe(time.monotonic() - started)
             self.last_route = answer.route
             headers = {ROUTE_HEADER: answer.header}
             if body.stream:
                 handed_to_stream = True
-                return StreamingResponse(self._sse(body, flavor, answer), headers=headers,
+                return StreamingResponse(self._sse(body, flavor, answer, key_name), headers=headers,
                                          media_type="text/event-stream")
-            return JSONResponse(await self._collect(flavor, answer), headers=headers)
+            return JSONResponse(await self._collect(flavor, answer, key_name), headers=headers)
         except EdgeMeshError as exc:
             self._metrics.requests.labels(MESH_ROUTE, str(exc.http_status)).inc()
             reason = rejection_reason(exc)
@@ -232,14 +243,21 @@ class Completions:
         return {"id": f"{'chatcmpl' if flavor is CHAT else 'cmpl'}-{request_id}", "object": object_name,
                 "created": int(time.time()), "model": self._model_name}
 
-    async def _collect(self, flavor: Flavor, answer: Answer) -> dict[str, Any]:
+    def _count_key_tokens(self, key_name: str, answer: Answer) -> None:
+        if key_name:
+            usage = answer.usage()
+            for kind in ("prompt", "completion"):
+                self._metrics.tokens_by_key.labels(key_name, kind).inc(usage.get(f"{kind}_tokens", 0))
+
+    async def _collect(self, flavor: Flavor, answer: Answer, key_name: str = "") -> dict[str, Any]:
         pieces = [delta async for delta in answer.deltas()]
         self._metrics.requests.labels(answer.route, "200").inc()
+        self._count_key_tokens(key_name, answer)
         result = self._envelope(answer.request_id, flavor, flavor.object_name)
         choice = {"index": 0, **flavor.wrap_text("".join(pieces)), "finish_reason": answer.finish_reason}
         return {**result, "choices": [choice], "usage": answer.usage()}
 
-    async def _sse(self, body: _Common, flavor: Flavor, answer: Answer) -> AsyncIterator[str]:
+    async def _sse(self, body: _Common, flavor: Flavor, answer: Answer, key_name: str = "") -> AsyncIterator[str]:
         envelope = self._envelope(answer.request_id, flavor, flavor.chunk_object)
 
         def chunk(choice: dict[str, Any], **extra: Any) -> str:
@@ -267,6 +285,7 @@ class Completions:
         finally:
             self._metrics.requests.labels(answer.route, status).inc()
             self._metrics.in_flight.dec()
+            self._count_key_tokens(key_name, answer)
         yield "data: [DONE]\n\n"
 
 

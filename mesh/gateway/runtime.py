@@ -16,7 +16,9 @@ from mesh.allowed_models import AllowedModels
 from mesh.config import GatewayConfig, Limits, Timeouts, is_loopback, resolve_cluster_key, tuned_from_environment
 from mesh.discovery import Browser, Peer, browse_interfaces, static_peers
 from mesh.errors import ConfigError
+from mesh.gateway.api_keys import ApiKeys
 from mesh.gateway.completions import POLICIES, Completions
+from mesh.gateway.policy import GatewayPolicy
 from mesh.membership import Member, Membership, MemberState
 from mesh.metrics import GatewayMetrics
 from mesh.placement.controller import ControllerSettings, PlacementController
@@ -45,10 +47,10 @@ def check_bind_is_safe(config: GatewayConfig) -> None:
     if config.api_key != config.api_key.strip():
         raise ConfigError("--api-key starts or ends with whitespace, which HTTP drops from the Authorization "
                           "header, so no client could send it: remove the spaces")
-    if not is_loopback(config.host) and not config.api_key:
+    if not is_loopback(config.host) and not config.api_key and not config.api_keys_file:
         raise ConfigError(
             f"refusing to serve on {config.host} without an API key: anyone on the network could use "
-            "the mesh. Pass --api-key KEY (or EDGEMESH_API_KEY), or bind 127.0.0.1.")
+            "the mesh. Pass --api-key KEY (or EDGEMESH_API_KEY) or --api-keys-file, or bind 127.0.0.1.")
 
 
 class GatewayRuntime:
@@ -65,6 +67,10 @@ class GatewayRuntime:
         self.timeouts = timeouts or tuned_from_environment(Timeouts)
         self.limits = limits or tuned_from_environment(Limits)
         self.api_key = config.api_key
+        self.metrics = GatewayMetrics(CollectorRegistry())
+        # The admin's policy and keys are read before the slow parts: a wrong file fails at once.
+        self.api_keys = ApiKeys(config.api_key, config.api_keys_file, self.metrics)
+        self.policy = GatewayPolicy.from_flags(config.system_prompt_file, config.deny_pattern, self.metrics)
         self.cluster_key = resolve_cluster_key(config.cluster_key)
         self.started_at = time.time()
         self.model_path = model_path
@@ -77,7 +83,6 @@ class GatewayRuntime:
         self.provenance = provenance(model_path, self.model_sha)
         self.tokenizer = Tokenizer.load(model_path, TemplateBudget.of(self.timeouts, self.limits))
         self.n_layers = inspect_gguf(model_path).n_layers
-        self.metrics = GatewayMetrics(CollectorRegistry())
         self.membership = Membership(self.cluster_key, self.timeouts, self.limits, on_change=self._membership_changed,
                                      refuse=self._refusal)
         self.scheduler = Scheduler(self.membership, self.model_sha, self.metrics, self.timeouts)
@@ -92,7 +97,7 @@ class GatewayRuntime:
         self.cloud_up = False
         self.cloud = self._make_cloud(config)
         self.completions = Completions(self.scheduler, self.tokenizer, self.model_name, self.metrics, self.cloud,
-                                       config.policy)
+                                       config.policy, self.policy)
         self._browser: Browser | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._exported_nodes: set[tuple[str, str]] = set()

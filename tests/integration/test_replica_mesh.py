@@ -208,9 +208,9 @@ def test_a_static_peer_with_the_wrong_key_is_marked_unauthenticated(
             break
         time.sleep(0.2)
     assert state == "unauthenticated"
-    node_metrics = httpx.get(f"http://127.0.0.1:{nodes[0].ready[2]}/metrics", timeout=10).text
-    line = next(li for li in node_metrics.splitlines() if li.startswith("edgemesh_node_auth_failures_total"))
-    assert float(line.split()[-1]) >= 1
+    # Another key is another cluster CA: the TLS handshake fails, before any call is made
+    # (so the node's signature-check counter does not see it), and the reason says so.
+    assert "CERTIFICATE_VERIFY_FAILED" in view["nodes"][0]["reason"], view["nodes"][0]
 
 
 def test_api_key_is_required_when_set(launcher: Launcher, default_model: Path) -> None:

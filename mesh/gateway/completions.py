@@ -149,7 +149,7 @@ class Completions:
         return GenerationRequest(
             request_id=RequestId(uuid.uuid4().hex), prompt_tokens=tuple(prompt + sent), sampling=body.sampling(),
             max_tokens=min(limit, room) if limit else room,
-            stop_token_ids=self._tokenizer.eog_ids, logprobs=body.wants_logprobs(),
+            stop_token_ids=self._tokenizer.eog_ids,
         )
 
     async def _mesh_answer(self, body: _Common, started: float, continuation: str = "") -> MeshAnswer:

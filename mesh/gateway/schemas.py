@@ -1,12 +1,22 @@
 """OpenAI-compatible request bodies, validated strictly (wrong types are 400s, not coerced).
 
-Unknown fields are ignored, as OpenAI clients send many (user, n=1, presence_penalty=0...);
-fields we do not support with a non-default value are refused with a clear message.
+No field is silently ignored: a client that asked for something and got something else
+is worse off than one told no. Every field of OpenAI's chat and completions requests is
+one of three kinds (tests/unit/test_api_schema_walk.py walks the official client's schema
+and fails on a field that is none of them):
+- implemented (declared below, and used);
+- informational (INFORMATIONAL: it asks for nothing in the answer, such as `user` or
+  `metadata`, so accepting it changes nothing the client could see);
+- not supported yet (UNSUPPORTED): accepted only at the value that asks for nothing
+  (presence_penalty 0, tools [], response_format text...), refused with a 400 naming it
+  otherwise.
+A field that is in neither OpenAI's schema nor ours is refused with a 400 naming it.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,7 +29,62 @@ MAX_SEED = 2**63 - 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _is_zero(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool) and value == 0)
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value == [] or value == {}
+
+
+def _is_none_choice(value: Any) -> bool:
+    return value is None or value in ("none", "auto")  # "auto" with no tools is "none"
+
+
+# Fields that ask for nothing in the answer: accepted as they come, whatever their value.
+INFORMATIONAL = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+                           "prompt_cache_retention", "prompt_cache_options", "parallel_tool_calls"})
+
+# Not supported yet: the test that a value asks for nothing, and what the refusal says.
+_UNSUPPORTED_COMMON: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "frequency_penalty": (_is_zero, "a frequency penalty"),
+    "presence_penalty": (_is_zero, "a presence penalty"),
+    "logit_bias": (_is_empty, "logit_bias"),
+}
+UNSUPPORTED_CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **_UNSUPPORTED_COMMON,
+    "logprobs": (lambda v: v is None or v is False, "log-probabilities"),
+    "top_logprobs": (_is_zero, "top_logprobs"),
+    "tools": (_is_empty, "tool calls"),
+    "tool_choice": (_is_none_choice, "tool calls"),
+    "functions": (_is_empty, "function calls"),
+    "function_call": (_is_none_choice, "function calls"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, "structured output (response_format)"),
+    "audio": (lambda v: v is None, "audio output"),
+    "modalities": (lambda v: v is None or v == ["text"], "output modalities other than text"),
+    "prediction": (lambda v: v is None, "predicted outputs"),
+    "reasoning_effort": (lambda v: v is None, "reasoning_effort"),
+    "verbosity": (lambda v: v is None, "verbosity"),
+    "web_search_options": (lambda v: v is None, "web search"),
+    "moderation": (lambda v: v is None, "moderation"),
+}
+UNSUPPORTED_COMPLETION: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **_UNSUPPORTED_COMMON,
+    "logprobs": (_is_zero, "log-probabilities"),
+    "best_of": (lambda v: v is None or v == 1, "best_of above 1"),
+    "echo": (lambda v: v is None or v is False, "echo"),
+    "suffix": (lambda v: v is None or v == "", "suffix (fill-in-the-middle)"),
+}
+
+
+def _refuse_unsupported(values: dict[str, Any], table: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    for name, (asks_nothing, what) in table.items():
+        if name in values and not asks_nothing(values[name]):
+            raise ValueError(f"{name}: EdgeMesh does not support {what} yet (send it only at its default, "
+                             "or leave it out)")
 
 
 class StreamOptions(_Strict):
@@ -39,7 +104,6 @@ class _Common(_Strict):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
     n: int = Field(default=1, ge=1, le=1)
 
     @field_validator("stop")
@@ -64,8 +128,6 @@ class _Common(_Strict):
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               min_p=self.min_p, repeat_penalty=self.repeat_penalty, seed=seed)
 
-    def wants_logprobs(self) -> bool:
-        return bool(self.logprobs)
 
 
 class TextPart(_Strict):
@@ -77,6 +139,19 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # What another server's earlier turns may carry; nothing the template could render.
+    refusal: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+
+    @model_validator(mode="after")
+    def _renderable(self) -> ChatMessage:
+        for name in ("tool_calls", "function_call", "audio"):
+            if not _is_empty(getattr(self, name)):
+                raise ValueError(f"{name} in a message is not supported by EdgeMesh yet")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -86,8 +161,49 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
-class ChatRequest(_Common):
+class _Informational(_Strict):
+    """INFORMATIONAL, declared (as any JSON value) so that an unknown field can be refused."""
+
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    safety_identifier: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
+    parallel_tool_calls: Any = None
+
+
+class _UnsupportedCommon(_Strict):
+    """Declared as any JSON value: the request's validator refuses a value that asks for something."""
+
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    logprobs: Any = None
+
+
+class ChatRequest(_Common, _Informational, _UnsupportedCommon):
     messages: list[ChatMessage] = Field(min_length=1)
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatRequest:
+        _refuse_unsupported({name: getattr(self, name) for name in self.model_fields_set}, UNSUPPORTED_CHAT)
+        return self
 
     def text_chars(self) -> int:
         """Characters of text in all the messages (what the prompt-length limit counts)."""
@@ -99,19 +215,17 @@ class ChatRequest(_Common):
                 for m in self.messages]
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(_Common, _Informational, _UnsupportedCommon):
     prompt: str | list[str]
-    echo: bool = False
-    suffix: str | None = None
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and len(self.prompt) != 1:
             raise ValueError("exactly one prompt per request is supported")
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if self.suffix:
-            raise ValueError("suffix (fill-in-the-middle) is not supported")
+        _refuse_unsupported({name: getattr(self, name) for name in self.model_fields_set}, UNSUPPORTED_COMPLETION)
         return self
 
     def prompt_text(self) -> str:
@@ -127,6 +241,12 @@ def parse(model: type[_Common], body: bytes) -> Any:
     except ValidationError as exc:
         problems = []
         for err in exc.errors()[:5]:
-            where = ".".join(str(p) for p in err["loc"]) or "body"
-            problems.append(f"{where}: {err['msg']}")
+            where = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"{where}: unknown field (EdgeMesh refuses what it does not implement rather than "
+                                "ignore it)")
+            elif err["type"] == "value_error" and not where:
+                problems.append(str(err["ctx"]["error"]) if "ctx" in err else err["msg"])  # names its field
+            else:
+                problems.append(f"{where or 'body'}: {err['msg']}")
         raise InvalidInput("; ".join(problems)) from None

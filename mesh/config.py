@@ -102,6 +102,8 @@ class Limits:
     grpc_window_bytes: int = setting(2**20, "fixed HTTP/2 receive window of a node's gRPC streams: what a "
                                      "caller may send ahead of the node's reading (and of its refusal)")
     max_prompt_chars: int = setting(1_000_000, "largest prompt text the gateway accepts")
+    max_messages: int = setting(4096, "most messages in one chat request (each costs template work even when empty)")
+    max_stop_chars: int = setting(512, "longest stop string (each is matched against the answer as it streams)")
     max_body_bytes: int = setting(4 * 2**20, "largest HTTP request body the gateway accepts")
     max_http_connections: int = setting(512, "HTTP connections the gateway serves at once; a request on one more "
                                         "gets 503, and past twice this many connections are closed at once")

@@ -18,10 +18,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mesh.errors import EdgeMeshError, InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, Unauthenticated
+from mesh.errors import EdgeMeshError, NotFound, PayloadTooLarge, RequestTimeout, Unauthenticated
 from mesh.gateway.api_keys import ApiKeys
 from mesh.gateway.completions import CHAT, TEXT, error_response, rejection_reason
-from mesh.gateway.schemas import ChatRequest, CompletionRequest, parse
+from mesh.gateway.schemas import ChatRequest, CompletionRequest, check_limits, parse
 
 if TYPE_CHECKING:
     from mesh.gateway.runtime import GatewayRuntime
@@ -90,10 +90,7 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
             runtime.metrics.requests_by_key.labels(key).inc()
         try:
             body = parse(schema, await _read_body(request, limits.max_body_bytes, runtime.timeouts.http_body_s))
-            if isinstance(body, CompletionRequest) and len(body.prompt_text()) > limits.max_prompt_chars:
-                raise InvalidInput(f"prompt is longer than {limits.max_prompt_chars} characters")
-            if isinstance(body, ChatRequest) and body.text_chars() > limits.max_prompt_chars:
-                raise InvalidInput(f"the messages hold more than {limits.max_prompt_chars} characters")
+            check_limits(body, limits)
             if runtime.policy.rules:  # regexes over up to a million characters: off the event loop
                 await asyncio.to_thread(runtime.policy.admit, body)
             else:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mesh.config import Limits
 from mesh.errors import InvalidInput
 from mesh.types import SamplingParams
 
@@ -230,6 +231,23 @@ class CompletionRequest(_Common, _Informational, _UnsupportedCommon):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+def check_limits(body: _Common, limits: Limits) -> None:
+    """The request limits that depend on a tunable setting (Limits); InvalidInput naming the one
+    passed. The fixed ones (at most MAX_STOP_STRINGS stop strings, n = 1) are in the schema."""
+    if isinstance(body, CompletionRequest) and len(body.prompt_text()) > limits.max_prompt_chars:
+        raise InvalidInput(f"prompt is longer than {limits.max_prompt_chars} characters")
+    if isinstance(body, ChatRequest):
+        if len(body.messages) > limits.max_messages:
+            raise InvalidInput(f"messages: {len(body.messages)} messages, more than the {limits.max_messages} "
+                               "this gateway accepts")
+        if body.text_chars() > limits.max_prompt_chars:
+            raise InvalidInput(f"the messages hold more than {limits.max_prompt_chars} characters")
+    longest = max((len(stop) for stop in body.stop_strings()), default=0)
+    if longest > limits.max_stop_chars:
+        raise InvalidInput(f"stop: a stop string of {longest} characters, longer than the {limits.max_stop_chars} "
+                           "this gateway accepts")
 
 
 def parse(model: type[_Common], body: bytes) -> Any:

@@ -51,6 +51,12 @@ def test_the_official_client_is_served_or_told_no_by_name(launcher: Launcher, de
         client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=4,
                                        extra_body={"mirostat": 2})
 
+    # Request limits (Limits.max_messages, Limits.max_stop_chars): a 400 naming what was too large.
+    with pytest.raises(openai.BadRequestError, match="messages: 4097 messages"):
+        client.chat.completions.create(model="default", messages=MESSAGES * 4097, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="stop: a stop string of 513 characters"):
+        client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=4, stop=["x" * 513])
+
     # And it went on serving.
     again = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=6, temperature=0)
     assert again.choices[0].message.content == chat.choices[0].message.content

@@ -233,6 +233,10 @@ class GatewayConfig:
                                             "(finish_reason content_filter)")
     api_keys_file: str = setting("", "file of named bearer keys, one 'NAME KEY' per line ('#' comments), "
                                  "re-read when it changes; besides or instead of --api-key")
+    model_alias: tuple[str, ...] = setting((), "another name clients may ask for the model by, NAME=MODEL "
+                                           "(repeatable), for clients that hard-code one, e.g. gpt-4o-mini=default")
+    cors_origin: tuple[str, ...] = setting((), "a web origin (scheme://host[:port], or *) whose pages may call the "
+                                           "API from a browser (repeatable); default: none")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_models", parse_allowed(self.allowed_models))

@@ -344,9 +344,10 @@ def _culprit(placement: Placement, exc: Exception) -> NodeId | None:
     return getattr(exc, "node_id", None) or (placement.node_ids[0] if len(placement.node_ids) == 1 else None)
 
 
-def check_model(requested: str | None, served: str) -> None:
-    if requested and requested not in (served, "default"):
-        raise NotFound(f"model {requested!r} is not served here; available: {served!r}")
+def check_model(requested: str | None, served: str, aliases: frozenset[str] = frozenset()) -> None:
+    if requested and requested not in (served, "default") and requested not in aliases:
+        names = ", ".join(repr(n) for n in (served, *sorted(aliases)))
+        raise NotFound(f"model {requested!r} is not served here; available: {names}")
 
 
 def check_prompt(n_prompt: int, n_ctx: int) -> None:

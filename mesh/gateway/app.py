@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
@@ -108,10 +109,10 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
         return await completion(request, CompletionRequest, TEXT)
 
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": runtime.model_name, "object": "model", "created": int(runtime.started_at),
-             "owned_by": "edgemesh", "ready": bool(runtime.scheduler.placements()),
-             "provenance": runtime.provenance.as_json()}]})
+        entry = {"object": "model", "created": int(runtime.started_at), "owned_by": "edgemesh",
+                 "ready": bool(runtime.scheduler.placements()), "provenance": runtime.provenance.as_json()}
+        aliases = [{"id": alias, **entry, "alias_of": runtime.model_name} for alias in sorted(runtime.model_aliases)]
+        return JSONResponse({"object": "list", "data": [{"id": runtime.model_name, **entry}, *aliases]})
 
     async def cluster(request: Request) -> Response:
         return JSONResponse(runtime.cluster_view())
@@ -176,6 +177,11 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(ApiKeyMiddleware, keys=runtime.api_keys)],
+        # CORS outermost: a browser's preflight (OPTIONS, without the key) is answered before the
+        # key check, and only for the origins the admin named; without --cors-origin, none.
+        middleware=[*([Middleware(CORSMiddleware, allow_origins=list(runtime.cors_origins),
+                                  allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                                  expose_headers=["X-EdgeMesh-Route"], max_age=600)] if runtime.cors_origins else []),
+                    Middleware(ApiKeyMiddleware, keys=runtime.api_keys)],
         exception_handlers={404: not_found, 405: method_not_allowed},
     )

@@ -105,12 +105,13 @@ class Completions:
 
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, model_name: str,
                  metrics: GatewayMetrics, cloud: CloudUpstream | None = None, policy: str = "local-only",
-                 admin: GatewayPolicy | None = None) -> None:
+                 admin: GatewayPolicy | None = None, aliases: frozenset[str] = frozenset()) -> None:
         if policy not in POLICIES:
             raise InvalidInput(f"unknown routing policy {policy!r}; choose from {', '.join(POLICIES)}")
         self._scheduler = scheduler
         self._tokenizer = tokenizer
         self._model_name = model_name
+        self._aliases = aliases  # --model-alias: other names a client may ask for the model by
         self._metrics = metrics
         self._cloud = cloud
         self._admin = admin or GatewayPolicy()  # the admin's system prompt and deny patterns
@@ -136,7 +137,7 @@ class Completions:
         return await loop.run_in_executor(self._prompt_pool, self._encode, body, continuation)
 
     async def _generation_request(self, body: _Common, continuation: str = "") -> GenerationRequest:
-        check_model(body.model, self._model_name)
+        check_model(body.model, self._model_name, self._aliases)
         n_ctx = await self._scheduler.serving_context_length()
         if n_ctx is None:
             raise Unavailable("no node serving this model is ready; start one with `edgemesh node`")
@@ -215,7 +216,7 @@ class Completions:
         self._metrics.in_flight.inc()
         handed_to_stream = False
         try:
-            check_model(body.model, self._model_name)
+            check_model(body.model, self._model_name, self._aliases)
             answer = self._admin.filter(await self._answer(body, flavor, started))
             self._metrics.time_to_first_token.labels(answer.route).observe(time.monotonic() - started)
             self.last_route = answer.route

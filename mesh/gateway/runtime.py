@@ -19,6 +19,7 @@ from mesh.errors import ConfigError
 from mesh.gateway.api_keys import ApiKeys
 from mesh.gateway.completions import POLICIES, Completions
 from mesh.gateway.policy import GatewayPolicy
+from mesh.gateway.web_access import parse_aliases, parse_origins
 from mesh.membership import Member, Membership, MemberState
 from mesh.metrics import GatewayMetrics
 from mesh.placement.controller import ControllerSettings, PlacementController
@@ -75,6 +76,8 @@ class GatewayRuntime:
         self.started_at = time.time()
         self.model_path = model_path
         self.model_name = model_path.stem
+        self.model_aliases = parse_aliases(config.model_alias, self.model_name)
+        self.cors_origins = parse_origins(config.cors_origin)
         self.model_sha = ModelSha(file_sha256(model_path))
         self.allowed = AllowedModels(config.allowed_models)
         self.allowed.check(self.model_sha, f"--model {model_path}")  # its tokenizer and template too
@@ -97,7 +100,7 @@ class GatewayRuntime:
         self.cloud_up = False
         self.cloud = self._make_cloud(config)
         self.completions = Completions(self.scheduler, self.tokenizer, self.model_name, self.metrics, self.cloud,
-                                       config.policy, self.policy)
+                                       config.policy, self.policy, aliases=self.model_aliases)
         self._browser: Browser | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._exported_nodes: set[tuple[str, str]] = set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -60,3 +61,52 @@ def test_the_official_client_is_served_or_told_no_by_name(launcher: Launcher, de
     # And it went on serving.
     again = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=6, temperature=0)
     assert again.choices[0].message.content == chat.choices[0].message.content
+
+
+def test_model_aliases_and_cors_origins(launcher: Launcher, default_model: Path) -> None:
+    launcher.node("replica", default_model, "--role", "replica")
+    plain = gateway_url(launcher.gateway("plain", default_model))
+    url = gateway_url(launcher.gateway("web", default_model, "--model-alias", "gpt-4o-mini=default",
+                                       "--cors-origin", "http://localhost:3000", "--api-key", "k-web"))
+    wait_for_nodes(url, 1, headers={"Authorization": "Bearer k-web"})
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="k-web", max_retries=0, timeout=120)
+
+    # A client that hard-codes a model name is served under the alias; another name is a 404.
+    served = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert served.choices[0].message.content
+    with pytest.raises(openai.NotFoundError, match="'gpt-4o-mini'"):
+        client.chat.completions.create(model="gpt-5", messages=MESSAGES, max_tokens=4)
+    listed = {m.id: m for m in client.models.list().data}
+    assert set(listed) == {default_model.stem, "gpt-4o-mini"}
+    assert listed["gpt-4o-mini"].alias_of == default_model.stem
+
+    # A browser page of the named origin may call the API: its preflight needs no key ...
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    allowed = httpx.options(f"{url}/v1/chat/completions", headers=preflight, timeout=10)
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+    listing = httpx.get(f"{url}/v1/models", headers={"Origin": "http://localhost:3000",
+                                                     "Authorization": "Bearer k-web"}, timeout=10)
+    assert listing.headers["access-control-allow-origin"] == "http://localhost:3000"
+    # ... but the request itself still does, and other origins (or a gateway without the flag) get no CORS.
+    assert httpx.get(f"{url}/v1/models", headers={"Origin": "http://localhost:3000"}, timeout=10).status_code == 401
+    other = httpx.options(f"{url}/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"},
+                          timeout=10)
+    assert "access-control-allow-origin" not in other.headers
+    for response in (httpx.options(f"{plain}/v1/chat/completions", headers=preflight, timeout=10),
+                     httpx.get(f"{plain}/v1/models", headers={"Origin": "http://localhost:3000"}, timeout=10)):
+        assert "access-control-allow-origin" not in response.headers
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--model-alias", "gpt-4o-mini", "is not NAME=MODEL"),
+    ("--model-alias", "gpt-4o-mini=llama-3-70b", "this gateway serves"),
+    ("--cors-origin", "http://localhost:3000/", "is not an origin"),
+])
+def test_a_bad_alias_or_origin_is_a_start_error(launcher: Launcher, default_model: Path, flag: str, value: str,
+                                                says: str) -> None:
+    gateway = launcher.start("bad", ["gateway", "--model", str(default_model), "--port", "0", flag, value],
+                             wait_ready=False)
+    assert gateway.popen.wait(timeout=60) == 2
+    assert says in gateway.log() and "Traceback" not in gateway.log()

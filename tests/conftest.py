@@ -182,6 +182,18 @@ def wait_for_nodes(url: str, count: int, timeout: float = 60.0,
     raise AssertionError(f"{count} ready nodes not seen within {timeout}s: {json.dumps(view)[:2000]}")
 
 
+def wait_for_pipeline(url: str, stages: int, timeout: float = 120.0,
+                      headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Poll /api/cluster until the controller has placed a pipeline of `stages` stages."""
+    deadline = time.monotonic() + timeout
+    view: dict[str, Any] = {}
+    while not any(p["kind"] == "pipeline" and len(p["stages"]) == stages for p in view.get("placements", [])):
+        assert time.monotonic() < deadline, f"no {stages}-stage pipeline placed within {timeout}s: {view}"
+        time.sleep(0.2)
+        view = httpx.get(f"{url}/api/cluster", headers=headers, timeout=10, trust_env=False).json()
+    return view
+
+
 def sse_events(response: httpx.Response) -> list[dict[str, Any]]:
     """The JSON events of an SSE body, checking it ends with [DONE]."""
     lines = [line for line in response.text.splitlines() if line.startswith("data: ")]

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from node.gguf import file_sha256
-from tests.browser.test_web_ui import CHROMIUM, CHROMIUM_ARGS, sync_playwright
 from tests.conftest import Launcher, gateway_url
 from tests.fixtures.tiny_gguf import PROVENANCE, SPECS, write_tiny_gguf
 
@@ -28,20 +27,6 @@ def page_url(module_launcher: Launcher, tmp_path_factory: pytest.TempPathFactory
                             metadata=PROVENANCE, name="Tiny UI Model")
     gateway = module_launcher.start("ui-gateway", ["gateway", "--model", str(model), "--port", "0", "--no-discovery"])
     yield gateway_url(gateway), file_sha256(model)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if sync_playwright is None:
-        pytest.skip("playwright is not installed (pip install playwright; its PyPI wheel ships the driver)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def test_the_models_provenance_is_shown_beside_the_picker(browser: Any, page_url: tuple[str, str]) -> None:

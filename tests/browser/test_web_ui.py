@@ -25,15 +25,12 @@ import pytest
 from tests.conftest import REPO, Launcher, gateway_url, wait_for_nodes
 
 try:
-    from playwright.sync_api import Browser, Page, sync_playwright
-except ImportError:  # the test skips with a reason below
-    sync_playwright = None
+    from playwright.sync_api import Browser, Page
+except ImportError:  # the browser fixture (tests/browser/conftest.py) skips with a reason
+    pass
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 ARTIFACTS = REPO / "test-artifacts" / "web-ui"
 ANSWER_TIMEOUT_MS = 180_000  # a slow CI machine, a cold model, a pipeline of three stages
 LAYERS_TEXT = re.compile("layers? (\\d+)(?:\u2013(\\d+))?")  # "layers 0\u20139": an en dash
@@ -132,21 +129,6 @@ ACTIVE_VIEW: dict[str, Any] = {  # this gateway places; two replicas and a spare
 
 # ---------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if sync_playwright is None:
-        pytest.skip("playwright is not installed (pip install playwright; its PyPI wheel ships the driver)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
 @contextmanager
 def local_mesh(workdir: Path, model: Path, nodes: int, *extra: str) -> Iterator[str]:
     """`edgemesh up --nodes N` on an ephemeral port; yields the gateway URL; SIGTERM at the end."""
@@ -203,6 +185,7 @@ class UiPage:
             self.cluster_polls += 1
 
     def shot(self, name: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
     def assert_no_errors(self) -> None:

@@ -29,7 +29,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -37,7 +36,7 @@ import pytest
 from mesh.config import Limits, Timeouts
 from mesh.transport import step_socket as wire
 from mesh.transport.channels import NodeClient
-from tests.conftest import Launcher, Proc, gateway_url
+from tests.conftest import Launcher, Proc, gateway_url, wait_for_pipeline
 from tests.fixtures.node_wire import step_socket
 
 pytestmark = pytest.mark.slow
@@ -265,12 +264,7 @@ def test_a_pipeline_is_served_through_idle_and_slow_connections_to_every_node_po
     gateway = launcher.gateway("gw", default_model, "--no-discovery", "--strategy", "pipeline", "--stages", "2",
                                *peers)
     url = gateway_url(gateway)
-    deadline = time.monotonic() + 120
-    view: dict[str, Any] = {}
-    while not any(p["kind"] == "pipeline" and len(p["stages"]) == 2 for p in view.get("placements", [])):
-        assert time.monotonic() < deadline, f"no 2-stage pipeline placed: {view}"
-        time.sleep(0.2)
-        view = httpx.get(f"{url}/api/cluster", timeout=10).json()
+    wait_for_pipeline(url, 2)
     expected, _ = chat(url)  # also opens the head's checked links to the later stage
     assert expected
 

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, Proc, wait_for_ready_file
+from tests.conftest import REPO, Proc, wait_for_pipeline, wait_for_ready_file
 from tests.system.netns import TestNet, _ip, unavailable_reason
 
 _UNAVAILABLE = unavailable_reason()
@@ -128,14 +128,8 @@ def test_a_whole_session_sends_nothing_off_the_lan(tmp_path: Path, default_model
         gateway.ready = wait_for_ready_file(gateway, gw_ready)
         url = f"http://{gateway.ready[0]}:{gateway.ready[1]}"
         headers = {"Authorization": f"Bearer {api_key}"}
+        wait_for_pipeline(url, 2, headers=headers)
         with httpx.Client(base_url=url, headers=headers, timeout=120, trust_env=False) as client:
-            deadline = time.monotonic() + 120
-            view: dict[str, Any] = {}
-            while not any(p["kind"] == "pipeline" and len(p["stages"]) == 2 for p in view.get("placements", [])):
-                assert time.monotonic() < deadline, f"no 2-stage pipeline placed: {view}"
-                time.sleep(0.3)
-                view = client.get("/api/cluster").json()
-
             completion = client.post("/v1/completions", json={"prompt": "The river", "max_tokens": 8,
                                                               "temperature": 0})
             assert completion.status_code == 200, completion.text

@@ -22,12 +22,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import Launcher, gateway_url
+from tests.conftest import Launcher, gateway_url, wait_for_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -108,12 +107,7 @@ def _pipeline(launcher: Launcher, model: Path, *extra: str) -> tuple[str, int]:
     gateway = launcher.gateway("gw", model, "--no-discovery", "--strategy", "pipeline", "--stages", "2", *peers,
                                *extra)
     url = gateway_url(gateway)
-    deadline = time.monotonic() + 120
-    view: dict[str, Any] = {}
-    while not any(p["kind"] == "pipeline" and len(p["stages"]) == 2 for p in view.get("placements", [])):
-        assert time.monotonic() < deadline, f"no 2-stage pipeline placed: {view}"
-        time.sleep(0.2)
-        view = httpx.get(f"{url}/api/cluster", timeout=10).json()
+    wait_for_pipeline(url, 2)
     return url, int(gateway.ready[1])
 
 

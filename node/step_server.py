@@ -88,7 +88,7 @@ class StepServer:
         self._key = cluster_key
         # None only under --insecure-plaintext; otherwise every connection is TLS 1.3 with a
         # client certificate of this cluster before a byte of the step protocol is read.
-        self._tls = credentials.server_context() if credentials is not None else None
+        self._tls = credentials.server_context if credentials is not None else None
         self._stages = stages
         self._compute = compute
         self._metrics = metrics

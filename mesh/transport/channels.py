@@ -74,7 +74,7 @@ def open_channel(address: str, cluster_key: str, options: list[tuple[str, Any]],
     credentials = tls.credentials_for(cluster_key)
     if credentials is None:  # --insecure-plaintext, loopback only
         return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, credentials.grpc_channel(),
+    return grpc.aio.secure_channel(address, credentials.grpc_channel,
                                    options=[*options, ("grpc.ssl_target_name_override", tls.expected_name(node_id))])
 
 

@@ -242,7 +242,7 @@ class StepConnection:
             deadline = time.monotonic() + timeouts.connect_s
             if credentials is not None:
                 # The certificate must name the node we were told to use: a node id is a DNS label.
-                sock = credentials.client_context().wrap_socket(sock, server_hostname=node_id)
+                sock = credentials.client_context.wrap_socket(sock, server_hostname=node_id)
             handshake_as_head(sock, cluster_key, node_id, what, deadline)
         except ssl.SSLCertVerificationError as exc:
             sock.close()

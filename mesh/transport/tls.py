@@ -133,34 +133,24 @@ class ClusterCredentials:
                                            require_client_auth=True)
 
     @cached_property
-    def _grpc_channel(self) -> grpc.ChannelCredentials:
+    def grpc_channel(self) -> grpc.ChannelCredentials:
+        """For every channel to a node (one object, shared by all of them)."""
         return grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=self.key_pem,
                                             certificate_chain=self.cert_pem)
 
-    def grpc_channel(self) -> grpc.ChannelCredentials:
-        return self._grpc_channel
-
     @cached_property
-    def _server_context(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._configure(context)
-        return context
-
-    @cached_property
-    def _client_context(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname on: the node id is checked
-        self._configure(context)
-        return context
-
     def server_context(self) -> ssl.SSLContext:
         """For the step socket's listener: TLS 1.3, a client certificate of this cluster required."""
-        return self._server_context
+        return self._context(ssl.PROTOCOL_TLS_SERVER)
 
+    @cached_property
     def client_context(self) -> ssl.SSLContext:
-        """For a step connection: TLS 1.3; pass server_hostname=<node id> to wrap_socket."""
-        return self._client_context
+        """For a step connection: TLS 1.3, check_hostname on, so pass server_hostname=<node id>
+        to wrap_socket. Shared: do not change it."""
+        return self._context(ssl.PROTOCOL_TLS_CLIENT)
 
-    def _configure(self, context: ssl.SSLContext) -> None:
+    def _context(self, protocol: ssl._SSLMethod) -> ssl.SSLContext:
+        context = ssl.SSLContext(protocol)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(cadata=self.ca_pem.decode())
@@ -172,6 +162,7 @@ class ClusterCredentials:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
             context.load_cert_chain(cert_path, key_path)
+        return context
 
 
 class _Registry:

@@ -65,7 +65,7 @@ def test_a_node_accepts_only_members_of_its_cluster_over_tls13(launcher: Launche
 
         async with grpc.aio.insecure_channel(address) as plain:  # what llama.cpp's RPC mode would be
             assert await _health(plain) == grpc.StatusCode.UNAVAILABLE
-        async with grpc.aio.secure_channel(address, outsider.grpc_channel(),
+        async with grpc.aio.secure_channel(address, outsider.grpc_channel,
                                            options=[("grpc.ssl_target_name_override", tls.NODE_NAME)]) as other:
             assert await _health(other) == grpc.StatusCode.UNAVAILABLE
         # Trusting the right CA but with no certificate of its own: the node wants one.
@@ -86,7 +86,8 @@ def test_a_node_accepts_only_members_of_its_cluster_over_tls13(launcher: Launche
     asyncio.run(grpc_calls())
 
     # The gRPC port negotiates TLS 1.3 with a member, and its certificate names the node.
-    context = member.client_context()
+    context = _client(member, member.ca_pem)  # its own: the process's shared context stays as it is
+    context.check_hostname = True  # the certificate must name the node id given below
     context.set_alpn_protocols(["h2"])
     with socket.create_connection(("127.0.0.1", int(node.ready[1])), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname=node_id) as conn:

@@ -146,6 +146,28 @@ class GenerationRequest:
     replay_tokens: tuple[int, ...] = ()
 
 
+# Inputs in one Embed call: a request with more is split into calls of this many, which the
+# scheduler spreads over the replicas (and a node refuses more).
+EMBED_BATCH_INPUTS = 16
+
+
+@dataclass(frozen=True)
+class EmbedBatch:
+    """A few inputs (token ids) to embed on one replica: one pooled vector each."""
+
+    request_id: RequestId
+    inputs: tuple[tuple[int, ...], ...]
+    model_sha256: ModelSha = ModelSha("")
+
+
+@dataclass(frozen=True, eq=False)
+class Embeddings:
+    """The vectors of an EmbedBatch, one row per input (L2-normalized), and how they were pooled."""
+
+    vectors: npt.NDArray[np.float32]  # shape (inputs, n_embd)
+    pooling: str  # "mean", "cls" or "last"
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     """One generated token; finish_reason is set on the last one."""

@@ -250,7 +250,7 @@ def check_limits(body: _Common, limits: Limits) -> None:
                            "this gateway accepts")
 
 
-def parse(model: type[_Common], body: bytes) -> Any:
+def parse(model: type[_Strict], body: bytes) -> Any:
     """Validate a JSON body; every problem becomes one InvalidInput naming the field."""
     if not body:
         raise InvalidInput("the request body is empty; send a JSON object")

@@ -1,0 +1,120 @@
+"""/v1/embeddings through the official `openai` client (issue 19, part 6): vectors of the
+model's width, equal to llama.cpp's own embeddings of the same text, batch lists and
+base64, bad input refused by name, and a mesh of pipeline stages only saying no node can embed."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from tests.conftest import Launcher, gateway_url, wait_for_nodes
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["The sky is blue today.", "Cats chase mice in the old barn."]
+
+
+@pytest.fixture(scope="module")
+def mesh_url(module_launcher: Launcher, default_model: Path) -> Iterator[str]:
+    module_launcher.node("replica", default_model, "--role", "replica")
+    url = gateway_url(module_launcher.gateway("gw", default_model))
+    wait_for_nodes(url, 1)
+    yield url
+
+
+@pytest.fixture(scope="module")
+def client(mesh_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{mesh_url}/v1", api_key="unused-on-loopback", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(default_model: Path) -> list[np.ndarray]:
+    """llama.cpp's own embeddings of TEXTS: mean pooling (the model declares none), L2-normalized."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(default_model), embedding=True, n_ctx=2048, n_batch=2048, n_ubatch=2048,
+                          pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, n_threads=1, verbose=False)
+    return [np.asarray(v, dtype=np.float32) for v in llm.embed(TEXTS, normalize=True)]
+
+
+def test_vectors_have_the_width_and_equal_llama_cpp(client: openai.OpenAI, mesh_url: str, default_model: Path,
+                                                    reference: list[np.ndarray]) -> None:
+    from node.gguf import inspect
+
+    width = inspect(default_model).n_embd
+    answer = client.embeddings.create(model="default", input=TEXTS, user="alice")
+    assert [d.index for d in answer.data] == [0, 1]
+    vectors = [np.asarray(d.embedding, dtype=np.float32) for d in answer.data]
+    assert all(v.shape == (width,) for v in vectors)
+    assert not np.allclose(vectors[0], vectors[1], atol=1e-3)
+    for got, expected in zip(vectors, reference, strict=True):
+        assert np.max(np.abs(got - expected)) < 1e-4
+    assert answer.usage.prompt_tokens == answer.usage.total_tokens > 0
+
+    # One string; base64 asked for by name (the client hands the string back as it came; without
+    # encoding_format it asks for base64 itself and decodes it, so the calls above took that path).
+    single = client.embeddings.create(model="default", input=TEXTS[0])
+    assert np.max(np.abs(np.asarray(single.data[0].embedding) - reference[0])) < 1e-4
+    packed = client.embeddings.create(model="default", input=TEXTS, encoding_format="base64", dimensions=width)
+    for got, expected in zip(packed.data, reference, strict=True):
+        assert isinstance(got.embedding, str)
+        decoded = np.frombuffer(base64.b64decode(got.embedding), dtype="<f4")
+        assert np.max(np.abs(decoded - expected)) < 1e-4
+    plain = httpx.post(f"{mesh_url}/v1/embeddings", json={"input": TEXTS[1], "encoding_format": "float"},
+                       timeout=60).json()
+    assert plain["object"] == "list" and plain["model"] and plain["data"][0]["object"] == "embedding"
+    assert np.max(np.abs(np.asarray(plain["data"][0]["embedding"]) - reference[1])) < 1e-4
+
+    # A batch longer than one Embed call (16 inputs): every row in its place.
+    many = client.embeddings.create(model="default", input=[TEXTS[i % 2] for i in range(21)])
+    assert [d.index for d in many.data] == list(range(21))
+    for d in many.data:
+        assert np.max(np.abs(np.asarray(d.embedding) - reference[d.index % 2])) < 1e-4
+
+
+def test_token_ids_and_bad_input(client: openai.OpenAI, mesh_url: str, default_model: Path,
+                                 reference: list[np.ndarray]) -> None:
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=str(default_model), vocab_only=True, verbose=False)
+    ids = [list(vocab.tokenize(text.encode())) for text in TEXTS]
+    by_ids = client.embeddings.create(model="default", input=ids)
+    for got, expected in zip(by_ids.data, reference, strict=True):
+        assert np.max(np.abs(np.asarray(got.embedding) - expected)) < 1e-4
+    one = client.embeddings.create(model="default", input=ids[1])
+    assert np.max(np.abs(np.asarray(one.data[0].embedding) - reference[1])) < 1e-4
+
+    refusals = [
+        ({"input": []}, "input is empty"),
+        ({"input": ""}, "input is empty"),
+        ({"input": "x", "dimensions": 8}, "dimensions"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": [[1, 2], [10**9]]}, "outside the vocabulary"),
+        ({"input": "word " * 3000}, "input[0] is"),
+        ({"input": ["x"] * 2049}, "2049 inputs"),
+        ({"input": "x", "truncate": True}, "truncate: unknown field"),
+    ]
+    for body, message in refusals:
+        reply = httpx.post(f"{mesh_url}/v1/embeddings", json=body, timeout=60)
+        assert reply.status_code == 400, (body, reply.text)
+        assert message in reply.json()["error"]["message"], (message, reply.text)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="gpt-5", input="x")
+    # And it went on serving.
+    again = client.embeddings.create(model="default", input=TEXTS[0])
+    assert np.max(np.abs(np.asarray(again.data[0].embedding) - reference[0])) < 1e-4
+
+
+def test_a_mesh_of_stages_only_says_no_node_can_embed(launcher: Launcher, default_model: Path) -> None:
+    launcher.node("stage", default_model, "--role", "stage")
+    url = gateway_url(launcher.gateway("gw-stages", default_model))
+    wait_for_nodes(url, 1)
+    reply = httpx.post(f"{url}/v1/embeddings", json={"input": "hello"}, timeout=60)
+    assert reply.status_code == 503, reply.text
+    assert "no node can compute embeddings" in reply.json()["error"]["message"]

@@ -720,12 +720,20 @@ def _plausible_release_session(maker: MessageMaker, msg: Any) -> None:
     msg.session_id = maker.rng.choice(SESSIONS)
 
 
+def _plausible_embed(maker: MessageMaker, msg: Any) -> None:
+    rng = maker.rng
+    msg.model_sha256 = maker.t.sha if rng.random() < 0.8 else rng.choice(("", "0" * 64))
+    for _ in range(rng.choice((0, 1, 2, 3, 17))):  # 17: over the batch the node takes
+        msg.inputs.add().ids.extend(maker.tokens(rng.choice((8, 64, maker.t.n_ctx + 8))))
+
+
 PLAUSIBLE: dict[str, Callable[[MessageMaker, Any], None]] = {
     "InfoRequest": _plausible_info, "GenerateRequest": MessageMaker.generate_request,
     "ForwardRequest": _plausible_forward, "LoadStageRequest": _plausible_load_stage,
     "LoadModelRequest": _plausible_load_model, "ReleaseHoldingRequest": _plausible_release,
     "ClaimRequest": _plausible_claim, "FetchShardRequest": _plausible_fetch,
     "RunPipelineRequest": _plausible_pipeline, "ReleaseSessionRequest": _plausible_release_session,
+    "EmbedRequest": _plausible_embed,
 }
 
 

@@ -72,8 +72,9 @@ class Embeddings:
         self._admin = admin
         self._aliases = aliases
 
-    def _tokens(self, items: list[str | list[int]], n_ctx: int) -> list[tuple[int, ...]]:
-        """Token ids of every input, each checked against the limits (CPU work: off the event loop)."""
+    def _tokens(self, items: list[str | list[int]], n_ctx: int, truncate: bool) -> list[tuple[int, ...]]:
+        """Token ids of every input, each checked against the limits (CPU work: off the event loop);
+        `truncate` (Ollama's default) cuts an input longer than the context to it instead of refusing it."""
         limits = self._limits
         if len(items) > limits.max_embedding_inputs:
             raise InvalidInput(f"input: {len(items)} inputs, more than the {limits.max_embedding_inputs} "
@@ -93,6 +94,8 @@ class Embeddings:
                                        f"{self._tokenizer.n_vocab}")
             if not tokens:
                 raise InvalidInput(f"input[{index}] is empty")
+            if truncate and len(tokens) > n_ctx:
+                tokens = tokens[:n_ctx]
             if len(tokens) > longest:
                 which = (f"the context the model is served with ({n_ctx} tokens)" if longest == n_ctx else
                          f"the {limits.max_embedding_tokens} tokens this gateway accepts (max_embedding_tokens)")
@@ -100,7 +103,7 @@ class Embeddings:
             result.append(tuple(tokens))
         return result
 
-    async def vectors(self, body: EmbeddingRequest) -> tuple[np.ndarray, int]:
+    async def vectors(self, body: EmbeddingRequest, truncate: bool = False) -> tuple[np.ndarray, int]:
         """The normalized vectors of the request's inputs (one row each) and their token count."""
         check_model(body.model, self._model_name, self._aliases)
         if body.dimensions is not None and body.dimensions != self.n_embd:
@@ -109,7 +112,7 @@ class Embeddings:
         n_ctx = await self._scheduler.serving_context_length()
         if n_ctx is None:
             raise Unavailable(NO_EMBEDDER)
-        tokens = await asyncio.to_thread(self._tokens, body.items(), n_ctx)
+        tokens = await asyncio.to_thread(self._tokens, body.items(), n_ctx, truncate)
         batches = [tuple(tokens[i:i + EMBED_BATCH_INPUTS]) for i in range(0, len(tokens), EMBED_BATCH_INPUTS)]
         # At most one batch in flight per replica from this request, so a long list neither fills
         # every queue at once nor waits behind itself.
@@ -127,11 +130,13 @@ class Embeddings:
             raise EdgeMeshError(f"a replica answered vectors of {vectors.shape[1]} dimensions, not {self.n_embd}")
         return vectors, sum(len(t) for t in tokens)
 
-    async def handle(self, body: EmbeddingRequest, key_name: str = "") -> Response:
+    async def counted(self, body: EmbeddingRequest, key_name: str, truncate: bool = False,
+                      ) -> tuple[np.ndarray, int] | Response:
+        """`vectors`, with the request's metrics; an error answer (OpenAI's shape) on failure."""
         started = time.monotonic()
         self._metrics.in_flight.inc()
         try:
-            vectors, n_tokens = await self.vectors(body)
+            vectors, n_tokens = await self.vectors(body, truncate)
         except EdgeMeshError as exc:
             self._metrics.requests.labels(MESH_ROUTE, str(exc.http_status)).inc()
             reason = rejection_reason(exc)
@@ -145,6 +150,13 @@ class Embeddings:
         self._metrics.duration.labels(MESH_ROUTE).observe(time.monotonic() - started)
         if key_name:
             self._metrics.tokens_by_key.labels(key_name, "prompt").inc(n_tokens)
+        return vectors, n_tokens
+
+    async def handle(self, body: EmbeddingRequest, key_name: str = "") -> Response:
+        result = await self.counted(body, key_name)
+        if isinstance(result, Response):
+            return result
+        vectors, n_tokens = result
         data = [{"object": "embedding", "index": i,
                  "embedding": encode(row, body.encoding_format)} for i, row in enumerate(vectors)]
         return JSONResponse({"object": "list", "data": data, "model": self._model_name,

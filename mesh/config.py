@@ -107,8 +107,9 @@ class Limits:
     max_messages: int = setting(4096, "most messages in one chat request (each costs template work even when empty)")
     max_stop_chars: int = setting(512, "longest stop string (each is matched against the answer as it streams)")
     max_embedding_inputs: int = setting(2048, "most inputs in one embeddings request")
-    max_embedding_tokens: int = setting(8192, "longest embeddings input, in tokens (and never more than the "
-                                        "context the model is served with)")
+    max_embedding_tokens: int = setting(512, "longest embeddings input, in tokens; never more than the 512 a "
+                                        "node's embedding context holds (mesh.types.EMBED_CONTEXT_TOKENS) nor the "
+                                        "context the model is served with")
     max_body_bytes: int = setting(4 * 2**20, "largest HTTP request body the gateway accepts")
     max_http_connections: int = setting(512, "HTTP connections the gateway serves at once; a request on one more "
                                         "gets 503, and past twice this many connections are closed at once")

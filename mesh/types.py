@@ -149,6 +149,11 @@ class GenerationRequest:
 # Inputs in one Embed call: a request with more is split into calls of this many, which the
 # scheduler spreads over the replicas (and a node refuses more).
 EMBED_BATCH_INPUTS = 16
+# Tokens a node's embedding context holds: the longest input it embeds. Pooling needs every
+# token as an output, and llama.cpp computes the logits of each output as well, so the context
+# costs about 2 x 4 x vocabulary bytes per token (measured on SmolLM2-135M, vocabulary 49,152:
+# about 150 MiB at 512 tokens, 820 MiB at 2,048); 512 covers the chunks RAG front ends embed.
+EMBED_CONTEXT_TOKENS = 512
 
 
 @dataclass(frozen=True)

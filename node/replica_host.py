@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from mesh.errors import InvalidInput, NotFound, Unavailable
-from mesh.types import ModelHeld, ModelSha
+from mesh.types import EMBED_CONTEXT_TOKENS, ModelHeld, ModelSha
 from node.activity import Activity
 from node.budget import MemoryBudget
 from node.engines.embedder import Embedder, embedding_bytes
@@ -129,9 +129,9 @@ class ReplicaHost:
                     return self._embedder
             local = self._local
             profile = model_profile(local.path, local.model.sha256)
-            n_ctx = engine.n_ctx  # an input may be as long as a prompt
+            n_ctx = min(engine.n_ctx, EMBED_CONTEXT_TOKENS)
             need = embedding_bytes(profile.kv_bytes_per_token_layer, profile.n_layers, profile.n_head,
-                                   profile.n_embd, n_ctx)
+                                   profile.n_embd, profile.n_vocab, n_ctx)
             with self._loading, self._activity.doing(f"opening an embedding context on {local.model.name}"):
                 self._budget.check(need, f"an embedding context for {local.model.name}",
                                    replacing=self._embedding_bytes)

@@ -27,7 +27,7 @@ from mesh.gateway.schemas import _Strict
 from mesh.metrics import GatewayMetrics
 from mesh.scheduler import NO_EMBEDDER, Scheduler, check_model
 from mesh.tokenizer import Tokenizer
-from mesh.types import EMBED_BATCH_INPUTS, EmbedBatch, RequestId
+from mesh.types import EMBED_BATCH_INPUTS, EMBED_CONTEXT_TOKENS, EmbedBatch, RequestId
 
 
 class EmbeddingRequest(_Strict):
@@ -79,7 +79,7 @@ class Embeddings:
         if len(items) > limits.max_embedding_inputs:
             raise InvalidInput(f"input: {len(items)} inputs, more than the {limits.max_embedding_inputs} "
                                "this gateway accepts in one request")
-        longest = min(limits.max_embedding_tokens, n_ctx)
+        longest = min(limits.max_embedding_tokens, EMBED_CONTEXT_TOKENS, n_ctx)
         result = []
         for index, item in enumerate(items):
             if isinstance(item, str):
@@ -94,11 +94,11 @@ class Embeddings:
                                        f"{self._tokenizer.n_vocab}")
             if not tokens:
                 raise InvalidInput(f"input[{index}] is empty")
-            if truncate and len(tokens) > n_ctx:
-                tokens = tokens[:n_ctx]
+            if truncate and len(tokens) > longest:
+                tokens = tokens[:longest]
             if len(tokens) > longest:
                 which = (f"the context the model is served with ({n_ctx} tokens)" if longest == n_ctx else
-                         f"the {limits.max_embedding_tokens} tokens this gateway accepts (max_embedding_tokens)")
+                         f"the {longest} tokens an input may have (max_embedding_tokens)")
                 raise InvalidInput(f"input[{index}] is {len(tokens)} tokens, longer than {which}")
             result.append(tuple(tokens))
         return result

@@ -38,7 +38,7 @@ def reference(default_model: Path) -> list[np.ndarray]:
     """llama.cpp's own embeddings of TEXTS: mean pooling (the model declares none), L2-normalized."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(default_model), embedding=True, n_ctx=2048, n_batch=2048, n_ubatch=2048,
+    llm = llama_cpp.Llama(model_path=str(default_model), embedding=True, n_ctx=512, n_batch=512, n_ubatch=512,
                           pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, n_threads=1, verbose=False)
     return [np.asarray(v, dtype=np.float32) for v in llm.embed(TEXTS, normalize=True)]
 
@@ -96,7 +96,7 @@ def test_token_ids_and_bad_input(client: openai.OpenAI, mesh_url: str, default_m
         ({"input": "x", "dimensions": 8}, "dimensions"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
         ({"input": [[1, 2], [10**9]]}, "outside the vocabulary"),
-        ({"input": "word " * 3000}, "input[0] is"),
+        ({"input": "word " * 600}, "input[0] is 601 tokens, longer than the 512 tokens an input may have"),
         ({"input": ["x"] * 2049}, "2049 inputs"),
         ({"input": "x", "truncate": True}, "truncate: unknown field"),
     ]

@@ -5,6 +5,8 @@ base64, bad input refused by name, and a mesh of pipeline stages only saying no 
 from __future__ import annotations
 
 import base64
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,18 +15,28 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import Launcher, gateway_url, wait_for_nodes
+from tests.conftest import Launcher, Proc, gateway_url, metric_lines, wait_for_nodes
 
 pytestmark = pytest.mark.slow
 
 TEXTS = ["The sky is blue today.", "Cats chase mice in the old barn."]
 
 
+# A short Embed deadline, so that the failover check below waits seconds, not minutes.
+EMBED_DEADLINE_S = "3"
+
+
 @pytest.fixture(scope="module")
-def mesh_url(module_launcher: Launcher, default_model: Path) -> Iterator[str]:
-    module_launcher.node("replica", default_model, "--role", "replica")
-    url = gateway_url(module_launcher.gateway("gw", default_model))
-    wait_for_nodes(url, 1)
+def replicas(module_launcher: Launcher, default_model: Path) -> list[Proc]:
+    return [module_launcher.node(name, default_model, "--role", "replica") for name in ("replica-a", "replica-b")]
+
+
+@pytest.fixture(scope="module")
+def mesh_url(module_launcher: Launcher, default_model: Path, replicas: list[Proc]) -> Iterator[str]:
+    gateway = module_launcher.start("gw", ["gateway", "--model", str(default_model), "--port", "0"],
+                                    env={"EDGEMESH_EMBED_RPC_S": EMBED_DEADLINE_S})
+    url = gateway_url(gateway)
+    wait_for_nodes(url, len(replicas))
     yield url
 
 
@@ -109,6 +121,27 @@ def test_token_ids_and_bad_input(client: openai.OpenAI, mesh_url: str, default_m
     # And it went on serving.
     again = client.embeddings.create(model="default", input=TEXTS[0])
     assert np.max(np.abs(np.asarray(again.data[0].embedding) - reference[0])) < 1e-4
+
+
+def test_a_replica_that_fails_before_answering_is_replaced(client: openai.OpenAI, mesh_url: str,
+                                                          replicas: list[Proc], reference: list[np.ndarray]) -> None:
+    # Two idle replicas tie, and a tie goes to the lower node id: freeze that one (it keeps its
+    # connections and answers nothing), so the batch goes to it first, misses its deadline and
+    # is asked of the other replica.
+    first = min(replicas, key=lambda p: p.ready[3])
+
+    def node_errors() -> float:
+        text = httpx.get(f"{mesh_url}/metrics", timeout=30).text
+        return metric_lines(text, "edgemesh_retries_total").get('edgemesh_retries_total{reason="node_error"}', 0.0)
+
+    before = node_errors()
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        answer = client.embeddings.create(model="default", input=TEXTS[0])
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert np.max(np.abs(np.asarray(answer.data[0].embedding) - reference[0])) < 1e-4
+    assert node_errors() == before + 1
 
 
 def test_a_mesh_of_stages_only_says_no_node_can_embed(launcher: Launcher, default_model: Path) -> None:

@@ -26,7 +26,6 @@ from mesh.gateway.api_keys import ApiKeys
 from mesh.gateway.completions import CHAT, TEXT, error_response, rejection_reason
 from mesh.gateway.embeddings import EmbeddingRequest
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, check_limits, parse
-from mesh.scheduler import check_model
 
 if TYPE_CHECKING:
     from mesh.gateway.runtime import GatewayRuntime
@@ -130,78 +129,6 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
     async def text_completions(request: Request) -> Response:
         return await completion(request, CompletionRequest, TEXT)
 
-    # ---------------------------------------------------------------- Ollama's API (mesh.gateway.ollama)
-
-    card = ollama.ModelCard(runtime)
-
-    async def ollama_completion(request: Request, read: Callable[[bytes, int | None], ollama.OllamaCall]) -> Response:
-        call = await admitted(request, lambda raw: read(raw, runtime.scheduler.context_length()),
-                              lambda c: admit_completion(c.request))
-        if isinstance(call, Response):
-            return ollama.ollama_error(call)
-        if call.empty:  # Ollama's "load the model" call: placement is the controller's, so just answer
-            try:
-                check_model(call.request.model, runtime.model_name, runtime.model_aliases)
-            except EdgeMeshError as exc:
-                return ollama.ollama_error(error_response(exc))
-            return JSONResponse(ollama.loaded(call))
-        render = ollama.NdjsonRenderer(call).renderer
-        flavor = CHAT if isinstance(call.request, ChatRequest) else TEXT
-        return ollama.ollama_error(await runtime.completions.handle(call.request, flavor, key_name=key_name(request),
-                                                                    render=render))
-
-    async def ollama_chat(request: Request) -> Response:
-        return await ollama_completion(request, ollama.chat_call)
-
-    async def ollama_generate(request: Request) -> Response:
-        return await ollama_completion(request, ollama.generate_call)
-
-    async def ollama_embed(request: Request, schema: type[Any]) -> Response:
-        def read(raw: bytes) -> tuple[Any, EmbeddingRequest]:
-            body = parse(schema, raw)
-            return body, ollama.embed_request(body, runtime.scheduler.context_length())
-
-        admitted_body = await admitted(request, read, lambda b: runtime.policy.admit_texts(b[1].texts()))
-        if isinstance(admitted_body, Response):
-            return ollama.ollama_error(admitted_body)
-        body, internal = admitted_body
-        started = time.monotonic_ns()
-        result = await runtime.embeddings.counted(internal, key_name(request),
-                                                  truncate=getattr(body, "truncate", True))
-        if isinstance(result, Response):
-            return ollama.ollama_error(result)
-        vectors, n_tokens = result
-        if schema is ollama.LegacyEmbedBody:
-            return JSONResponse({"embedding": [float(v) for v in vectors[0]]})
-        return JSONResponse({"model": body.model, "embeddings": [[float(v) for v in row] for row in vectors],
-                             "total_duration": time.monotonic_ns() - started, "load_duration": 0,
-                             "prompt_eval_count": n_tokens})
-
-    async def ollama_embed_route(request: Request) -> Response:
-        return await ollama_embed(request, ollama.EmbedBody)
-
-    async def ollama_embeddings(request: Request) -> Response:
-        return await ollama_embed(request, ollama.LegacyEmbedBody)
-
-    async def ollama_tags(request: Request) -> Response:
-        return JSONResponse(card.tags())
-
-    async def ollama_ps(request: Request) -> Response:
-        return JSONResponse(card.running(runtime.scheduler.context_length()))
-
-    async def ollama_version(request: Request) -> Response:
-        return JSONResponse(card.version())
-
-    async def ollama_show(request: Request) -> Response:
-        body = await admitted(request, lambda raw: parse(ollama.ShowBody, raw), lambda b: None)
-        if isinstance(body, Response):
-            return ollama.ollama_error(body)
-        name = body.model or body.name or ""
-        if name not in card.names and name + ollama.TAG not in card.names:
-            return JSONResponse({"error": f"model {name!r} not found; available: {', '.join(card.names)}"},
-                                status_code=404)
-        return JSONResponse(card.show())
-
     async def models(request: Request) -> Response:
         entry = {"object": "model", "created": int(runtime.started_at), "owned_by": "edgemesh",
                  "ready": bool(runtime.scheduler.placements()), "provenance": runtime.provenance.as_json()}
@@ -261,14 +188,7 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
         Route("/v1/completions", text_completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/api/tags", ollama_tags, methods=["GET"]),
-        Route("/api/ps", ollama_ps, methods=["GET"]),
-        Route("/api/version", ollama_version, methods=["GET"]),
-        Route("/api/show", ollama_show, methods=["POST"]),
-        Route("/api/chat", ollama_chat, methods=["POST"]),
-        Route("/api/generate", ollama_generate, methods=["POST"]),
-        Route("/api/embed", ollama_embed_route, methods=["POST"]),
-        Route("/api/embeddings", ollama_embeddings, methods=["POST"]),
+        *ollama.routes(runtime, admitted, admit_completion, key_name),  # Ollama's API, through the same gate
         Route("/api/cluster", cluster, methods=["GET"]),
         Route("/api/prometheus/targets", prometheus_targets, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

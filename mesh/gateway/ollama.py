@@ -18,19 +18,22 @@ from __future__ import annotations
 import collections
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from mesh import __version__
 from mesh.errors import EdgeMeshError, InvalidInput
 from mesh.gateway.answers import Answer
-from mesh.gateway.completions import Renderer
+from mesh.gateway.completions import CHAT, TEXT, Renderer, error_response
 from mesh.gateway.embeddings import EmbeddingRequest
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, _Strict, parse
+from mesh.scheduler import check_model
 
 if TYPE_CHECKING:
     from mesh.gateway.runtime import GatewayRuntime
@@ -194,11 +197,6 @@ class OllamaCall:
         self.empty = empty  # no messages / no prompt: Ollama's "load the model" call
 
 
-def _validated(schema: type[_Strict], raw: bytes) -> Any:
-    body = parse(schema, raw)
-    return body
-
-
 def _check_num_ctx(options: Options | EmbedOptions | None, served: int | None) -> None:
     if options is not None and options.num_ctx is not None and served is not None and options.num_ctx > served:
         raise InvalidInput(f"options.num_ctx: {options.num_ctx} is above the context this mesh serves the model "
@@ -214,7 +212,7 @@ def _internal(schema: type[ChatRequest] | type[CompletionRequest], fields: dict[
 
 
 def chat_call(raw: bytes, served_ctx: int | None) -> OllamaCall:
-    body: ChatBody = _validated(ChatBody, raw)
+    body: ChatBody = parse(ChatBody, raw)
     _check_num_ctx(body.options, served_ctx)
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
     if body.system:
@@ -225,7 +223,7 @@ def chat_call(raw: bytes, served_ctx: int | None) -> OllamaCall:
 
 
 def generate_call(raw: bytes, served_ctx: int | None) -> OllamaCall:
-    body: GenerateBody = _validated(GenerateBody, raw)
+    body: GenerateBody = parse(GenerateBody, raw)
     _check_num_ctx(body.options, served_ctx)
     common = {"model": _model_name(body.model), "stream": body.stream,
               **(body.options.fields() if body.options else {})}
@@ -365,3 +363,94 @@ def _product(shape: tuple[int, ...]) -> int:
     for n in shape:
         total *= n
     return total
+
+
+# ------------------------------------------------------------------ routes
+
+Gate = Callable[[Request, Callable[[bytes], Any], Callable[[Any], None]], Awaitable[Any]]
+
+
+def routes(runtime: GatewayRuntime, gate: Gate, admit_completion: Callable[[Any], None],
+           key_of: Callable[[Request], str]) -> list[Route]:
+    """Ollama's routes. `gate` is the app's one gate of API requests (body size and deadline,
+    per-key counts, the admin's policy: mesh.gateway.app), `admit_completion` the limits and
+    policy of a /v1 completion, `key_of` the name of a request's API key."""
+    card = ModelCard(runtime)
+
+    async def completion(request: Request, read: Callable[[bytes, int | None], OllamaCall]) -> Response:
+        call = await gate(request, lambda raw: read(raw, runtime.scheduler.context_length()),
+                          lambda c: admit_completion(c.request))
+        if isinstance(call, Response):
+            return ollama_error(call)
+        if call.empty:  # Ollama's "load the model" call: placement is the controller's, so just answer
+            try:
+                check_model(call.request.model, runtime.model_name, runtime.model_aliases)
+            except EdgeMeshError as exc:
+                return ollama_error(error_response(exc))
+            return JSONResponse(loaded(call))
+        flavor = CHAT if isinstance(call.request, ChatRequest) else TEXT
+        return ollama_error(await runtime.completions.handle(call.request, flavor, key_name=key_of(request),
+                                                             render=NdjsonRenderer(call).renderer))
+
+    async def chat(request: Request) -> Response:
+        return await completion(request, chat_call)
+
+    async def generate(request: Request) -> Response:
+        return await completion(request, generate_call)
+
+    async def embed(request: Request, schema: type[EmbedBody] | type[LegacyEmbedBody]) -> Response:
+        def read(raw: bytes) -> tuple[EmbedBody | LegacyEmbedBody, EmbeddingRequest]:
+            body = parse(schema, raw)
+            return body, embed_request(body, runtime.scheduler.context_length())
+
+        admitted = await gate(request, read, lambda b: runtime.policy.admit_texts(b[1].texts()))
+        if isinstance(admitted, Response):
+            return ollama_error(admitted)
+        body, internal = admitted
+        started = time.monotonic_ns()
+        result = await runtime.embeddings.counted(internal, key_of(request),
+                                                  truncate=not isinstance(body, EmbedBody) or body.truncate)
+        if isinstance(result, Response):
+            return ollama_error(result)
+        vectors, n_tokens = result
+        if isinstance(body, LegacyEmbedBody):
+            return JSONResponse({"embedding": [float(v) for v in vectors[0]]})
+        return JSONResponse({"model": body.model, "embeddings": [[float(v) for v in row] for row in vectors],
+                             "total_duration": time.monotonic_ns() - started, "load_duration": 0,
+                             "prompt_eval_count": n_tokens})
+
+    async def embed_route(request: Request) -> Response:
+        return await embed(request, EmbedBody)
+
+    async def legacy_embeddings(request: Request) -> Response:
+        return await embed(request, LegacyEmbedBody)
+
+    async def tags(request: Request) -> Response:
+        return JSONResponse(card.tags())
+
+    async def running(request: Request) -> Response:
+        return JSONResponse(card.running(runtime.scheduler.context_length()))
+
+    async def version(request: Request) -> Response:
+        return JSONResponse(card.version())
+
+    async def show(request: Request) -> Response:
+        body = await gate(request, lambda raw: parse(ShowBody, raw), lambda b: None)
+        if isinstance(body, Response):
+            return ollama_error(body)
+        name = body.model or body.name or ""
+        if name not in card.names and name + TAG not in card.names:
+            return JSONResponse({"error": f"model {name!r} not found; available: {', '.join(card.names)}"},
+                                status_code=404)
+        return JSONResponse(card.show())
+
+    return [
+        Route("/api/tags", tags, methods=["GET"]),
+        Route("/api/ps", running, methods=["GET"]),
+        Route("/api/version", version, methods=["GET"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/chat", chat, methods=["POST"]),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/embed", embed_route, methods=["POST"]),
+        Route("/api/embeddings", legacy_embeddings, methods=["POST"]),
+    ]

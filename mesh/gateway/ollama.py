@@ -103,8 +103,8 @@ class Message(_Strict):
 
     @model_validator(mode="after")
     def _supported(self) -> Message:
-        _unsupported({"images": self.images, "tool_calls": self.tool_calls}, {"images": "images",
-                                                                              "tool_calls": "tool calls"})
+        _unsupported({"images": self.images, "tool_calls": self.tool_calls, "tool_name": self.tool_name},
+                     {"images": "images", "tool_calls": "tool calls", "tool_name": "tool calls"})
         return self
 
 

@@ -81,6 +81,8 @@ class Timeouts:
                                   "counts as a failed stage (a 0.5 s stall does not)")
     head_margin_s: float = setting(2.0, "how much longer the gateway waits for a pipeline's head than the head "
                                    "waits for a later stage, so that a stalled stage is blamed, not the head")
+    embed_rpc_s: float = setting(120.0, "deadline of one Embed call (a batch of inputs on one replica, queueing "
+                                 "behind the generation steps of that node included)")
     drain_s: float = setting(60.0, "longest a draining node waits for in-flight streams before it exits")
     http_header_s: float = setting(10.0, "longest the gateway waits for a request's headers (from the connection "
                                    "or the previous answer) before it closes the connection")
@@ -104,6 +106,10 @@ class Limits:
     max_prompt_chars: int = setting(1_000_000, "largest prompt text the gateway accepts")
     max_messages: int = setting(4096, "most messages in one chat request (each costs template work even when empty)")
     max_stop_chars: int = setting(512, "longest stop string (each is matched against the answer as it streams)")
+    max_embedding_inputs: int = setting(2048, "most inputs in one embeddings request")
+    max_embedding_tokens: int = setting(512, "longest embeddings input, in tokens; never more than the 512 a "
+                                        "node's embedding context holds (mesh.types.EMBED_CONTEXT_TOKENS) nor the "
+                                        "context the model is served with")
     max_body_bytes: int = setting(4 * 2**20, "largest HTTP request body the gateway accepts")
     max_http_connections: int = setting(512, "HTTP connections the gateway serves at once; a request on one more "
                                         "gets 503, and past twice this many connections are closed at once")

@@ -25,6 +25,8 @@ from mesh.membership import Membership
 from mesh.metrics import GatewayMetrics
 from mesh.placement.routes import routable, stage_slots
 from mesh.types import (
+    EmbedBatch,
+    Embeddings,
     FinishReason,
     GenerationRequest,
     ModelSha,
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 FIRST_TOKEN_RETRIES = 1  # another node is tried once when the first one fails before any token
 REPICK_PAUSE_S = 0.2  # a failover whose replacement moved or was full looks again after this
 MIDSTREAM_FAILOVERS = 3  # replays onto another replica after tokens were already sent
+EMBED_ATTEMPTS = 3  # replicas an embedding batch is tried on
+NO_EMBEDDER = ("no node can compute embeddings: only a node holding the whole model (a replica) embeds, "
+               "and no replica of this model is ready (pipeline stages do not embed)")
 
 
 @dataclass(frozen=True)
@@ -118,12 +123,15 @@ class Scheduler:
         busiest = max(self.outstanding(n) for n in placement.node_ids)
         return busiest / max(self.capacity(placement), 1), busiest
 
-    def _pick(self, exclude: set[NodeId]) -> Placement:
+    def _pick(self, exclude: set[NodeId], replicas_only: bool = False) -> Placement:
         """Least outstanding work relative to capacity, skipping full placements and any
         placement that uses an excluded (failed) node. Ties go to the fewest stages, then
         node-id order, so routing is deterministic."""
-        candidates = [p for p in self.placements() if not exclude.intersection(p.node_ids)]
+        candidates = [p for p in self.placements() if not exclude.intersection(p.node_ids)
+                      and (p.kind == "replica" or not replicas_only)]
         if not candidates:
+            if replicas_only and not exclude:
+                raise Unavailable(NO_EMBEDDER)
             if exclude:
                 raise Unavailable("no other node can take this request")
             raise Unavailable("no node serving this model is ready; start one with `edgemesh node`")
@@ -133,6 +141,32 @@ class Scheduler:
             raise CapacityExhausted(
                 f"all {len(candidates)} placement(s) are at capacity ({total} requests in flight); retry shortly")
         return min(open_ones, key=lambda p: (*self._load(p), len(p.stages), p.node_ids))
+
+    async def embed(self, batch: EmbedBatch) -> Embeddings:
+        """Vectors of a batch from the least busy replica; one that fails before answering is
+        replaced by another (an embedding has no history to replay: it is simply asked again)."""
+        tried: set[NodeId] = set()
+        for attempt in range(EMBED_ATTEMPTS):
+            placement = self._pick(tried, replicas_only=True)
+            node_id = placement.node_ids[0]
+            client = self._membership.client_for(node_id)
+            self._reserve(placement)
+            try:
+                if client is None:
+                    raise PeerError(f"node {node_id} has no connection")
+                return await client.embed(replace(batch, model_sha256=placement.model_sha256))
+            except (PeerError, CapacityExhausted, NotFound) as exc:
+                tried.add(node_id)
+                if isinstance(exc, PeerError):
+                    self._membership.mark_down(node_id, str(exc))
+                if attempt + 1 == EMBED_ATTEMPTS:
+                    raise
+                log.warning("embeddings %s: %s failed (%s); asking another replica", batch.request_id,
+                            self._membership.name_of(node_id), exc)
+                self._metrics.retries.labels("node_error" if isinstance(exc, PeerError) else "capacity").inc()
+            finally:
+                self._unreserve(placement)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     # ------------------------------------------------------------------ sessions
 

@@ -584,6 +584,11 @@ class Tokenizer:
             tokens.append(self.eos_id)
         return tokens
 
+    def encode_embedding(self, text: str) -> list[int]:
+        """An embeddings input, tokenized as llama.cpp's `Llama.embed` does: the vocabulary's own
+        BOS/EOS, and markup in the text is plain text (no special tokens)."""
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)) if text else []
+
     def encode_continuation(self, text: str) -> list[int]:
         """Tokens of answer text already sent (by a cloud that then failed), to append to the
         prompt so the mesh continues it. Plain text: markup in it is not special here."""

@@ -146,6 +146,33 @@ class GenerationRequest:
     replay_tokens: tuple[int, ...] = ()
 
 
+# Inputs in one Embed call: a request with more is split into calls of this many, which the
+# scheduler spreads over the replicas (and a node refuses more).
+EMBED_BATCH_INPUTS = 16
+# Tokens a node's embedding context holds: the longest input it embeds. Pooling needs every
+# token as an output, and llama.cpp computes the logits of each output as well, so the context
+# costs about 2 x 4 x vocabulary bytes per token (measured on SmolLM2-135M, vocabulary 49,152:
+# about 150 MiB at 512 tokens, 820 MiB at 2,048); 512 covers the chunks RAG front ends embed.
+EMBED_CONTEXT_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class EmbedBatch:
+    """A few inputs (token ids) to embed on one replica: one pooled vector each."""
+
+    request_id: RequestId
+    inputs: tuple[tuple[int, ...], ...]
+    model_sha256: ModelSha = ModelSha("")
+
+
+@dataclass(frozen=True, eq=False)
+class Embeddings:
+    """The vectors of an EmbedBatch, one row per input (L2-normalized), and how they were pooled."""
+
+    vectors: npt.NDArray[np.float32]  # shape (inputs, n_embd)
+    pooling: str  # "mean", "cls" or "last"
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     """One generated token; finish_reason is set on the last one."""

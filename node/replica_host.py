@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from mesh.errors import InvalidInput, NotFound, Unavailable
-from mesh.types import ModelHeld, ModelSha
+from mesh.types import EMBED_CONTEXT_TOKENS, ModelHeld, ModelSha
 from node.activity import Activity
 from node.budget import MemoryBudget
+from node.engines.embedder import Embedder, embedding_bytes
 from node.engines.llamacpp import LlamaCppEngine
 from node.stage_host import MAX_STAGE_CTX, LocalFile
 
@@ -36,11 +37,16 @@ class ReplicaHost:
         self._engine: LlamaCppEngine | None = None
         self._model: ModelHeld | None = None
         self._bytes = 0
+        # The embedding context, made on the first Embed over the same file (see node.engines.embedder)
+        self._embedder: Embedder | None = None
+        self._embedder_of: LlamaCppEngine | None = None
+        self._embedding_bytes = 0
+        self._embedder_lock = threading.Lock()
         self._streams = 0
         self._retiring = False
         self._lock = threading.Lock()
         self._loading = budget.loading  # one load at a time on the node (see node.budget)
-        budget.add_holder(lambda: self._bytes)
+        budget.add_holder(lambda: self._bytes + self._embedding_bytes)
 
     @property
     def model(self) -> ModelHeld | None:
@@ -84,6 +90,7 @@ class ReplicaHost:
             engine = LlamaCppEngine(local.path, n_ctx=n_ctx, threads=self._threads, slots=self._slots)
             with self._lock:
                 old, self._engine = self._engine, engine
+                self._embedder, self._embedder_of, self._embedding_bytes = None, None, 0  # made anew on use
                 self._model = ModelHeld(name=local.model.name, sha256=local.model.sha256,
                                         n_layers=local.model.n_layers, file_bytes=local.model.file_bytes,
                                         n_ctx=n_ctx, architecture=local.model.architecture,
@@ -108,6 +115,33 @@ class ReplicaHost:
 
     def _free_locked(self) -> None:
         self._engine, self._model, self._bytes, self._retiring = None, None, 0, False
+        self._embedder, self._embedder_of, self._embedding_bytes = None, None, 0
+
+    def embedder(self, engine: LlamaCppEngine) -> Embedder:
+        """Blocking (the first time: llama.cpp opens a context): the embedding context beside
+        `engine`, made on first use within the node's memory budget, and dropped with the replica.
+        Call it while holding `serving()`."""
+        from node.profile import model_profile
+
+        with self._embedder_lock:
+            with self._lock:
+                if self._embedder is not None and self._embedder_of is engine:
+                    return self._embedder
+            local = self._local
+            profile = model_profile(local.path, local.model.sha256)
+            n_ctx = min(engine.n_ctx, EMBED_CONTEXT_TOKENS)
+            need = embedding_bytes(profile.kv_bytes_per_token_layer, profile.n_layers, profile.n_head,
+                                   profile.n_embd, profile.n_vocab, n_ctx)
+            with self._loading, self._activity.doing(f"opening an embedding context on {local.model.name}"):
+                self._budget.check(need, f"an embedding context for {local.model.name}",
+                                   replacing=self._embedding_bytes)
+                embedder = Embedder(local.path, n_ctx=n_ctx, threads=self._threads, n_vocab=engine.n_vocab,
+                                    metadata=engine.metadata)
+            with self._lock:
+                if self._engine is not engine:  # the replica was replaced meanwhile: this one is stale
+                    raise Unavailable("the replica was reloaded while its embedding context opened; retry")
+                self._embedder, self._embedder_of, self._embedding_bytes = embedder, engine, need
+            return embedder
 
     @contextmanager
     def serving(self) -> Iterator[LlamaCppEngine]:

@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from mesh import PROTOCOL_VERSION, __version__
@@ -32,7 +33,7 @@ from mesh.errors import EdgeMeshError, InvalidInput, Unavailable
 from mesh.metrics import NodeMetrics
 from mesh.transport import auth, convert
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
-from mesh.types import GenerationRequest, ModelSha, NodeId, NodeInfo, TokenEvent
+from mesh.types import Embeddings, GenerationRequest, ModelSha, NodeId, NodeInfo, TokenEvent
 from node import probe
 from node.budget import MemoryBudget
 from node.claims import ClaimTable
@@ -549,6 +550,41 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                         range_offset=offset if last else 0, range_length=length if last else 0,
                         file_bytes=size if first else 0)
                     first = False
+
+    # ------------------------------------------------------------------ embeddings
+
+    async def Embed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Pooled vectors of a few inputs on the whole-model replica (see node.engines.embedder)."""
+        from mesh.errors import NotFound
+
+        async with self._answering("Embed", context):
+            batch = convert.embed_request_from_pb(request)
+            refused = self._admit()
+            if refused is not None:
+                raise refused
+            with self._replica.serving() as engine:  # a release waits for this call, as for a stream
+                model = self._replica.model
+                if model is None:
+                    raise NotFound("this node serves no whole-model replica now (pipeline stages only)")
+                if batch.model_sha256:
+                    self._id.allowed.check(batch.model_sha256, "Embed")
+                    if batch.model_sha256 != model.sha256:
+                        raise NotFound(f"this node does not hold model {batch.model_sha256[:12]}")
+                loop = asyncio.get_running_loop()
+                # Opening the context (first use) reads the file: off the compute thread, so the
+                # token steps of streams in flight do not wait for it.
+                embedder = await loop.run_in_executor(self._stage_pool, self._replica.embedder, engine)
+                embedder.validate(batch)
+                self.enter()
+                try:
+                    self._speed.touch()
+                    # One compute turn per input: the steps of streams in flight go between them.
+                    rows = [await asyncio.wrap_future(self._compute.call(partial(embedder.embed_one, tokens)))
+                            for tokens in batch.inputs]
+                finally:
+                    self.leave()
+            self._metrics.prompt_tokens.inc(sum(len(tokens) for tokens in batch.inputs))
+            return convert.embed_reply_to_pb(Embeddings(vectors=np.stack(rows), pooling=embedder.pooling_name))
 
     async def ReleaseSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         released = await asyncio.get_running_loop().run_in_executor(

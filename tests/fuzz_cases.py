@@ -720,12 +720,20 @@ def _plausible_release_session(maker: MessageMaker, msg: Any) -> None:
     msg.session_id = maker.rng.choice(SESSIONS)
 
 
+def _plausible_embed(maker: MessageMaker, msg: Any) -> None:
+    rng = maker.rng
+    msg.model_sha256 = maker.t.sha if rng.random() < 0.8 else rng.choice(("", "0" * 64))
+    for _ in range(rng.choice((0, 1, 2, 3, 17))):  # 17: over the batch the node takes
+        msg.inputs.add().ids.extend(maker.tokens(rng.choice((8, 64, maker.t.n_ctx + 8))))
+
+
 PLAUSIBLE: dict[str, Callable[[MessageMaker, Any], None]] = {
     "InfoRequest": _plausible_info, "GenerateRequest": MessageMaker.generate_request,
     "ForwardRequest": _plausible_forward, "LoadStageRequest": _plausible_load_stage,
     "LoadModelRequest": _plausible_load_model, "ReleaseHoldingRequest": _plausible_release,
     "ClaimRequest": _plausible_claim, "FetchShardRequest": _plausible_fetch,
     "RunPipelineRequest": _plausible_pipeline, "ReleaseSessionRequest": _plausible_release_session,
+    "EmbedRequest": _plausible_embed,
 }
 
 
@@ -1237,12 +1245,51 @@ def _mutate_body(rng: random.Random, body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+OLLAMA_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show")
+OLLAMA_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "seed", "num_predict", "stop", "repeat_penalty",
+                  "repeat_last_n", "num_ctx", "mirostat", "num_thread")
+
+
+def _valid_ollama_body(rng: random.Random, path: str) -> dict[str, Any]:
+    """A request of Ollama's API; a chat or generate one always bounded by num_predict."""
+    body: dict[str, Any] = {"model": rng.choice(("default", "default:latest", "llama3", ""))}
+    if path == "/api/chat":
+        body["messages"] = [{"role": rng.choice(("system", "user", "assistant", "tool")),
+                             "content": rng.choice(("hi", random_text(rng)))} for _ in range(rng.randrange(0, 3))]
+    elif path == "/api/generate":
+        body["prompt"] = rng.choice(("The quick brown fox", "", random_text(rng)))
+        body["raw"] = rng.random() < 0.3
+    elif path in ("/api/embed", "/api/embeddings"):
+        body["input" if path == "/api/embed" else "prompt"] = rng.choice(("hi", ["a", "b"], random_text(rng)))
+    if path in ("/api/chat", "/api/generate"):
+        body["options"] = {"num_predict": rng.randrange(1, 17)}
+        body["stream"] = rng.random() < 0.6
+    return body
+
+
+def _mutate_ollama_body(rng: random.Random, body: dict[str, Any]) -> dict[str, Any]:
+    body = json.loads(json.dumps(body))
+    for _ in range(rng.randrange(1, 4)):
+        pick = rng.random()
+        if pick < 0.4 and isinstance(body.get("options"), dict):
+            body["options"][rng.choice(OLLAMA_OPTIONS[:5] + OLLAMA_OPTIONS[6:])] = rng.choice(
+                (random_json(rng), -1, 0, 10**20, 1e300, "8", [8], None, 0.5))
+        elif pick < 0.7:
+            body[rng.choice(("model", "messages", "prompt", "input", "format", "tools", "keep_alive", "system",
+                             "think", "truncate", "raw", "images", "stream"))] = random_json(rng)
+        else:
+            body[random_text(rng, 30) or "k"] = random_json(rng)
+    return body
+
+
 def make_http_case(rng: random.Random) -> HttpCase:
     pick = rng.random()
     if pick < 0.45:
         method, path = "POST", "/v1/chat/completions"
-    elif pick < 0.85:
+    elif pick < 0.8:
         method, path = "POST", "/v1/completions"
+    elif pick < 0.9:
+        method, path = "POST", rng.choice(OLLAMA_PATHS)
     else:
         method = rng.choice(("GET", "POST", "PUT"))
         path = rng.choice(("/v1/models", "/api/cluster", "/api/prometheus/targets", "/v1/embeddings", "/api/x",
@@ -1255,6 +1302,10 @@ def make_http_case(rng: random.Random) -> HttpCase:
         value = random_json(rng)
         body = json.dumps(value).encode()
         shown = f"random JSON {short(body.decode(), 200)}"
+    elif kind < 0.8 and path in OLLAMA_PATHS:
+        value = _mutate_ollama_body(rng, _valid_ollama_body(rng, path))
+        body = json.dumps(value).encode()
+        shown = f"mutated {short(body.decode(), 300)}"
     elif kind < 0.8:
         value = _mutate_body(rng, _valid_body(rng, path.endswith("chat/completions")))
         body = json.dumps(value, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
@@ -1276,13 +1327,16 @@ def make_http_case(rng: random.Random) -> HttpCase:
     return HttpCase(method, path, body, content_type, stream, shown)
 
 
-def _json_error(response: httpx.Response) -> str:
-    """'' when the body is an OpenAI-shaped error naming the problem."""
+def _json_error(response: httpx.Response, path: str = "") -> str:
+    """'' when the body is an OpenAI-shaped error naming the problem (on Ollama's routes, Ollama's
+    {"error": "..."}, except the API key's refusal, which is the gateway's own)."""
     try:
         body = json.loads(response.content)
     except ValueError:
         return f"a {response.status_code} whose body is not JSON: {response.text[:200]!r}"
     error = body.get("error") if isinstance(body, dict) else None
+    if path in OLLAMA_PATHS and isinstance(error, str):
+        return "" if error.strip() else f"a {response.status_code} with an empty error: {response.text[:200]!r}"
     if not isinstance(error, dict) or not isinstance(error.get("message"), str) or not error["message"].strip() \
             or not isinstance(error.get("type"), str):
         return f"a {response.status_code} without an OpenAI error body: {response.text[:200]!r}"
@@ -1304,7 +1358,16 @@ def run_http_case(client: httpx.Client, url: str, case: HttpCase) -> Verdict:
     if response.status_code >= 500:
         return Verdict(describe, f"status {status}: {response.text[:300]}", status)
     if response.status_code >= 400:
-        return Verdict(describe, _json_error(response), status)
+        return Verdict(describe, _json_error(response, case.path), status)
+    if response.headers.get("content-type", "").startswith("application/x-ndjson"):
+        try:
+            lines = [json.loads(line) for line in response.text.splitlines() if line.strip()]
+        except ValueError:
+            return Verdict(describe, f"NDJSON with a line that is not JSON: {response.text[-200:]!r}", "ndjson")
+        if not lines or not (lines[-1].get("done") is True or "error" in lines[-1]):
+            return Verdict(describe, f"NDJSON that does not end done or with an error: {response.text[-200:]!r}",
+                           "ndjson")
+        return Verdict(describe, "", "ndjson")
     if response.headers.get("content-type", "").startswith("text/event-stream"):
         lines = [line for line in response.text.splitlines() if line.startswith("data: ")]
         if not lines or lines[-1] != "data: [DONE]":

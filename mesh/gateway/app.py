@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +21,10 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.errors import EdgeMeshError, NotFound, PayloadTooLarge, RequestTimeout, Unauthenticated
+from mesh.gateway import ollama
 from mesh.gateway.api_keys import ApiKeys
 from mesh.gateway.completions import CHAT, TEXT, error_response, rejection_reason
+from mesh.gateway.embeddings import EmbeddingRequest
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, check_limits, parse
 
 if TYPE_CHECKING:
@@ -85,22 +88,40 @@ async def _read_body(request: Request, limit: int, deadline_s: float) -> bytes:
 def build_app(runtime: GatewayRuntime) -> Starlette:
     limits = runtime.limits
 
-    async def completion(request: Request, schema: type[Any], flavor: Any) -> Response:
+    async def admitted(request: Request, read: Callable[[bytes], Any], admit: Callable[[Any], None]) -> Any:
+        """The body of an API request, parsed by `read`, within the limits and the admin's policy
+        (`admit`); the one gate of every API route (/v1 and Ollama's /api alike)."""
         key = key_name(request)
         if key:
             runtime.metrics.requests_by_key.labels(key).inc()
         try:
-            body = parse(schema, await _read_body(request, limits.max_body_bytes, runtime.timeouts.http_body_s))
-            check_limits(body, limits)
+            body = read(await _read_body(request, limits.max_body_bytes, runtime.timeouts.http_body_s))
             if runtime.policy.rules:  # regexes over up to a million characters: off the event loop
-                await asyncio.to_thread(runtime.policy.admit, body)
+                await asyncio.to_thread(admit, body)
             else:
-                runtime.policy.admit(body)
+                admit(body)
         except EdgeMeshError as exc:
             runtime.metrics.requests.labels("mesh", str(exc.http_status)).inc()
             runtime.metrics.rejected.labels(rejection_reason(exc) or "invalid").inc()
             return error_response(exc)
-        return await runtime.completions.handle(body, flavor, key_name=key)
+        return body
+
+    def admit_completion(body: Any) -> None:
+        check_limits(body, limits)
+        runtime.policy.admit(body)
+
+    async def completion(request: Request, schema: type[Any], flavor: Any) -> Response:
+        body = await admitted(request, lambda raw: parse(schema, raw), admit_completion)
+        if isinstance(body, Response):
+            return body
+        return await runtime.completions.handle(body, flavor, key_name=key_name(request))
+
+    async def embeddings(request: Request) -> Response:
+        body = await admitted(request, lambda raw: parse(EmbeddingRequest, raw),
+                              lambda b: runtime.policy.admit_texts(b.texts()))
+        if isinstance(body, Response):
+            return body
+        return await runtime.embeddings.handle(body, key_name=key_name(request))
 
     async def chat_completions(request: Request) -> Response:
         return await completion(request, ChatRequest, CHAT)
@@ -165,7 +186,9 @@ def build_app(runtime: GatewayRuntime) -> Starlette:
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", text_completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        *ollama.routes(runtime, admitted, admit_completion, key_name),  # Ollama's API, through the same gate
         Route("/api/cluster", cluster, methods=["GET"]),
         Route("/api/prometheus/targets", prometheus_targets, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

@@ -8,6 +8,7 @@ is shared here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -86,6 +87,16 @@ TEXT = Flavor("text_completion", "text_completion",
               lambda text: {"text": text, "logprobs": None},
               lambda text: {"text": text, "logprobs": None},
               None)
+
+
+@dataclass(frozen=True)
+class Renderer:
+    """Another API's shape of the same answer (Ollama's NDJSON: mesh.gateway.ollama)."""
+
+    media_type: str
+    lines: Callable[[Answer], AsyncIterator[str]]  # a streamed answer, line by line
+    error_line: Callable[[EdgeMeshError], str]  # a failure after the headers, told in-band
+    whole: Callable[[Answer, str], dict[str, Any]]  # a non-streamed answer, given its text
 
 
 POLICIES = ("local-only", "cloud-first", "local-first")
@@ -211,7 +222,9 @@ class Completions:
             except CloudError:
                 raise exc from None
 
-    async def handle(self, body: _Common, flavor: Flavor, key_name: str = "") -> Response:
+    async def handle(self, body: _Common, flavor: Flavor, key_name: str = "",
+                     render: Renderer | None = None) -> Response:
+        """The answer to `body`, shaped as OpenAI's (or, given `render`, as another API's)."""
         started = time.monotonic()
         self._metrics.in_flight.inc()
         handed_to_stream = False
@@ -223,8 +236,13 @@ class Completions:
             headers = {ROUTE_HEADER: answer.header}
             if body.stream:
                 handed_to_stream = True
+                if render is not None:
+                    return StreamingResponse(self._guarded(render.lines(answer), answer, key_name, render.error_line),
+                                             headers=headers, media_type=render.media_type)
                 return StreamingResponse(self._sse(body, flavor, answer, key_name), headers=headers,
                                          media_type="text/event-stream")
+            if render is not None:
+                return JSONResponse(render.whole(answer, await self._text(answer, key_name)), headers=headers)
             return JSONResponse(await self._collect(flavor, answer, key_name), headers=headers)
         except EdgeMeshError as exc:
             self._metrics.requests.labels(MESH_ROUTE, str(exc.http_status)).inc()
@@ -250,13 +268,40 @@ class Completions:
             for kind in ("prompt", "completion"):
                 self._metrics.tokens_by_key.labels(key_name, kind).inc(usage.get(f"{kind}_tokens", 0))
 
-    async def _collect(self, flavor: Flavor, answer: Answer, key_name: str = "") -> dict[str, Any]:
+    async def _text(self, answer: Answer, key_name: str = "") -> str:
+        """The whole text of a non-streamed answer, counted in the metrics."""
         pieces = [delta async for delta in answer.deltas()]
         self._metrics.requests.labels(answer.route, "200").inc()
         self._count_key_tokens(key_name, answer)
+        return "".join(pieces)
+
+    async def _collect(self, flavor: Flavor, answer: Answer, key_name: str = "") -> dict[str, Any]:
+        text = await self._text(answer, key_name)
         result = self._envelope(answer.request_id, flavor, flavor.object_name)
-        choice = {"index": 0, **flavor.wrap_text("".join(pieces)), "finish_reason": answer.finish_reason}
+        choice = {"index": 0, **flavor.wrap_text(text), "finish_reason": answer.finish_reason}
         return {**result, "choices": [choice], "usage": answer.usage()}
+
+    async def _guarded(self, lines: AsyncIterator[str], answer: Answer, key_name: str,
+                       error_line: Callable[[EdgeMeshError], str]) -> AsyncIterator[str]:
+        """A streamed body (SSE or another API's lines) with its metrics, and a failure told in-band."""
+        status = "200"
+        try:
+            async with contextlib.aclosing(lines):  # type: ignore[type-var]
+                async for line in lines:
+                    yield line
+        except EdgeMeshError as exc:
+            # Headers are gone already: tell the client in-band, then end the stream cleanly.
+            status = str(exc.http_status)
+            log.warning("stream %s failed: %s", answer.request_id, exc)
+            yield error_line(exc)
+        except Exception as exc:  # a bug must still end the client's stream cleanly, and be logged
+            status = "500"
+            log.exception("stream %s failed unexpectedly", answer.request_id)
+            yield error_line(EdgeMeshError(f"internal error: {exc}"))
+        finally:
+            self._metrics.requests.labels(answer.route, status).inc()
+            self._metrics.in_flight.dec()
+            self._count_key_tokens(key_name, answer)
 
     async def _sse(self, body: _Common, flavor: Flavor, answer: Answer, key_name: str = "") -> AsyncIterator[str]:
         envelope = self._envelope(answer.request_id, flavor, flavor.chunk_object)
@@ -264,8 +309,7 @@ class Completions:
         def chunk(choice: dict[str, Any], **extra: Any) -> str:
             return "data: " + json.dumps({**envelope, "choices": [choice] if choice else [], **extra}) + "\n\n"
 
-        status = "200"
-        try:
+        async def lines() -> AsyncIterator[str]:
             if flavor.first_delta is not None:
                 yield chunk({"index": 0, **flavor.first_delta, "finish_reason": None})
             async for delta in answer.deltas():
@@ -274,22 +318,13 @@ class Completions:
             yield chunk({"index": 0, **final, "finish_reason": answer.finish_reason})
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield chunk({}, usage=answer.usage())
-        except EdgeMeshError as exc:
-            # Headers are gone already: tell the client in-band, then end the stream cleanly.
-            status = str(exc.http_status)
-            log.warning("stream %s failed: %s", answer.request_id, exc)
-            yield "data: " + json.dumps(error_body(exc)) + "\n\n"
-        except Exception as exc:  # a bug must still end the client's stream cleanly, and be logged
-            status = "500"
-            log.exception("stream %s failed unexpectedly", answer.request_id)
-            yield "data: " + json.dumps(error_body(EdgeMeshError(f"internal error: {exc}"))) + "\n\n"
-        finally:
-            self._metrics.requests.labels(answer.route, status).inc()
-            self._metrics.in_flight.dec()
-            self._count_key_tokens(key_name, answer)
+
+        async for line in self._guarded(lines(), answer, key_name,
+                                        lambda exc: "data: " + json.dumps(error_body(exc)) + "\n\n"):
+            yield line
         yield "data: [DONE]\n\n"
 
 
 # Our sampling extensions: an OpenAI-compatible cloud may refuse unknown fields.
 # The client's model name goes up as it is unless --cloud-model replaces it.
-_NOT_OPENAI = {"stream", "stream_options", "top_k", "min_p", "repeat_penalty"}
+_NOT_OPENAI = {"stream", "stream_options", "top_k", "min_p", "repeat_penalty", "repeat_last_n"}

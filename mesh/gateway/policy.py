@@ -253,6 +253,10 @@ class GatewayPolicy:
         elif isinstance(body, ChatRequest):
             self._check_texts(m.text() for m in body.messages)
 
+    def admit_texts(self, texts: Iterable[str]) -> None:
+        """The deny rules over texts other than a prompt (embeddings inputs): sent to a node all the same."""
+        self._check_texts(texts)
+
     def _check_texts(self, texts: Iterable[str]) -> None:
         if not self.rules:
             return

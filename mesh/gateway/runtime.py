@@ -18,6 +18,7 @@ from mesh.discovery import Browser, Peer, browse_interfaces, static_peers
 from mesh.errors import ConfigError
 from mesh.gateway.api_keys import ApiKeys
 from mesh.gateway.completions import POLICIES, Completions
+from mesh.gateway.embeddings import Embeddings
 from mesh.gateway.policy import GatewayPolicy
 from mesh.gateway.web_access import parse_aliases, parse_origins
 from mesh.membership import Member, Membership, MemberState
@@ -85,7 +86,9 @@ class GatewayRuntime:
             log.info("approved models (--allow-model): %s", self.allowed.describe())
         self.provenance = provenance(model_path, self.model_sha)
         self.tokenizer = Tokenizer.load(model_path, TemplateBudget.of(self.timeouts, self.limits))
-        self.n_layers = inspect_gguf(model_path).n_layers
+        summary = inspect_gguf(model_path)
+        self.n_layers = summary.n_layers
+        self.summary = summary  # what /api/tags and /api/show describe the model with
         self.membership = Membership(self.cluster_key, self.timeouts, self.limits, on_change=self._membership_changed,
                                      refuse=self._refusal)
         self.scheduler = Scheduler(self.membership, self.model_sha, self.metrics, self.timeouts)
@@ -101,6 +104,8 @@ class GatewayRuntime:
         self.cloud = self._make_cloud(config)
         self.completions = Completions(self.scheduler, self.tokenizer, self.model_name, self.metrics, self.cloud,
                                        config.policy, self.policy, aliases=self.model_aliases)
+        self.embeddings = Embeddings(self.scheduler, self.tokenizer, self.model_name, summary.n_embd, self.metrics,
+                                     self.limits, self.policy, aliases=self.model_aliases)
         self._browser: Browser | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._exported_nodes: set[tuple[str, str]] = set()

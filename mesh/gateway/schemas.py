@@ -101,6 +101,7 @@ class _Common(_Strict):
     top_k: int = Field(default=40, ge=0, le=2**31)
     min_p: float = Field(default=0.05, ge=0.0, le=1.0)
     repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    repeat_last_n: int = Field(default=64, ge=0, le=2**31)  # history the repeat penalty looks at (as llama.cpp)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -127,7 +128,8 @@ class _Common(_Strict):
         # failover draws exactly what the first node would have drawn.
         seed = self.seed if self.seed is not None else secrets.randbits(63)
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              min_p=self.min_p, repeat_penalty=self.repeat_penalty, seed=seed)
+                              min_p=self.min_p, repeat_penalty=self.repeat_penalty,
+                              repeat_last_n=self.repeat_last_n, seed=seed)
 
 
 
@@ -250,7 +252,7 @@ def check_limits(body: _Common, limits: Limits) -> None:
                            "this gateway accepts")
 
 
-def parse(model: type[_Common], body: bytes) -> Any:
+def parse(model: type[_Strict], body: bytes) -> Any:
     """Validate a JSON body; every problem becomes one InvalidInput naming the field."""
     if not body:
         raise InvalidInput("the request body is empty; send a JSON object")

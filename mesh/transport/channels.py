@@ -27,6 +27,8 @@ from mesh.errors import (
 from mesh.transport import auth, convert, tls
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.types import (
+    EmbedBatch,
+    Embeddings,
     GenerationRequest,
     LayerRange,
     ModelHeld,
@@ -344,6 +346,19 @@ class NodeClient:
             raise error_from_rpc(exc, f"FetchShard on {self.address}") from exc
         finally:
             call.cancel()
+
+    async def embed(self, batch: EmbedBatch) -> Embeddings:
+        """Pooled, normalized vectors of a few inputs, computed by the node's replica."""
+        request = convert.embed_request_to_pb(batch)
+        try:
+            reply = await self._stub.Embed(request, timeout=self._timeouts.embed_rpc_s,
+                                           metadata=self._meta("Embed", request))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"Embed on {self.address}") from exc
+        try:
+            return convert.embed_reply_from_pb(reply, len(batch.inputs))
+        except InvalidInput as exc:  # a node that answers nonsense is a failed node, not a bad request
+            raise PeerError(f"Embed on {self.address}: {exc}", retryable=False) from None
 
     async def release_session(self, session_id: str) -> bool:
         try:

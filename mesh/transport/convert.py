@@ -13,6 +13,8 @@ from mesh.errors import InvalidInput
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.types import (
     Claimed,
+    EmbedBatch,
+    Embeddings,
     FinishReason,
     GenerationRequest,
     HiddenDType,
@@ -390,3 +392,26 @@ def shard_chunk_to_pb(offset: int, data: bytes, *, range_sha256: str = "", range
                       range_length: int = 0, file_bytes: int = 0) -> Any:
     return pb.ShardChunk(offset=offset, data=data, range_sha256=range_sha256, range_offset=range_offset,
                          range_length=range_length, file_bytes=file_bytes)
+
+
+def embed_request_to_pb(batch: EmbedBatch) -> Any:
+    return pb.EmbedRequest(request_id=batch.request_id, model_sha256=batch.model_sha256,
+                           inputs=[pb.TokenIds(ids=list(tokens)) for tokens in batch.inputs])
+
+
+def embed_request_from_pb(msg: Any) -> EmbedBatch:
+    return EmbedBatch(request_id=RequestId(msg.request_id), model_sha256=ModelSha(msg.model_sha256),
+                      inputs=tuple(tuple(i.ids) for i in msg.inputs))
+
+
+def embed_reply_to_pb(embeddings: Embeddings) -> Any:
+    vectors = embeddings.vectors
+    return pb.EmbedReply(n_embd=int(vectors.shape[1]), values=vectors.ravel().tolist(), pooling=embeddings.pooling)
+
+
+def embed_reply_from_pb(msg: Any, n_inputs: int) -> Embeddings:
+    """The reply's vectors; InvalidInput when they do not come as n_inputs rows of n_embd."""
+    values = np.asarray(msg.values, dtype=np.float32)
+    if msg.n_embd == 0 or values.size != n_inputs * msg.n_embd:
+        raise InvalidInput(f"an EmbedReply of {values.size} values is not {n_inputs} vectors of {msg.n_embd}")
+    return Embeddings(vectors=values.reshape(n_inputs, msg.n_embd), pooling=msg.pooling)

@@ -85,6 +85,8 @@ class LlamaCppEngine:
         except ValueError as exc:  # llama-cpp-python reports load failures as ValueError
             raise ModelError(f"llama.cpp could not load {model_path}: {exc}") from exc
         self.n_vocab = self._free[0].n_vocab
+        self.metadata: dict[str, str] = dict(self._free[0].llm.metadata or {})  # the GGUF's keys, as text
+        self.threads = threads
         self.slots = slots
         self._lock = threading.Lock()
 

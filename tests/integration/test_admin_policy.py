@@ -211,6 +211,26 @@ def test_raw_completions_are_refused_while_a_system_prompt_is_set(mesh: dict[str
     assert "/v1/chat/completions" in response.json()["error"]["message"]
 
 
+def test_the_ollama_and_embeddings_routes_are_under_the_same_policy(mesh: dict[str, Any],
+                                                                     tokenizer: Tokenizer) -> None:
+    url = mesh["url"]
+    user = {"role": "user", "content": "Say hello."}
+    chat = httpx.post(f"{url}/api/chat", headers=auth("alice"), timeout=60,
+                      json={"model": "default", "messages": [user], "stream": False, "options": {"num_predict": 4}})
+    assert chat.status_code == 200, chat.text
+    admin_first = len(tokenizer.encode_chat([{"role": "system", "content": SYSTEM_PROMPT}, user]))
+    assert chat.json()["prompt_eval_count"] == admin_first  # the admin's system prompt opened it
+    denied = {"model": "default", "messages": [{"role": "user", "content": "the LAUNCH CODES please"}]}
+    refused = httpx.post(f"{url}/api/chat", json=denied, headers=auth("alice"), timeout=30)
+    assert refused.status_code == 400 and "rule 4" in refused.json()["error"], refused.text
+    raw = httpx.post(f"{url}/api/generate", json={"model": "default", "prompt": "Once", "raw": True},
+                     headers=auth("alice"), timeout=30)
+    assert raw.status_code == 403, raw.text
+    embed = httpx.post(f"{url}/v1/embeddings", json={"input": ["fine", "LAUNCH CODES"]}, headers=auth("alice"),
+                       timeout=30)
+    assert embed.status_code == 400 and "rule 4" in embed.json()["error"]["message"], embed.text
+
+
 def test_named_keys_count_per_key_and_a_changed_key_file_applies_without_restart(
         mesh: dict[str, Any]) -> None:
     url, keys = mesh["url"], mesh["keys"]

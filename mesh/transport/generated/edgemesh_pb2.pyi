@@ -405,3 +405,23 @@ class ShardChunk(_message.Message):
     range_length: int
     file_bytes: int
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., range_sha256: _Optional[str] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ..., file_bytes: _Optional[int] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("request_id", "model_sha256", "inputs")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model_sha256: str
+    inputs: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, request_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
+
+class EmbedReply(_message.Message):
+    __slots__ = ("n_embd", "values", "pooling")
+    N_EMBD_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    n_embd: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    pooling: str
+    def __init__(self, n_embd: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., pooling: _Optional[str] = ...) -> None: ...

@@ -86,6 +86,11 @@ class NodeStub:
                 request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ClaimRequest.SerializeToString,
                 response_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ClaimReply.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/edgemesh.v1.Node/Embed',
+                request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.EmbedReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -168,6 +173,15 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeddings of a few inputs (token ids) on the whole-model replica: one pooled vector
+        each (the model's pooling; mean where it declares none), L2-normalized as llama.cpp's
+        server does. Stage-only nodes answer NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +234,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Claim,
                     request_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ClaimRequest.FromString,
                     response_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ClaimReply.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.EmbedRequest.FromString,
+                    response_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.EmbedReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -494,6 +513,33 @@ class Node:
             '/edgemesh.v1.Node/Claim',
             mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ClaimRequest.SerializeToString,
             mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ClaimReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgemesh.v1.Node/Embed',
+            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.EmbedRequest.SerializeToString,
+            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.EmbedReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -94,25 +94,32 @@ def apply_repeat_penalty(
 
 
 def log_softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-    x = logits.astype(np.float64)
-    m = x.max()
-    result: npt.NDArray[np.float64] = x - m - np.log(np.exp(x - m).sum())
+    result: npt.NDArray[np.float64] = logits.astype(np.float64) - _log_sum_exp(logits)
     return result
+
+
+def _log_sum_exp(logits: npt.NDArray[np.float32]) -> float:
+    x = logits.astype(np.float64)  # float64: a logprob is then exact to far below the 1e-4 promised
+    m = float(x.max())
+    return m + float(np.log(np.exp(x - m).sum()))
 
 
 def top_logprobs(logits: npt.NDArray[np.float32], n: int) -> tuple[TopLogprob, ...]:
     """The `n` most likely tokens under the raw logits, most likely first, ties by token id
     (so the list never depends on a partition's order)."""
+    return _top_of(logits, _log_sum_exp(logits), n)
+
+
+def _top_of(logits: npt.NDArray[np.float32], lse: float, n: int) -> tuple[TopLogprob, ...]:
     if n <= 0:
         return ()
-    logprobs = log_softmax(logits)
-    n = min(n, logprobs.shape[0])
-    candidates = np.argpartition(-logprobs, n - 1)[:n] if n < logprobs.shape[0] else np.arange(n)
+    n = min(n, logits.shape[0])
+    # The order of logprobs is the order of logits: choose on the logits, convert only the n chosen.
+    candidates = np.argpartition(-logits, n - 1)[:n] if n < logits.shape[0] else np.arange(n)
     # A tie at the cut may leave out a smaller id: take every token at the cut's value, then sort.
-    cut = logprobs[candidates].min()
-    candidates = np.flatnonzero(logprobs >= cut)
-    ordered = candidates[np.lexsort((candidates, -logprobs[candidates]))][:n]
-    return tuple(TopLogprob(token_id=int(t), logprob=float(logprobs[t])) for t in ordered)
+    candidates = np.flatnonzero(logits >= logits[candidates].min())
+    ordered = candidates[np.lexsort((candidates, -logits[candidates]))][:n]
+    return tuple(TopLogprob(token_id=int(t), logprob=float(logits[t]) - lse) for t in ordered)
 
 
 def _softmax(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -122,7 +129,7 @@ def _softmax(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 
 
 def token_logprob(logits: npt.NDArray[np.float32], token_id: int) -> float:
-    return float(log_softmax(logits)[token_id])
+    return float(logits[token_id]) - _log_sum_exp(logits)
 
 
 def _draw(seed: int, position: int) -> float:
@@ -151,8 +158,11 @@ def sample(
         token = int(np.argmax(penalised))
     else:
         token = _sample_stochastic(penalised, params, position)
-    logprob = token_logprob(model_logits, token) if want_logprob or n_top_logprobs > 0 else 0.0
-    return Sampled(token_id=token, logprob=logprob, top=top_logprobs(model_logits, n_top_logprobs))
+    if not want_logprob and n_top_logprobs <= 0:
+        return Sampled(token_id=token, logprob=0.0)
+    lse = _log_sum_exp(model_logits)  # once, for the chosen token and its alternatives
+    return Sampled(token_id=token, logprob=float(model_logits[token]) - lse,
+                   top=_top_of(model_logits, lse, n_top_logprobs))
 
 
 def _sample_stochastic(logits: npt.NDArray[np.float32], params: SamplingParams, position: int) -> int:

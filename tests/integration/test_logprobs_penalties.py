@@ -6,18 +6,24 @@ is the same after a stage is killed mid-stream."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import openai
 import pytest
 
+from mesh.transport.auth import sign
+from mesh.transport.generated import edgemesh_pb2 as pb
+from mesh.transport.generated import edgemesh_pb2_grpc
 from tests.conftest import Launcher, gateway_url, wait_for_nodes, wait_for_pipeline
+from tests.fixtures.node_wire import node_channel
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +38,8 @@ MESHES = {"replica": ["--strategy", "replica", "--nodes", "1"],
 @pytest.fixture(scope="module", params=sorted(MESHES))
 def mesh(request: pytest.FixtureRequest, module_launcher: Launcher, default_model: Path) -> Iterator[tuple[str, str]]:
     kind = request.param
-    proc = module_launcher.start(f"up-{kind}", ["up", "--port", "0", "--model", str(default_model), *MESHES[kind]])
+    proc = module_launcher.start(f"up-{kind}", ["up", "--port", "0", "--model", str(default_model),
+                                                "--cluster-key", module_launcher.cluster_key, *MESHES[kind]])
     url = gateway_url(proc)
     if kind == "pipeline":
         wait_for_pipeline(url, 3)
@@ -187,6 +194,63 @@ def test_penalties_and_logit_bias_change_greedy_output(mesh: tuple[str, str], re
         client.completions.create(**body, logit_bias={"999999": 1})
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=2, top_logprobs=2)
+
+
+def test_the_node_refuses_what_the_sampler_cannot_honour(mesh: tuple[str, str], module_launcher: Launcher,
+                                                         reference_llm: Any) -> None:
+    """Straight to the node that samples (the replica, or the last stage): too many alternatives,
+    a bias id outside the vocabulary or too many bias entries are INVALID_ARGUMENT before any
+    compute, and a good request still gets its alternatives."""
+    url, kind = mesh
+    key = module_launcher.cluster_key
+    view = httpx.get(f"{url}/api/cluster", timeout=10).json()
+    placement = next(p for p in view["placements"] if p["kind"] == kind)
+    sampler = placement["stages"][-1]
+    address = next(n["address"] for n in view["nodes"] if n["id"] == sampler["node"])
+    bias = pb.LogitBias
+    bad = [({"top_logprobs": 21}, {}), ({}, {"logit_bias": [bias(token_id=10**6, bias=1.0)]}),
+           ({}, {"logit_bias": [bias(token_id=i, bias=1.0) for i in range(1025)]})]
+
+    async def calls() -> None:
+        async with node_channel(address, key) as channel:
+            stub = edgemesh_pb2_grpc.NodeStub(channel)
+            if kind == "replica":
+                def generate(request_fields: dict[str, Any], sampling_fields: dict[str, Any]) -> Any:
+                    request = pb.GenerateRequest(request_id="r", prompt_tokens=[1, 2, 3], max_tokens=2,
+                                                 sampling=pb.SamplingParams(temperature=0, **sampling_fields),
+                                                 **request_fields)
+                    return stub.Generate(request, timeout=30, metadata=sign(key, "/edgemesh.v1.Node/Generate",
+                                                                             request))
+                for request_fields, sampling_fields in bad:
+                    with pytest.raises(grpc.aio.AioRpcError) as raised:
+                        async for _ in generate(request_fields, sampling_fields):
+                            pass
+                    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+                events = [e async for e in generate({"top_logprobs": 4}, {})]
+                assert events and all(len(e.top_logprobs) == 4 for e in events)
+                return
+            layers = pb.LayerRange(first=sampler["layers"][0], last_exclusive=sampler["layers"][1])
+            hidden = pb.Tensor(shape=[1, 576], dtype=pb.DTYPE_F32, data=np.zeros((1, 576), np.float32).tobytes())
+
+            def step(request_fields: dict[str, Any], sampling_fields: dict[str, Any]) -> Any:
+                return pb.ForwardRequest(session_id="lp", start_position=0, model_sha256=view["model"]["sha256"],
+                                         step=1, layers=layers, hidden=hidden, reply_dtype=pb.DTYPE_F32,
+                                         sampling=pb.SamplingParams(temperature=0, **sampling_fields),
+                                         **request_fields)
+            for request_fields, sampling_fields in [*bad, ({"top_logprobs": 4}, {})]:
+                call = stub.Forward(timeout=30, metadata=sign(key, "/edgemesh.v1.Node/Forward"))
+                await call.write(step(request_fields, sampling_fields))
+                if request_fields.get("top_logprobs") == 4:
+                    reply = await call.read()
+                    assert len(reply.token.top_logprobs) == 4
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError) as raised:
+                        await call.read()
+                    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+                call.cancel()
+
+    asyncio.run(calls())
+    assert reference_llm.n_vocab() < 10**6
 
 
 def test_a_penalised_seeded_stream_survives_a_killed_stage(mesh: tuple[str, str]) -> None:

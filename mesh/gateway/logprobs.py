@@ -99,6 +99,13 @@ def merge(kind: Kind, parts: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {key: [item for part in parts for item in (part.get(key) or [])] for key in keys}
 
 
+def join(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """merge(), the kind read from the parts themselves (chat's have `content`)."""
+    if not parts:
+        return None
+    return merge("chat" if "content" in parts[0] else "text", parts)
+
+
 def empty(kind: Kind) -> dict[str, Any]:
     """What an answer that asked for logprobs gets when no token was shown."""
     if kind == "chat":

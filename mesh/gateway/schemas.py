@@ -8,8 +8,7 @@ and fails on a field that is none of them):
 - informational (INFORMATIONAL: it asks for nothing in the answer, such as `user` or
   `metadata`, so accepting it changes nothing the client could see);
 - not supported yet (UNSUPPORTED): accepted only at the value that asks for nothing
-  (presence_penalty 0, tools [], response_format text...), refused with a 400 naming it
-  otherwise.
+  (tools [], response_format text...), refused with a 400 naming it otherwise.
 A field that is in neither OpenAI's schema nor ours is refused with a 400 naming it.
 """
 
@@ -33,10 +32,6 @@ MAX_LOGIT_BIAS = 1024  # entries; each a token id (as a string, JSON's object ke
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-def _is_zero(value: Any) -> bool:
-    return value is None or (isinstance(value, int | float) and not isinstance(value, bool) and value == 0)
 
 
 def _is_empty(value: Any) -> bool:

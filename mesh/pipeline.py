@@ -95,7 +95,7 @@ class PipelineRun:
                 elif produced >= request.max_tokens or position + 1 >= self._job.n_ctx:
                     finish = "length"
                 yield TokenEvent(token_id=out.token_id, position=position, logprob=out.logprob,
-                                 finish_reason=finish)
+                                 finish_reason=finish, top_logprobs=out.top_logprobs)
                 if finish is not None:
                     return
                 out = await through([out.token_id], position, history)
@@ -118,8 +118,8 @@ class PipelineRun:
         """One step through every stage, on the driver thread; returns the last stage's sampled token."""
         self._step += 1
         sampling = request.sampling
-        # The penalty window is all the last stage needs of the history.
-        window = sampling.repeat_last_n if sampling.repeat_penalty != 1.0 else 0
+        # The penalty window is all the last stage needs of the history, and only if a penalty is on.
+        window = sampling.repeat_last_n if sampling.penalised else 0
         recent = tuple(history[-window:]) if window > 0 else ()
         hidden: npt.NDArray[np.float32] | None = None
         out = StageOutput(step=self._step)
@@ -130,7 +130,8 @@ class PipelineRun:
                 session_id=session_id, model_sha256=request.model_sha256, layers=stage.layers,
                 start_position=start, tokens=tuple(tokens) if index == 0 else None, hidden=hidden,
                 sampling=sampling, logprobs=request.logprobs, reply_dtype=self._job.hidden_dtype,
-                step=self._step, history=recent if index == last else ())
+                step=self._step, history=recent if index == last else (),
+                top_logprobs=request.top_logprobs if index == last else 0)
             try:
                 out = link.step(step)
             except PeerError as exc:

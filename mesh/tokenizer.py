@@ -631,6 +631,11 @@ class TextStream:
         self.text = ""  # everything emitted so far
         self.stopped = False
 
+    @property
+    def decoded_chars(self) -> int:
+        """Characters decoded so far: those sent plus those held back."""
+        return len(self.text) + len(self._pending)
+
     def push(self, token: int) -> str:
         """Feed one token; return the text that is now safe to send."""
         if self.stopped:

@@ -30,10 +30,27 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int = 0
+    frequency_penalty: float = 0.0  # minus count * this, for each time a token is in the window
+    presence_penalty: float = 0.0  # minus this, once, for a token in the window
+    # (token id, bias added to its logit), sorted by id so that the params stay hashable
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def penalised(self) -> bool:
+        """Any penalty on the recent history is active (so the sampler needs that history)."""
+        return self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position, under the model's raw logits."""
+
+    token_id: int
+    logprob: float
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,7 @@ class GenerationRequest:
     max_tokens: int
     stop_token_ids: frozenset[int]
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives to report per token (0..20)
     model_sha256: ModelSha = ModelSha("")
     # Already generated before a failover; evaluated one per step, not streamed again.
     replay_tokens: tuple[int, ...] = ()
@@ -181,6 +199,7 @@ class TokenEvent:
     position: int
     logprob: float = 0.0
     finish_reason: FinishReason | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -243,7 +262,8 @@ class StageStep:
     logprobs: bool = False
     reply_dtype: HiddenDType = "f32"
     step: int = 0
-    history: tuple[int, ...] = ()  # recent tokens, for the repetition penalty on the last stage
+    history: tuple[int, ...] = ()  # recent tokens, for the penalties on the last stage
+    top_logprobs: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -260,3 +280,4 @@ class StageOutput:
     hidden: npt.NDArray[np.float32] | None = None
     token_id: int | None = None
     logprob: float = 0.0
+    top_logprobs: tuple[TopLogprob, ...] = ()

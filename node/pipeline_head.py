@@ -27,6 +27,7 @@ from mesh.config import Limits, Timeouts
 from mesh.discovery import parse_host_port
 from mesh.errors import ConfigError, EdgeMeshError, InvalidInput, NotFound, PeerError, Unauthenticated
 from mesh.pipeline import PipelineRun, StageLink
+from mesh.sampling import check_request
 from mesh.transport.channels import NodeClient, StageStream
 from mesh.transport.step_socket import StepConnection
 from mesh.types import NodeId, PipelineHop, PipelineJob, StageOutput, StageStep, TokenEvent
@@ -192,6 +193,9 @@ class PipelineHead:
         if model is not None and job.stages[-1].layers.last_exclusive != model.n_layers:
             raise InvalidInput(f"the stages end at layer {job.stages[-1].layers.last_exclusive}; the model has "
                                f"{model.n_layers}")
+        # The last stage checks them again against its own vocabulary; refused here, before any work.
+        check_request(job.request.sampling, job.request.top_logprobs,
+                      model.n_vocab if model is not None and model.n_vocab else 2**32)
 
     async def run(self, job: PipelineJob) -> AsyncGenerator[TokenEvent, None]:
         self.check(job)

@@ -27,7 +27,7 @@ from mesh.errors import (
 )
 from mesh.metrics import NodeMetrics
 from mesh.model_store import Progress
-from mesh.sampling import sample
+from mesh.sampling import check_request, sample
 from mesh.types import LayerRange, ModelHeld, ModelSha, StageHeld, StageOutput, StageStep
 from node.activity import Activity
 from node.budget import MemoryBudget
@@ -281,6 +281,8 @@ class StageHost:
             raise InvalidInput(f"token ids must be below the vocabulary size {engine.n_vocab}")
         if step.hidden is not None and step.hidden.shape[1] != engine.n_embd:
             raise InvalidInput(f"hidden states have width {step.hidden.shape[1]}; this model's is {engine.n_embd}")
+        if engine.is_last:
+            check_request(step.sampling, step.top_logprobs, engine.n_vocab)
         if self._speed is not None:
             self._speed.touch()
         started = time.monotonic()
@@ -299,8 +301,8 @@ class StageHost:
         if not engine.is_last:
             return StageOutput(step=step.step, hidden=result)
         position = step.start_position + step.n_tokens  # where the sampled token will sit
-        chosen = sample(result, step.sampling, step.history, position, step.logprobs)
-        return StageOutput(step=step.step, token_id=chosen.token_id, logprob=chosen.logprob)
+        chosen = sample(result, step.sampling, step.history, position, step.logprobs, step.top_logprobs)
+        return StageOutput(step=step.step, token_id=chosen.token_id, logprob=chosen.logprob, top_logprobs=chosen.top)
 
     def release(self, session_id: str) -> bool:
         released = False

@@ -448,6 +448,10 @@ class MessageMaker:
         msg.repeat_penalty = rng.choice((0.0, 1.0, 1.1))
         msg.seed = rng.randrange(2**63)
         msg.repeat_last_n = rng.choice((0, 64))
+        msg.frequency_penalty = rng.choice((0.0, 0.0, 0.5, -1.0))
+        msg.presence_penalty = rng.choice((0.0, 0.0, 1.5))
+        for _ in range(rng.choice((0, 0, 1, 3))):
+            msg.logit_bias.add(token_id=rng.randrange(self.t.n_vocab), bias=rng.uniform(-100, 100))
 
     def generate_request(self, msg: Any) -> None:
         rng = self.rng
@@ -458,6 +462,7 @@ class MessageMaker:
         msg.max_tokens = rng.randrange(1, 17)
         msg.stop_token_ids.extend(rng.sample(range(self.t.n_vocab), rng.randrange(0, 3)))
         msg.logprobs = rng.random() < 0.5
+        msg.top_logprobs = rng.choice((0, 0, 1, 20))
         if rng.random() < 0.2:
             msg.replay_tokens.extend(self.tokens(4))
 
@@ -1205,14 +1210,17 @@ def _valid_body(rng: random.Random, chat: bool) -> dict[str, Any]:
         body["prompt"] = rng.choice(("The quick brown fox", "hi", random_text(rng)))
     for name, value in (("temperature", rng.choice((0, 0.7, 1.5))), ("stream", rng.random() < 0.4),
                         ("seed", rng.randrange(1000)), ("stop", ["\n"]), ("top_p", 0.9), ("top_k", 20),
-                        ("stream_options", {"include_usage": True})):
+                        ("stream_options", {"include_usage": True}), ("frequency_penalty", 0.5),
+                        ("presence_penalty", -1.0), ("logit_bias", {"11": -100, "30": 5}),
+                        ("logprobs", True if chat else 2)):
         if rng.random() < 0.3:
             body[name] = value
     return body
 
 
 FIELDS = ("messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-          "repeat_penalty", "seed", "stop", "stream", "stream_options", "logprobs", "n", "model", "echo", "suffix")
+          "repeat_penalty", "seed", "stop", "stream", "stream_options", "logprobs", "n", "model", "echo", "suffix",
+          "frequency_penalty", "presence_penalty", "logit_bias", "top_logprobs")
 
 
 def _mutate_body(rng: random.Random, body: dict[str, Any]) -> dict[str, Any]:

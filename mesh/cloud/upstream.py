@@ -106,6 +106,8 @@ class CloudDelta:
     finish_reason: str | None = None
     # Token counts the cloud reported; only on the last delta, and only if the cloud sent any.
     usage: dict[str, int] | None = None
+    # The choice's own `logprobs` object (when the client asked for them), passed on unchanged.
+    logprobs: dict[str, Any] | None = None
 
 
 class _Attempt:
@@ -352,13 +354,15 @@ class CloudUpstream:
         text = text if isinstance(text, str) else ""
         finish = choice.get("finish_reason")
         finish = finish if isinstance(finish, str) and finish else None
+        logprobs = choice.get("logprobs")
+        logprobs = logprobs if isinstance(logprobs, dict) else None
         if not text and finish is None:
             return None
         attempt.answered = True
         attempt.pieces.append(text)
         if finish is not None:
             attempt.finished = True
-        return CloudDelta(text, finish)
+        return CloudDelta(text, finish, logprobs=logprobs)
 
     async def probe(self) -> bool:
         """Is the cloud healthy? A GET {url}/models within the connect timeout.

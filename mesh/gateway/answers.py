@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from mesh.errors import EdgeMeshError
+from mesh.gateway.logprobs import LogprobReport
 from mesh.metrics import GatewayMetrics
 from mesh.scheduler import Session
 from mesh.tokenizer import TextStream, Tokenizer
@@ -36,11 +37,17 @@ class Answer:
     def usage(self) -> dict[str, int]:
         raise NotImplementedError
 
+    def take_logprobs(self) -> dict[str, Any] | None:
+        """OpenAI-shaped logprobs of the tokens behind the text yielded since the last call
+        (None: none, or not asked for); called after each delta and once deltas() ended."""
+        return None
+
 
 class MeshAnswer(Answer):
     def __init__(self, session: Session, tokenizer: Tokenizer, stop: list[str], metrics: GatewayMetrics,
-                 started: float) -> None:
+                 started: float, logprobs: LogprobReport | None = None) -> None:
         self._session = session
+        self._logprobs = logprobs
         self._tokenizer = tokenizer
         self._stop = stop
         self._metrics = metrics
@@ -63,13 +70,19 @@ class MeshAnswer(Answer):
                 produced += 1
                 if event.token_id in session.request.stop_token_ids:
                     break
+                if self._logprobs is not None:
+                    self._logprobs.add(event, text.decoded_chars)
                 delta = text.push(event.token_id)
+                if self._logprobs is not None:
+                    self._logprobs.release(len(text.text))
                 if delta:
                     yield delta
                 if text.stopped:
                     session.finish_reason = "stop"
                     break
         tail = text.finish()
+        if self._logprobs is not None:
+            self._logprobs.finish(len(text.text) if text.stopped else None)
         if tail:
             yield tail
         self.finish_reason = session.finish_reason
@@ -85,6 +98,9 @@ class MeshAnswer(Answer):
             completion -= 1  # the end-of-generation token is not part of the answer
         prompt = len(session.request.prompt_tokens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def take_logprobs(self) -> dict[str, Any] | None:
+        return None if self._logprobs is None else self._logprobs.take()
 
 
 Continuation = Callable[[str], Awaitable[MeshAnswer]]
@@ -112,6 +128,7 @@ class CloudAnswer(Answer):
         self._sent: list[str] = []
         self._mesh: MeshAnswer | None = None
         self._cloud_usage: dict[str, int] | None = None
+        self._cloud_logprobs: dict[str, Any] | None = None  # the cloud's own, passed on unchanged
 
     async def deltas(self) -> AsyncIterator[str]:
         from mesh.cloud import CloudError
@@ -120,6 +137,8 @@ class CloudAnswer(Answer):
         try:
             delta = self._first
             while True:
+                if delta.logprobs is not None:
+                    self._cloud_logprobs = delta.logprobs
                 if delta.text:
                     self._sent.append(delta.text)
                     yield delta.text
@@ -155,6 +174,12 @@ class CloudAnswer(Answer):
         self._metrics.duration.labels(CLOUD_ROUTE).observe(time.monotonic() - self._started)
         if self.finish_reason is None:
             self.finish_reason = "stop"
+
+    def take_logprobs(self) -> dict[str, Any] | None:
+        if self._mesh is not None:
+            return self._mesh.take_logprobs()
+        taken, self._cloud_logprobs = self._cloud_logprobs, None
+        return taken
 
     def usage(self) -> dict[str, int]:
         if self._mesh is None and self._cloud_usage is not None:

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, PayloadTooLarge, RequestTimeout, Unavailable
+from mesh.gateway import logprobs
 from mesh.gateway.answers import CLOUD_ROUTE, MESH_ROUTE, Answer, CloudAnswer, MeshAnswer
+from mesh.gateway.logprobs import LogprobReport
 from mesh.gateway.policy import ContentPolicyViolation, GatewayPolicy, SystemPromptEnforced
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, _Common
 from mesh.metrics import GatewayMetrics
@@ -158,10 +160,16 @@ class Completions:
         limit = body.token_limit()
         if limit is not None:
             limit = max(1, limit - len(sent))
+        sampling = body.sampling()
+        bad = [token for token, _ in sampling.logit_bias if token >= self._tokenizer.n_vocab]
+        if bad:
+            raise InvalidInput(f"logit_bias: token id {bad[0]} is outside the model's vocabulary of "
+                               f"{self._tokenizer.n_vocab}")
+        want_logprobs, top_logprobs = body.logprob_request()
         return GenerationRequest(
-            request_id=RequestId(uuid.uuid4().hex), prompt_tokens=tuple(prompt + sent), sampling=body.sampling(),
+            request_id=RequestId(uuid.uuid4().hex), prompt_tokens=tuple(prompt + sent), sampling=sampling,
             max_tokens=min(limit, room) if limit else room,
-            stop_token_ids=self._tokenizer.eog_ids,
+            stop_token_ids=self._tokenizer.eog_ids, logprobs=want_logprobs, top_logprobs=top_logprobs,
         )
 
     async def _mesh_answer(self, body: _Common, started: float, continuation: str = "") -> MeshAnswer:
@@ -171,7 +179,12 @@ class Completions:
             session = await self._scheduler.open(request)
         finally:
             self._metrics.queue_depth.dec()
-        return MeshAnswer(session, self._tokenizer, body.stop_strings(), self._metrics, started)
+        report = None
+        if request.logprobs:
+            # Legacy completions count text_offset from the start of the prompt, as OpenAI does.
+            base = len(body.prompt_text()) + len(continuation) if isinstance(body, CompletionRequest) else 0
+            report = LogprobReport(self._tokenizer, _kind(body), base)
+        return MeshAnswer(session, self._tokenizer, body.stop_strings(), self._metrics, started, report)
 
     async def _cloud_answer(self, body: _Common, flavor: Flavor, started: float) -> CloudAnswer:
         """Open the cloud stream up to its first delta; raises CloudError if it cannot."""
@@ -243,7 +256,7 @@ class Completions:
                                          media_type="text/event-stream")
             if render is not None:
                 return JSONResponse(render.whole(answer, await self._text(answer, key_name)), headers=headers)
-            return JSONResponse(await self._collect(flavor, answer, key_name), headers=headers)
+            return JSONResponse(await self._collect(body, flavor, answer, key_name), headers=headers)
         except EdgeMeshError as exc:
             self._metrics.requests.labels(MESH_ROUTE, str(exc.http_status)).inc()
             reason = rejection_reason(exc)
@@ -268,17 +281,29 @@ class Completions:
             for kind in ("prompt", "completion"):
                 self._metrics.tokens_by_key.labels(key_name, kind).inc(usage.get(f"{kind}_tokens", 0))
 
-    async def _text(self, answer: Answer, key_name: str = "") -> str:
-        """The whole text of a non-streamed answer, counted in the metrics."""
-        pieces = [delta async for delta in answer.deltas()]
+    async def _text(self, answer: Answer, key_name: str = "", shown: list[dict[str, Any]] | None = None) -> str:
+        """The whole text of a non-streamed answer, counted in the metrics; with `shown`, the
+        logprobs that came with each piece are gathered into it."""
+        pieces: list[str] = []
+        async for delta in answer.deltas():
+            pieces.append(delta)
+            if shown is not None:
+                _take(answer, shown)
+        if shown is not None:
+            _take(answer, shown)
         self._metrics.requests.labels(answer.route, "200").inc()
         self._count_key_tokens(key_name, answer)
         return "".join(pieces)
 
-    async def _collect(self, flavor: Flavor, answer: Answer, key_name: str = "") -> dict[str, Any]:
-        text = await self._text(answer, key_name)
+    async def _collect(self, body: _Common, flavor: Flavor, answer: Answer, key_name: str = "") -> dict[str, Any]:
+        want_logprobs = body.logprob_request()[0]
+        shown: list[dict[str, Any]] = []  # logprobs, in the pieces of the chunks they came with
+        text = await self._text(answer, key_name, shown if want_logprobs else None)
         result = self._envelope(answer.request_id, flavor, flavor.object_name)
         choice = {"index": 0, **flavor.wrap_text(text), "finish_reason": answer.finish_reason}
+        if want_logprobs:
+            kind = _kind(body)
+            choice["logprobs"] = logprobs.merge(kind, shown) or logprobs.empty(kind)
         return {**result, "choices": [choice], "usage": answer.usage()}
 
     async def _guarded(self, lines: AsyncIterator[str], answer: Answer, key_name: str,
@@ -312,10 +337,17 @@ class Completions:
         async def lines() -> AsyncIterator[str]:
             if flavor.first_delta is not None:
                 yield chunk({"index": 0, **flavor.first_delta, "finish_reason": None})
+            want_logprobs = body.logprob_request()[0]
             async for delta in answer.deltas():
-                yield chunk({"index": 0, **flavor.wrap_delta(delta), "finish_reason": None})
+                choice = {"index": 0, **flavor.wrap_delta(delta), "finish_reason": None}
+                if want_logprobs:
+                    choice["logprobs"] = answer.take_logprobs()
+                yield chunk(choice)
             final = flavor.wrap_delta("") if flavor is TEXT else {"delta": {}}
-            yield chunk({"index": 0, **final, "finish_reason": answer.finish_reason})
+            choice = {"index": 0, **final, "finish_reason": answer.finish_reason}
+            if want_logprobs:  # tokens whose text came with no delta of its own (an empty piece)
+                choice["logprobs"] = answer.take_logprobs()
+            yield chunk(choice)
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield chunk({}, usage=answer.usage())
 
@@ -323,6 +355,16 @@ class Completions:
                                         lambda exc: "data: " + json.dumps(error_body(exc)) + "\n\n"):
             yield line
         yield "data: [DONE]\n\n"
+
+
+def _kind(body: _Common) -> logprobs.Kind:
+    return "chat" if isinstance(body, ChatRequest) else "text"
+
+
+def _take(answer: Answer, into: list[dict[str, Any]]) -> None:
+    part = answer.take_logprobs()
+    if part is not None:
+        into.append(part)
 
 
 # Our sampling extensions: an OpenAI-compatible cloud may refuse unknown fields.

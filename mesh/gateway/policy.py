@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from mesh.errors import ConfigError, EdgeMeshError, InvalidInput
+from mesh.gateway import logprobs
 from mesh.gateway.answers import Answer
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, _Common
 from mesh.metrics import GatewayMetrics
@@ -168,6 +169,11 @@ class AnswerFilter:
             return block[0]
         return limit
 
+    @property
+    def released(self) -> int:
+        """Characters of the answer released so far."""
+        return self._sent
+
     def _release(self, upto: int) -> str:
         if upto <= self._sent:
             return ""
@@ -187,20 +193,43 @@ class FilteredAnswer(Answer):
         self.route = inner.route
         self.request_id = inner.request_id
         self.header = inner.header
+        # The inner answer's logprobs, each with the end of the text it came with: released
+        # only once all that text is, so a blocked answer's logprobs never show what was cut.
+        self._held: list[tuple[int, dict[str, Any]]] = []
+        self._ready: list[dict[str, Any]] = []
+
+    def _hold_logprobs(self, end: int) -> None:
+        part = self._inner.take_logprobs()
+        if part is not None:
+            self._held.append((end, part))
+
+    def _release_logprobs(self, released: int) -> None:
+        while self._held and self._held[0][0] <= released:
+            self._ready.append(self._held.pop(0)[1])
+
+    def take_logprobs(self) -> dict[str, Any] | None:
+        parts, self._ready = self._ready, []
+        return logprobs.join(parts)
 
     async def deltas(self) -> AsyncIterator[str]:
         text = AnswerFilter(self._policy.rules)
+        received = 0
         # Every Answer.deltas() is an async generator: closing it ends the generation now.
         inner = cast(AsyncGenerator[str, None], self._inner.deltas())
         async with contextlib.aclosing(inner):
             async for delta in inner:
+                received += len(delta)
+                self._hold_logprobs(received)
                 out = text.push(delta)
+                self._release_logprobs(text.released)
                 if out:
                     yield out
                 if text.blocked is not None:
                     break
             if text.blocked is None:
+                self._hold_logprobs(received)
                 tail = text.finish()
+                self._release_logprobs(received)
                 if tail:
                     yield tail
         if text.blocked is not None:

@@ -8,8 +8,7 @@ and fails on a field that is none of them):
 - informational (INFORMATIONAL: it asks for nothing in the answer, such as `user` or
   `metadata`, so accepting it changes nothing the client could see);
 - not supported yet (UNSUPPORTED): accepted only at the value that asks for nothing
-  (presence_penalty 0, tools [], response_format text...), refused with a 400 naming it
-  otherwise.
+  (tools [], response_format text...), refused with a 400 naming it otherwise.
 A field that is in neither OpenAI's schema nor ours is refused with a 400 naming it.
 """
 
@@ -27,14 +26,12 @@ from mesh.types import SamplingParams
 
 MAX_STOP_STRINGS = 8
 MAX_SEED = 2**63 - 1
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions' logprobs (5 on OpenAI) gets the same
+MAX_LOGIT_BIAS = 1024  # entries; each a token id (as a string, JSON's object keys) -> -100..100
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-def _is_zero(value: Any) -> bool:
-    return value is None or (isinstance(value, int | float) and not isinstance(value, bool) and value == 0)
 
 
 def _is_empty(value: Any) -> bool:
@@ -50,15 +47,7 @@ INFORMATIONAL = frozenset({"user", "metadata", "store", "service_tier", "safety_
                            "prompt_cache_retention", "prompt_cache_options", "parallel_tool_calls"})
 
 # Not supported yet: the test that a value asks for nothing, and what the refusal says.
-_UNSUPPORTED_COMMON: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "frequency_penalty": (_is_zero, "a frequency penalty"),
-    "presence_penalty": (_is_zero, "a presence penalty"),
-    "logit_bias": (_is_empty, "logit_bias"),
-}
 UNSUPPORTED_CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **_UNSUPPORTED_COMMON,
-    "logprobs": (lambda v: v is None or v is False, "log-probabilities"),
-    "top_logprobs": (_is_zero, "top_logprobs"),
     "tools": (_is_empty, "tool calls"),
     "tool_choice": (_is_none_choice, "tool calls"),
     "functions": (_is_empty, "function calls"),
@@ -73,8 +62,6 @@ UNSUPPORTED_CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "moderation": (lambda v: v is None, "moderation"),
 }
 UNSUPPORTED_COMPLETION: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **_UNSUPPORTED_COMMON,
-    "logprobs": (_is_zero, "log-probabilities"),
     "best_of": (lambda v: v is None or v == 1, "best_of above 1"),
     "echo": (lambda v: v is None or v is False, "echo"),
     "suffix": (lambda v: v is None or v == "", "suffix (fill-in-the-middle)"),
@@ -107,6 +94,30 @@ class _Common(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_entries(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for key, bias in value.items():
+            if not key.isdigit() or len(key) > 10:
+                raise ValueError(f"{key!r} is not a token id (keys are token ids, as strings)")
+            if not -100.0 <= bias <= 100.0:  # also refuses NaN
+                raise ValueError(f"the bias of token {key} is {bias}, outside -100..100")
+        return value
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items()))
+
+    def logprob_request(self) -> tuple[bool, int]:
+        """(report the chosen tokens' log-probabilities, how many alternatives per token)."""
+        raise NotImplementedError
 
     @field_validator("stop")
     @classmethod
@@ -129,7 +140,9 @@ class _Common(_Strict):
         seed = self.seed if self.seed is not None else secrets.randbits(63)
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               min_p=self.min_p, repeat_penalty=self.repeat_penalty,
-                              repeat_last_n=self.repeat_last_n, seed=seed)
+                              repeat_last_n=self.repeat_last_n, seed=seed,
+                              frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                              logit_bias=self.bias_pairs())
 
 
 
@@ -178,18 +191,10 @@ class _Informational(_Strict):
     parallel_tool_calls: Any = None
 
 
-class _UnsupportedCommon(_Strict):
-    """Declared as any JSON value: the request's validator refuses a value that asks for something."""
-
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    logit_bias: Any = None
-    logprobs: Any = None
-
-
-class ChatRequest(_Common, _Informational, _UnsupportedCommon):
+class ChatRequest(_Common, _Informational):
     messages: list[ChatMessage] = Field(min_length=1)
-    top_logprobs: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -206,7 +211,12 @@ class ChatRequest(_Common, _Informational, _UnsupportedCommon):
     @model_validator(mode="after")
     def _supported(self) -> ChatRequest:
         _refuse_unsupported({name: getattr(self, name) for name in self.model_fields_set}, UNSUPPORTED_CHAT)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: set logprobs to true to use top_logprobs")
         return self
+
+    def logprob_request(self) -> tuple[bool, int]:
+        return bool(self.logprobs), self.top_logprobs or 0
 
     def text_chars(self) -> int:
         """Characters of text in all the messages (what the prompt-length limit counts)."""
@@ -218,8 +228,10 @@ class ChatRequest(_Common, _Informational, _UnsupportedCommon):
                 for m in self.messages]
 
 
-class CompletionRequest(_Common, _Informational, _UnsupportedCommon):
+class CompletionRequest(_Common, _Informational):
     prompt: str | list[str]
+    # The legacy API's form: an alternatives count, and asking at all (even 0) reports the tokens.
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: Any = None
     suffix: Any = None
     best_of: Any = None
@@ -230,6 +242,9 @@ class CompletionRequest(_Common, _Informational, _UnsupportedCommon):
             raise ValueError("exactly one prompt per request is supported")
         _refuse_unsupported({name: getattr(self, name) for name in self.model_fields_set}, UNSUPPORTED_COMPLETION)
         return self
+
+    def logprob_request(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

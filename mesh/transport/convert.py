@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mesh.errors import InvalidInput
+from mesh.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.types import (
     Claimed,
@@ -31,6 +32,7 @@ from mesh.types import (
     StageOutput,
     StageStep,
     TokenEvent,
+    TopLogprob,
 )
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
@@ -40,6 +42,8 @@ def sampling_to_pb(params: SamplingParams) -> Any:
     return pb.SamplingParams(
         temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
         repeat_penalty=params.repeat_penalty, seed=params.seed, repeat_last_n=params.repeat_last_n,
+        frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
+        logit_bias=[pb.LogitBias(token_id=token, bias=bias) for token, bias in params.logit_bias],
     )
 
 
@@ -48,16 +52,35 @@ def sampling_from_pb(msg: Any) -> SamplingParams:
     field as 0, so a 0 top_p or repeat_penalty means "off" (1.0), as an absent message does."""
     top_p = msg.top_p or 1.0
     repeat_penalty = msg.repeat_penalty or 1.0
-    values = (msg.temperature, top_p, msg.min_p, repeat_penalty)
+    values = (msg.temperature, top_p, msg.min_p, repeat_penalty, msg.frequency_penalty, msg.presence_penalty)
     if not all(math.isfinite(v) for v in values):
         raise InvalidInput("sampling parameters must be finite numbers")
     if msg.temperature < 0 or not 0 < top_p <= 1 or not 0 <= msg.min_p <= 1 or repeat_penalty < 0:
         raise InvalidInput("sampling parameters out of range (temperature >= 0, 0 < top_p <= 1, "
                            "0 <= min_p <= 1, repeat_penalty > 0)")
+    if len(msg.logit_bias) > MAX_LOGIT_BIAS:  # before building a tuple of a peer's unbounded list
+        raise InvalidInput(f"logit_bias has {len(msg.logit_bias)} entries, more than {MAX_LOGIT_BIAS}")
+    bias: dict[int, float] = {}
+    for entry in msg.logit_bias:
+        if not math.isfinite(entry.bias):
+            raise InvalidInput(f"logit_bias: the bias of token {entry.token_id} is not a finite number")
+        bias[entry.token_id] = entry.bias  # a repeated id: the last one counts, as in a JSON object
     return SamplingParams(
         temperature=msg.temperature, top_p=top_p, top_k=msg.top_k, min_p=msg.min_p,
         repeat_penalty=repeat_penalty, seed=msg.seed, repeat_last_n=msg.repeat_last_n,
+        frequency_penalty=msg.frequency_penalty, presence_penalty=msg.presence_penalty,
+        logit_bias=tuple(sorted(bias.items())),
     )
+
+
+def _top_to_pb(top: Sequence[TopLogprob]) -> list[Any]:
+    return [pb.TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in top]
+
+
+def _top_from_pb(items: Sequence[Any]) -> tuple[TopLogprob, ...]:
+    if len(items) > MAX_TOP_LOGPROBS:
+        raise InvalidInput(f"{len(items)} top log-probabilities, more than {MAX_TOP_LOGPROBS}")
+    return tuple(TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in items)
 
 
 def generate_request_to_pb(req: GenerationRequest) -> Any:
@@ -65,7 +88,7 @@ def generate_request_to_pb(req: GenerationRequest) -> Any:
         request_id=req.request_id, model_sha256=req.model_sha256, prompt_tokens=list(req.prompt_tokens),
         sampling=sampling_to_pb(req.sampling), max_tokens=req.max_tokens,
         stop_token_ids=sorted(req.stop_token_ids), logprobs=req.logprobs,
-        replay_tokens=list(req.replay_tokens),
+        replay_tokens=list(req.replay_tokens), top_logprobs=req.top_logprobs,
     )
 
 
@@ -74,19 +97,19 @@ def generate_request_from_pb(msg: Any) -> GenerationRequest:
         request_id=RequestId(msg.request_id), prompt_tokens=tuple(msg.prompt_tokens),
         sampling=sampling_from_pb(msg.sampling), max_tokens=msg.max_tokens,
         stop_token_ids=frozenset(msg.stop_token_ids), logprobs=msg.logprobs,
-        replay_tokens=tuple(msg.replay_tokens),
+        replay_tokens=tuple(msg.replay_tokens), top_logprobs=msg.top_logprobs,
         model_sha256=ModelSha(msg.model_sha256),
     )
 
 
 def token_event_to_pb(event: TokenEvent) -> Any:
     return pb.GenerateEvent(token_id=event.token_id, logprob=event.logprob, position=event.position,
-                            finish_reason=event.finish_reason or "")
+                            finish_reason=event.finish_reason or "", top_logprobs=_top_to_pb(event.top_logprobs))
 
 
 def token_event_from_pb(msg: Any) -> TokenEvent:
     return TokenEvent(token_id=msg.token_id, position=msg.position, logprob=msg.logprob,
-                      finish_reason=_FINISH.get(msg.finish_reason))
+                      finish_reason=_FINISH.get(msg.finish_reason), top_logprobs=_top_from_pb(msg.top_logprobs))
 
 
 def layer_range_to_pb(layers: LayerRange) -> Any:
@@ -220,7 +243,8 @@ def stage_step_to_pb(step: StageStep) -> Any:
     msg = pb.ForwardRequest(
         session_id=step.session_id, start_position=step.start_position, sampling=sampling_to_pb(step.sampling),
         logprobs=step.logprobs, reply_dtype=_DTYPES[step.reply_dtype][0], step=step.step,
-        history_tokens=list(step.history), model_sha256=step.model_sha256, layers=layer_range_to_pb(step.layers))
+        history_tokens=list(step.history), model_sha256=step.model_sha256, layers=layer_range_to_pb(step.layers),
+        top_logprobs=step.top_logprobs)
     if step.tokens is not None:
         msg.tokens.ids.extend(step.tokens)
     elif step.hidden is not None:
@@ -249,7 +273,7 @@ def stage_step_from_pb(msg: Any) -> StageStep:
         start_position=msg.start_position, tokens=tokens,
         hidden=tensor_from_pb(msg.hidden) if kind == "hidden" else None,
         sampling=sampling_from_pb(msg.sampling), logprobs=msg.logprobs, reply_dtype=reply, step=msg.step,
-        history=tuple(msg.history_tokens))
+        history=tuple(msg.history_tokens), top_logprobs=msg.top_logprobs)
 
 
 def stage_output_to_pb(session_id: str, output: StageOutput, dtype: HiddenDType) -> Any:
@@ -257,7 +281,8 @@ def stage_output_to_pb(session_id: str, output: StageOutput, dtype: HiddenDType)
         return pb.ForwardReply(session_id=session_id, step=output.step, hidden=tensor_to_pb(output.hidden, dtype))
     assert output.token_id is not None
     return pb.ForwardReply(session_id=session_id, step=output.step,
-                           token=pb.SampledToken(token_id=output.token_id, logprob=output.logprob))
+                           token=pb.SampledToken(token_id=output.token_id, logprob=output.logprob,
+                                                 top_logprobs=_top_to_pb(output.top_logprobs)))
 
 
 def stage_output_from_pb(msg: Any) -> StageOutput:
@@ -265,7 +290,8 @@ def stage_output_from_pb(msg: Any) -> StageOutput:
     if kind == "hidden":
         return StageOutput(step=msg.step, hidden=tensor_from_pb(msg.hidden))
     if kind == "token":
-        return StageOutput(step=msg.step, token_id=msg.token.token_id, logprob=msg.token.logprob)
+        return StageOutput(step=msg.step, token_id=msg.token.token_id, logprob=msg.token.logprob,
+                           top_logprobs=_top_from_pb(msg.token.top_logprobs))
     raise InvalidInput("a Forward reply carries neither hidden states nor a token")
 
 

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from mesh.errors import CapacityExhausted, InvalidInput, ModelError
-from mesh.sampling import sample
+from mesh.sampling import check_request, sample
 from mesh.template_check import check_model_templates
 from mesh.types import GenerationRequest, TokenEvent
 
@@ -118,6 +118,7 @@ class LlamaCppEngine:
         bad = [t for t in request.replay_tokens if not 0 <= t < self.n_vocab]
         if bad:
             raise InvalidInput(f"replay token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
+        check_request(request.sampling, request.top_logprobs, self.n_vocab)
 
     def generate(self, request: GenerationRequest, cancelled: Callable[[], bool]) -> Iterator[TokenEvent]:
         """Blocking generator of tokens; run it on a worker thread. Stops early when
@@ -144,7 +145,8 @@ class LlamaCppEngine:
         produced = len(request.replay_tokens)
         while not cancelled() and produced < request.max_tokens:
             position = len(history)
-            chosen = sample(slot.last_logits(), request.sampling, history, position, request.logprobs)
+            chosen = sample(slot.last_logits(), request.sampling, history, position, request.logprobs,
+                            request.top_logprobs)
             history.append(chosen.token_id)
             produced += 1
             finish: str | None = None
@@ -153,7 +155,7 @@ class LlamaCppEngine:
             elif produced >= request.max_tokens or position + 1 >= self.n_ctx:
                 finish = "length"
             yield TokenEvent(token_id=chosen.token_id, position=position, logprob=chosen.logprob,
-                             finish_reason=finish)  # type: ignore[arg-type]
+                             finish_reason=finish, top_logprobs=chosen.top)  # type: ignore[arg-type]
             if finish is not None:
                 return
             slot.llm.eval([chosen.token_id])

@@ -177,6 +177,14 @@ def test_an_answer_that_would_match_stops_with_content_filter_and_never_sends_th
     blocks = metrics(url, "edgemesh_gateway_policy_blocks_total")
     assert blocks['edgemesh_gateway_policy_blocks_total{rule="1",where="answer"}'] >= 2
 
+    # Nor through logprobs: only tokens whose text was wholly sent are reported.
+    shown = ask(url, question, logprobs=True).json()["choices"][0]["logprobs"]["content"]
+    assert "".join(entry["token"] for entry in shown) == "The capital of"
+    raw, events = stream_raw(url, question, logprobs=True)
+    assert b"France" not in raw and b"Paris" not in raw
+    assert [e["token"] for ev in events if ev.get("choices") and ev["choices"][0].get("logprobs")
+            for e in ev["choices"][0]["logprobs"]["content"]] == [entry["token"] for entry in shown]
+
 
 def test_a_stopped_answer_ends_its_generation_on_the_node(mesh: dict[str, Any]) -> None:
     url = mesh["url"]

@@ -34,20 +34,19 @@ def test_the_official_client_is_served_or_told_no_by_name(launcher: Launcher, de
     assert text.choices[0].text
 
     # Refused, naming the field: each asks for something the answer would not have honoured.
+    # (logprobs, penalties and logit_bias are served now: tests/integration/test_logprobs_penalties.py)
     asks = [
-        ("presence_penalty", {"presence_penalty": 2.0}),
-        ("frequency_penalty", {"frequency_penalty": 2.0}),
-        ("logprobs", {"logprobs": True, "top_logprobs": 2}),
         ("response_format", {"response_format": {"type": "json_object"}}),
         ("tools", {"tools": [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]}),
-        ("logit_bias", {"logit_bias": {"50256": -100}}),
+        ("top_logprobs", {"logprobs": True, "top_logprobs": 21}),  # above OpenAI's 20
+        ("logit_bias", {"logit_bias": {"49152": -100}}),  # just outside the vocabulary
     ]
     for field, extra in asks:
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=4, **extra)
         assert field in refused.value.message, (field, refused.value.message)
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.completions.create(model="default", prompt="The sky is", max_tokens=4, logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model="default", prompt="The sky is", max_tokens=4, echo=True)
     with pytest.raises(openai.BadRequestError, match="unknown field"):
         client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=4,
                                        extra_body={"mirostat": 2})

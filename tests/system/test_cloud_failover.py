@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import REPO, Launcher, Proc, gateway_url
@@ -67,6 +68,21 @@ def test_cloud_first_survives_a_cloud_outage(launcher: Launcher, default_model: 
     view = httpx.get(f"{url}/api/cluster", timeout=10).json()
     assert view["routing"]["policy"] == "cloud-first" and view["routing"]["cloud"]["breaker"] == "closed"
     assert metric(url, "edgemesh_cloud_up") == 1.0
+
+    # The cloud's own logprobs pass through unchanged, whole and streamed (the gateway streams from it).
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused-on-loopback", max_retries=0, timeout=60)
+    direct = openai.OpenAI(base_url=f"{gateway_url(cloud)}/v1", api_key="unused-on-loopback", max_retries=0,
+                           timeout=60)
+    asked = {"model": "default", "messages": CHAT["messages"], "max_tokens": 6, "temperature": 0,
+             "logprobs": True, "top_logprobs": 2}
+    via = client.chat.completions.with_raw_response.create(**asked)
+    assert via.headers["x-edgemesh-route"] == "cloud"
+    expected = direct.chat.completions.create(**asked).choices[0].logprobs
+    assert expected is not None and expected.content and len(expected.content) == 6
+    assert via.parse().choices[0].logprobs == expected
+    streamed = [entry for chunk in client.chat.completions.create(**asked, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content or []]
+    assert streamed == expected.content
 
     # The cloud dies mid-answer: the mesh completes the stream, which ends normally.
     long_chat = {**CHAT, "max_tokens": 200, "stream": True}

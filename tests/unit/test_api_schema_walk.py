@@ -34,11 +34,14 @@ IMPLEMENTED_SAMPLES: dict[str, Any] = {
     "messages": MESSAGES, "prompt": "hi", "model": "anything", "max_tokens": 5, "max_completion_tokens": 5,
     "temperature": 0.3, "top_p": 0.5, "seed": 7, "stop": ["\n"], "stream": True,
     "stream_options": {"include_usage": True}, "n": 1,
+    "frequency_penalty": 1.5, "presence_penalty": -0.5, "logit_bias": {"50256": -100}, "top_logprobs": 2,
 }
+# Implemented fields whose sample differs by endpoint, or needs another field beside it.
+LOGPROBS_SAMPLE: dict[type[Any], Any] = {ChatRequest: True, CompletionRequest: 2}
+COMPANIONS: dict[str, dict[str, Any]] = {"top_logprobs": {"logprobs": True}}
 # A value of each field not supported yet that asks for something: refused, naming the field.
 ASKING: dict[str, Any] = {
-    "frequency_penalty": 1.5, "presence_penalty": -0.5, "logit_bias": {"50256": -100},
-    "top_logprobs": 2, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
     "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
     "response_format": {"type": "json_object"}, "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
@@ -47,7 +50,7 @@ ASKING: dict[str, Any] = {
 }
 # The value of each such field that asks for nothing: accepted.
 NOTHING: dict[str, Any] = {
-    "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "top_logprobs": 0, "tools": [],
+    "tools": [],
     "tool_choice": "none", "functions": [], "function_call": "auto", "response_format": {"type": "text"},
     "audio": None, "modalities": ["text"], "prediction": None, "reasoning_effort": None, "verbosity": None,
     "web_search_options": None, "moderation": None, "best_of": 1, "echo": False, "suffix": "",
@@ -75,18 +78,16 @@ def test_every_openai_request_field_is_implemented_informational_or_refused(mode
     for field in _openai_fields(model):
         assert field in ours, f"{field}: an OpenAI field our {model.__name__} does not know: decide what it is"
         if field in unsupported:
-            logprobs_sample = (2 if model is CompletionRequest else True) if field == "logprobs" else None
-            asking = logprobs_sample if logprobs_sample is not None else ASKING[field]
             with pytest.raises(InvalidInput) as refused:
-                _parse(model, {field: asking})
+                _parse(model, {field: ASKING[field]})
             assert str(refused.value).startswith(f"{field}: "), refused.value
             assert "not support" in str(refused.value)
-            nothing = (0 if model is CompletionRequest else False) if field == "logprobs" else NOTHING[field]
-            _parse(model, {field: nothing})
+            _parse(model, {field: NOTHING[field]})
         elif field in INFORMATIONAL:
             _parse(model, {field: INFORMATIONAL_SAMPLES[field]})
         else:
-            parsed = _parse(model, {field: IMPLEMENTED_SAMPLES[field]})
+            sample = LOGPROBS_SAMPLE[model] if field == "logprobs" else IMPLEMENTED_SAMPLES[field]
+            parsed = _parse(model, {**COMPANIONS.get(field, {}), field: sample})
             assert field in parsed.model_fields_set
 
 
@@ -106,3 +107,25 @@ def test_message_fields_that_cannot_be_rendered_are_refused() -> None:
     parse(ChatRequest, json.dumps({"messages": [{"role": "assistant", "content": "no", "refusal": None},
                                                 {"role": "tool", "content": "42", "tool_call_id": "c1"},
                                                 *MESSAGES]}).encode())
+
+
+def test_logprob_and_penalty_fields_are_checked() -> None:
+    with pytest.raises(InvalidInput, match=r"^top_logprobs: set logprobs to true"):
+        _parse(ChatRequest, {"top_logprobs": 2})
+    with pytest.raises(InvalidInput, match="top_logprobs"):
+        _parse(ChatRequest, {"logprobs": True, "top_logprobs": 21})
+    with pytest.raises(InvalidInput, match="logprobs"):
+        _parse(CompletionRequest, {"logprobs": 21})
+    with pytest.raises(InvalidInput, match=r"logit_bias: .*'abc' is not a token id"):
+        _parse(ChatRequest, {"logit_bias": {"abc": 1}})
+    with pytest.raises(InvalidInput, match=r"logit_bias: .*outside -100\.\.100"):
+        _parse(ChatRequest, {"logit_bias": {"5": 101}})
+    with pytest.raises(InvalidInput, match="frequency_penalty"):
+        _parse(ChatRequest, {"frequency_penalty": 2.5})
+    parsed = _parse(ChatRequest, {"logit_bias": {"9": 1, "3": -100.0}, "presence_penalty": 1, "frequency_penalty": 0.5})
+    sampling = parsed.sampling()
+    assert sampling.logit_bias == ((3, -100.0), (9, 1.0))
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (1.0, 0.5) and sampling.penalised
+    assert _parse(CompletionRequest, {"logprobs": 0}).logprob_request() == (True, 0)
+    assert _parse(CompletionRequest, {}).logprob_request() == (False, 0)
+    assert _parse(ChatRequest, {"logprobs": True, "top_logprobs": 3}).logprob_request() == (True, 3)

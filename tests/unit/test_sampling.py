@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.sampling import apply_repeat_penalty, sample, token_logprob
+from mesh.errors import InvalidInput
+from mesh.sampling import apply_penalties, apply_repeat_penalty, check_request, sample, token_logprob, top_logprobs
 from mesh.types import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, seed=0)
@@ -82,3 +83,85 @@ def test_sampled_token_respects_top_k_top_p_and_min_p(values: list[float], top_k
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     assert probs[token] >= min_p * probs.max() - 1e-9
+
+
+def test_frequency_and_presence_penalties_count_the_window_as_llama_cpp_does() -> None:
+    logits = logits_of([3.0, 2.5, 1.0, -1.0])
+    history = [0, 0, 0, 3, 1]  # token 0 three times, 1 and 3 once each
+    params = SamplingParams(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.25, repeat_last_n=64)
+    out = apply_penalties(logits, history, params)
+    # logit -= count * frequency + (count > 0) * presence
+    assert out.tolist() == pytest.approx([3.0 - 1.5 - 0.25, 2.5 - 0.5 - 0.25, 1.0, -1.0 - 0.5 - 0.25])
+    assert logits.tolist() == [3.0, 2.5, 1.0, -1.0]  # input untouched
+    # the window is the last repeat_last_n tokens only: here just [3, 1]
+    windowed = apply_penalties(logits, history, SamplingParams(frequency_penalty=0.5, repeat_last_n=2))
+    assert windowed.tolist() == pytest.approx([3.0, 2.0, 1.0, -1.5])
+    # repeat penalty first, then frequency/presence on the same token (llama.cpp's order)
+    both = apply_penalties(logits, [0], SamplingParams(repeat_penalty=2.0, frequency_penalty=1.0, repeat_last_n=8))
+    assert both[0] == pytest.approx(3.0 / 2.0 - 1.0)
+
+
+def test_penalties_change_the_greedy_choice() -> None:
+    logits = logits_of([2.0, 1.8, 0.0])
+    assert sample(logits, GREEDY, [0, 0], 3).token_id == 0
+    frequency = SamplingParams(temperature=0.0, frequency_penalty=0.15, repeat_last_n=64)
+    assert sample(logits, frequency, [0], 3).token_id == 0  # one occurrence: 1.85 > 1.8
+    assert sample(logits, frequency, [0, 0], 3).token_id == 1  # two: 1.7 < 1.8 (count-based)
+    presence = SamplingParams(temperature=0.0, presence_penalty=0.3, repeat_last_n=64)
+    assert sample(logits, presence, [0], 3).token_id == 1
+    assert sample(logits, presence, [2], 3).token_id == 0  # only tokens in the window are penalised
+
+
+def test_logit_bias_bans_and_forces_tokens() -> None:
+    logits = logits_of([5.0, 1.0, 0.5, -3.0])
+    banned = SamplingParams(temperature=0.0, logit_bias=((0, -100.0),))
+    assert sample(logits, banned, [], 0).token_id == 1
+    forced = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, logit_bias=((3, 100.0),))
+    assert {sample(logits, forced, [], p).token_id for p in range(50)} == {3}
+    # bias comes before the penalties: a biased token is still penalised for repeating
+    both = SamplingParams(temperature=0.0, logit_bias=((3, 8.5),), presence_penalty=2.0, repeat_last_n=8)
+    assert sample(logits, both, [], 0).token_id == 3
+    assert sample(logits, both, [3], 1).token_id == 0
+    # log-probabilities describe the model's own logits, not the biased ones
+    chosen = sample(logits, forced, [], 0, want_logprob=True)
+    assert chosen.logprob == pytest.approx(token_logprob(logits, 3))
+
+
+def test_penalised_seeded_sampling_is_a_pure_function_of_seed_and_position() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=300).astype(np.float32)
+    params = SamplingParams(temperature=0.8, top_k=0, top_p=1.0, min_p=0.0, seed=9, frequency_penalty=0.7,
+                            presence_penalty=0.4, logit_bias=((5, 3.0), (7, -100.0)))
+    history = [int(t) for t in rng.integers(0, 300, size=80)]
+    draws = [sample(logits, params, history, p).token_id for p in range(60)]
+    assert draws == [sample(logits.copy(), params, list(history), p).token_id for p in range(60)]
+    assert 7 not in draws and len(set(draws)) > 5
+    plain = SamplingParams(temperature=0.8, top_k=0, top_p=1.0, min_p=0.0, seed=9)
+    assert draws != [sample(logits, plain, history, p).token_id for p in range(60)]
+
+
+def test_top_logprobs_are_the_raw_log_softmax_most_likely_first_ties_by_id() -> None:
+    logits = logits_of([1.0, 3.0, 2.0, 3.0, -1.0])
+    top = top_logprobs(logits, 3)
+    assert [t.token_id for t in top] == [1, 3, 2]
+    x = logits.astype(np.float64)
+    reference = x - np.log(np.exp(x).sum())
+    assert [t.logprob for t in top] == pytest.approx([reference[1], reference[3], reference[2]], abs=1e-12)
+    assert [t.token_id for t in top_logprobs(logits, 1)] == [1]  # a tie at the cut keeps the smaller id
+    assert len(top_logprobs(logits, 20)) == 5 and top_logprobs(logits, 0) == ()
+    # computed before bias and penalties: a banned token still shows its model probability
+    banned = SamplingParams(temperature=0.0, logit_bias=((1, -100.0),), frequency_penalty=2.0)
+    chosen = sample(logits, banned, [3], 0, want_logprob=True, n_top_logprobs=2)
+    assert chosen.token_id == 2 and [t.token_id for t in chosen.top] == [1, 3]
+
+
+def test_node_side_limits() -> None:
+    check_request(SamplingParams(logit_bias=((9, 100.0),)), 20, n_vocab=10)
+    with pytest.raises(InvalidInput, match="outside the vocabulary of 10"):
+        check_request(SamplingParams(logit_bias=((10, 1.0),)), 0, n_vocab=10)
+    with pytest.raises(InvalidInput, match="top_logprobs"):
+        check_request(SamplingParams(), 21, n_vocab=10)
+    with pytest.raises(InvalidInput, match=r"outside -100\.\.100"):
+        check_request(SamplingParams(logit_bias=((1, float("nan")),)), 0, n_vocab=10)
+    with pytest.raises(InvalidInput, match="more than 1024"):
+        check_request(SamplingParams(logit_bias=tuple((i, 1.0) for i in range(1025))), 0, n_vocab=2000)

@@ -104,6 +104,9 @@ class Limits:
     max_prompt_chars: int = setting(1_000_000, "largest prompt text the gateway accepts")
     max_messages: int = setting(4096, "most messages in one chat request (each costs template work even when empty)")
     max_stop_chars: int = setting(512, "longest stop string (each is matched against the answer as it streams)")
+    max_schema_bytes: int = setting(64 * 2**10, "largest JSON schema (response_format, or one tool's parameters) "
+                                    "in compact JSON bytes")
+    max_schema_depth: int = setting(32, "deepest nesting of objects and lists in one JSON schema")
     max_body_bytes: int = setting(4 * 2**20, "largest HTTP request body the gateway accepts")
     max_http_connections: int = setting(512, "HTTP connections the gateway serves at once; a request on one more "
                                         "gets 503, and past twice this many connections are closed at once")

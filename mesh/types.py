@@ -36,6 +36,19 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
+ConstraintKind = Literal["json_object", "json_schema", "lark"]
+CONSTRAINT_KINDS: tuple[ConstraintKind, ...] = ("json_object", "json_schema", "lark")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A grammar the generated text must follow (see mesh.constraints): any JSON object, a JSON
+    schema (`grammar` is its JSON text), or a Lark grammar (llguidance's dialect; tool calls)."""
+
+    kind: ConstraintKind
+    grammar: str = ""
+
+
 @dataclass(frozen=True)
 class LayerRange:
     """Transformer blocks [first, last_exclusive) of a model."""
@@ -144,6 +157,7 @@ class GenerationRequest:
     model_sha256: ModelSha = ModelSha("")
     # Already generated before a failover; evaluated one per step, not streamed again.
     replay_tokens: tuple[int, ...] = ()
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -217,6 +231,10 @@ class StageStep:
     reply_dtype: HiddenDType = "f32"
     step: int = 0
     history: tuple[int, ...] = ()  # recent tokens, for the repetition penalty on the last stage
+    # Last stage only: the session's grammar (on its first step), and the generated tokens
+    # appended since the previous step, which the stage's matcher consumes before sampling.
+    constraint: Constraint | None = None
+    generated: tuple[int, ...] = ()
 
     @property
     def n_tokens(self) -> int:

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from mesh.constraints import Matcher
 from mesh.errors import CapacityExhausted, InvalidInput, ModelError
 from mesh.sampling import sample
 from mesh.template_check import check_model_templates
@@ -130,6 +131,10 @@ class LlamaCppEngine:
     def _generate_on(self, slot: _Slot, request: GenerationRequest,
                      cancelled: Callable[[], bool]) -> Iterator[TokenEvent]:
         history = list(request.prompt_tokens)
+        # Built from the tokens generated so far, replayed ones included: a replay's mask is the first run's.
+        matcher = Matcher.for_model(self.model_path, request.constraint) if request.constraint else None
+        if matcher is not None:
+            matcher.consume(request.replay_tokens)
         slot.llm.reset()  # type: ignore[no-untyped-call]
         slot.llm.eval(history)
         for token in request.replay_tokens:  # one per step, as they were first generated
@@ -142,7 +147,8 @@ class LlamaCppEngine:
         produced = len(request.replay_tokens)
         while not cancelled() and produced < request.max_tokens:
             position = len(history)
-            chosen = sample(slot.last_logits(), request.sampling, history, position, request.logprobs)
+            logits = slot.last_logits() if matcher is None else matcher.mask(slot.last_logits())
+            chosen = sample(logits, request.sampling, history, position, request.logprobs)
             history.append(chosen.token_id)
             produced += 1
             finish: str | None = None
@@ -154,4 +160,6 @@ class LlamaCppEngine:
                              finish_reason=finish)  # type: ignore[arg-type]
             if finish is not None:
                 return
+            if matcher is not None:
+                matcher.consume([chosen.token_id])
             slot.llm.eval([chosen.token_id])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,7 +159,9 @@ class _Vocabularies:
         n = llama_cpp.llama_vocab_n_tokens(vocab)
         # Every end-of-generation token ends a finished grammar, as it ends the answer.
         eog = [t for t in range(n) if llama_cpp.llama_vocab_is_eog(vocab, t)]
-        tokenizer = lltokenizer_from_vocab(vocab, eos_token=eog or None)
+        with warnings.catch_warnings():  # llguidance calls a llama.cpp function deprecated by name, once a token
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tokenizer = lltokenizer_from_vocab(vocab, eos_token=eog or None)
         log.info("grammar tokenizer for %s: %d tokens", path.name, n)
         return model, tokenizer
 

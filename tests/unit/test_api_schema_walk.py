@@ -40,7 +40,8 @@ IMPLEMENTED_SAMPLES: dict[str, Any] = {
 # A value of each field not supported yet that asks for something: refused, naming the field.
 ASKING: dict[str, Any] = {
     "frequency_penalty": 1.5, "presence_penalty": -0.5, "logit_bias": {"50256": -100},
-    "top_logprobs": 2, "functions": [{"name": "f"}], "function_call": {"name": "f"}, "audio": {"voice": "alloy", "format": "wav"},
+    "top_logprobs": 2, "functions": [{"name": "f"}], "function_call": {"name": "f"},
+    "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
     "reasoning_effort": "low", "verbosity": "low", "web_search_options": {}, "moderation": {"model": "x"},
     "best_of": 3, "echo": True, "suffix": "end",
@@ -48,8 +49,9 @@ ASKING: dict[str, Any] = {
 # The value of each such field that asks for nothing: accepted.
 NOTHING: dict[str, Any] = {
     "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "top_logprobs": 0,
-    "functions": [], "function_call": "auto", "audio": None, "modalities": ["text"], "prediction": None, "reasoning_effort": None, "verbosity": None,
-    "web_search_options": None, "moderation": None, "best_of": 1, "echo": False, "suffix": "",
+    "functions": [], "function_call": "auto", "audio": None, "modalities": ["text"], "prediction": None,
+    "reasoning_effort": None, "verbosity": None, "web_search_options": None, "moderation": None, "best_of": 1,
+    "echo": False, "suffix": "",
 }
 INFORMATIONAL_SAMPLES: dict[str, Any] = {
     "user": "alice", "metadata": {"team": "ops"}, "store": True, "service_tier": "auto",

@@ -35,9 +35,9 @@ def test_depth_and_size_limits_name_the_field_and_the_limit() -> None:
         check_schema({"a": [{"b": 1}]}, "rf", 1000, 2)
     with pytest.raises(InvalidInput, match=r"^rf: the schema is \d+ bytes.*max_schema_bytes"):
         check_schema({"a": "x" * 100}, "rf", 50, 8)
-    with pytest.raises(InvalidInput, match="^rf: the schema cannot be enforced"):
+    with pytest.raises(InvalidInput, match=r"^rf: the schema cannot be enforced"):
         json_constraint({"type": "nonsense"}, "rf")
-    with pytest.raises(InvalidInput, match="^format: must be"):
+    with pytest.raises(InvalidInput, match=r"^format: must be"):
         json_constraint("yaml")
     assert json_constraint("json") == Constraint(kind="json_object")
 
@@ -141,5 +141,5 @@ def test_the_constraint_crosses_the_wire_and_a_bad_kind_is_refused() -> None:
     assert back.constraint == constraint and back.generated == (5,)
     msg = convert.generate_request_to_pb(request)
     msg.constraint.kind = "regex"
-    with pytest.raises(InvalidInput, match="constraint.kind"):
+    with pytest.raises(InvalidInput, match=r"constraint\.kind"):
         convert.generate_request_from_pb(msg)

@@ -6,6 +6,7 @@ and a constrained seeded stream is identical after its replica dies and another 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,12 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import jsonschema
 import openai
 import pytest
 
-from tests.conftest import Launcher, gateway_url
+from mesh.transport.auth import sign
+from mesh.transport.generated import edgemesh_pb2, edgemesh_pb2_grpc
+from tests.conftest import Launcher, gateway_url, wait_for_nodes
+from tests.fixtures.node_wire import node_channel
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +44,12 @@ WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def mesh(module_launcher: Launcher, default_model: Path) -> Iterator[str]:
-    proc = module_launcher.start("up", ["up", "--strategy", "replica", "--nodes", "2", "--port", "0",
-                                        "--model", str(default_model)])
-    yield gateway_url(proc)
-    proc.stop()
+    # Started one by one (not `edgemesh up`) so that the test knows the cluster key, for the wire check.
+    nodes = [module_launcher.node(f"replica-{i}", default_model, "--role", "replica") for i in (1, 2)]
+    peers = [a for n in nodes for a in ("--peer", f"127.0.0.1:{n.ready[1]}")]
+    url = gateway_url(module_launcher.gateway("gw", default_model, "--no-discovery", *peers))
+    wait_for_nodes(url, 2)
+    yield url
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +101,28 @@ def test_bad_deep_and_big_schemas_are_400s_naming_them(client: openai.OpenAI) ->
             {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}])
     ok = client.chat.completions.create(model="default", messages=ASK, max_tokens=4, temperature=0)
     assert ok.choices[0].message.content  # and it went on serving
+
+
+def test_a_bad_grammar_on_the_wire_is_invalid_argument(mesh: str, module_launcher: Launcher) -> None:
+    view = httpx.get(f"{mesh}/api/cluster", timeout=10).json()
+    key = module_launcher.cluster_key
+
+    async def call(address: str) -> None:
+        async with node_channel(address, key) as channel:
+            stub = edgemesh_pb2_grpc.NodeStub(channel)
+            bad = edgemesh_pb2.GenerateRequest(request_id="r", prompt_tokens=[1, 2], max_tokens=2,
+                                               constraint=edgemesh_pb2.Constraint(kind="lark", grammar="start: ("))
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                async for _ in stub.Generate(bad, timeout=30, metadata=sign(key, "/edgemesh.v1.Node/Generate", bad)):
+                    pass
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "constraint" in (raised.value.details() or "")
+
+    for node in view["nodes"]:
+        asyncio.run(call(node["address"]))
+    ok = openai.OpenAI(base_url=f"{mesh}/v1", api_key="x", max_retries=0, timeout=60).chat.completions.create(
+        model="default", messages=ASK, max_tokens=8, response_format={"type": "json_object"}, temperature=0)
+    assert ok.choices[0].message.content
 
 
 def _check_call(call: Any, tools: dict[str, dict[str, Any]]) -> dict[str, Any]:

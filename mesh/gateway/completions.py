@@ -141,7 +141,11 @@ class Completions:
 
     async def _generation_request(self, body: _Common, continuation: str = "") -> GenerationRequest:
         check_model(body.model, self._model_name, self._aliases)
-        constraint = tool_calls.constraint_of(body) if isinstance(body, ChatRequest) else None
+        constraint = None
+        if isinstance(body, ChatRequest) and tool_calls.constrained(body):
+            # Compiling a large schema takes a tenth of a second or more: not on the event loop.
+            constraint = await asyncio.get_running_loop().run_in_executor(self._prompt_pool, tool_calls.constraint_of,
+                                                                          body)
         n_ctx = await self._scheduler.serving_context_length()
         if n_ctx is None:
             raise Unavailable("no node serving this model is ready; start one with `edgemesh node`")

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from mesh.constraints import Matcher, validate
+from mesh.constraints import Matcher
 from mesh.errors import CapacityExhausted, InvalidInput, ModelError
 from mesh.sampling import sample
 from mesh.template_check import check_model_templates
@@ -117,8 +117,6 @@ class LlamaCppEngine:
         bad = [t for t in request.replay_tokens if not 0 <= t < self.n_vocab]
         if bad:
             raise InvalidInput(f"replay token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
-        if request.constraint is not None:
-            validate(request.constraint, "constraint")  # before a slot is taken: a bad grammar costs no compute
 
     def generate(self, request: GenerationRequest, cancelled: Callable[[], bool]) -> Iterator[TokenEvent]:
         """Blocking generator of tokens; run it on a worker thread. Stops early when
@@ -134,6 +132,7 @@ class LlamaCppEngine:
                      cancelled: Callable[[], bool]) -> Iterator[TokenEvent]:
         history = list(request.prompt_tokens)
         # Built from the tokens generated so far, replayed ones included: a replay's mask is the first run's.
+        # Here on the worker thread, not in validate(): compiling a large grammar takes a while.
         matcher = Matcher.for_model(self.model_path, request.constraint) if request.constraint else None
         if matcher is not None:
             matcher.consume(request.replay_tokens)

@@ -110,6 +110,9 @@ class Limits:
     max_embedding_tokens: int = setting(512, "longest embeddings input, in tokens; never more than the 512 a "
                                         "node's embedding context holds (mesh.types.EMBED_CONTEXT_TOKENS) nor the "
                                         "context the model is served with")
+    max_schema_bytes: int = setting(64 * 2**10, "largest JSON schema (response_format, or one tool's parameters) "
+                                    "in compact JSON bytes")
+    max_schema_depth: int = setting(32, "deepest nesting of objects and lists in one JSON schema")
     max_body_bytes: int = setting(4 * 2**20, "largest HTTP request body the gateway accepts")
     max_http_connections: int = setting(512, "HTTP connections the gateway serves at once; a request on one more "
                                         "gets 503, and past twice this many connections are closed at once")

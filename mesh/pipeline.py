@@ -72,14 +72,15 @@ class PipelineRun:
         driver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         loop = asyncio.get_running_loop()
 
-        async def through(tokens: list[int], start: int, history: list[int]) -> StageOutput:
-            return await loop.run_in_executor(driver, self._through, session_id, request, tokens, start, history)
+        async def through(tokens: list[int], start: int, history: list[int], generated: bool = True) -> StageOutput:
+            return await loop.run_in_executor(driver, self._through, session_id, request, tokens, start, history,
+                                              generated)
 
         try:
             history = list(request.prompt_tokens)
             out = StageOutput(step=-1)
             for lo in range(0, len(history), PREFILL_CHUNK):
-                out = await through(history[lo:lo + PREFILL_CHUNK], lo, history)
+                out = await through(history[lo:lo + PREFILL_CHUNK], lo, history, generated=False)
             for token in request.replay_tokens:  # one per step, as they were first generated
                 history.append(token)
                 out = await through([token], len(history) - 1, history)
@@ -114,9 +115,13 @@ class PipelineRun:
                 log.exception("closing the link to %s failed", link.address)
 
     def _through(self, session_id: str, request: GenerationRequest, tokens: list[int], start: int,
-                 history: list[int]) -> StageOutput:
-        """One step through every stage, on the driver thread; returns the last stage's sampled token."""
+                 history: list[int], generated: bool) -> StageOutput:
+        """One step through every stage, on the driver thread; returns the last stage's sampled token.
+        `generated`: the step's tokens were generated (or replayed), not prompt: a constrained last
+        stage advances its grammar over them."""
         self._step += 1
+        constrained = request.constraint is not None
+        first = self._step == 1
         sampling = request.sampling
         # The penalty window is all the last stage needs of the history, and only if a penalty is on.
         window = sampling.repeat_last_n if sampling.penalised else 0
@@ -131,7 +136,9 @@ class PipelineRun:
                 start_position=start, tokens=tuple(tokens) if index == 0 else None, hidden=hidden,
                 sampling=sampling, logprobs=request.logprobs, reply_dtype=self._job.hidden_dtype,
                 step=self._step, history=recent if index == last else (),
-                top_logprobs=request.top_logprobs if index == last else 0)
+                top_logprobs=request.top_logprobs if index == last else 0,
+                constraint=request.constraint if index == last and first else None,
+                generated=tuple(tokens) if index == last and constrained and generated else ())
             try:
                 out = link.step(step)
             except PeerError as exc:

@@ -53,6 +53,19 @@ class TopLogprob:
     logprob: float
 
 
+ConstraintKind = Literal["json_object", "json_schema", "lark"]
+CONSTRAINT_KINDS: tuple[ConstraintKind, ...] = ("json_object", "json_schema", "lark")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A grammar the generated text must follow (see mesh.constraints): any JSON object, a JSON
+    schema (`grammar` is its JSON text), or a Lark grammar (llguidance's dialect; tool calls)."""
+
+    kind: ConstraintKind
+    grammar: str = ""
+
+
 @dataclass(frozen=True)
 class LayerRange:
     """Transformer blocks [first, last_exclusive) of a model."""
@@ -162,6 +175,7 @@ class GenerationRequest:
     model_sha256: ModelSha = ModelSha("")
     # Already generated before a failover; evaluated one per step, not streamed again.
     replay_tokens: tuple[int, ...] = ()
+    constraint: Constraint | None = None
 
 
 # Inputs in one Embed call: a request with more is split into calls of this many, which the
@@ -264,6 +278,10 @@ class StageStep:
     step: int = 0
     history: tuple[int, ...] = ()  # recent tokens, for the penalties on the last stage
     top_logprobs: int = 0
+    # Last stage only: the session's grammar (on its first step), and the generated tokens
+    # appended since the previous step, which the stage's matcher consumes before sampling.
+    constraint: Constraint | None = None
+    generated: tuple[int, ...] = ()
 
     @property
     def n_tokens(self) -> int:

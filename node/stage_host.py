@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from mesh.constraints import Matcher
 from mesh.errors import (
     CapacityExhausted,
     EdgeMeshError,
@@ -77,6 +78,8 @@ class StageHost:
         self._retiring: set[StageKey] = set()
         self._fraction: dict[StageKey, float] = {}  # share of the model's weights a decode step touches
         self._lock = threading.Lock()  # guards the dict; each engine serializes its own compute
+        # Grammar state of constrained sessions on a last stage, by session id (mesh.constraints).
+        self._matchers: dict[str, Matcher] = {}
         # One load at a time on the node (stages and the replica share it through the budget):
         # two loads must not both pass the memory check and then exceed the budget together.
         self._loading = self._budget.loading
@@ -283,6 +286,7 @@ class StageHost:
             raise InvalidInput(f"hidden states have width {step.hidden.shape[1]}; this model's is {engine.n_embd}")
         if engine.is_last:
             check_request(step.sampling, step.top_logprobs, engine.n_vocab)
+        matcher = self._matcher(step) if engine.is_last else None
         if self._speed is not None:
             self._speed.touch()
         started = time.monotonic()
@@ -301,10 +305,39 @@ class StageHost:
         if not engine.is_last:
             return StageOutput(step=step.step, hidden=result)
         position = step.start_position + step.n_tokens  # where the sampled token will sit
-        chosen = sample(result, step.sampling, step.history, position, step.logprobs, step.top_logprobs)
+        masked = result if matcher is None else matcher.mask(result)
+        chosen = sample(masked, step.sampling, step.history, position, step.logprobs, step.top_logprobs,
+                        raw_logits=result)
         return StageOutput(step=step.step, token_id=chosen.token_id, logprob=chosen.logprob, top_logprobs=chosen.top)
 
+    def _matcher(self, step: StageStep) -> Matcher | None:
+        """The session's grammar, advanced past the generated tokens this step brings, before any
+        compute (a bad grammar or token is INVALID_ARGUMENT and costs nothing)."""
+        with self._lock:
+            matcher = self._matchers.get(step.session_id)
+        if step.constraint is not None:
+            if matcher is not None:
+                raise InvalidInput("the session's constraint is sent once, with its first step")
+            local = self._files.get(step.model_sha256)
+            if local is None:
+                raise NotFound(f"this node has no file with sha256 {step.model_sha256[:12]}…")
+            matcher = Matcher.for_model(local.path, step.constraint)
+            with self._lock:
+                # Every session end comes through release(), which drops its matcher; the cap only
+                # bounds what a peer opening sessions without ever ending them could pile up.
+                if len(self._matchers) >= MAX_STAGE_SLOTS * 4:
+                    raise CapacityExhausted("too many constrained sessions open on this stage")
+                self._matchers[step.session_id] = matcher
+        if matcher is None:
+            if step.generated:
+                raise InvalidInput("constrained_tokens on a session that has no constraint")
+            return None
+        matcher.consume(step.generated)
+        return matcher
+
     def release(self, session_id: str) -> bool:
+        with self._lock:
+            self._matchers.pop(session_id, None)
         released = False
         for engine, _held in self._snapshot():
             released = engine.release(session_id) or released

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, PayloadTooLarge, RequestTimeout, Unavailable
-from mesh.gateway import logprobs
+from mesh.gateway import logprobs, tool_calls
 from mesh.gateway.answers import CLOUD_ROUTE, MESH_ROUTE, Answer, CloudAnswer, MeshAnswer
 from mesh.gateway.logprobs import LogprobReport
 from mesh.gateway.policy import ContentPolicyViolation, GatewayPolicy, SystemPromptEnforced
@@ -139,7 +139,9 @@ class Completions:
         """Prompt and continuation tokens; CPU work (a template render and a tokenizer pass over
         up to a few megabytes), so it runs on the prompt pool, never on the event loop."""
         if isinstance(body, ChatRequest):
-            prompt = self._tokenizer.encode_chat(self._admin.chat_messages(body.template_messages()))
+            template = self._tokenizer.chat_template.source if self._tokenizer.chat_template else ""
+            messages = tool_calls.template_messages(body, template)
+            prompt = self._tokenizer.encode_chat(self._admin.chat_messages(messages))
         else:
             assert isinstance(body, CompletionRequest)
             prompt = self._tokenizer.encode_completion(body.prompt_text())
@@ -151,6 +153,11 @@ class Completions:
 
     async def _generation_request(self, body: _Common, continuation: str = "") -> GenerationRequest:
         check_model(body.model, self._model_name, self._aliases)
+        constraint = None
+        if isinstance(body, ChatRequest) and tool_calls.constrained(body):
+            # Compiling a large schema takes a tenth of a second or more: not on the event loop.
+            constraint = await asyncio.get_running_loop().run_in_executor(self._prompt_pool, tool_calls.constraint_of,
+                                                                          body)
         n_ctx = await self._scheduler.serving_context_length()
         if n_ctx is None:
             raise Unavailable("no node serving this model is ready; start one with `edgemesh node`")
@@ -170,6 +177,7 @@ class Completions:
             request_id=RequestId(uuid.uuid4().hex), prompt_tokens=tuple(prompt + sent), sampling=sampling,
             max_tokens=min(limit, room) if limit else room,
             stop_token_ids=self._tokenizer.eog_ids, logprobs=want_logprobs, top_logprobs=top_logprobs,
+            constraint=constraint,
         )
 
     async def _mesh_answer(self, body: _Common, started: float, continuation: str = "") -> MeshAnswer:
@@ -211,7 +219,8 @@ class Completions:
 
     async def _answer(self, body: _Common, flavor: Flavor, started: float) -> Answer:
         cloud = self._cloud
-        if cloud is None:
+        # A constraint is enforced where the mesh samples; a cloud's own would come back in its shape.
+        if cloud is None or tool_calls.constrained(body):
             return await self._mesh_answer(body, started)
         from mesh.cloud import CloudError
 
@@ -243,7 +252,8 @@ class Completions:
         handed_to_stream = False
         try:
             check_model(body.model, self._model_name, self._aliases)
-            answer = self._admin.filter(await self._answer(body, flavor, started))
+            answer, flavor = tool_calls.shape(body, self._admin.filter(await self._answer(body, flavor, started)),
+                                              flavor)
             self._metrics.time_to_first_token.labels(answer.route).observe(time.monotonic() - started)
             self.last_route = answer.route
             headers = {ROUTE_HEADER: answer.header}

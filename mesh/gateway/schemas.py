@@ -44,15 +44,13 @@ def _is_none_choice(value: Any) -> bool:
 
 # Fields that ask for nothing in the answer: accepted as they come, whatever their value.
 INFORMATIONAL = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-                           "prompt_cache_retention", "prompt_cache_options", "parallel_tool_calls"})
+                           "prompt_cache_retention", "prompt_cache_options"})
 
 # Not supported yet: the test that a value asks for nothing, and what the refusal says.
 UNSUPPORTED_CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (_is_empty, "tool calls"),
-    "tool_choice": (_is_none_choice, "tool calls"),
-    "functions": (_is_empty, "function calls"),
-    "function_call": (_is_none_choice, "function calls"),
-    "response_format": (lambda v: v is None or v == {"type": "text"}, "structured output (response_format)"),
+    # The deprecated form of tools: send `tools` and `tool_choice` instead.
+    "functions": (_is_empty, "function calls (the deprecated `functions`; send `tools`)"),
+    "function_call": (_is_none_choice, "function calls (the deprecated `function_call`; send `tool_choice`)"),
     "audio": (lambda v: v is None, "audio output"),
     "modalities": (lambda v: v is None or v == ["text"], "output modalities other than text"),
     "prediction": (lambda v: v is None, "predicted outputs"),
@@ -151,6 +149,62 @@ class TextPart(_Strict):
     text: str
 
 
+MAX_TOOLS = 128
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # always strict here: the arguments are decoded under the schema
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format: json_schema is given with, and only with, type json_schema")
+        return self
+
+
+class CalledFunction(_Strict):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -158,15 +212,17 @@ class ChatMessage(_Strict):
     # What another server's earlier turns may carry; nothing the template could render.
     refusal: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls, rendered as it made them
     function_call: Any = None
     audio: Any = None
 
     @model_validator(mode="after")
     def _renderable(self) -> ChatMessage:
-        for name in ("tool_calls", "function_call", "audio"):
+        for name in ("function_call", "audio"):
             if not _is_empty(getattr(self, name)):
                 raise ValueError(f"{name} in a message is not supported by EdgeMesh yet")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message carries them")
         return self
 
     def text(self) -> str:
@@ -188,18 +244,18 @@ class _Informational(_Strict):
     prompt_cache_key: Any = None
     prompt_cache_retention: Any = None
     prompt_cache_options: Any = None
-    parallel_tool_calls: Any = None
 
 
 class ChatRequest(_Common, _Informational):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # several calls in one answer; one unless true
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
+    response_format: ResponseFormat | None = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -213,10 +269,37 @@ class ChatRequest(_Common, _Informational):
         _refuse_unsupported({name: getattr(self, name) for name in self.model_fields_set}, UNSUPPORTED_CHAT)
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: set logprobs to true to use top_logprobs")
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two tools have the same name")
+        choice = self.tool_choice
+        if choice in ("required",) or isinstance(choice, NamedToolChoice):
+            if not names:
+                raise ValueError("tool_choice: asks for a tool call, but tools lists none")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: names {choice.function.name[:64]!r}, which is not in tools")
+        if self.offers_tools() and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: EdgeMesh cannot combine structured output with tools it offers "
+                             "(send tool_choice none, or no tools)")
         return self
 
     def logprob_request(self) -> tuple[bool, int]:
         return bool(self.logprobs), self.top_logprobs or 0
+
+    def offers_tools(self) -> bool:
+        """Tools are described to the model and may be called (tool_choice is not none)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def schemas(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every JSON schema in the request, by the field that carries it (for the limits)."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None and rf.json_schema is not None and rf.json_schema.json_schema is not None:
+            found.append(("response_format.json_schema.schema", rf.json_schema.json_schema))
+        for index, tool in enumerate(self.tools or ()):
+            if tool.function.parameters is not None:
+                found.append((f"tools[{index}].function.parameters", tool.function.parameters))
+        return found
 
     def text_chars(self) -> int:
         """Characters of text in all the messages (what the prompt-length limit counts)."""
@@ -261,6 +344,10 @@ def check_limits(body: _Common, limits: Limits) -> None:
                                "this gateway accepts")
         if body.text_chars() > limits.max_prompt_chars:
             raise InvalidInput(f"the messages hold more than {limits.max_prompt_chars} characters")
+        from mesh.constraints import check_schema
+
+        for where, schema in body.schemas():
+            check_schema(schema, where, limits.max_schema_bytes, limits.max_schema_depth)
     longest = max((len(stop) for stop in body.stop_strings()), default=0)
     if longest > limits.max_stop_chars:
         raise InvalidInput(f"stop: a stop string of {longest} characters, longer than the {limits.max_stop_chars} "

@@ -13,7 +13,9 @@ from mesh.errors import InvalidInput
 from mesh.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.types import (
+    CONSTRAINT_KINDS,
     Claimed,
+    Constraint,
     EmbedBatch,
     Embeddings,
     FinishReason,
@@ -83,12 +85,32 @@ def _top_from_pb(items: Sequence[Any]) -> tuple[TopLogprob, ...]:
     return tuple(TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in items)
 
 
+MAX_CONSTRAINT_CHARS = 1 * 2**20  # mesh.constraints.MAX_GRAMMAR_CHARS; kept here without its import
+
+
+def constraint_to_pb(constraint: Constraint | None) -> Any:
+    return None if constraint is None else pb.Constraint(kind=constraint.kind, grammar=constraint.grammar)
+
+
+def constraint_from_pb(msg: Any, present: bool) -> Constraint | None:
+    """The shape only; whether the grammar compiles is the sampling node's to find out."""
+    if not present:
+        return None
+    kind = next((k for k in CONSTRAINT_KINDS if k == msg.kind), None)
+    if kind is None:
+        raise InvalidInput(f"constraint.kind must be one of {', '.join(CONSTRAINT_KINDS)}, got {msg.kind[:40]!r}")
+    if len(msg.grammar) > MAX_CONSTRAINT_CHARS:
+        raise InvalidInput(f"constraint.grammar is longer than {MAX_CONSTRAINT_CHARS} characters")
+    return Constraint(kind=kind, grammar=msg.grammar)
+
+
 def generate_request_to_pb(req: GenerationRequest) -> Any:
     return pb.GenerateRequest(
         request_id=req.request_id, model_sha256=req.model_sha256, prompt_tokens=list(req.prompt_tokens),
         sampling=sampling_to_pb(req.sampling), max_tokens=req.max_tokens,
         stop_token_ids=sorted(req.stop_token_ids), logprobs=req.logprobs,
         replay_tokens=list(req.replay_tokens), top_logprobs=req.top_logprobs,
+        constraint=constraint_to_pb(req.constraint),
     )
 
 
@@ -99,6 +121,7 @@ def generate_request_from_pb(msg: Any) -> GenerationRequest:
         stop_token_ids=frozenset(msg.stop_token_ids), logprobs=msg.logprobs,
         replay_tokens=tuple(msg.replay_tokens), top_logprobs=msg.top_logprobs,
         model_sha256=ModelSha(msg.model_sha256),
+        constraint=constraint_from_pb(msg.constraint, msg.HasField("constraint")),
     )
 
 
@@ -244,7 +267,8 @@ def stage_step_to_pb(step: StageStep) -> Any:
         session_id=step.session_id, start_position=step.start_position, sampling=sampling_to_pb(step.sampling),
         logprobs=step.logprobs, reply_dtype=_DTYPES[step.reply_dtype][0], step=step.step,
         history_tokens=list(step.history), model_sha256=step.model_sha256, layers=layer_range_to_pb(step.layers),
-        top_logprobs=step.top_logprobs)
+        top_logprobs=step.top_logprobs,
+        constraint=constraint_to_pb(step.constraint), constrained_tokens=list(step.generated))
     if step.tokens is not None:
         msg.tokens.ids.extend(step.tokens)
     elif step.hidden is not None:
@@ -267,13 +291,17 @@ def stage_step_from_pb(msg: Any) -> StageStep:
     tokens = tuple(msg.tokens.ids) if kind == "tokens" else None
     if tokens is not None and not 0 < len(tokens) <= MAX_STEP_TOKENS:
         raise InvalidInput(f"a step carries 1 to {MAX_STEP_TOKENS} token ids, got {len(tokens)}")
+    if len(msg.constrained_tokens) > MAX_STEP_TOKENS:
+        raise InvalidInput(f"a step carries at most {MAX_STEP_TOKENS} constrained_tokens")
     reply = _DTYPE_NAMES.get(msg.reply_dtype, "f32") if msg.reply_dtype else "f32"
     return StageStep(
         session_id=msg.session_id, model_sha256=ModelSha(msg.model_sha256), layers=layers,
         start_position=msg.start_position, tokens=tokens,
         hidden=tensor_from_pb(msg.hidden) if kind == "hidden" else None,
         sampling=sampling_from_pb(msg.sampling), logprobs=msg.logprobs, reply_dtype=reply, step=msg.step,
-        history=tuple(msg.history_tokens), top_logprobs=msg.top_logprobs)
+        history=tuple(msg.history_tokens), top_logprobs=msg.top_logprobs,
+        constraint=constraint_from_pb(msg.constraint, msg.HasField("constraint")),
+        generated=tuple(msg.constrained_tokens))
 
 
 def stage_output_to_pb(session_id: str, output: StageOutput, dtype: HiddenDType) -> Any:

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from mesh.constraints import Matcher
 from mesh.errors import CapacityExhausted, InvalidInput, ModelError
 from mesh.sampling import check_request, sample
 from mesh.template_check import check_model_templates
@@ -133,6 +134,11 @@ class LlamaCppEngine:
     def _generate_on(self, slot: _Slot, request: GenerationRequest,
                      cancelled: Callable[[], bool]) -> Iterator[TokenEvent]:
         history = list(request.prompt_tokens)
+        # Built from the tokens generated so far, replayed ones included: a replay's mask is the first run's.
+        # Here on the worker thread, not in validate(): compiling a large grammar takes a while.
+        matcher = Matcher.for_model(self.model_path, request.constraint) if request.constraint else None
+        if matcher is not None:
+            matcher.consume(request.replay_tokens)
         slot.llm.reset()  # type: ignore[no-untyped-call]
         slot.llm.eval(history)
         for token in request.replay_tokens:  # one per step, as they were first generated
@@ -145,8 +151,10 @@ class LlamaCppEngine:
         produced = len(request.replay_tokens)
         while not cancelled() and produced < request.max_tokens:
             position = len(history)
-            chosen = sample(slot.last_logits(), request.sampling, history, position, request.logprobs,
-                            request.top_logprobs)
+            logits = slot.last_logits()
+            masked = logits if matcher is None else matcher.mask(logits)
+            chosen = sample(masked, request.sampling, history, position, request.logprobs,
+                            request.top_logprobs, raw_logits=logits)
             history.append(chosen.token_id)
             produced += 1
             finish: str | None = None
@@ -158,4 +166,6 @@ class LlamaCppEngine:
                              finish_reason=finish, top_logprobs=chosen.top)  # type: ignore[arg-type]
             if finish is not None:
                 return
+            if matcher is not None:
+                matcher.consume([chosen.token_id])
             slot.llm.eval([chosen.token_id])

@@ -1,7 +1,7 @@
 """The official `openai` client against a real gateway and node (issue 19, part 1): what it
 asks for is served, and what EdgeMesh does not do yet is refused with a 400 naming the
 field, instead of being silently ignored (logprobs used to come back None, penalties and
-tools had no effect)."""
+tools had no effect; structured output and tools are served now, see test_constrained.py)."""
 
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ def test_the_official_client_is_served_or_told_no_by_name(launcher: Launcher, de
     assert text.choices[0].text
 
     # Refused, naming the field: each asks for something the answer would not have honoured.
-    # (logprobs, penalties and logit_bias are served now: tests/integration/test_logprobs_penalties.py)
+    # (logprobs, penalties and logit_bias are served now: tests/integration/test_logprobs_penalties.py;
+    # response_format and tools: tests/integration/test_constrained.py)
     asks = [
-        ("response_format", {"response_format": {"type": "json_object"}}),
-        ("tools", {"tools": [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]}),
         ("top_logprobs", {"logprobs": True, "top_logprobs": 21}),  # above OpenAI's 20
         ("logit_bias", {"logit_bias": {"49152": -100}}),  # just outside the vocabulary
+        ("functions", {"functions": [{"name": "now", "parameters": {"type": "object"}}]}),  # deprecated: `tools`
     ]
     for field, extra in asks:
         with pytest.raises(openai.BadRequestError) as refused:

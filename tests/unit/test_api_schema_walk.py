@@ -35,30 +35,30 @@ IMPLEMENTED_SAMPLES: dict[str, Any] = {
     "temperature": 0.3, "top_p": 0.5, "seed": 7, "stop": ["\n"], "stream": True,
     "stream_options": {"include_usage": True}, "n": 1,
     "frequency_penalty": 1.5, "presence_penalty": -0.5, "logit_bias": {"50256": -100}, "top_logprobs": 2,
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    "tool_choice": "auto", "parallel_tool_calls": True, "response_format": {"type": "json_object"},
 }
 # Implemented fields whose sample differs by endpoint, or needs another field beside it.
 LOGPROBS_SAMPLE: dict[type[Any], Any] = {ChatRequest: True, CompletionRequest: 2}
 COMPANIONS: dict[str, dict[str, Any]] = {"top_logprobs": {"logprobs": True}}
 # A value of each field not supported yet that asks for something: refused, naming the field.
 ASKING: dict[str, Any] = {
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-    "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
-    "response_format": {"type": "json_object"}, "audio": {"voice": "alloy", "format": "wav"},
+    "functions": [{"name": "f"}], "function_call": {"name": "f"},
+    "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
     "reasoning_effort": "low", "verbosity": "low", "web_search_options": {}, "moderation": {"model": "x"},
     "best_of": 3, "echo": True, "suffix": "end",
 }
 # The value of each such field that asks for nothing: accepted.
 NOTHING: dict[str, Any] = {
-    "tools": [],
-    "tool_choice": "none", "functions": [], "function_call": "auto", "response_format": {"type": "text"},
-    "audio": None, "modalities": ["text"], "prediction": None, "reasoning_effort": None, "verbosity": None,
-    "web_search_options": None, "moderation": None, "best_of": 1, "echo": False, "suffix": "",
+    "functions": [], "function_call": "auto", "audio": None, "modalities": ["text"], "prediction": None,
+    "reasoning_effort": None, "verbosity": None, "web_search_options": None, "moderation": None, "best_of": 1,
+    "echo": False, "suffix": "",
 }
 INFORMATIONAL_SAMPLES: dict[str, Any] = {
     "user": "alice", "metadata": {"team": "ops"}, "store": True, "service_tier": "auto",
     "safety_identifier": "u-1", "prompt_cache_key": "k", "prompt_cache_retention": "24h",
-    "prompt_cache_options": {"x": 1}, "parallel_tool_calls": False,
+    "prompt_cache_options": {"x": 1},
 }
 
 
@@ -98,13 +98,16 @@ def test_a_field_of_no_schema_is_refused_by_name(model: type[Any]) -> None:
 
 
 def test_message_fields_that_cannot_be_rendered_are_refused() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     for message, field in (({"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}, "tool_calls"),
+                           ({"role": "user", "content": "", "tool_calls": [call]}, "tool_calls"),
                            ({"role": "assistant", "content": "", "function_call": {"name": "f"}}, "function_call"),
                            ({"role": "user", "content": "hi", "cache": True}, "cache")):
         with pytest.raises(InvalidInput, match=field):
             parse(ChatRequest, json.dumps({"messages": [message, *MESSAGES]}).encode())
     # What another server's earlier turns carry and the template can do without: accepted.
-    parse(ChatRequest, json.dumps({"messages": [{"role": "assistant", "content": "no", "refusal": None},
+    parse(ChatRequest, json.dumps({"messages": [{"role": "assistant", "content": None, "tool_calls": [call]},
+                                                {"role": "assistant", "content": "no", "refusal": None},
                                                 {"role": "tool", "content": "42", "tool_call_id": "c1"},
                                                 *MESSAGES]}).encode())
 

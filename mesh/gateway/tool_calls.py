@@ -203,6 +203,10 @@ class ToolCallAnswer(Answer):
     def usage(self) -> dict[str, int]:
         return self._inner.usage()
 
+    def take_logprobs(self) -> dict[str, Any] | None:
+        # A held call's logprobs come with the chunk that sends it: the tokens are the call's text.
+        return self._inner.take_logprobs()
+
     def _wrap_text(self, text: str) -> dict[str, Any]:
         if self.calls is not None:
             return {"message": {"role": "assistant", "content": None, "tool_calls": self.calls}}

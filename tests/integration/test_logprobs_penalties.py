@@ -253,10 +253,10 @@ def test_the_node_refuses_what_the_sampler_cannot_honour(mesh: tuple[str, str], 
     assert reference_llm.n_vocab() < 10**6
 
 
+# On the pipeline only: its spare node takes the killed stage's layers.
+@pytest.mark.parametrize("mesh", ["pipeline"], indirect=True)
 def test_a_penalised_seeded_stream_survives_a_killed_stage(mesh: tuple[str, str]) -> None:
     url, kind = mesh
-    if kind != "pipeline":
-        pytest.skip("the failover case runs on the pipeline (a spare takes the killed stage's layers)")
     client = client_of(url)
     body = {"model": "default", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0.8, "seed": 11,
             "frequency_penalty": 1.0, "presence_penalty": 0.5, "logit_bias": {"13": -5}, "logprobs": 2}

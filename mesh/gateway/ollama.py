@@ -7,6 +7,10 @@ of /v1; the answer's text deltas are wrapped as Ollama's NDJSON lines (a Rendere
 mesh.gateway.completions). The same no-silent-ignore rule as mesh.gateway.schemas: every
 option or field this adapter does not implement is refused with a 400 naming it.
 
+`format` and `tools` become the ChatRequest's response_format and tools, so they are decoded
+under the same grammar as /v1's (mesh.gateway.tool_calls); a call comes back in Ollama's shape,
+`message.tool_calls` = [{"function": {"name", "arguments": {...}}}] with done_reason "stop".
+
 Shapes follow Ollama's API documentation (docs/api.md of ollama/ollama): streamed lines
 `{model, created_at, message|response, done: false}` and a last line with `done: true`,
 `done_reason` and the durations in nanoseconds. Sampling defaults are EdgeMesh's (those of
@@ -33,6 +37,7 @@ from mesh.gateway.answers import Answer
 from mesh.gateway.completions import CHAT, TEXT, Renderer, error_response
 from mesh.gateway.embeddings import EmbeddingRequest
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, _Strict, parse
+from mesh.gateway.tool_calls import ToolCallAnswer
 from mesh.scheduler import check_model
 
 if TYPE_CHECKING:
@@ -93,23 +98,37 @@ class Options(_Strict):
         return out
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)  # an object, not JSON text as on /v1
+    index: int | None = None  # newer Ollama versions number the calls of one answer
+
+
+class OllamaToolCall(_Strict):
+    id: str | None = None  # what some clients echo back; Ollama's own calls carry none
+    type: Literal["function"] | None = None
+    function: CalledFunction
+
+
 class Message(_Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
-    tool_calls: list[Any] | None = None
-    tool_name: str | None = None
+    tool_calls: list[OllamaToolCall] | None = None  # an assistant's earlier calls
+    tool_name: str | None = None  # which tool a `tool` message answers
     thinking: str | None = None  # an earlier turn's reasoning: templates leave it out, so does EdgeMesh
 
     @model_validator(mode="after")
     def _supported(self) -> Message:
-        _unsupported({"images": self.images, "tool_calls": self.tool_calls, "tool_name": self.tool_name},
-                     {"images": "images", "tool_calls": "tool calls", "tool_name": "tool calls"})
+        _unsupported({"images": self.images}, {"images": "images"})
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message carries them")
+        if self.tool_name and self.role != "tool":
+            raise ValueError("tool_name: only a tool message carries it")
         return self
 
 
-_NOT_YET = {"format": "structured output (format)", "tools": "tool calls", "think": "thinking",
-            "template": "a template of the request's own (the model's own is used)"}
+_NOT_YET = {"think": "thinking", "template": "a template of the request's own (the model's own is used)"}
 
 
 class _Request(_Strict):
@@ -117,8 +136,7 @@ class _Request(_Strict):
     stream: bool = True  # Ollama streams unless told not to
     options: Options | None = None
     keep_alive: str | int | float | None = None  # informational: the mesh keeps what its controller placed
-    format: Any = None
-    tools: Any = None
+    format: Any = None  # "json" or a JSON schema object: checked in response_format()
     think: Any = None
     template: Any = None
 
@@ -131,6 +149,13 @@ class _Request(_Strict):
 class ChatBody(_Request):
     messages: list[Message] = Field(default_factory=list)
     system: str | None = None  # Open WebUI sends a model's system prompt here
+    tools: list[Any] | None = None  # OpenAI's shape already: validated as the ChatRequest's tools
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> ChatBody:
+        if self.tools and self.format not in (None, ""):
+            raise ValueError("format: EdgeMesh cannot combine format with tools (send one of them)")
+        return self
 
 
 class GenerateBody(_Request):
@@ -148,6 +173,8 @@ class GenerateBody(_Request):
                       "context": "context (the deprecated token history; send messages to /api/chat)"})
         if self.raw and self.system:
             raise ValueError("system: a raw prompt takes no system prompt (it is sent as it is)")
+        if self.raw and self.format not in (None, ""):
+            raise ValueError("format: EdgeMesh cannot constrain a raw prompt's answer yet (leave out raw or format)")
         return self
 
 
@@ -211,14 +238,57 @@ def _internal(schema: type[ChatRequest] | type[CompletionRequest], fields: dict[
                                      for e in exc.errors()[:5])) from None
 
 
+def response_format(value: Any) -> dict[str, Any] | None:
+    """Ollama's `format` as the ChatRequest's response_format (strict: decoded under the schema).
+    The schema's limits and compilation are /v1's; their errors are renamed `format` (ollama_error)."""
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return {"type": "json_object"}
+    if isinstance(value, dict):
+        return {"type": "json_schema", "json_schema": {"name": "format", "schema": value, "strict": True}}
+    raise InvalidInput('format: must be "json" or a JSON schema object')
+
+
+def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Ollama's messages as OpenAI's: a call gets an id, and a tool result the id of the call it
+    answers (the first unanswered one of its tool_name, or the first unanswered one), so the
+    template path (tool_calls.template_messages) renders both as it does /v1's."""
+    out: list[dict[str, Any]] = []
+    unanswered: list[tuple[str, str]] = []  # (id, tool name), in the order they were made
+    for n, m in enumerate(messages):
+        turn: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            calls = []
+            for k, call in enumerate(m.tool_calls):
+                call_id = call.id or f"call_{n}_{k}"
+                unanswered.append((call_id, call.function.name))
+                calls.append({"id": call_id, "type": "function",
+                              "function": {"name": call.function.name,
+                                           "arguments": json.dumps(call.function.arguments, ensure_ascii=False)}})
+            turn["tool_calls"] = calls
+        if m.role == "tool":
+            match = next((u for u in unanswered if m.tool_name in (None, "", u[1])), None)
+            if match is not None:
+                unanswered.remove(match)
+                turn["tool_call_id"] = match[0]
+        out.append(turn)
+    return out
+
+
 def chat_call(raw: bytes, served_ctx: int | None) -> OllamaCall:
     body: ChatBody = parse(ChatBody, raw)
     _check_num_ctx(body.options, served_ctx)
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    messages = chat_messages(body.messages)
     if body.system:
         messages.insert(0, {"role": "system", "content": body.system})
     fields = {"model": _model_name(body.model), "messages": messages or [{"role": "user", "content": ""}],
               "stream": body.stream, **(body.options.fields() if body.options else {})}
+    fmt = response_format(body.format)
+    if fmt is not None:
+        fields["response_format"] = fmt
+    if body.tools:
+        fields["tools"] = body.tools  # Ollama has no tool_choice: tools present means auto
     return OllamaCall("chat", body.model, _internal(ChatRequest, fields), empty=not body.messages)
 
 
@@ -230,6 +300,9 @@ def generate_call(raw: bytes, served_ctx: int | None) -> OllamaCall:
     if body.raw:
         request = _internal(CompletionRequest, {**common, "prompt": body.prompt})
     else:  # Ollama renders a prompt with the model's chat template unless it is raw
+        fmt = response_format(body.format)
+        if fmt is not None:
+            common["response_format"] = fmt
         messages = [{"role": "system", "content": body.system}] if body.system else []
         request = _internal(ChatRequest, {**common, "messages": [*messages, {"role": "user", "content": body.prompt}]})
     return OllamaCall("generate", body.model, request, empty=not body.prompt)
@@ -244,16 +317,20 @@ class NdjsonRenderer:
         self._first = 0
         self.renderer = Renderer(media_type=NDJSON, lines=self.lines, error_line=self.error_line, whole=self.whole)
 
-    def _line(self, text: str, **extra: Any) -> dict[str, Any]:
+    def _line(self, text: str, calls: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
         piece: dict[str, Any] = ({"message": {"role": "assistant", "content": text}} if self._call.kind == "chat"
                                  else {"response": text})
+        if calls:
+            piece["message"]["tool_calls"] = calls
         return {"model": self._call.name, "created_at": _now(), **piece, **extra}
 
-    def _final(self, answer: Answer, text: str = "") -> dict[str, Any]:
+    def _final(self, answer: Answer, text: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         now = time.monotonic_ns()
         first = self._first or now
         usage = answer.usage()
-        return self._line(text, done=True, done_reason=answer.finish_reason or "stop",
+        # Ollama ends a tool-calling answer with "stop" (OpenAI's "tool_calls" is not one of its reasons).
+        reason = "stop" if calls or answer.finish_reason in (None, "tool_calls") else answer.finish_reason
+        return self._line(text, calls, done=True, done_reason=reason,
                           total_duration=now - self._started, load_duration=0,
                           prompt_eval_count=usage.get("prompt_tokens", 0), prompt_eval_duration=first - self._started,
                           eval_count=usage.get("completion_tokens", 0), eval_duration=now - first)
@@ -262,14 +339,27 @@ class NdjsonRenderer:
         async for delta in answer.deltas():
             if not self._first:
                 self._first = time.monotonic_ns()
-            yield json.dumps(self._line(delta, done=False)) + "\n"
+            if delta:  # a tool call's turn is told below, in one line (ToolCallAnswer yields "" for it)
+                yield json.dumps(self._line(delta, done=False)) + "\n"
+        calls = ollama_calls(answer)
+        if calls:
+            yield json.dumps(self._line("", calls, done=False)) + "\n"
         yield json.dumps(self._final(answer)) + "\n"
 
     def error_line(self, error: EdgeMeshError) -> str:
         return json.dumps({"error": str(error)}) + "\n"
 
     def whole(self, answer: Answer, text: str) -> dict[str, Any]:
-        return self._final(answer, text)
+        calls = ollama_calls(answer)
+        return self._final(answer, "" if calls else text, calls)
+
+
+def ollama_calls(answer: Answer) -> list[dict[str, Any]] | None:
+    """A finished answer's tool calls in Ollama's shape (arguments an object), or None."""
+    if not isinstance(answer, ToolCallAnswer) or not answer.calls:
+        return None
+    return [{"function": {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}}
+            for call in answer.calls]
 
 
 def loaded(call: OllamaCall) -> dict[str, Any]:
@@ -279,14 +369,23 @@ def loaded(call: OllamaCall) -> dict[str, Any]:
     return {"model": call.name, "created_at": _now(), **piece, "done": True, "done_reason": "load"}
 
 
+# The internal request's names of what an Ollama body calls `format` (longest first).
+_RENAMES = (("response_format.json_schema.schema", "format"), ("response_format.json_schema", "format"),
+            ("response_format", "format"))
+
+
 def ollama_error(response: Response) -> Response:
-    """An error of the /v1 flow in Ollama's shape, {"error": "..."} (clients read that key)."""
+    """An error of the /v1 flow in Ollama's shape, {"error": "..."} (clients read that key),
+    naming the field as the Ollama body does."""
     if response.status_code < 400 or not isinstance(response, JSONResponse):
         return response
     try:
         message = json.loads(bytes(response.body))["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return response
+    if isinstance(message, str):
+        for internal, ollama_name in _RENAMES:
+            message = message.replace(internal, ollama_name)
     headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
     return JSONResponse({"error": message}, status_code=response.status_code, headers=headers)
 
@@ -351,7 +450,7 @@ class ModelCard:
 
     def show(self) -> dict[str, Any]:
         return {"modelfile": "", "parameters": "", "template": self.template, "details": self.details,
-                "model_info": self.model_info, "capabilities": ["completion", "embedding"],
+                "model_info": self.model_info, "capabilities": ["completion", "embedding", "tools"],
                 "modified_at": self.modified_at}
 
     def version(self) -> dict[str, Any]:

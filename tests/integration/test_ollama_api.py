@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import numpy as np
 import ollama
 import openai
@@ -37,6 +38,16 @@ KEY = "k-ollama"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 GREEDY = {"temperature": 0, "num_predict": 12, "seed": 1}
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["colour", "count"],
+          "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]},
+                         "count": {"type": "integer", "minimum": 0, "maximum": 99}}}
+# As the `ollama` client sends it (its Tool model keeps only these keys, in this order), so that
+# a raw request offers the same tools in the same prompt.
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "required": ["city"],
+                   "properties": {"city": {"type": "string", "description": "The city's name."}}}}}
+WEATHER_ASK = [{"role": "user", "content": 'Repeat exactly: {"name": "get_weather", "arguments": {"city": "Paris"}}'}]
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +162,6 @@ def test_unknown_or_unimplemented_fields_are_400s_naming_them(client: ollama.Cli
     asks = [
         ({"options": {"mirostat": 2}}, "options.mirostat: unknown field"),
         ({"options": {"num_ctx": 10**6}}, "options.num_ctx"),
-        ({"format": "json"}, "format"),
-        ({"format": {"type": "object"}}, "format"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"think": True}, "think"),
         ({"template": "{{ .Prompt }}"}, "template"),
         ({"mirror": 1}, "mirror: unknown field"),
@@ -252,3 +260,112 @@ def test_open_webui_ollama_connection(url: str, default_model: Path) -> None:
     assert title.status_code == 200, title.text
     answer = title.json()
     assert answer["done"] is True and isinstance(answer["message"]["content"], str)
+
+
+# ---------------------------------------------------------------- format and tools
+
+
+def test_format_json_and_schema(client: ollama.Client, url: str, default_model: Path) -> None:
+    name = default_model.stem
+    ask = [{"role": "user", "content": "Describe a cat as a JSON object with a name and an age."}]
+    whole = client.chat(model=name, messages=ask, format="json", options={"temperature": 0, "num_predict": 48},
+                        stream=False)
+    assert whole.done_reason == "stop" and isinstance(json.loads(whole.message.content or ""), dict)
+    streamed = list(client.chat(model=name, messages=ask, format="json", stream=True,
+                                options={"temperature": 0, "num_predict": 48}))
+    assert "".join(part.message.content or "" for part in streamed) == whole.message.content
+
+    pick = [{"role": "user", "content": "Pick a colour and a number. Reply in JSON."}]
+    answers = set()
+    for seed in range(4):
+        chat = client.chat(model=name, messages=pick, format=SCHEMA, stream=False,
+                           options={"temperature": 0.8, "seed": seed, "num_predict": 24})
+        assert chat.done_reason == "stop", chat
+        value = json.loads(chat.message.content or "")
+        jsonschema.validate(value, SCHEMA)
+        answers.add(json.dumps(value))
+    assert len(answers) > 1  # sampled, not one forced answer
+    # /api/generate (through the chat template) takes format too; a raw prompt is refused by name.
+    generated = client.generate(model=name, prompt="Pick a colour and a number.", format=SCHEMA, stream=False,
+                                options={"temperature": 0.8, "seed": 7, "num_predict": 24})
+    jsonschema.validate(json.loads(generated.response), SCHEMA)
+    with pytest.raises(ollama.ResponseError) as raw:
+        client.generate(model=name, prompt="x", raw=True, format="json", stream=False)
+    assert raw.value.status_code == 400 and "format" in raw.value.error and "raw" in raw.value.error
+
+
+def test_a_bad_format_is_a_400_naming_it(url: str, default_model: Path) -> None:
+    deep: dict[str, Any] = {"type": "object"}
+    for _ in range(40):
+        deep = {"type": "object", "properties": {"a": deep}}
+    for path, fmt, words in (("/api/chat", "yaml", 'format: must be "json"'),
+                             ("/api/chat", 5, 'format: must be "json"'),
+                             ("/api/chat", {"type": "nonsense"}, "format:"),
+                             ("/api/chat", deep, "max_schema_depth"),
+                             ("/api/generate", {"type": "nonsense"}, "format:")):
+        body = {"model": default_model.stem, "format": fmt, "stream": False, "options": {"num_predict": 4},
+                **({"messages": MESSAGES} if path == "/api/chat" else {"prompt": "hi"})}
+        reply = httpx.post(f"{url}{path}", json=body, headers=AUTH, timeout=30)
+        assert reply.status_code == 400, (fmt, reply.text)
+        error = reply.json()["error"]
+        assert words in error and "format" in error and "response_format" not in error, error
+    both = httpx.post(f"{url}/api/chat", headers=AUTH, timeout=30, json={
+        "model": default_model.stem, "messages": MESSAGES, "format": "json", "tools": [WEATHER]})
+    assert both.status_code == 400 and "format" in both.json()["error"]
+    bad_tool = httpx.post(f"{url}/api/chat", headers=AUTH, timeout=30, json={
+        "model": default_model.stem, "messages": MESSAGES,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]})
+    assert bad_tool.status_code == 400 and "tools" in bad_tool.json()["error"]
+    tools_on_generate = httpx.post(f"{url}/api/generate", headers=AUTH, timeout=30, json={
+        "model": default_model.stem, "prompt": "hi", "tools": [WEATHER]})
+    assert tools_on_generate.status_code == 400 and "tools" in tools_on_generate.json()["error"]
+
+
+def _ollama_calls(message: Any) -> list[dict[str, Any]]:
+    calls = []
+    for call in message.tool_calls or ():
+        assert isinstance(call.function.arguments, dict)  # an object, not JSON text as on /v1
+        jsonschema.validate(dict(call.function.arguments), WEATHER["function"]["parameters"])
+        calls.append({"name": call.function.name, "arguments": dict(call.function.arguments)})
+    return calls
+
+
+def test_a_two_turn_tool_loop_streamed_and_not(client: ollama.Client, url: str, default_model: Path) -> None:
+    name = default_model.stem
+    # Ollama has no tool_choice: tools present is "auto", and SmolLM2-135M rarely chooses a call
+    # (greedy, it answers in text). A seed whose sampled answer is a call is looked for; the same
+    # seed then draws the same call, streamed or not (a token is a function of request, seed, position).
+    for seed in range(16):
+        options = {"temperature": 1.5, "seed": seed, "num_predict": 40}
+        first = client.chat(model=name, messages=WEATHER_ASK, tools=[WEATHER], options=options, stream=False)
+        if first.message.tool_calls:
+            break
+        assert first.message.content and first.message.content[0] not in "{[ \n"  # the text branch of auto
+    calls = _ollama_calls(first.message)
+    assert first.done_reason == "stop" and first.message.content == "" and len(calls) == 1, first
+    assert calls[0]["name"] == "get_weather"
+
+    # Streamed: the call in one line, then the done line.
+    parts = list(client.chat(model=name, messages=WEATHER_ASK, tools=[WEATHER], options=options, stream=True))
+    assert len(parts) == 2 and not parts[0].done and parts[1].done and parts[1].done_reason == "stop"
+    assert _ollama_calls(parts[0].message) == calls and not parts[1].message.tool_calls
+    assert "".join(part.message.content or "" for part in parts) == ""
+    raw = ndjson(httpx.post(f"{url}/api/chat", headers=AUTH, timeout=120, json={
+        "model": name, "messages": WEATHER_ASK, "tools": [WEATHER], "options": options}))
+    assert raw[0]["message"]["tool_calls"] == [{"function": calls[0]}]
+
+    # Turn two: the call (arguments an object) and its result, with tool_name, go back through the
+    # template; the answer is text (the text branch of auto) or another call.
+    history = [*WEATHER_ASK, first.message,
+               {"role": "tool", "tool_name": "get_weather", "content": '{"sky": "sunny", "celsius": 21}'}]
+    second = client.chat(model=name, messages=history, tools=[WEATHER], options=options, stream=False)
+    assert second.done_reason in ("stop", "length")
+    if second.message.tool_calls:
+        assert second.message.content == "" and _ollama_calls(second.message)
+    else:
+        assert second.message.content and second.message.content[0] not in "{[ \n"
+    streamed = list(client.chat(model=name, messages=history, tools=[WEATHER], options=options, stream=True))
+    assert "".join(part.message.content or "" for part in streamed) == second.message.content
+    assert [c for part in streamed for c in _ollama_calls(part.message)] == _ollama_calls(second.message)
+    # The fed-back turn changes the prompt: the second answer's prompt is longer than the first's.
+    assert (second.prompt_eval_count or 0) > (first.prompt_eval_count or 0)

@@ -256,7 +256,7 @@ def test_the_node_refuses_what_the_sampler_cannot_honour(mesh: tuple[str, str], 
 # On the pipeline only: its spare node takes the killed stage's layers.
 @pytest.mark.parametrize("mesh", ["pipeline"], indirect=True)
 def test_a_penalised_seeded_stream_survives_a_killed_stage(mesh: tuple[str, str]) -> None:
-    url, kind = mesh
+    url, _ = mesh
     client = client_of(url)
     body = {"model": "default", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0.8, "seed": 11,
             "frequency_penalty": 1.0, "presence_penalty": 0.5, "logit_bias": {"13": -5}, "logprobs": 2}

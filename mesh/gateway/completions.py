@@ -70,6 +70,15 @@ def rejection_reason(error: EdgeMeshError) -> str | None:
     return None
 
 
+def counted_error(metrics: GatewayMetrics, error: EdgeMeshError) -> JSONResponse:
+    """The error answer to a mesh request that failed before its answer began, counted in the metrics."""
+    metrics.requests.labels(MESH_ROUTE, str(error.http_status)).inc()
+    reason = rejection_reason(error)
+    if reason is not None:
+        metrics.rejected.labels(reason).inc()
+    return error_response(error)
+
+
 @dataclass(frozen=True)
 class Flavor:
     """What distinguishes chat from text completions."""
@@ -268,11 +277,7 @@ class Completions:
                 return JSONResponse(render.whole(answer, await self._text(answer, key_name)), headers=headers)
             return JSONResponse(await self._collect(body, flavor, answer, key_name), headers=headers)
         except EdgeMeshError as exc:
-            self._metrics.requests.labels(MESH_ROUTE, str(exc.http_status)).inc()
-            reason = rejection_reason(exc)
-            if reason is not None:
-                self._metrics.rejected.labels(reason).inc()
-            return error_response(exc)
+            return counted_error(self._metrics, exc)
         except Exception as exc:  # a bug: still an OpenAI-shaped answer, and the gateway goes on
             log.exception("request failed unexpectedly")
             self._metrics.requests.labels(MESH_ROUTE, "500").inc()

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from mesh.config import Limits
 from mesh.errors import EdgeMeshError, InvalidInput, Unavailable
 from mesh.gateway.answers import MESH_ROUTE
-from mesh.gateway.completions import error_response, rejection_reason
+from mesh.gateway.completions import counted_error
 from mesh.gateway.policy import GatewayPolicy
 from mesh.gateway.schemas import _Strict
 from mesh.metrics import GatewayMetrics
@@ -138,11 +138,7 @@ class Embeddings:
         try:
             vectors, n_tokens = await self.vectors(body, truncate)
         except EdgeMeshError as exc:
-            self._metrics.requests.labels(MESH_ROUTE, str(exc.http_status)).inc()
-            reason = rejection_reason(exc)
-            if reason is not None:
-                self._metrics.rejected.labels(reason).inc()
-            return error_response(exc)
+            return counted_error(self._metrics, exc)
         finally:
             self._metrics.in_flight.dec()
         self._metrics.requests.labels(MESH_ROUTE, "200").inc()

@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 
 from mesh import PROTOCOL_VERSION, __version__
 from mesh.allowed_models import AllowedModels
-from mesh.errors import EdgeMeshError, InvalidInput, Unavailable
+from mesh.errors import EdgeMeshError, InvalidInput, NotFound, Unavailable
 from mesh.metrics import NodeMetrics
 from mesh.transport import auth, convert
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
@@ -555,8 +555,6 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
 
     async def Embed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Pooled vectors of a few inputs on the whole-model replica (see node.engines.embedder)."""
-        from mesh.errors import NotFound
-
         async with self._answering("Embed", context):
             batch = convert.embed_request_from_pb(request)
             refused = self._admit()

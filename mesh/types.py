@@ -299,3 +299,16 @@ class StageOutput:
     token_id: int | None = None
     logprob: float = 0.0
     top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardChunk:
+    """Bytes of a model file at `offset`, as FetchShard streams them (node.shards writes them
+    into a sparse copy). The last chunk of a requested range carries that range's sha256."""
+
+    offset: int
+    data: bytes
+    range_sha256: str = ""  # set on the last chunk of a range
+    range_offset: int = 0
+    range_length: int = 0
+    file_bytes: int = 0

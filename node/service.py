@@ -32,6 +32,7 @@ from mesh.allowed_models import AllowedModels
 from mesh.errors import EdgeMeshError, InvalidInput, NotFound, Unavailable
 from mesh.metrics import NodeMetrics
 from mesh.transport import auth, convert
+from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.types import Embeddings, GenerationRequest, ModelSha, NodeId, NodeInfo, TokenEvent
 from node import probe
@@ -118,7 +119,7 @@ def _detail(text: str) -> str:
     return text if len(text) <= MAX_STATUS_DETAIL else text[:MAX_STATUS_DETAIL - 1] + "…"
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: EdgeMeshError) -> None:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: EdgeMeshError) -> None:
     await context.abort(getattr(grpc.StatusCode, error.grpc_code), _detail(str(error)))
 
 
@@ -134,7 +135,7 @@ class Holdings:
     speed: SpeedMeter
 
 
-class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
+class NodeService(pb_grpc.NodeServicer):
     """`holdings.replica` is the whole-model replica (loaded on request, or at start with
     --role replica); `holdings.stages` the pipeline stages loaded on request."""
 
@@ -180,7 +181,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             allowed_models=self._id.allowed.shas,
         )
 
-    async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Info(self, request: pb.InfoRequest,
+                   context: grpc.aio.ServicerContext[pb.InfoRequest, pb.NodeInfo]) -> pb.NodeInfo:
         with self._metrics.rpc_duration.labels("Info").time():
             reply = convert.node_info_to_pb(self.info())
             if len(request.challenge) > 64:
@@ -220,7 +222,9 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             raise NotFound(f"this node does not hold model {request.model_sha256[:12]}")
         engine.validate(request)
 
-    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateEvent],
+                       ) -> AsyncIterator[pb.GenerateEvent]:
         started = time.monotonic()
         # The replica stays loaded while this stream holds it: a release waits for the stream.
         with contextlib.ExitStack() as holding:
@@ -238,7 +242,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                 yield reply
 
     async def _generate(self, domain: GenerationRequest, engine: LlamaCppEngine, started: float,
-                        context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                        context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateEvent],
+                        ) -> AsyncIterator[pb.GenerateEvent]:
         refused = self._admit()
         if refused is not None:
             self._metrics.requests.labels("rejected").inc()
@@ -356,7 +361,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
     # ------------------------------------------------------------------ pipeline stages
 
     @contextlib.asynccontextmanager
-    async def _answering(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _answering(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
         """The one error and metrics path of the unary placement RPCs: time the call, turn our
         errors into their status, and any other failure (disk, memory) into INTERNAL, logged,
         while the node keeps serving."""
@@ -373,7 +378,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
         finally:
             self._metrics.rpc_duration.labels(method).observe(time.monotonic() - started)
 
-    async def LoadStage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def LoadStage(self, request: pb.LoadStageRequest,
+                        context: grpc.aio.ServicerContext[pb.LoadStageRequest, pb.LoadStageReply]) -> pb.LoadStageReply:
         async with self._answering("LoadStage", context):
             if self._state.draining:
                 raise Unavailable("node is draining and loads no new stages")
@@ -395,7 +401,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                 request.prefill_chunk)
             return convert.load_stage_reply_to_pb(held)
 
-    async def LoadModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def LoadModel(self, request: pb.LoadModelRequest,
+                        context: grpc.aio.ServicerContext[pb.LoadModelRequest, pb.LoadModelReply]) -> pb.LoadModelReply:
         """Serve the whole model as a replica (idempotent), within the node's memory budget."""
         async with self._answering("LoadModel", context):
             if self._state.draining:
@@ -409,7 +416,9 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                 self._stage_pool, _then_trim, self._replica.load, model_sha, request.n_ctx)
             return convert.load_model_reply_to_pb(model)
 
-    async def ReleaseHolding(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ReleaseHolding(self, request: pb.ReleaseHoldingRequest,
+                             context: grpc.aio.ServicerContext[pb.ReleaseHoldingRequest, pb.ReleaseHoldingReply],
+                             ) -> pb.ReleaseHoldingReply:
         """Stop serving a stage or the replica; what has open sessions is freed when they end."""
         async with self._answering("ReleaseHolding", context):
             model_sha, layers, controller_id = convert.release_holding_from_pb(request)
@@ -425,14 +434,16 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                     self._stage_pool, _then_trim, self._stages.release_stage, model_sha, layers)
             return convert.release_holding_reply_to_pb(outcome == "released", outcome == "pending")
 
-    async def Claim(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Claim(self, request: pb.ClaimRequest,
+                    context: grpc.aio.ServicerContext[pb.ClaimRequest, pb.ClaimReply]) -> pb.ClaimReply:
         async with self._answering("Claim", context):
             answer = self._claims.claim(ModelSha(request.model_sha256), request.controller_id, request.ttl_s,
                                         request.give_up)
             return convert.claim_reply_to_pb(answer.granted, answer.holder, answer.expires_in_s)
 
-    async def Forward(self, request_iterator: AsyncIterator[Any],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def Forward(self, request_iterator: AsyncIterator[pb.ForwardRequest],
+                      context: grpc.aio.ServicerContext[pb.ForwardRequest, pb.ForwardReply],
+                      ) -> AsyncIterator[pb.ForwardReply]:
         """One long-lived stream per (session driver, stage). Sessions opened on a stream are
         freed when the stream ends however it ends: done, cancelled, timed out or broken."""
         opened: set[str] = set()
@@ -473,7 +484,9 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                 self._stages.release(session_id)
             self.leave()
 
-    async def RunPipeline(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def RunPipeline(self, request: pb.RunPipelineRequest,
+                          context: grpc.aio.ServicerContext[pb.RunPipelineRequest, pb.GenerateEvent],
+                          ) -> AsyncIterator[pb.GenerateEvent]:
         """A whole pipeline request, this node being stage 0 (see node.pipeline_head)."""
         started = time.monotonic()
         try:
@@ -509,7 +522,9 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             if not left:
                 self.leave()
 
-    async def FetchShard(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def FetchShard(self, request: pb.FetchShardRequest,
+                         context: grpc.aio.ServicerContext[pb.FetchShardRequest, pb.ShardChunk],
+                         ) -> AsyncIterator[pb.ShardChunk]:
         """Stream byte ranges of a file this node holds whole, each range closed by its sha256."""
         try:
             self._id.allowed.check(request.model_sha256, "FetchShard")  # never ship a model not approved
@@ -553,7 +568,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ embeddings
 
-    async def Embed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Embed(self, request: pb.EmbedRequest,
+                    context: grpc.aio.ServicerContext[pb.EmbedRequest, pb.EmbedReply]) -> pb.EmbedReply:
         """Pooled vectors of a few inputs on the whole-model replica (see node.engines.embedder)."""
         async with self._answering("Embed", context):
             batch = convert.embed_request_from_pb(request)
@@ -584,7 +600,9 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             self._metrics.prompt_tokens.inc(sum(len(tokens) for tokens in batch.inputs))
             return convert.embed_reply_to_pb(Embeddings(vectors=np.stack(rows), pooling=embedder.pooling_name))
 
-    async def ReleaseSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ReleaseSession(self, request: pb.ReleaseSessionRequest,
+                             context: grpc.aio.ServicerContext[pb.ReleaseSessionRequest, pb.ReleaseSessionReply],
+                             ) -> pb.ReleaseSessionReply:
         released = await asyncio.get_running_loop().run_in_executor(
             self._stage_pool, self._stages.release, request.session_id)
         return convert.release_reply_to_pb(released)

@@ -15,27 +15,16 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from mesh.errors import ModelError, PeerError
 from mesh.model_store import Progress, ProgressLog
-from mesh.types import LayerRange, ModelHeld
+from mesh.types import LayerRange, ModelHeld, ShardChunk
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20  # bytes per ShardChunk message: far below the gRPC message limit
-
-
-@dataclass(frozen=True)
-class Chunk:
-    offset: int
-    data: bytes
-    range_sha256: str = ""  # set on the last chunk of a range
-    range_offset: int = 0
-    range_length: int = 0
-    file_bytes: int = 0
 
 
 class ShardSource(Protocol):
@@ -43,7 +32,7 @@ class ShardSource(Protocol):
 
     address: str
 
-    def fetch_shard(self, model_sha256: str, ranges: list[tuple[int, int]], header: bool) -> AsyncIterator[Chunk]:
+    def fetch_shard(self, model_sha256: str, ranges: list[tuple[int, int]], header: bool) -> AsyncIterator[ShardChunk]:
         ...
 
 

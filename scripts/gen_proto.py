@@ -6,6 +6,10 @@ whose path mirrors the package it must land in (mesh/transport/generated), so th
 generated imports are correct as written: nothing is patched after generation.
 The protobuf package stays `edgemesh.v1`, so the wire names are unaffected.
 
+Type stubs come with the code, so mypy checks the wire boundary: protoc's own `--pyi_out` for
+the messages, and mypy-protobuf's `protoc-gen-mypy_grpc` plugin for the service stubs (grpc's
+plugin writes none); the grpc types they name come from types-grpcio. Both are dev dependencies.
+
 Usage: python scripts/gen_proto.py [--out DIR]   (DIR defaults to the repo root)
 """
 
@@ -23,6 +27,15 @@ PROTO_DIR = REPO / "proto" / "edgemesh" / "v1"
 PACKAGE_PATH = Path("mesh") / "transport" / "generated"
 
 log = logging.getLogger("gen_proto")
+
+
+def _grpc_stub_plugin() -> str:
+    """The mypy-protobuf plugin installed next to this interpreter (the venv's bin), else on PATH."""
+    beside = Path(sys.executable).parent / "protoc-gen-mypy_grpc"
+    found = str(beside) if beside.exists() else shutil.which("protoc-gen-mypy_grpc")
+    if found is None:
+        raise SystemExit("protoc-gen-mypy_grpc not found: install the dev extras (pip install -e '.[dev]')")
+    return found
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -47,6 +60,8 @@ def generate(out_root: Path) -> list[Path]:
             f"--python_out={out_root}",
             f"--pyi_out={out_root}",
             f"--grpc_python_out={out_root}",
+            f"--plugin=protoc-gen-mypy_grpc={_grpc_stub_plugin()}",
+            f"--mypy_grpc_out={out_root}",
             *[str(PACKAGE_PATH / p.name) for p in protos],
         ]
         code = protoc.main(args)

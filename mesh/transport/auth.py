@@ -193,7 +193,7 @@ class ReplayGuard:
         self._floor = max(self._floor, sent_at)
 
 
-class ClusterKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ClusterKeyInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without a valid cluster-key signature before they reach a servicer, and
     binds the request body of single-request calls to their signature."""
 
@@ -243,7 +243,7 @@ def _refusal(reason: str) -> Any:
     is started with an iterator it never touches, whatever shape the method has (on the wire a
     refusal is the same status either way), so no message is received or buffered."""
 
-    async def abort(_requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+    async def abort(_requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"cluster key check failed: {reason}")
 
     return grpc.stream_unary_rpc_method_handler(abort)
@@ -286,7 +286,7 @@ def _bind_body(handler: Any, digest: str, count: Callable[[], None], max_bytes: 
             return _Unusable(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {exc}",
                              False)
 
-    async def refuse(context: grpc.aio.ServicerContext, unusable: _Unusable) -> None:
+    async def refuse(context: grpc.aio.ServicerContext[Any, Any], unusable: _Unusable) -> None:
         if unusable.auth_failure:
             count()
         await context.abort(unusable.code, unusable.message)
@@ -294,7 +294,7 @@ def _bind_body(handler: Any, digest: str, count: Callable[[], None], max_bytes: 
     if handler.response_streaming:
         behaviour = handler.unary_stream
         if inspect.isasyncgenfunction(behaviour):
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 if isinstance(request, _Unusable):
                     await refuse(context, request)
                 replies = behaviour(request, context)
@@ -306,7 +306,7 @@ def _bind_body(handler: Any, digest: str, count: Callable[[], None], max_bytes: 
 
             wrapped: Callable[..., Any] = stream
         else:  # the reader/writer style: a coroutine that writes to the context
-            async def stream_by_writes(request: Any, context: grpc.aio.ServicerContext) -> None:
+            async def stream_by_writes(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
                 if isinstance(request, _Unusable):
                     await refuse(context, request)
                 await behaviour(request, context)
@@ -317,7 +317,7 @@ def _bind_body(handler: Any, digest: str, count: Callable[[], None], max_bytes: 
 
     unary = handler.unary_unary
 
-    async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def single(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, _Unusable):
             await refuse(context, request)
         reply = unary(request, context)

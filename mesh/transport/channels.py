@@ -8,10 +8,11 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, TypeVar, Union, cast
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.config import Limits, Timeouts
@@ -25,6 +26,7 @@ from mesh.errors import (
     Unauthenticated,
 )
 from mesh.transport import auth, convert, tls
+from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.types import (
     EmbedBatch,
@@ -34,18 +36,28 @@ from mesh.types import (
     ModelHeld,
     NodeInfo,
     PipelineJob,
+    ShardChunk,
     StageHeld,
     StageOutput,
     StageStep,
     TokenEvent,
 )
 
-if TYPE_CHECKING:
-    from node.shards import Chunk
-
 log = logging.getLogger(__name__)
 
 SERVICE = "/edgemesh.v1.Node/"
+
+_Reply = TypeVar("_Reply", bound=Message)
+# A call this client reads replies from, and may end early (abandon(), a deadline, close()).
+_Stream = Union["grpc.aio.UnaryStreamCall[Any, Any]", "grpc.aio.StreamStreamCall[Any, Any]"]
+
+
+async def _next_reply(call: grpc.aio.UnaryStreamCall[Any, _Reply] | grpc.aio.StreamStreamCall[Any, _Reply],
+                      ) -> _Reply | None:
+    """The stream's next reply, None at its end. (grpc types read() as `object | reply`, its
+    end-of-stream marker being a plain object, so the narrowing is done here once.)"""
+    msg = await call.read()
+    return None if msg is grpc.aio.EOF else cast(_Reply, msg)
 
 
 def shared_options(timeouts: Timeouts, limits: Limits) -> list[tuple[str, int]]:
@@ -69,7 +81,7 @@ def channel_options(timeouts: Timeouts, limits: Limits) -> list[tuple[str, int]]
     ]
 
 
-def open_channel(address: str, cluster_key: str, options: list[tuple[str, Any]],
+def open_channel(address: str, cluster_key: str, options: Sequence[tuple[str, int | str]],
                  node_id: str | None = None) -> grpc.aio.Channel:
     """A channel to a node: mutual TLS under the cluster CA (see mesh.transport.tls), checking
     that the certificate names `node_id` (any node of the cluster when it is not known yet)."""
@@ -116,7 +128,7 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, what: str) -> EdgeMeshError:
 class _OpenStream:
     """A token stream of a NodeClient, for abandon(): when it last heard a token, and how to end it."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: _Stream) -> None:
         self.call = call
         self.last_event = time.monotonic()  # the call's start counts: a first token may take long
         self.reasons: list[str] = []
@@ -152,12 +164,12 @@ class NodeClient:
             if now - stream.last_event >= quiet_s:
                 stream.end(reason)
 
-    def _track(self, call: Any) -> tuple[object, _OpenStream]:
+    def _track(self, call: _Stream) -> tuple[object, _OpenStream]:
         key, stream = object(), _OpenStream(call)
         self._open_streams[key] = stream
         return key, stream
 
-    def _meta(self, method: str, request: Any = None) -> tuple[tuple[str, str], ...]:
+    def _meta(self, method: str, request: Message | None = None) -> tuple[tuple[str, str], ...]:
         """Fresh signed metadata for one call; `request` binds a single-request call's body to
         the signature (leave it out only for request-streaming calls)."""
         return auth.sign(self._key, SERVICE + method, request)
@@ -188,11 +200,11 @@ class NodeClient:
             while True:
                 wait = self._timeouts.first_token_s if first else self._timeouts.token_idle_s
                 try:
-                    msg = await asyncio.wait_for(call.read(), timeout=wait)
+                    msg = await asyncio.wait_for(_next_reply(call), timeout=wait)
                 except asyncio.TimeoutError:
                     call.cancel()
                     raise PeerError(f"Generate on {self.address}: no token for {wait:.0f}s") from None
-                if msg is grpc.aio.EOF:
+                if msg is None:
                     return
                 first = False
                 tracked.last_event = time.monotonic()
@@ -291,10 +303,10 @@ class NodeClient:
                 # A timer that cancels the call, not asyncio.wait_for (a task per token).
                 timer = loop.call_later(wait, expire)
                 try:
-                    msg = await call.read()
+                    msg = await _next_reply(call)
                 finally:
                     timer.cancel()
-                if msg is grpc.aio.EOF:
+                if msg is None:
                     return
                 wait = job.step_timeout_s + self._timeouts.head_margin_s
                 tracked.last_event = time.monotonic()
@@ -325,23 +337,20 @@ class NodeClient:
         return StageStream(self.address, call, self._timeouts, step_timeout_s)
 
     async def fetch_shard(self, model_sha256: str, ranges: list[tuple[int, int]],
-                          header: bool) -> AsyncIterator[Chunk]:
+                          header: bool) -> AsyncIterator[ShardChunk]:
         """Bytes of a model file from a node that holds it whole (see node.shards)."""
-        from node.shards import Chunk
-
         request = convert.fetch_shard_request_to_pb(model_sha256, ranges, header)
         call = self._stub.FetchShard(request, timeout=self._timeouts.request_s,
                                      metadata=self._meta("FetchShard", request))
         try:
             while True:
                 try:
-                    msg = await asyncio.wait_for(call.read(), timeout=self._timeouts.token_idle_s)
+                    msg = await asyncio.wait_for(_next_reply(call), timeout=self._timeouts.token_idle_s)
                 except asyncio.TimeoutError:
                     raise PeerError(f"FetchShard on {self.address}: stalled") from None
-                if msg is grpc.aio.EOF:
+                if msg is None:
                     return
-                yield Chunk(offset=msg.offset, data=msg.data, range_sha256=msg.range_sha256,
-                            range_offset=msg.range_offset, range_length=msg.range_length, file_bytes=msg.file_bytes)
+                yield convert.shard_chunk_from_pb(msg)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"FetchShard on {self.address}") from exc
         finally:
@@ -378,7 +387,8 @@ class StageStream:
     deadline (first_token_s for a prefill chunk, step_timeout_s for one token) counts as a
     failed stage, so a stage behind a cut link is replaced within seconds."""
 
-    def __init__(self, address: str, call: Any, timeouts: Timeouts, step_timeout_s: float) -> None:
+    def __init__(self, address: str, call: grpc.aio.StreamStreamCall[pb.ForwardRequest, pb.ForwardReply],
+                 timeouts: Timeouts, step_timeout_s: float) -> None:
         self.address = address
         self._call = call
         self._timeouts = timeouts
@@ -399,7 +409,7 @@ class StageStream:
         timer = asyncio.get_running_loop().call_later(wait, expire)
         try:
             await self._call.write(convert.stage_step_to_pb(step))
-            msg = await self._call.read()
+            msg = await _next_reply(self._call)
         except asyncio.CancelledError:
             if not expired:
                 raise  # our own task was cancelled (the client went away)
@@ -414,7 +424,7 @@ class StageStream:
             timer.cancel()
         if expired:  # the timer fired as the reply came in
             raise self._timed_out(wait)
-        if msg is grpc.aio.EOF:
+        if msg is None:
             raise await self._ended(None)
         output = convert.stage_output_from_pb(msg)
         if output.step != step.step:

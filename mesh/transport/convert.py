@@ -30,6 +30,7 @@ from mesh.types import (
     PipelineJob,
     RequestId,
     SamplingParams,
+    ShardChunk,
     StageHeld,
     StageOutput,
     StageStep,
@@ -40,7 +41,7 @@ from mesh.types import (
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
 
-def sampling_to_pb(params: SamplingParams) -> Any:
+def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
     return pb.SamplingParams(
         temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
         repeat_penalty=params.repeat_penalty, seed=params.seed, repeat_last_n=params.repeat_last_n,
@@ -49,7 +50,7 @@ def sampling_to_pb(params: SamplingParams) -> Any:
     )
 
 
-def sampling_from_pb(msg: Any) -> SamplingParams:
+def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
     """Sampling parameters from a peer, refused unless they make sense. Proto3 sends an unset
     field as 0, so a 0 top_p or repeat_penalty means "off" (1.0), as an absent message does."""
     top_p = msg.top_p or 1.0
@@ -75,11 +76,11 @@ def sampling_from_pb(msg: Any) -> SamplingParams:
     )
 
 
-def _top_to_pb(top: Sequence[TopLogprob]) -> list[Any]:
+def _top_to_pb(top: Sequence[TopLogprob]) -> list[pb.TopLogprob]:
     return [pb.TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in top]
 
 
-def _top_from_pb(items: Sequence[Any]) -> tuple[TopLogprob, ...]:
+def _top_from_pb(items: Sequence[pb.TopLogprob]) -> tuple[TopLogprob, ...]:
     if len(items) > MAX_TOP_LOGPROBS:
         raise InvalidInput(f"{len(items)} top log-probabilities, more than {MAX_TOP_LOGPROBS}")
     return tuple(TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in items)
@@ -88,11 +89,11 @@ def _top_from_pb(items: Sequence[Any]) -> tuple[TopLogprob, ...]:
 MAX_CONSTRAINT_CHARS = 1 * 2**20  # mesh.constraints.MAX_GRAMMAR_CHARS; kept here without its import
 
 
-def constraint_to_pb(constraint: Constraint | None) -> Any:
+def constraint_to_pb(constraint: Constraint | None) -> pb.Constraint | None:
     return None if constraint is None else pb.Constraint(kind=constraint.kind, grammar=constraint.grammar)
 
 
-def constraint_from_pb(msg: Any, present: bool) -> Constraint | None:
+def constraint_from_pb(msg: pb.Constraint, present: bool) -> Constraint | None:
     """The shape only; whether the grammar compiles is the sampling node's to find out."""
     if not present:
         return None
@@ -104,7 +105,7 @@ def constraint_from_pb(msg: Any, present: bool) -> Constraint | None:
     return Constraint(kind=kind, grammar=msg.grammar)
 
 
-def generate_request_to_pb(req: GenerationRequest) -> Any:
+def generate_request_to_pb(req: GenerationRequest) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         request_id=req.request_id, model_sha256=req.model_sha256, prompt_tokens=list(req.prompt_tokens),
         sampling=sampling_to_pb(req.sampling), max_tokens=req.max_tokens,
@@ -114,7 +115,7 @@ def generate_request_to_pb(req: GenerationRequest) -> Any:
     )
 
 
-def generate_request_from_pb(msg: Any) -> GenerationRequest:
+def generate_request_from_pb(msg: pb.GenerateRequest) -> GenerationRequest:
     return GenerationRequest(
         request_id=RequestId(msg.request_id), prompt_tokens=tuple(msg.prompt_tokens),
         sampling=sampling_from_pb(msg.sampling), max_tokens=msg.max_tokens,
@@ -125,52 +126,52 @@ def generate_request_from_pb(msg: Any) -> GenerationRequest:
     )
 
 
-def token_event_to_pb(event: TokenEvent) -> Any:
+def token_event_to_pb(event: TokenEvent) -> pb.GenerateEvent:
     return pb.GenerateEvent(token_id=event.token_id, logprob=event.logprob, position=event.position,
                             finish_reason=event.finish_reason or "", top_logprobs=_top_to_pb(event.top_logprobs))
 
 
-def token_event_from_pb(msg: Any) -> TokenEvent:
+def token_event_from_pb(msg: pb.GenerateEvent) -> TokenEvent:
     return TokenEvent(token_id=msg.token_id, position=msg.position, logprob=msg.logprob,
                       finish_reason=_FINISH.get(msg.finish_reason), top_logprobs=_top_from_pb(msg.top_logprobs))
 
 
-def layer_range_to_pb(layers: LayerRange) -> Any:
+def layer_range_to_pb(layers: LayerRange) -> pb.LayerRange:
     return pb.LayerRange(first=layers.first, last_exclusive=layers.last_exclusive)
 
 
-def layer_range_from_pb(msg: Any) -> LayerRange:
+def layer_range_from_pb(msg: pb.LayerRange) -> LayerRange:
     return LayerRange(msg.first, msg.last_exclusive)
 
 
-def stage_to_pb(stage: StageHeld) -> Any:
+def stage_to_pb(stage: StageHeld) -> pb.StageHeld:
     return pb.StageHeld(model_sha256=stage.model_sha256, layers=layer_range_to_pb(stage.layers),
                         slots=stage.slots, weight_bytes=stage.weight_bytes,
                         kv_cache_bytes=stage.kv_cache_bytes, compute_bytes=stage.compute_bytes,
                         prefill_chunk=stage.prefill_chunk, n_ctx=stage.n_ctx)
 
 
-def stage_from_pb(msg: Any) -> StageHeld:
+def stage_from_pb(msg: pb.StageHeld) -> StageHeld:
     return StageHeld(model_sha256=ModelSha(msg.model_sha256), layers=layer_range_from_pb(msg.layers),
                      slots=msg.slots, weight_bytes=msg.weight_bytes, kv_cache_bytes=msg.kv_cache_bytes,
                      compute_bytes=msg.compute_bytes, prefill_chunk=msg.prefill_chunk or 512, n_ctx=msg.n_ctx)
 
 
-def model_to_pb(m: ModelHeld) -> Any:
+def model_to_pb(m: ModelHeld) -> pb.ModelHeld:
     return pb.ModelHeld(name=m.name, sha256=m.sha256, n_layers=m.n_layers, file_bytes=m.file_bytes,
                         n_ctx=m.n_ctx, architecture=m.architecture, n_vocab=m.n_vocab, shard_copy=m.shard_copy)
 
 
-def model_from_pb(m: Any) -> ModelHeld:
+def model_from_pb(m: pb.ModelHeld) -> ModelHeld:
     return ModelHeld(name=m.name, sha256=ModelSha(m.sha256), n_layers=m.n_layers, file_bytes=m.file_bytes,
                      n_ctx=m.n_ctx, architecture=m.architecture, n_vocab=m.n_vocab, shard_copy=m.shard_copy)
 
 
-def claimed_to_pb(c: Claimed) -> Any:
+def claimed_to_pb(c: Claimed) -> pb.Claimed:
     return pb.Claimed(model_sha256=c.model_sha256, controller_id=c.controller_id, expires_in_s=c.expires_in_s)
 
 
-def claimed_from_pb(c: Any) -> Claimed:
+def claimed_from_pb(c: pb.Claimed) -> Claimed:
     return Claimed(model_sha256=ModelSha(c.model_sha256), controller_id=c.controller_id,
                    expires_in_s=c.expires_in_s)
 
@@ -178,7 +179,7 @@ def claimed_from_pb(c: Any) -> Claimed:
 MAX_ALLOWED_MODELS = 256  # --allow-model entries of a peer's Info the gateway keeps
 
 
-def node_info_to_pb(info: NodeInfo) -> Any:
+def node_info_to_pb(info: NodeInfo) -> pb.NodeInfo:
     return pb.NodeInfo(
         node_id=info.node_id, name=info.name, version=info.version, protocol_version=info.protocol_version,
         pid=info.pid, memory_total=info.memory_total, memory_free=info.memory_free,
@@ -195,7 +196,7 @@ def node_info_to_pb(info: NodeInfo) -> Any:
     )
 
 
-def node_info_from_pb(msg: Any) -> NodeInfo:
+def node_info_from_pb(msg: pb.NodeInfo) -> NodeInfo:
     return NodeInfo(
         node_id=NodeId(msg.node_id), name=msg.name, version=msg.version,
         protocol_version=msg.protocol_version, pid=msg.pid, memory_total=msg.memory_total,
@@ -214,19 +215,19 @@ def node_info_from_pb(msg: Any) -> NodeInfo:
     )
 
 
-def info_request(challenge: bytes) -> Any:
+def info_request(challenge: bytes) -> pb.InfoRequest:
     return pb.InfoRequest(challenge=challenge)
 
 
 # ---------------------------------------------------------------------------- pipeline steps
 
-_DTYPES: dict[HiddenDType, tuple[Any, type[np.floating[Any]]]] = {
+_DTYPES: dict[HiddenDType, tuple[pb.DType, type[np.floating[Any]]]] = {
     "f32": (pb.DTYPE_F32, np.float32), "f16": (pb.DTYPE_F16, np.float16)}
 _DTYPE_NAMES: dict[int, HiddenDType] = {pb.DTYPE_F32: "f32", pb.DTYPE_F16: "f16"}
 MAX_STEP_TOKENS = 4096  # far above a prefill chunk; bounds what one message may ask a stage to do
 
 
-def tensor_to_pb(hidden: npt.NDArray[np.float32], dtype: HiddenDType) -> Any:
+def tensor_to_pb(hidden: npt.NDArray[np.float32], dtype: HiddenDType) -> pb.Tensor:
     code, numpy_type = _DTYPES[dtype]
     data = np.ascontiguousarray(hidden, dtype=np.dtype(numpy_type).newbyteorder("<")).tobytes()
     return pb.Tensor(shape=list(hidden.shape), dtype=code, data=data)
@@ -241,7 +242,7 @@ def _shape_text(shape: Sequence[int]) -> str:
     return f"[{', '.join(str(d) for d in shape[:4])}, ...] ({len(shape)} dimensions)"
 
 
-def tensor_from_pb(msg: Any) -> npt.NDArray[np.float32]:
+def tensor_from_pb(msg: pb.Tensor) -> npt.NDArray[np.float32]:
     """Hidden states from the wire, checked for a consistent shape, dtype and byte length."""
     dtype = _DTYPE_NAMES.get(msg.dtype)
     if dtype is None:
@@ -262,7 +263,7 @@ def tensor_from_pb(msg: Any) -> npt.NDArray[np.float32]:
     return out
 
 
-def stage_step_to_pb(step: StageStep) -> Any:
+def stage_step_to_pb(step: StageStep) -> pb.ForwardRequest:
     msg = pb.ForwardRequest(
         session_id=step.session_id, start_position=step.start_position, sampling=sampling_to_pb(step.sampling),
         logprobs=step.logprobs, reply_dtype=_DTYPES[step.reply_dtype][0], step=step.step,
@@ -276,7 +277,7 @@ def stage_step_to_pb(step: StageStep) -> Any:
     return msg
 
 
-def stage_step_from_pb(msg: Any) -> StageStep:
+def stage_step_from_pb(msg: pb.ForwardRequest) -> StageStep:
     kind = msg.WhichOneof("input")
     if kind is None:
         raise InvalidInput("a Forward step needs token ids or hidden states")
@@ -304,7 +305,7 @@ def stage_step_from_pb(msg: Any) -> StageStep:
         generated=tuple(msg.constrained_tokens))
 
 
-def stage_output_to_pb(session_id: str, output: StageOutput, dtype: HiddenDType) -> Any:
+def stage_output_to_pb(session_id: str, output: StageOutput, dtype: HiddenDType) -> pb.ForwardReply:
     if output.hidden is not None:
         return pb.ForwardReply(session_id=session_id, step=output.step, hidden=tensor_to_pb(output.hidden, dtype))
     assert output.token_id is not None
@@ -313,7 +314,7 @@ def stage_output_to_pb(session_id: str, output: StageOutput, dtype: HiddenDType)
                                                  top_logprobs=_top_to_pb(output.top_logprobs)))
 
 
-def stage_output_from_pb(msg: Any) -> StageOutput:
+def stage_output_from_pb(msg: pb.ForwardReply) -> StageOutput:
     kind = msg.WhichOneof("output")
     if kind == "hidden":
         return StageOutput(step=msg.step, hidden=tensor_from_pb(msg.hidden))
@@ -329,7 +330,7 @@ FAILED_NODE_METADATA = "edgemesh-failed-node"
 MAX_STEP_TIMEOUT_S = 600.0
 
 
-def pipeline_job_to_pb(job: PipelineJob) -> Any:
+def pipeline_job_to_pb(job: PipelineJob) -> pb.RunPipelineRequest:
     return pb.RunPipelineRequest(
         request=generate_request_to_pb(job.request), n_ctx=job.n_ctx, hidden_dtype=_DTYPES[job.hidden_dtype][0],
         step_timeout_s=job.step_timeout_s,
@@ -337,7 +338,7 @@ def pipeline_job_to_pb(job: PipelineJob) -> Any:
                 for hop in job.stages])
 
 
-def pipeline_job_from_pb(msg: Any) -> PipelineJob:
+def pipeline_job_from_pb(msg: pb.RunPipelineRequest) -> PipelineJob:
     """Checks the shape of the request; whether the stages fit this node and the model is the
     head's to check."""
     if not 0 < len(msg.stages) <= MAX_PIPELINE_STAGES:
@@ -377,21 +378,22 @@ def pipeline_job_from_pb(msg: Any) -> PipelineJob:
 
 def load_stage_request_to_pb(model_sha256: str, layers: LayerRange, n_ctx: int, slots: int,
                              prefill_chunk: int = 0, controller_id: str = "",
-                             shard_sources: tuple[str, ...] = ()) -> Any:
+                             shard_sources: tuple[str, ...] = ()) -> pb.LoadStageRequest:
     return pb.LoadStageRequest(model_sha256=model_sha256, layers=layer_range_to_pb(layers), n_ctx=n_ctx,
                                slots=slots, prefill_chunk=prefill_chunk, controller_id=controller_id,
                                shard_sources=list(shard_sources))
 
 
-def load_model_request_to_pb(model_sha256: str, n_ctx: int, controller_id: str) -> Any:
+def load_model_request_to_pb(model_sha256: str, n_ctx: int, controller_id: str) -> pb.LoadModelRequest:
     return pb.LoadModelRequest(model_sha256=model_sha256, n_ctx=n_ctx, controller_id=controller_id)
 
 
-def load_model_reply_to_pb(model: ModelHeld) -> Any:
+def load_model_reply_to_pb(model: ModelHeld) -> pb.LoadModelReply:
     return pb.LoadModelReply(model=model_to_pb(model))
 
 
-def release_holding_request_to_pb(model_sha256: str, layers: LayerRange | None, controller_id: str) -> Any:
+def release_holding_request_to_pb(model_sha256: str, layers: LayerRange | None,
+                                  controller_id: str) -> pb.ReleaseHoldingRequest:
     """`layers` None: the whole-model replica."""
     msg = pb.ReleaseHoldingRequest(model_sha256=model_sha256, replica=layers is None, controller_id=controller_id)
     if layers is not None:
@@ -399,7 +401,7 @@ def release_holding_request_to_pb(model_sha256: str, layers: LayerRange | None, 
     return msg
 
 
-def release_holding_from_pb(msg: Any) -> tuple[ModelSha, LayerRange | None, str]:
+def release_holding_from_pb(msg: pb.ReleaseHoldingRequest) -> tuple[ModelSha, LayerRange | None, str]:
     """(model, layers or None for the replica, controller id), checked."""
     if not msg.model_sha256:
         raise InvalidInput("a release must name its model's sha256")
@@ -413,57 +415,62 @@ def release_holding_from_pb(msg: Any) -> tuple[ModelSha, LayerRange | None, str]
         raise InvalidInput(str(exc)) from None
 
 
-def release_holding_reply_to_pb(released: bool, pending: bool) -> Any:
+def release_holding_reply_to_pb(released: bool, pending: bool) -> pb.ReleaseHoldingReply:
     return pb.ReleaseHoldingReply(released=released, pending=pending)
 
 
-def claim_request_to_pb(model_sha256: str, controller_id: str, ttl_s: float, give_up: bool = False) -> Any:
+def claim_request_to_pb(model_sha256: str, controller_id: str, ttl_s: float, give_up: bool = False) -> pb.ClaimRequest:
     return pb.ClaimRequest(model_sha256=model_sha256, controller_id=controller_id, ttl_s=ttl_s, give_up=give_up)
 
 
-def claim_reply_to_pb(granted: bool, holder: str, expires_in_s: float) -> Any:
+def claim_reply_to_pb(granted: bool, holder: str, expires_in_s: float) -> pb.ClaimReply:
     return pb.ClaimReply(granted=granted, holder=holder, expires_in_s=expires_in_s)
 
 
-def release_request_to_pb(session_id: str) -> Any:
+def release_request_to_pb(session_id: str) -> pb.ReleaseSessionRequest:
     return pb.ReleaseSessionRequest(session_id=session_id)
 
 
-def load_stage_reply_to_pb(held: StageHeld) -> Any:
+def load_stage_reply_to_pb(held: StageHeld) -> pb.LoadStageReply:
     return pb.LoadStageReply(stage=stage_to_pb(held))
 
 
-def release_reply_to_pb(released: bool) -> Any:
+def release_reply_to_pb(released: bool) -> pb.ReleaseSessionReply:
     return pb.ReleaseSessionReply(released=released)
 
 
-def fetch_shard_request_to_pb(model_sha256: str, ranges: list[tuple[int, int]], header: bool) -> Any:
+def fetch_shard_request_to_pb(model_sha256: str, ranges: list[tuple[int, int]], header: bool) -> pb.FetchShardRequest:
     return pb.FetchShardRequest(model_sha256=model_sha256, header=header,
                                 ranges=[pb.ByteRange(offset=o, length=n) for o, n in ranges])
 
 
 def shard_chunk_to_pb(offset: int, data: bytes, *, range_sha256: str = "", range_offset: int = 0,
-                      range_length: int = 0, file_bytes: int = 0) -> Any:
+                      range_length: int = 0, file_bytes: int = 0) -> pb.ShardChunk:
     return pb.ShardChunk(offset=offset, data=data, range_sha256=range_sha256, range_offset=range_offset,
                          range_length=range_length, file_bytes=file_bytes)
 
 
-def embed_request_to_pb(batch: EmbedBatch) -> Any:
+def shard_chunk_from_pb(msg: pb.ShardChunk) -> ShardChunk:
+    return ShardChunk(offset=msg.offset, data=msg.data, range_sha256=msg.range_sha256,
+                      range_offset=msg.range_offset, range_length=msg.range_length, file_bytes=msg.file_bytes)
+
+
+def embed_request_to_pb(batch: EmbedBatch) -> pb.EmbedRequest:
     return pb.EmbedRequest(request_id=batch.request_id, model_sha256=batch.model_sha256,
                            inputs=[pb.TokenIds(ids=list(tokens)) for tokens in batch.inputs])
 
 
-def embed_request_from_pb(msg: Any) -> EmbedBatch:
+def embed_request_from_pb(msg: pb.EmbedRequest) -> EmbedBatch:
     return EmbedBatch(request_id=RequestId(msg.request_id), model_sha256=ModelSha(msg.model_sha256),
                       inputs=tuple(tuple(i.ids) for i in msg.inputs))
 
 
-def embed_reply_to_pb(embeddings: Embeddings) -> Any:
+def embed_reply_to_pb(embeddings: Embeddings) -> pb.EmbedReply:
     vectors = embeddings.vectors
     return pb.EmbedReply(n_embd=int(vectors.shape[1]), values=vectors.ravel().tolist(), pooling=embeddings.pooling)
 
 
-def embed_reply_from_pb(msg: Any, n_inputs: int) -> Embeddings:
+def embed_reply_from_pb(msg: pb.EmbedReply, n_inputs: int) -> Embeddings:
     """The reply's vectors; InvalidInput when they do not come as n_inputs rows of n_embd."""
     values = np.asarray(msg.values, dtype=np.float32)
     if msg.n_embd == 0 or values.size != n_inputs * msg.n_embd:

@@ -23,8 +23,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mesh.errors import EdgeMeshError, NotFound, PayloadTooLarge, RequestTimeout, Unauthenticated
 from mesh.gateway import ollama
 from mesh.gateway.api_keys import ApiKeys
-from mesh.gateway.completions import CHAT, TEXT, error_response, rejection_reason
+from mesh.gateway.completions import error_response, rejection_reason
 from mesh.gateway.embeddings import EmbeddingRequest
+from mesh.gateway.flavors import CHAT, TEXT
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, check_limits, parse
 
 if TYPE_CHECKING:

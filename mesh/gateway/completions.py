@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, PayloadTooLarge, RequestTimeout, Unavailable
 from mesh.gateway import logprobs, tool_calls
 from mesh.gateway.answers import CLOUD_ROUTE, MESH_ROUTE, Answer, CloudAnswer, MeshAnswer
+from mesh.gateway.flavors import CHAT, TEXT, Flavor
 from mesh.gateway.logprobs import LogprobReport
 from mesh.gateway.policy import ContentPolicyViolation, GatewayPolicy, SystemPromptEnforced
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, _Common
@@ -77,27 +78,6 @@ def counted_error(metrics: GatewayMetrics, error: EdgeMeshError) -> JSONResponse
     if reason is not None:
         metrics.rejected.labels(reason).inc()
     return error_response(error)
-
-
-@dataclass(frozen=True)
-class Flavor:
-    """What distinguishes chat from text completions."""
-
-    object_name: str
-    chunk_object: str
-    wrap_text: Callable[[str], dict[str, Any]]  # a full answer's choice body
-    wrap_delta: Callable[[str], dict[str, Any]]  # a streamed chunk's choice body
-    first_delta: dict[str, Any] | None  # chat announces the role first
-
-
-CHAT = Flavor("chat.completion", "chat.completion.chunk",
-              lambda text: {"message": {"role": "assistant", "content": text}},
-              lambda text: {"delta": {"content": text}},
-              {"delta": {"role": "assistant", "content": ""}})
-TEXT = Flavor("text_completion", "text_completion",
-              lambda text: {"text": text, "logprobs": None},
-              lambda text: {"text": text, "logprobs": None},
-              None)
 
 
 @dataclass(frozen=True)

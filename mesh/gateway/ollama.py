@@ -34,8 +34,9 @@ from starlette.routing import Route
 from mesh import __version__
 from mesh.errors import EdgeMeshError, InvalidInput
 from mesh.gateway.answers import Answer
-from mesh.gateway.completions import CHAT, TEXT, Renderer, error_response
+from mesh.gateway.completions import Renderer, error_response
 from mesh.gateway.embeddings import EmbeddingRequest
+from mesh.gateway.flavors import CHAT, TEXT
 from mesh.gateway.schemas import ChatRequest, CompletionRequest, _Strict, parse
 from mesh.gateway.tool_calls import ToolCallAnswer
 from mesh.scheduler import check_model

@@ -16,15 +16,13 @@ import dataclasses
 import json
 import secrets
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mesh.constraints import json_constraint, lark_json, validate
 from mesh.gateway.answers import Answer
+from mesh.gateway.flavors import Flavor
 from mesh.gateway.schemas import ChatRequest, NamedToolChoice, Tool
 from mesh.types import Constraint
-
-if TYPE_CHECKING:
-    from mesh.gateway.completions import Flavor  # which imports this module
 
 # Where the text branch of tool_choice auto may not start: a call starts with `{` or `[`.
 _TEXT_LEXEME = r"/[^{\[\s][\s\S]*/"

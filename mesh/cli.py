@@ -49,7 +49,8 @@ def cmd_node(args: argparse.Namespace) -> None:
 
 
 def cmd_gateway(args: argparse.Namespace) -> None:
-    from mesh.gateway.runtime import GatewayRuntime, check_bind_is_safe, serve
+    from mesh.gateway.runtime import GatewayRuntime, check_bind_is_safe
+    from mesh.gateway.server import serve
     from mesh.model_store import resolve
 
     config = from_arguments(GatewayConfig, args)

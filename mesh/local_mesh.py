@@ -244,7 +244,7 @@ async def _run_started_mesh(runtime: GatewayRuntime, options: LocalMeshOptions, 
     """Start the nodes and the gateway, serve until `stop`, and stop every process started
     here whatever fails on the way (a node that cannot start, the gateway, a signal), so that
     `up` never leaves a node running after it has gone."""
-    from mesh.gateway.runtime import serve
+    from mesh.gateway.server import serve
 
     nodes: list[NodeProcess] = []
     gateway: asyncio.Task[None] | None = None

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import uvicorn
 from prometheus_client import CollectorRegistry
 
 from mesh.allowed_models import AllowedModels
@@ -297,40 +295,3 @@ class GatewayRuntime:
         for kind in ("replica", "pipeline"):
             self.metrics.placements.labels(kind).set(sum(1 for p in placements if p.kind == kind))
 
-
-async def serve(runtime: GatewayRuntime, stop: asyncio.Event,
-                on_listening: Callable[[int], None] | None = None) -> None:
-    """Serve HTTP until `stop` is set; once listening, writes the ready file and calls
-    `on_listening(port)` (which `edgemesh up` uses to wait for its nodes)."""
-    from mesh.gateway.app import build_app
-    from mesh.gateway.connections import guarded_protocol
-
-    await runtime.start()
-    cap = runtime.limits.max_http_connections
-    protocol = guarded_protocol(runtime.timeouts.http_header_s, cap,
-                                lambda reason: runtime.metrics.rejected.labels(reason).inc())
-    server = uvicorn.Server(uvicorn.Config(
-        build_app(runtime), host=runtime.config.host, port=runtime.config.port, log_level="warning",
-        lifespan="off", access_log=False, timeout_graceful_shutdown=5,
-        # One past the cap: uvicorn answers 503 to a request when this many connections are open.
-        http=protocol, limit_concurrency=cap + 1))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise ConfigError(f"gateway could not listen on {runtime.config.host}:{runtime.config.port}")
-            await asyncio.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        log.info("gateway listening on http://%s:%d", runtime.config.host, port)
-        if runtime.config.ready_file:
-            Path(runtime.config.ready_file).write_text(f"{runtime.config.host} {port}\n")
-        if on_listening is not None:
-            on_listening(port)
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-    finally:
-        server.should_exit = True
-        await asyncio.gather(task, return_exceptions=True)
-        await runtime.stop()

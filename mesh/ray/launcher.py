@@ -228,7 +228,7 @@ async def run_ray_mesh(options: RayMeshOptions, stop: asyncio.Event) -> None:
 
 async def _serve_mesh(runtime: GatewayRuntime, watch: RayNodeWatch, slots: list[Slot],
                       options: RayMeshOptions, stop: asyncio.Event) -> None:
-    from mesh.gateway.runtime import serve
+    from mesh.gateway.server import serve
 
     listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     gateway_stop = asyncio.Event()

@@ -13,7 +13,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from mesh.allowed_models import AllowedModels
-from mesh.config import GatewayConfig, Limits, Timeouts, is_loopback, resolve_cluster_key, tuned_from_environment
+from mesh.config import GatewayConfig, is_loopback, resolve_cluster_key
 from mesh.discovery import Browser, Peer, browse_interfaces, static_peers
 from mesh.errors import ConfigError
 from mesh.gateway.api_keys import ApiKeys
@@ -25,6 +25,7 @@ from mesh.membership import Member, Membership, MemberState
 from mesh.metrics import GatewayMetrics
 from mesh.placement.controller import ControllerSettings, PlacementController
 from mesh.placement.planner import STRATEGIES
+from mesh.ready_file import GatewayReady, write_ready
 from mesh.scheduler import Scheduler
 from mesh.tokenizer import TemplateBudget, Tokenizer
 from mesh.transport import tls
@@ -56,8 +57,7 @@ def check_bind_is_safe(config: GatewayConfig) -> None:
 
 
 class GatewayRuntime:
-    def __init__(self, config: GatewayConfig, model_path: Path, *, timeouts: Timeouts | None = None,
-                 limits: Limits | None = None) -> None:
+    def __init__(self, config: GatewayConfig, model_path: Path) -> None:
         from node.gguf import file_sha256, provenance
         from node.gguf import inspect as inspect_gguf
         from node.profile import model_profile
@@ -65,9 +65,9 @@ class GatewayRuntime:
         check_bind_is_safe(config)
         tls.use_plaintext(config.host, config.insecure_plaintext)
         self.config = config
-        # Timeouts and Limits have no flags; EDGEMESH_<FIELD> tunes them (e.g. EDGEMESH_HTTP_HEADER_S).
-        self.timeouts = timeouts or tuned_from_environment(Timeouts)
-        self.limits = limits or tuned_from_environment(Limits)
+        # From flags or EDGEMESH_<FIELD> (e.g. --http-header-s, EDGEMESH_HTTP_HEADER_S), as every setting.
+        self.timeouts = config.timeouts
+        self.limits = config.limits
         self.api_key = config.api_key
         self.metrics = GatewayMetrics(CollectorRegistry())
         # The admin's policy and keys are read before the slow parts: a wrong file fails at once.
@@ -324,7 +324,7 @@ async def serve(runtime: GatewayRuntime, stop: asyncio.Event,
         port = server.servers[0].sockets[0].getsockname()[1]
         log.info("gateway listening on http://%s:%d", runtime.config.host, port)
         if runtime.config.ready_file:
-            Path(runtime.config.ready_file).write_text(f"{runtime.config.host} {port}\n")
+            write_ready(runtime.config.ready_file, GatewayReady(runtime.config.host, port))
         if on_listening is not None:
             on_listening(port)
         stopper = asyncio.create_task(stop.wait())

@@ -76,6 +76,15 @@ def read_gateway_ready(path: str | Path) -> GatewayReady | None:
     return GatewayReady(fields[0], _port(path, fields[1]))
 
 
+def read_ready(path: str | Path) -> NodeReady | GatewayReady | None:
+    """Either kind of ready file, told apart by its fields (for a supervisor of both kinds)."""
+    try:
+        count = len(Path(path).read_text().split())
+    except FileNotFoundError:
+        return None
+    return read_node_ready(path) if count == 4 else read_gateway_ready(path)
+
+
 def _port(path: str | Path, text: str) -> int:
     try:
         return int(text)

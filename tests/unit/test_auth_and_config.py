@@ -27,7 +27,7 @@ from mesh.config import (
 )
 from mesh.errors import ConfigError, EdgeMeshError, Unauthenticated
 from mesh.gateway.runtime import check_bind_is_safe
-from mesh.ready_file import GatewayReady, NodeReady, read_gateway_ready, read_node_ready, write_ready
+from mesh.ready_file import GatewayReady, NodeReady, read_gateway_ready, read_node_ready, read_ready, write_ready
 from mesh.settings import ENV_PREFIX, add_arguments, as_flags, from_arguments, shared
 from mesh.transport.auth import (
     BODY_HEADER,
@@ -266,6 +266,8 @@ def test_ready_files_are_written_whole_and_read_back(tmp_path: Path) -> None:
     assert ready == NodeReady("127.0.0.1", 7471, 9471, NodeId("0123456789abcdef"))
     assert ready.address == "127.0.0.1:7471"
     assert read_gateway_ready(gateway) == GatewayReady("127.0.0.1", 8080)
+    assert read_ready(node) == ready and read_ready(gateway) == GatewayReady("127.0.0.1", 8080)
+    assert read_ready(tmp_path / "none") is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.ready", "node.ready"]  # nothing left aside
     with pytest.raises(ConfigError, match="expected 4 fields"):
         read_node_ready(gateway)

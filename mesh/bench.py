@@ -23,9 +23,10 @@ from typing import Any
 
 import httpx
 
-from mesh.config import check_thread_counts
-from mesh.local_mesh import LocalMeshOptions, run_local_mesh
+from mesh.config import BenchConfig, UpConfig, check_thread_counts
+from mesh.local_mesh import run_local_mesh
 from mesh.model_store import resolve
+from mesh.ready_file import read_gateway_ready
 from mesh.template_check import check_model_templates
 
 log = logging.getLogger(__name__)
@@ -33,19 +34,6 @@ log = logging.getLogger(__name__)
 # Counting keeps a small model going for hundreds of tokens under greedy decoding, so both
 # sides generate the full --tokens and the runs compare like with like.
 BENCH_PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    model: str = "default"
-    nodes: int = 1
-    tokens: int = 128
-    runs: int = 3
-    threads: int = 0
-    strategy: str = "replica"
-    prefill_tokens: int = 512
-    decode_threads: int = 0  # threads of single-token pipeline steps (0 = the mesh's default)
-    insecure_plaintext: bool = False  # measure the mesh without TLS (what TLS costs)
 
 
 @dataclass(frozen=True)
@@ -117,7 +105,7 @@ def _summary(name: str, runs: list[RunTiming]) -> tuple[float, float, float]:
     return decode, e2e, ttft
 
 
-async def _bench(options: BenchOptions) -> dict[str, float]:
+async def _bench(options: BenchConfig) -> dict[str, float]:
     import llama_cpp
 
     check_thread_counts(options.threads, options.decode_threads)  # before minutes of set-up
@@ -137,19 +125,18 @@ async def _bench(options: BenchOptions) -> dict[str, float]:
     stop = asyncio.Event()
     with tempfile.TemporaryDirectory(prefix="edgemesh-bench-") as tmp:
         ready = Path(tmp) / "ready"
-        mesh = asyncio.create_task(run_local_mesh(LocalMeshOptions(
+        mesh = asyncio.create_task(run_local_mesh(UpConfig(
             nodes=options.nodes, port=0, model=str(model_path), strategy=options.strategy,
             threads=options.threads if options.threads else (threads if options.nodes == 1 else 0),
             decode_threads=options.decode_threads, insecure_plaintext=options.insecure_plaintext,
-            ready_file=str(ready)), stop))
+            ready_file=str(ready), timeouts=options.timeouts, limits=options.limits), stop))
         try:
-            while not ready.exists():
+            while (written := read_gateway_ready(ready)) is None:
                 if mesh.done():
                     mesh.result()
                     raise RuntimeError("the local mesh stopped before it was ready")
                 await asyncio.sleep(0.1)
-            host, port = ready.read_text().split()
-            url = f"http://{host}:{port}"
+            url = written.url
             base: list[RunTiming] = []
             ours: list[RunTiming] = []
             prefill_prompt = long_prompt(llm, options.prefill_tokens)
@@ -191,5 +178,5 @@ async def _bench(options: BenchOptions) -> dict[str, float]:
     return result
 
 
-def run_bench(options: BenchOptions) -> dict[str, float]:
+def run_bench(options: BenchConfig) -> dict[str, float]:
     return asyncio.run(_bench(options))

@@ -7,36 +7,22 @@ Each long-running command stops cleanly on SIGINT/SIGTERM.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from mesh import __version__
-from mesh.config import GatewayConfig, NodeConfig, add_arguments, check_ports_free, from_arguments
+from mesh.config import BenchConfig, GatewayConfig, NodeConfig, PlanConfig, UpConfig, check_ports_free
 from mesh.errors import ConfigError, EdgeMeshError
 from mesh.logs import setup_logging
-from mesh.placement.planner import STRATEGIES
+from mesh.ray.commands import add_ray_parser
+from mesh.settings import add_arguments, from_arguments
+from mesh.signals import run_until_signalled
 
 log = logging.getLogger("edgemesh")
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-
-
-def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
-    """Run `main(stop)` where `stop` is set by the first SIGINT or SIGTERM."""
-
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await main(stop)
-
-    asyncio.run(runner())
 
 
 # ---------------------------------------------------------------------------- roles
@@ -61,21 +47,10 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
-    from mesh.allowed_models import parse_allowed
-    from mesh.local_mesh import LocalMeshOptions, run_local_mesh
+    from mesh.local_mesh import run_local_mesh
 
-    options = LocalMeshOptions(
-        nodes=args.nodes, host=args.host, port=args.port, model=args.model, strategy=args.strategy,
-        threads=args.threads, slots=args.slots, n_ctx=args.n_ctx, api_key=args.api_key,
-        cluster_key=args.cluster_key, ready_file=args.ready_file, memory_limit=args.memory_limit,
-        stages=args.stages, decode_threads=args.decode_threads,
-        policy=args.policy, cloud_url=args.cloud_url, cloud_model=args.cloud_model, cloud_key_env=args.cloud_key_env,
-        insecure_plaintext=args.insecure_plaintext,
-        allowed_models=parse_allowed(args.allowed_models if args.allowed_models is not None
-                                     else args._default_allowed_models),
-        system_prompt_file=args.system_prompt_file, api_keys_file=args.api_keys_file,
-        deny_pattern=tuple(args.deny_pattern) if args.deny_pattern is not None else args._default_deny_pattern)
-    run_until_signalled(lambda stop: run_local_mesh(options, stop))
+    config = from_arguments(UpConfig, args)
+    run_until_signalled(lambda stop: run_local_mesh(config, stop))
 
 
 # ---------------------------------------------------------------------------- clients
@@ -140,32 +115,24 @@ def _provenance_line(path: Path, sha256: str) -> str:
 def cmd_plan(args: argparse.Namespace) -> None:
     from mesh.plan_cli import print_dry_run, print_live_plan
 
-    if args.url:
-        print_live_plan(args.url, args.api_key)
+    config = from_arguments(PlanConfig, args)
+    if config.url:
+        print_live_plan(config.url, config.api_key)
         return
-    if not args.dry_run:
+    if not config.dry_run:
         raise ConfigError("say --dry-run (plan made-up nodes offline) or --url URL (explain a gateway's live plan)")
-    speeds = tuple(float(s) for s in args.speeds.split(",")) if args.speeds else ()
-    print_dry_run(args.model, args.nodes, args.memory_limit, args.n_ctx, args.strategy, args.stages, speeds)
+    try:
+        speeds = tuple(float(s) for s in config.speeds.split(",")) if config.speeds else ()
+    except ValueError:
+        raise ConfigError(f"--speeds {config.speeds!r}: give decode tokens/s per node, e.g. 30,10,10") from None
+    print_dry_run(config.model, config.nodes, config.memory_limit, config.n_ctx, config.strategy, config.stages,
+                  speeds)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from mesh.bench import BenchOptions, run_bench
+    from mesh.bench import run_bench
 
-    run_bench(BenchOptions(model=args.model, nodes=args.nodes, tokens=args.tokens, runs=args.runs,
-                           threads=args.threads, strategy=args.strategy, prefill_tokens=args.prefill_tokens,
-                           decode_threads=args.decode_threads, insecure_plaintext=args.insecure_plaintext))
-
-
-# ---------------------------------------------------------------------------- ray (begin)
-
-def add_ray_commands(sub: Any) -> None:
-    """`edgemesh ray up|down` (mesh/ray): building the parser imports no Ray, running a command does."""
-    from mesh.ray.commands import add_ray_parser
-
-    add_ray_parser(sub)
-
-# ---------------------------------------------------------------------------- ray (end)
+    run_bench(from_arguments(BenchConfig, args))
 
 
 # ---------------------------------------------------------------------------- parser
@@ -185,29 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("up", help="start N nodes and a gateway on this machine")
-    p.add_argument("--nodes", type=int, default=2, help="how many nodes to start [default: 2]")
-    p.add_argument("--host", default="127.0.0.1", help="address of the gateway [default: 127.0.0.1]")
-    p.add_argument("--port", type=int, default=8080, help="gateway HTTP port (0 picks one) [default: 8080]")
-    p.add_argument("--model", default="default",
-                   help="a catalogue name (see `edgemesh model list`), a cached model's file name, or a GGUF path "
-                        "[default: default]")
-    p.add_argument("--strategy", choices=STRATEGIES, default="auto",
-                   help="auto: replicas where the model fits, pipelines where it does not (see `edgemesh plan`); "
-                        "replica: every node serves the whole model; pipeline: the nodes split its layers")
-    p.add_argument("--stages", type=int, default=0,
-                   help="pipeline stages (0 = as the planner finds; with --strategy pipeline, one per node)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="threads per node (0 = cores / nodes for replicas, all cores for pipeline stages)")
-    p.add_argument("--decode-threads", type=int, default=0,
-                   help="threads of a single-token pipeline step (0 = as --threads)")
-    p.add_argument("--slots", type=int, default=1, help="concurrent requests per node [default: 1]")
-    p.add_argument("--n-ctx", type=int, default=2048, help="context length per request [default: 2048]")
-    p.add_argument("--memory-limit", default="0", help="memory each node may use, e.g. 60MB (0 = no limit)")
-    p.add_argument("--api-key", default="", help="bearer key for the API (required off loopback)")
-    p.add_argument("--cluster-key", default="", help="cluster key (default: a fresh one for this mesh)")
-    p.add_argument("--ready-file", default="", help="write 'host port' of the gateway here once all nodes are up")
-    add_arguments(p, GatewayConfig, only=("policy", "cloud_url", "cloud_model", "cloud_key_env", "insecure_plaintext",
-                                          "allowed_models", "system_prompt_file", "deny_pattern", "api_keys_file"))
+    add_arguments(p, UpConfig)
     p.set_defaults(func=cmd_up)
 
     for name, helptext, func in (("status", "show the nodes of a mesh", cmd_status),
@@ -229,32 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_model)
 
     p = sub.add_parser("plan", help="how the planner places the model, and why: offline or a live gateway's")
-    p.add_argument("--dry-run", action="store_true", help="plan N made-up local nodes without starting anything")
-    p.add_argument("--url", default="", help="explain the live plan of the gateway at URL, from its nodes' reports")
-    p.add_argument("--api-key", default="", help="bearer key, if the gateway asks for one")
-    p.add_argument("--model", default="default", help="a catalogue name (see `edgemesh model list`) or a GGUF path")
-    p.add_argument("--nodes", type=int, default=3)
-    p.add_argument("--memory-limit", default="0", help="memory each node may use (0 = free memory / nodes)")
-    p.add_argument("--n-ctx", type=int, default=2048)
-    p.add_argument("--strategy", choices=STRATEGIES, default="auto")
-    p.add_argument("--stages", type=int, default=0)
-    p.add_argument("--speeds", default="", help="decode tokens/s per node, e.g. 30,10,10 (default: equal)")
+    add_arguments(p, PlanConfig)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="gateway streaming speed as a ratio to llama-cpp-python")
-    p.add_argument("--model", default="default", help="a catalogue name (see `edgemesh model list`) or a GGUF path")
-    p.add_argument("--nodes", type=int, default=1, help="nodes in the benchmarked mesh [default: 1]")
-    p.add_argument("--strategy", choices=["replica", "pipeline"], default="replica")
-    p.add_argument("--tokens", type=int, default=128, help="tokens generated per run [default: 128]")
-    p.add_argument("--runs", type=int, default=3, help="timed runs of each side [default: 3]")
-    p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
-    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement")
-    p.add_argument("--decode-threads", type=int, default=0,
-                   help="threads of single-token pipeline steps (0 = the mesh's default)")
-    p.add_argument("--insecure-plaintext", action="store_true",
-                   help="run the benchmarked mesh without TLS (to measure what TLS costs)")
+    add_arguments(p, BenchConfig)
     p.set_defaults(func=cmd_bench)
-    add_ray_commands(sub)
+    add_ray_parser(sub)  # `edgemesh ray up|down`: building the parser imports no Ray, running a command does
     return parser
 
 

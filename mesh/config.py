@@ -1,34 +1,33 @@
-"""One typed configuration for every EdgeMesh process.
+"""One typed configuration for every EdgeMesh process and command.
 
-Each field carries its help text; the CLI builds its flags from these dataclasses and
-every flag can also come from the environment as EDGEMESH_<FIELD> (for example
-EDGEMESH_CLUSTER_KEY), so there is exactly one list of settings.
+Each field carries its help text; the CLI builds each command's flags from its dataclass
+here (mesh.settings) and every flag can also come from the environment as EDGEMESH_<FIELD>
+(for example EDGEMESH_CLUSTER_KEY, EDGEMESH_FIRST_TOKEN_S), so there is exactly one list
+of settings. Timeouts and Limits are nested in every command that uses them.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import errno
 import ipaddress
 import os
 import re
 import secrets
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import ClassVar
 
 from mesh.allowed_models import parse_allowed
 from mesh.errors import ConfigError
+from mesh.placement.planner import STRATEGIES
+from mesh.ray import DEFAULT_NAMESPACE
+from mesh.settings import ENV_PREFIX, nested, same_as, setting
+from mesh.settings import add_arguments as add_arguments  # re-exported: the CLI and tests build flags with it
+from mesh.settings import from_arguments as from_arguments
+from mesh.settings import tuned_from_environment as tuned_from_environment
 
-ENV_PREFIX = "EDGEMESH_"
 LOOPBACK = "127.0.0.1"
-
-
-def setting(default: Any, help: str, *, flag: str | None = None, secret: bool = False) -> Any:
-    """A config field with its help text. `secret` fields are never shown in logs."""
-    return field(default=default, metadata={"help": help, "flag": flag, "secret": secret})
 
 
 def home_dir() -> Path:
@@ -68,6 +67,8 @@ def is_loopback(host: str) -> bool:
 class Timeouts:
     """Every timeout and protocol timing in one place; tests shorten them, nothing hard-codes them."""
 
+    every_value_positive: ClassVar[bool] = True  # a flag or variable of 0, -1, nan or inf is refused
+
     connect_s: float = setting(5.0, "deadline to reach a peer before it counts as unreachable")
     info_rpc_s: float = setting(5.0, "deadline of the Info RPC")
     first_token_s: float = setting(120.0, "deadline for a node's first token (covers prefill and queueing)")
@@ -94,6 +95,8 @@ class Timeouts:
 @dataclass(frozen=True)
 class Limits:
     """Sizes a process accepts from peers and clients."""
+
+    every_value_positive: ClassVar[bool] = True
 
     max_message_bytes: int = setting(64 * 2**20, "largest gRPC message sent or received")
     max_request_bytes: int = setting(4 * 2**20, "largest request of a single-message node RPC (every one but "
@@ -196,10 +199,13 @@ class NodeConfig:
     advertise: bool = setting(True, "advertise this node with mDNS")
     insecure_plaintext: bool = setting(False, "debugging only, loopback only: speak plain text to the mesh "
                                        "instead of mutual TLS (the gateway and every node must say it)")
-    ready_file: str = setting("", "write 'host port metrics_port node_id' here once serving (for supervisors)")
+    ready_file: str = setting("", "write 'host port metrics_port node_id' here once serving (for supervisors; "
+                              "see mesh.ready_file)")
     allowed_models: tuple[str, ...] = setting(
         (), "sha256 of a model this node may load, serve and ship (repeatable; env EDGEMESH_ALLOWED_MODELS, "
         "comma separated); any other is refused. Default: every model", flag="--allow-model")
+    timeouts: Timeouts = nested(Timeouts, "timeouts (seconds)")
+    limits: Limits = nested(Limits, "limits")
 
     def __post_init__(self) -> None:
         check_thread_counts(self.threads, self.decode_threads)
@@ -246,113 +252,130 @@ class GatewayConfig:
                                            "(repeatable), for clients that hard-code one, e.g. gpt-4o-mini=default")
     cors_origin: tuple[str, ...] = setting((), "a web origin (scheme://host[:port], or *) whose pages may call the "
                                            "API from a browser (repeatable); default: none")
+    timeouts: Timeouts = nested(Timeouts, "timeouts (seconds)")
+    limits: Limits = nested(Limits, "limits")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_models", parse_allowed(self.allowed_models))
 
 
-T = TypeVar("T")
+# ---------------------------------------------------------------------------- launchers
+# A launcher's setting that means what the gateway's or a node's does is declared `same_as`
+# it; the launcher hands those on by name (mesh.settings.shared).
 
+@dataclass(frozen=True)
+class UpConfig:
+    """`edgemesh up`: N node processes and a gateway on this machine (mesh.local_mesh)."""
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type[Any], *, skip: tuple[str, ...] = (),
-                  only: tuple[str, ...] = ()) -> None:
-    """Add one flag per field of a config dataclass; env EDGEMESH_<FIELD> sets the default."""
-    for f in dataclasses.fields(cls):
-        if f.name in skip or (only and f.name not in only):
-            continue
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        variable = ENV_PREFIX + f.name.upper()
-        env = os.environ.get(variable)
-        help_text = f.metadata.get("help", "")
-        default: Any = f.default
-        value = default if env is None else _from_environment(variable, env, default, flag)
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=value,
-                                help=help_text)
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text)
-            parser.set_defaults(**{f"_default_{f.name}": value})
-        else:
-            shown = "(hidden)" if f.metadata.get("secret") else repr(default)
-            parser.add_argument(flag, dest=f.name, type=type(default), default=value,
-                                help=f"{help_text} [default: {shown}]")
+    nodes: int = setting(2, "how many nodes to start")
+    host: str = same_as(GatewayConfig, "host")
+    port: int = same_as(GatewayConfig, "port")
+    model: str = same_as(NodeConfig, "model")
+    strategy: str = setting("auto", "auto: replicas where the model fits, pipelines where it does not (see "
+                            "`edgemesh plan`); replica: every node serves the whole model; pipeline: the nodes "
+                            "split its layers", choices=STRATEGIES)
+    stages: int = setting(0, "pipeline stages (0 = as the planner finds; with --strategy pipeline, one per node)")
+    threads: int = setting(0, "threads per node (0 = cores / nodes for replicas, all cores for pipeline stages)")
+    decode_threads: int = setting(0, "threads of a single-token pipeline step (0 = as --threads)")
+    slots: int = same_as(NodeConfig, "slots")
+    n_ctx: int = same_as(NodeConfig, "n_ctx")
+    memory_limit: str = setting("0", "memory each node may use, e.g. 60MB (0 = an equal share of free memory)")
+    api_key: str = same_as(GatewayConfig, "api_key")
+    cluster_key: str = setting("", "cluster key (default: a fresh one for this mesh)", secret=True)
+    ready_file: str = setting("", "write 'host port' of the gateway here once all nodes are up")
+    policy: str = same_as(GatewayConfig, "policy")
+    cloud_url: str = same_as(GatewayConfig, "cloud_url")
+    cloud_model: str = same_as(GatewayConfig, "cloud_model")
+    cloud_key_env: str = same_as(GatewayConfig, "cloud_key_env")
+    insecure_plaintext: bool = same_as(GatewayConfig, "insecure_plaintext")
+    allowed_models: tuple[str, ...] = same_as(GatewayConfig, "allowed_models")  # the gateway's and every node's
+    system_prompt_file: str = same_as(GatewayConfig, "system_prompt_file")
+    deny_pattern: tuple[str, ...] = same_as(GatewayConfig, "deny_pattern")
+    api_keys_file: str = same_as(GatewayConfig, "api_keys_file")
+    timeouts: Timeouts = nested(Timeouts, "timeouts (seconds; the gateway's and every node's)")
+    limits: Limits = nested(Limits, "limits (the gateway's and every node's)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_models", parse_allowed(self.allowed_models))
 
 
 @dataclass(frozen=True)
-class _BadEnvironment:
-    """An EDGEMESH_<FIELD> value that is not of its setting's type. It stands as the flag's
-    default, so that only a command that uses the setting fails (a bad EDGEMESH_SLOTS does
-    not break `edgemesh status`), and an explicit flag still wins over it."""
+class RayClusterConfig:
+    """Which Ray cluster and namespace `edgemesh ray up|down` acts on (mesh.ray)."""
 
-    variable: str
-    value: str
-    expected: str
-    flag: str
-
-    def error(self) -> ConfigError:
-        return ConfigError(f"{self.variable}={self.value!r} is not {self.expected} (it sets {self.flag}; "
-                           f"fix or unset it)")
+    address: str = setting("auto", "Ray cluster address, HOST:PORT of its head (GCS); auto: as ray.init finds it")
+    namespace: str = setting(DEFAULT_NAMESPACE, "Ray namespace of the node actors")
 
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
+@dataclass(frozen=True)
+class RayUpConfig:
+    """`edgemesh ray up`: N node actors on a Ray cluster and the gateway here (mesh.ray.launcher)."""
+
+    address: str = same_as(RayClusterConfig, "address")
+    namespace: str = same_as(RayClusterConfig, "namespace")
+    nodes: int = setting(2, "node actors to start")
+    strategy: str = setting("auto", "auto: replicas where Ray's memory resource of a node holds the model, "
+                            "pipelines where it does not; replica: every node serves the whole model; pipeline: "
+                            "they split its layers", choices=STRATEGIES)
+    stages: int = setting(0, "pipeline stages (0 = one per node; the rest are spare)")
+    host: str = same_as(GatewayConfig, "host")
+    port: int = same_as(GatewayConfig, "port")
+    model: str = setting("default", "a catalogue name (see `edgemesh model list`; resolved, and pulled if need "
+                         "be, on each Ray node), or a GGUF path that exists on every Ray node")
+    threads: int = setting(0, "threads per node (0 = the Ray node's CPUs shared among its node actors)")
+    decode_threads: int = same_as(UpConfig, "decode_threads")
+    slots: int = same_as(NodeConfig, "slots")
+    n_ctx: int = same_as(NodeConfig, "n_ctx")
+    memory_limit: str = setting("0", "memory each node may use, e.g. 60MB (0 = the Ray node's memory resource, "
+                                "shared)")
+    node_host: str = setting("auto", "address the nodes bind: auto (loopback when every Ray node is on this "
+                             "machine, else each Ray node's IP), ray (each Ray node's IP), or an address")
+    node_cpus: float = setting(0.01, "CPUs each node actor reserves in Ray's accounting; the nodes use --threads "
+                               "cores whatever it says, so the default only pins them without crowding out "
+                               "other Ray work")
+    max_restarts: int = setting(-1, "how often Ray restarts a node actor whose process died (-1 = always)")
+    api_key: str = same_as(GatewayConfig, "api_key")
+    cluster_key: str = same_as(UpConfig, "cluster_key")
+    ready_file: str = same_as(UpConfig, "ready_file")
+    policy: str = same_as(GatewayConfig, "policy")
+    cloud_url: str = same_as(GatewayConfig, "cloud_url")
+    cloud_model: str = same_as(GatewayConfig, "cloud_model")
+    cloud_key_env: str = same_as(GatewayConfig, "cloud_key_env")
+    timeouts: Timeouts = nested(Timeouts, "timeouts (seconds; the gateway's and every node's)")
+    limits: Limits = nested(Limits, "limits (the gateway's and every node's)")
 
 
-def _from_environment(variable: str, raw: str, default: Any, flag: str) -> Any:
-    """An environment value read as the type of its setting's default, or _BadEnvironment."""
-    text = raw.strip()
-    if isinstance(default, bool):
-        if text.lower() in _TRUE + _FALSE:
-            return text.lower() in _TRUE
-        return _BadEnvironment(variable, raw, "a boolean (1, true, yes, on or 0, false, no, off)", flag)
-    if isinstance(default, tuple):
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
-    if isinstance(default, int):
-        try:
-            return int(text)
-        except ValueError:
-            return _BadEnvironment(variable, raw, "a whole number", flag)
-    if isinstance(default, float):
-        try:
-            return float(text)
-        except ValueError:
-            return _BadEnvironment(variable, raw, "a number", flag)
-    return raw
+@dataclass(frozen=True)
+class BenchConfig:
+    """`edgemesh bench`: a local mesh's streaming speed against llama-cpp-python (mesh.bench)."""
+
+    model: str = same_as(NodeConfig, "model")
+    nodes: int = setting(1, "nodes in the benchmarked mesh")
+    strategy: str = setting("replica", "placement of the benchmarked mesh", choices=("replica", "pipeline"))
+    tokens: int = setting(128, "tokens generated per run")
+    runs: int = setting(3, "timed runs of each side")
+    threads: int = setting(0, "threads (0 = all cores)")
+    prefill_tokens: int = setting(512, "prompt length of the prefill measurement")
+    decode_threads: int = setting(0, "threads of single-token pipeline steps (0 = the mesh's default)")
+    insecure_plaintext: bool = setting(False, "run the benchmarked mesh without TLS (to measure what TLS costs)")
+    timeouts: Timeouts = nested(Timeouts, "timeouts (seconds; of the benchmarked mesh)")
+    limits: Limits = nested(Limits, "limits (of the benchmarked mesh)")
 
 
-def from_arguments(cls: type[T], args: argparse.Namespace) -> T:
-    """The config dataclass from parsed flags; an unreadable environment value that no flag
-    overrode is a ConfigError naming the variable and the type it needs."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if not hasattr(args, f.name):
-            continue
-        value = getattr(args, f.name)
-        if isinstance(f.default, tuple):
-            value = tuple(value) if value is not None else getattr(args, f"_default_{f.name}", ())
-        if isinstance(value, _BadEnvironment):
-            raise value.error()
-        values[f.name] = value
-    return cls(**values)
+@dataclass(frozen=True)
+class PlanConfig:
+    """`edgemesh plan`: how the planner places the model, offline or a live gateway's (mesh.plan_cli)."""
 
-
-def tuned_from_environment(cls: type[T]) -> T:
-    """Timeouts or Limits with the fields set in the environment as EDGEMESH_<FIELD> (for example
-    EDGEMESH_HTTP_HEADER_S=5): they have no flags, yet an operator (or a test) may tune one.
-    Each value must be a positive number; anything else is a ConfigError naming the variable."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        name = ENV_PREFIX + f.name.upper()
-        raw = os.environ.get(name)
-        if raw is None:
-            continue
-        value = _from_environment(name, raw, f.default, f"{cls.__name__}.{f.name}")
-        if isinstance(value, _BadEnvironment):
-            raise value.error()
-        if not value > 0 or value == float("inf"):
-            raise ConfigError(f"{name}={raw!r} must be a positive number")
-        values[f.name] = value
-    return cls(**values)
+    dry_run: bool = setting(False, "plan N made-up local nodes without starting anything")
+    url: str = setting("", "explain the live plan of the gateway at URL, from its nodes' reports")
+    api_key: str = setting("", "bearer key, if the gateway asks for one", secret=True)
+    model: str = same_as(NodeConfig, "model")
+    nodes: int = setting(3, "made-up nodes to plan")
+    memory_limit: str = setting("0", "memory each node may use (0 = free memory / nodes)")
+    n_ctx: int = same_as(NodeConfig, "n_ctx")
+    strategy: str = setting("auto", "as `edgemesh up --strategy`", choices=STRATEGIES)
+    stages: int = setting(0, "pipeline stages (0 = as the planner finds)")
+    speeds: str = setting("", "decode tokens/s per node, e.g. 30,10,10 (default: equal)")
 
 
 def resolve_cluster_key(explicit: str) -> str:

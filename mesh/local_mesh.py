@@ -23,11 +23,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mesh.config import GatewayConfig, Timeouts, check_ports_free, check_thread_counts, home_dir, parse_bytes
+from mesh.config import GatewayConfig, UpConfig, check_ports_free, check_thread_counts, home_dir, parse_bytes
 from mesh.discovery import Peer
 from mesh.errors import ConfigError, ModelError
 from mesh.model_store import resolve
 from mesh.placement.planner import STRATEGIES, ModelProfile, Policy, replica_bytes
+from mesh.ready_file import GatewayReady, read_node_ready, write_ready
+from mesh.settings import as_flags, shared
 from mesh.types import NodeId
 from node.compute import STAGE_OPENMP_ENV
 from node.probe import default_threads, memory
@@ -40,33 +42,6 @@ log = logging.getLogger(__name__)
 NODE_START_TIMEOUT_S = 300.0  # a slow device may take minutes to hash and load a big model
 NODE_STOP_GRACE_S = 70.0  # a node drains for up to Timeouts.drain_s (60 s) before exiting
 PLACEMENT_TIMEOUT_S = 300.0  # the controller loads the model on the nodes within this
-
-
-@dataclass(frozen=True)
-class LocalMeshOptions:
-    nodes: int = 2
-    host: str = "127.0.0.1"
-    port: int = 8080
-    model: str = "default"
-    strategy: str = "auto"
-    threads: int = 0
-    slots: int = 1
-    n_ctx: int = 2048
-    api_key: str = ""
-    policy: str = "local-only"  # routing between the mesh and a cloud upstream (see GatewayConfig)
-    cloud_url: str = ""
-    cloud_model: str = ""
-    cloud_key_env: str = ""
-    system_prompt_file: str = ""  # the admin's policy on the gateway (see GatewayConfig)
-    deny_pattern: tuple[str, ...] = ()
-    api_keys_file: str = ""
-    cluster_key: str = ""
-    ready_file: str = ""
-    memory_limit: str = "0"
-    decode_threads: int = 0  # threads of single-token pipeline steps (0 = as many as for prefill)
-    stages: int = 0  # pipeline: how many stages (0 = as the controller plans); the other nodes stay spare
-    insecure_plaintext: bool = False  # debugging (and the TLS cost in `bench`): no TLS between gateway and nodes
-    allowed_models: tuple[str, ...] = ()  # --allow-model of the gateway and every node (empty: any model)
 
 
 @dataclass
@@ -82,12 +57,11 @@ class NodeProcess:
         return self.peer.node_id
 
     def poll_ready(self) -> Peer | None:
-        """Where the node serves, once it has written its ready file ('host port metrics_port id')."""
-        if self.peer is None and self.ready_file.exists():
-            fields = self.ready_file.read_text().split()
-            if len(fields) >= 4:
-                self.peer = Peer(address=f"{fields[0]}:{fields[1]}", node_id=NodeId(fields[3]),
-                                 metrics_port=int(fields[2]))
+        """Where the node serves, once it has written its ready file."""
+        if self.peer is None:
+            ready = read_node_ready(self.ready_file)
+            if ready is not None:
+                self.peer = Peer(address=ready.address, node_id=ready.node_id, metrics_port=ready.metrics_port)
         return self.peer
 
 
@@ -116,7 +90,7 @@ def expects_stages(profile: ModelProfile, strategy: str, memory_limit: str | int
     return bool(limit) and limit < replica_bytes(profile, Policy(n_ctx=n_ctx))
 
 
-def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_key: str,
+def spawn_node(index: int, model_path: Path, options: UpConfig, cluster_key: str,
                workdir: Path, stages: bool) -> NodeProcess:
     name = f"node-{index + 1}"
     ready = workdir / f"{name}.ready"
@@ -134,6 +108,7 @@ def spawn_node(index: int, model_path: Path, options: LocalMeshOptions, cluster_
         "--memory-limit", options.memory_limit, "--ready-file", str(ready),
         *(["--insecure-plaintext"] if options.insecure_plaintext else []),
         *[arg for sha in options.allowed_models for arg in ("--allow-model", sha)],
+        *as_flags(options.timeouts), *as_flags(options.limits),  # the node's are the mesh's
     ]
     # The key goes by environment, not argv, so `ps` does not show it.
     env = {**os.environ, "EDGEMESH_CLUSTER_KEY": cluster_key}
@@ -183,7 +158,7 @@ def announce(banner: str, host: str, port: int, ready_file: str) -> None:
     sys.stdout.write(banner)
     sys.stdout.flush()
     if ready_file:
-        Path(ready_file).write_text(f"{host} {port}\n")
+        write_ready(ready_file, GatewayReady(host, port))
 
 
 def write_cluster_key(key: str) -> Path:
@@ -197,7 +172,7 @@ def write_cluster_key(key: str) -> Path:
     return path
 
 
-async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None:
+async def run_local_mesh(options: UpConfig, stop: asyncio.Event) -> None:
     from mesh.gateway.runtime import GatewayRuntime, check_bind_is_safe
 
     if options.nodes < 1:
@@ -213,17 +188,12 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
     check_ports_free(options.host, (("--port", options.port),))
     cluster_key = options.cluster_key or secrets.token_urlsafe(32)
     model_path = await asyncio.to_thread(resolve, options.model)
-    config = GatewayConfig(host=options.host, port=options.port, cluster_key=cluster_key,
-                           api_key=options.api_key, model=str(model_path), policy=options.policy,
-                           cloud_url=options.cloud_url, cloud_model=options.cloud_model,
-                           cloud_key_env=options.cloud_key_env, strategy=options.strategy,
-                           stages=asked_stages(options.strategy, options.stages, options.nodes),
-                           insecure_plaintext=options.insecure_plaintext,
-                           allowed_models=options.allowed_models,
-                           system_prompt_file=options.system_prompt_file, deny_pattern=options.deny_pattern,
-                           api_keys_file=options.api_keys_file)
+    # The launcher writes its ready file itself, once every node is up, not the gateway when it listens.
+    config = GatewayConfig(**{**shared(options, GatewayConfig), "cluster_key": cluster_key, "model": str(model_path),
+                              "stages": asked_stages(options.strategy, options.stages, options.nodes),
+                              "ready_file": ""})
     check_bind_is_safe(config)
-    runtime = GatewayRuntime(config, model_path, timeouts=Timeouts())
+    runtime = GatewayRuntime(config, model_path)
     if not parse_bytes(options.memory_limit):
         # The nodes share this machine: each may use an equal share of what is free (each
         # would otherwise report all of it, and the planner would count it N times).
@@ -238,7 +208,7 @@ async def run_local_mesh(options: LocalMeshOptions, stop: asyncio.Event) -> None
             key_file.unlink(missing_ok=True)
 
 
-async def _run_started_mesh(runtime: GatewayRuntime, options: LocalMeshOptions, model_path: Path,
+async def _run_started_mesh(runtime: GatewayRuntime, options: UpConfig, model_path: Path,
                             cluster_key: str, workdir: Path, stages: bool, key_file: Path | None,
                             stop: asyncio.Event) -> None:
     """Start the nodes and the gateway, serve until `stop`, and stop every process started

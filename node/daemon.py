@@ -19,19 +19,12 @@ from prometheus_client import CollectorRegistry
 
 from mesh import __version__
 from mesh.allowed_models import AllowedModels
-from mesh.config import (
-    Limits,
-    NodeConfig,
-    Timeouts,
-    check_ports_free,
-    default_node_name,
-    parse_bytes,
-    resolve_cluster_key,
-)
+from mesh.config import NodeConfig, check_ports_free, default_node_name, parse_bytes, resolve_cluster_key
 from mesh.discovery import Advertisement, Advertiser
 from mesh.errors import CapacityExhausted, ConfigError, EdgeMeshError
 from mesh.metrics import NodeMetrics
 from mesh.model_store import ProgressLog, resolve
+from mesh.ready_file import NodeReady, write_ready
 from mesh.template_check import check_model_templates
 from mesh.transport import tls
 from mesh.transport.auth import cluster_hash
@@ -112,10 +105,8 @@ def export_holdings(metrics: NodeMetrics, holdings: Holdings) -> None:
         lambda: holdings.replica.layers + holdings.stages.layers_loaded())
 
 
-async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeouts | None = None,
-                   limits: Limits | None = None) -> None:
-    timeouts = timeouts or Timeouts()
-    limits = limits or Limits()
+async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
+    timeouts, limits = config.timeouts, config.limits  # from flags or EDGEMESH_<FIELD>, as every setting
     cluster_key = resolve_cluster_key(config.cluster_key)
     threads = config.threads or probe.default_threads()
     identity = NodeIdentity(
@@ -213,7 +204,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, *, timeouts: Timeout
              identity.node_id, model.name, "replica" if replica.model else "roles from the gateway",
              config.host, port, state.step_port, metrics_port, os.getpid())
     if config.ready_file:
-        Path(config.ready_file).write_text(f"{config.host} {port} {metrics_port} {identity.node_id}\n")
+        write_ready(config.ready_file, NodeReady(config.host, port, metrics_port, identity.node_id))
 
     reprobing = asyncio.create_task(keep_speed_current(meter, compute, model_path, model.n_layers, threads)) \
         if speed > 0 else None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from mesh.allowed_models import AllowedModels
-from mesh.config import GatewayConfig, Limits, Timeouts, is_loopback, resolve_cluster_key, tuned_from_environment
+from mesh.config import GatewayConfig, is_loopback, resolve_cluster_key
 from mesh.discovery import Browser, Peer, browse_interfaces, static_peers
 from mesh.errors import ConfigError
 from mesh.gateway.api_keys import ApiKeys
@@ -54,8 +54,7 @@ def check_bind_is_safe(config: GatewayConfig) -> None:
 
 
 class GatewayRuntime:
-    def __init__(self, config: GatewayConfig, model_path: Path, *, timeouts: Timeouts | None = None,
-                 limits: Limits | None = None) -> None:
+    def __init__(self, config: GatewayConfig, model_path: Path) -> None:
         from node.gguf import file_sha256, provenance
         from node.gguf import inspect as inspect_gguf
         from node.profile import model_profile
@@ -63,9 +62,9 @@ class GatewayRuntime:
         check_bind_is_safe(config)
         tls.use_plaintext(config.host, config.insecure_plaintext)
         self.config = config
-        # Timeouts and Limits have no flags; EDGEMESH_<FIELD> tunes them (e.g. EDGEMESH_HTTP_HEADER_S).
-        self.timeouts = timeouts or tuned_from_environment(Timeouts)
-        self.limits = limits or tuned_from_environment(Limits)
+        # From flags or EDGEMESH_<FIELD> (e.g. --http-header-s, EDGEMESH_HTTP_HEADER_S), as every setting.
+        self.timeouts = config.timeouts
+        self.limits = config.limits
         self.api_key = config.api_key
         self.metrics = GatewayMetrics(CollectorRegistry())
         # The admin's policy and keys are read before the slow parts: a wrong file fails at once.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import uvicorn
 
@@ -17,6 +16,7 @@ from mesh.errors import ConfigError
 from mesh.gateway.app import build_app
 from mesh.gateway.connections import guarded_protocol
 from mesh.gateway.runtime import GatewayRuntime
+from mesh.ready_file import GatewayReady, write_ready
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ async def serve(runtime: GatewayRuntime, stop: asyncio.Event,
         port = server.servers[0].sockets[0].getsockname()[1]
         log.info("gateway listening on http://%s:%d", runtime.config.host, port)
         if runtime.config.ready_file:
-            Path(runtime.config.ready_file).write_text(f"{runtime.config.host} {port}\n")
+            write_ready(runtime.config.ready_file, GatewayReady(runtime.config.host, port))
         if on_listening is not None:
             on_listening(port)
         stopper = asyncio.create_task(stop.wait())

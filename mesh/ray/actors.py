@@ -22,6 +22,7 @@ from pathlib import Path
 from mesh.config import NodeConfig
 from mesh.logs import setup_logging
 from mesh.ray import import_ray
+from mesh.ready_file import read_node_ready
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,9 @@ class NodeActor:
     def _wait_ready(self, ready: Path, timeout_s: float) -> NodeAddress:
         deadline = time.monotonic() + timeout_s
         while True:
-            fields = ready.read_text().split() if ready.exists() else []
-            if len(fields) >= 4:
-                return fields[0], int(fields[1]), int(fields[2]), fields[3]
+            written = read_node_ready(ready)
+            if written is not None:
+                return written.host, written.port, written.metrics_port, written.node_id
             if not self._thread.is_alive():
                 raise RuntimeError(f"node {self._name} could not start: {self._error!r}")
             if time.monotonic() > deadline:

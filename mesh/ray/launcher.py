@@ -17,11 +17,11 @@ import secrets
 import signal
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mesh.config import GatewayConfig, NodeConfig, Timeouts, parse_bytes
+from mesh.config import GatewayConfig, NodeConfig, RayUpConfig, parse_bytes
 from mesh.discovery import parse_host_port
 from mesh.errors import ConfigError, ModelError
 from mesh.local_mesh import (
@@ -34,10 +34,11 @@ from mesh.local_mesh import (
 )
 from mesh.model_store import resolve
 from mesh.placement.planner import STRATEGIES
-from mesh.ray import ACTOR_PREFIX, DEFAULT_NAMESPACE, actor_name, import_ray
+from mesh.ray import ACTOR_PREFIX, actor_name, import_ray
 from mesh.ray.actors import NodeActor, NodeSpec
 from mesh.ray.placement import Slot, alive_nodes, assign_slots
 from mesh.ray.watch import RayNodeWatch
+from mesh.settings import shared
 from node.compute import STAGE_OPENMP_ENV
 
 if TYPE_CHECKING:
@@ -50,33 +51,6 @@ CONNECT_CHECK_S = 5.0
 # Ray (measured on 2.60) ignores a soft node affinity for an actor that reserves no
 # resources at all and scatters such actors at random; a token CPU share keeps the pinning.
 MIN_ACTOR_CPUS = 0.01
-
-
-@dataclass(frozen=True)
-class RayMeshOptions:
-    address: str = "auto"  # Ray cluster address (GCS host:port, or auto)
-    namespace: str = DEFAULT_NAMESPACE
-    nodes: int = 2
-    host: str = "127.0.0.1"
-    port: int = 8080
-    model: str = "default"
-    strategy: str = "auto"
-    stages: int = 0
-    threads: int = 0  # per node (0 = the Ray node's CPUs shared among its actors)
-    decode_threads: int = 0
-    slots: int = 1
-    n_ctx: int = 2048
-    memory_limit: str = "0"  # per node (0 = the Ray node's memory resource shared among its actors)
-    node_host: str = "auto"  # auto: loopback if every Ray node is on this machine, else each node's IP
-    node_cpus: float = 0.01  # CPUs each actor reserves in Ray's accounting (at least MIN_ACTOR_CPUS)
-    max_restarts: int = -1  # restarts Ray grants each actor (-1 = no limit)
-    api_key: str = ""
-    cluster_key: str = ""
-    ready_file: str = ""
-    policy: str = "local-only"
-    cloud_url: str = ""
-    cloud_model: str = ""
-    cloud_key_env: str = ""
 
 
 def connect(address: str, namespace: str) -> Any:
@@ -134,7 +108,7 @@ def ray_down(address: str, namespace: str, grace_s: float = NODE_STOP_GRACE_S) -
         ray.shutdown()
 
 
-def _node_bind(options: RayMeshOptions, slots: list[Slot], gateway_ip: str) -> tuple[str, bool]:
+def _node_bind(options: RayUpConfig, slots: list[Slot], gateway_ip: str) -> tuple[str, bool]:
     """The address nodes bind: loopback while the whole mesh is on this machine (every
     listener binds loopback unless it must not), the Ray node's own IP otherwise."""
     if options.node_host == "auto":
@@ -146,7 +120,7 @@ def _node_bind(options: RayMeshOptions, slots: list[Slot], gateway_ip: str) -> t
     return options.node_host, False
 
 
-def start_actors(ray: Any, slots: list[Slot], stages: bool, options: RayMeshOptions, model: str,
+def start_actors(ray: Any, slots: list[Slot], stages: bool, options: RayUpConfig, model: str,
                  cluster_key: str, gateway_ip: str) -> dict[str, Any]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -157,7 +131,7 @@ def start_actors(ray: Any, slots: list[Slot], stages: bool, options: RayMeshOpti
         config = NodeConfig(model=model, name=slot.name, host=host or "127.0.0.1", threads=slot.threads,
                             decode_threads=options.decode_threads or slot.threads,
                             memory_limit=str(slot.memory_budget), cluster_key=cluster_key, slots=options.slots,
-                            n_ctx=options.n_ctx, advertise=False)
+                            n_ctx=options.n_ctx, advertise=False, timeouts=options.timeouts, limits=options.limits)
         # Stages take turns on each token; an idle stage's OpenMP workers must hand the cores
         # over to the busy stage on the same machine (see node.compute).
         env = dict(STAGE_OPENMP_ENV) if stages else {}
@@ -175,7 +149,7 @@ def start_actors(ray: Any, slots: list[Slot], stages: bool, options: RayMeshOpti
     return handles
 
 
-def _check(options: RayMeshOptions) -> None:
+def _check(options: RayUpConfig) -> None:
     if options.nodes < 1:
         raise ConfigError("--nodes must be at least 1")
     if options.strategy not in STRATEGIES:
@@ -184,16 +158,15 @@ def _check(options: RayMeshOptions) -> None:
         raise ConfigError(f"{options.stages} stages need at least {options.stages} nodes, not {options.nodes}")
 
 
-async def run_ray_mesh(options: RayMeshOptions, stop: asyncio.Event) -> None:
+async def run_ray_mesh(options: RayUpConfig, stop: asyncio.Event) -> None:
     from mesh.gateway.runtime import GatewayRuntime, check_bind_is_safe
 
     _check(options)
     cluster_key = options.cluster_key or secrets.token_urlsafe(32)
-    config = GatewayConfig(host=options.host, port=options.port, cluster_key=cluster_key, api_key=options.api_key,
-                           model=options.model, discovery=False, policy=options.policy,
-                           cloud_url=options.cloud_url, cloud_model=options.cloud_model,
-                           cloud_key_env=options.cloud_key_env, strategy=options.strategy,
-                           stages=asked_stages(options.strategy, options.stages, options.nodes))
+    # The launcher writes its ready file itself, once every actor is up, not the gateway when it listens.
+    config = GatewayConfig(**{**shared(options, GatewayConfig), "cluster_key": cluster_key, "discovery": False,
+                              "stages": asked_stages(options.strategy, options.stages, options.nodes),
+                              "ready_file": ""})
     check_bind_is_safe(config)  # before anything slow or anything on the cluster
     ray = connect(options.address, options.namespace)
     # ray.init replaces the SIGTERM handler with sys.exit; give it back to the stop event
@@ -205,7 +178,7 @@ async def run_ray_mesh(options: RayMeshOptions, stop: asyncio.Event) -> None:
             raise ConfigError(f"namespace {options.namespace!r} already runs {', '.join(existing)}: stop them with "
                               f"`edgemesh ray down --namespace {options.namespace}`, or pick another --namespace")
         model_path = await asyncio.to_thread(resolve, options.model)
-        runtime = GatewayRuntime(replace(config, model=str(model_path)), model_path, timeouts=Timeouts())
+        runtime = GatewayRuntime(replace(config, model=str(model_path)), model_path)
         slots = assign_slots(alive_nodes(ray.nodes()), options.nodes, options.threads,
                              parse_bytes(options.memory_limit))
         stages = expects_stages(runtime.controller.profile, options.strategy, min(s.memory_budget for s in slots),
@@ -227,7 +200,7 @@ async def run_ray_mesh(options: RayMeshOptions, stop: asyncio.Event) -> None:
 
 
 async def _serve_mesh(runtime: GatewayRuntime, watch: RayNodeWatch, slots: list[Slot],
-                      options: RayMeshOptions, stop: asyncio.Event) -> None:
+                      options: RayUpConfig, stop: asyncio.Event) -> None:
     from mesh.gateway.server import serve
 
     listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import stat
 from pathlib import Path
@@ -11,17 +12,23 @@ from typing import Any
 
 import pytest
 
+from mesh.cli import build_parser
 from mesh.config import (
+    BenchConfig,
     GatewayConfig,
+    Limits,
     NodeConfig,
-    add_arguments,
-    from_arguments,
+    RayUpConfig,
+    Timeouts,
+    UpConfig,
     is_loopback,
     parse_bytes,
     resolve_cluster_key,
 )
 from mesh.errors import ConfigError, EdgeMeshError, Unauthenticated
 from mesh.gateway.runtime import check_bind_is_safe
+from mesh.ready_file import GatewayReady, NodeReady, read_gateway_ready, read_node_ready, read_ready, write_ready
+from mesh.settings import ENV_PREFIX, add_arguments, as_flags, from_arguments, shared
 from mesh.transport.auth import (
     BODY_HEADER,
     NONCE_HEADER,
@@ -36,6 +43,7 @@ from mesh.transport.auth import (
     verify,
 )
 from mesh.transport.generated.edgemesh_pb2 import InfoRequest
+from mesh.types import NodeId
 
 METHOD = "/edgemesh.v1.Node/Info"
 
@@ -143,6 +151,129 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     add_arguments(parser, GatewayConfig)
     gw = from_arguments(GatewayConfig, parser.parse_args(["--peer", "a:1", "--peer", "b:2"]))
     assert gw.peer == ("a:1", "b:2") and gw.host == "127.0.0.1"
+
+
+# Every command that runs a gateway or nodes, with the config object its flags build.
+TUNED_COMMANDS: list[tuple[list[str], type[Any]]] = [
+    (["node"], NodeConfig), (["gateway"], GatewayConfig), (["up"], UpConfig), (["bench"], BenchConfig),
+    (["ray", "up"], RayUpConfig)]
+TUNED_FIELDS = [(cls, f) for cls in (Timeouts, Limits) for f in dataclasses.fields(cls)]
+
+
+def _other(value: float, step: int) -> float:
+    """A value of the same type as `value` that is neither it nor another step's."""
+    return type(value)(value + step) if isinstance(value, int) else value + step / 4
+
+
+def _tuned(config: Any) -> dict[str, float]:
+    return {f.name: getattr(getattr(config, "timeouts" if cls is Timeouts else "limits"), f.name)
+            for cls, f in TUNED_FIELDS}
+
+
+@pytest.fixture
+def _no_tuning(monkeypatch: pytest.MonkeyPatch) -> None:
+    for _cls, f in TUNED_FIELDS:
+        monkeypatch.delenv(ENV_PREFIX + f.name.upper(), raising=False)
+
+
+@pytest.mark.parametrize(("command", "cls"), TUNED_COMMANDS, ids=lambda c: " ".join(c) if isinstance(c, list) else "")
+def test_every_timeout_and_limit_is_a_flag_and_a_variable_of_every_command_that_uses_it(
+        command: list[str], cls: type[Any], monkeypatch: pytest.MonkeyPatch, _no_tuning: None) -> None:
+    defaults = {f.name: f.default for _c, f in TUNED_FIELDS}
+    assert _tuned(from_arguments(cls, build_parser().parse_args(command))) == defaults
+    from_env = {name: _other(value, 1) for name, value in defaults.items()}
+    for name, value in from_env.items():
+        monkeypatch.setenv(ENV_PREFIX + name.upper(), str(value))
+    assert _tuned(from_arguments(cls, build_parser().parse_args(command))) == from_env
+    # A flag wins over the environment, field by field: half of them given as flags.
+    from_flags = {name: _other(value, 2) for i, (name, value) in enumerate(defaults.items()) if i % 2}
+    argv = [arg for name, value in from_flags.items() for arg in ("--" + name.replace("_", "-"), str(value))]
+    assert _tuned(from_arguments(cls, build_parser().parse_args([*command, *argv]))) == {**from_env, **from_flags}
+
+
+@pytest.mark.parametrize("bad", ["abc", "0", "-1", "nan", "inf", ""])
+def test_a_bad_timeout_or_limit_is_refused_naming_its_flag_or_variable(
+        bad: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], _no_tuning: None) -> None:
+    for flag in ("--first-token-s", "--max-body-bytes"):
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args(["gateway", flag, bad])
+        assert exited.value.code == 2 and f"argument {flag}: must be a positive" in capsys.readouterr().err
+    monkeypatch.setenv("EDGEMESH_FIRST_TOKEN_S", bad)
+    monkeypatch.setenv("EDGEMESH_MAX_BODY_BYTES", bad)
+    args = build_parser().parse_args(["up"])
+    with pytest.raises(ConfigError, match=r"EDGEMESH_FIRST_TOKEN_S=.* is not a (positive )?number "
+                                          r"\(it sets --first-token-s"):
+        from_arguments(UpConfig, args)
+    # A flag given outright wins over the bad variable, and the other one is still refused.
+    args = build_parser().parse_args(["node", "--first-token-s", "3"])
+    with pytest.raises(ConfigError, match=r"EDGEMESH_MAX_BODY_BYTES=.* whole number .*--max-body-bytes"):
+        from_arguments(NodeConfig, args)
+    args = build_parser().parse_args(["node", "--first-token-s", "3", "--max-body-bytes", "9"])
+    config = from_arguments(NodeConfig, args)
+    assert (config.timeouts.first_token_s, config.limits.max_body_bytes) == (3.0, 9)
+    # A command that uses no timeout does not care.
+    assert build_parser().parse_args(["status"]).url
+
+
+def test_a_launcher_passes_its_timeouts_and_limits_on_to_its_gateway_and_nodes(_no_tuning: None) -> None:
+    up = from_arguments(UpConfig, build_parser().parse_args(
+        ["up", "--first-token-s", "7.5", "--http-body-s", "2", "--max-body-bytes", "1000", "--api-key", "k"]))
+    gateway = GatewayConfig(**shared(up, GatewayConfig))
+    assert gateway.timeouts == up.timeouts and gateway.limits == up.limits and gateway.api_key == "k"
+    # What `up` adds to each node's command line (only what differs from the defaults) gives the node the same.
+    argv = as_flags(up.timeouts) + as_flags(up.limits)
+    assert argv == ["--first-token-s", "7.5", "--http-body-s", "2.0", "--max-body-bytes", "1000"]
+    node = from_arguments(NodeConfig, build_parser().parse_args(["node", *argv]))
+    assert node.timeouts == up.timeouts and node.limits == up.limits
+    # `ray up` hands its own to each actor's NodeConfig the same way; bench to its local mesh.
+    ray = from_arguments(RayUpConfig, build_parser().parse_args(["ray", "up", *argv]))
+    assert (ray.timeouts, ray.limits) == (up.timeouts, up.limits)
+    bench = from_arguments(BenchConfig, build_parser().parse_args(["bench", *argv]))
+    assert UpConfig(**shared(bench, UpConfig)).timeouts == up.timeouts
+
+
+def test_launcher_settings_that_mean_the_gateways_are_declared_once() -> None:
+    gateway = {f.name: f for f in dataclasses.fields(GatewayConfig)}
+    for cls in (UpConfig, RayUpConfig):
+        for name in ("host", "port", "api_key", "policy", "cloud_url", "cloud_model", "cloud_key_env"):
+            mine = next(f for f in dataclasses.fields(cls) if f.name == name)
+            assert (mine.default, mine.metadata) == (gateway[name].default, gateway[name].metadata), (cls, name)
+    up = build_parser().parse_args(["up", "--allow-model", "AB" * 32, "--deny-pattern", "x", "--stages", "2"])
+    config = from_arguments(UpConfig, up)
+    assert (config.allowed_models, config.deny_pattern, config.stages) == (("ab" * 32,), ("x",), 2)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--strategy", "sideways"])
+
+
+def test_the_cli_and_ray_commands_import_each_other_in_no_cycle() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; import mesh.ray.commands; assert 'mesh.cli' not in sys.modules, 'cycle'; "
+            "import mesh.cli; mesh.cli.build_parser(); assert 'ray' not in sys.modules, 'ray imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_ready_files_are_written_whole_and_read_back(tmp_path: Path) -> None:
+    node, gateway = tmp_path / "node.ready", tmp_path / "gateway.ready"
+    assert read_node_ready(node) is None and read_gateway_ready(gateway) is None  # not yet written
+    write_ready(node, NodeReady("127.0.0.1", 7471, 9471, NodeId("0123456789abcdef")))
+    write_ready(gateway, GatewayReady("127.0.0.1", 8080))
+    assert node.read_text() == "127.0.0.1 7471 9471 0123456789abcdef\n"
+    assert gateway.read_text() == "127.0.0.1 8080\n"
+    ready = read_node_ready(node)
+    assert ready == NodeReady("127.0.0.1", 7471, 9471, NodeId("0123456789abcdef"))
+    assert ready.address == "127.0.0.1:7471"
+    assert read_gateway_ready(gateway) == GatewayReady("127.0.0.1", 8080)
+    assert read_ready(node) == ready and read_ready(gateway) == GatewayReady("127.0.0.1", 8080)
+    assert read_ready(tmp_path / "none") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.ready", "node.ready"]  # nothing left aside
+    with pytest.raises(ConfigError, match="expected 4 fields"):
+        read_node_ready(gateway)
+    gateway.write_text("127.0.0.1 http\n")
+    with pytest.raises(ConfigError, match="'http' is not a port"):
+        read_gateway_ready(gateway)
 
 
 def test_public_bind_needs_an_api_key() -> None:

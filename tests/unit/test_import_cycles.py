@@ -18,15 +18,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("mesh", "node")
 
-# An edge of a cycle that another part of issue 21 removes (mesh/ray/commands.py imports
-# mesh.cli's run_until_signalled inside a function, and mesh/cli.py imports mesh.ray.commands).
-# Left out of the graph until that lands; delete this constant then (a test below fails
-# once the edge is gone, as a reminder).
-KNOWN_CYCLE_EDGES_TO_DELETE_AT_MERGE: frozenset[tuple[str, str]] = frozenset({
-    ("mesh.ray.commands", "mesh.cli"),
-})
-
-
 @dataclass(frozen=True)
 class Edge:
     source: str
@@ -189,16 +180,9 @@ def cycles(graph: dict[str, list[Edge]], ignored: frozenset[tuple[str, str]] = f
 
 
 def test_mesh_and_node_have_no_import_cycle() -> None:
-    found = cycles(import_graph(REPO), KNOWN_CYCLE_EDGES_TO_DELETE_AT_MERGE)
+    found = cycles(import_graph(REPO))
     report = "\n".join("cycle:\n  " + "\n  ".join(str(e) for e in cycle) for cycle in found)
     assert not found, f"import cycles (move what both sides need into a module both import):\n{report}"
-
-
-def test_the_known_exceptions_are_still_edges() -> None:
-    """Once the cli <-> ray cycle is broken, its entry above must go (so no new cycle hides there)."""
-    edges = {(e.source, e.target) for edges in import_graph(REPO).values() for e in edges}
-    gone = KNOWN_CYCLE_EDGES_TO_DELETE_AT_MERGE - edges
-    assert not gone, f"no longer imports, delete them from KNOWN_CYCLE_EDGES_TO_DELETE_AT_MERGE: {sorted(gone)}"
 
 
 def test_a_cycle_behind_a_function_local_import_is_found(tmp_path: Path) -> None:

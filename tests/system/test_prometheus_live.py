@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, Launcher, Proc, gateway_url, wait_for_nodes
-from tests.system.test_ops_files import dashboard_queries, label_values_selector, legends, variable_queries, yaml
+from tests.static.test_ops_files import dashboard_queries, label_values_selector, legends, variable_queries, yaml
 
 pytestmark = pytest.mark.slow
 

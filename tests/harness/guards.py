@@ -5,8 +5,10 @@ How it tells a leak from something a fixture owns:
 - before each test's setup, a snapshot of live threads, pending asyncio tasks (of every event
   loop: asyncio keeps one weak set of all tasks) and child processes;
 - while a module-, class- or session-scoped fixture sets up, what appears is that fixture's
-  (pytest_fixture_setup); it may live until the fixture's own teardown, and must be gone then
-  (pytest_fixture_post_finalizer checks it, failing the teardown of the test that ended it);
+  (pytest_fixture_setup); it may live until every fixture of that scope has been torn down
+  (a fixture may start processes through another one of its scope, as page_url does through
+  module_launcher), and must be gone then, or the teardown of the test that ended the scope
+  fails naming the fixture;
 - after the test's teardown (its function-scoped fixtures ended too), whatever is new and
   owned by no live fixture has leaked. Threads and children still ending get a short grace
   period first.
@@ -160,11 +162,18 @@ class LeakGuard:
     def __init__(self) -> None:
         self.baseline = EMPTY
         self.owned: dict[Any, Snapshot] = {}  # FixtureDef -> what appeared while it set up
+        # What a fixture left when it was finalized, by the node of its scope (module, class,
+        # session): a fixture may start processes through another of the same scope (page_url
+        # through module_launcher), so the check waits until every fixture of that scope ended.
+        self.ending: dict[pytest.Item | pytest.Collector, list[tuple[str, Snapshot]]] = {}
 
     def _owned_by_live_fixtures(self) -> Snapshot:
         owned = EMPTY
         for things in self.owned.values():
             owned = owned | things
+        for left in self.ending.values():
+            for _, things in left:
+                owned = owned | things
         return owned
 
     @pytest.hookimpl(wrapper=True)
@@ -183,13 +192,11 @@ class LeakGuard:
         result = yield
         things = self.owned.pop(fixturedef, EMPTY)
         if things:
-            left = _still_running(things, GRACE_S)
+            now = snapshot()
+            left = Snapshot(things.threads & now.threads, things.tasks & now.tasks, things.children & now.children)
             if left:
-                _end_children(left.children)
-                # Attributed to the fixture, and left out of the running test's baseline check.
-                self.baseline = self.baseline | left
-                pytest.fail(f"{fixturedef.scope}-scoped fixture {fixturedef.argname!r} left running after "
-                            f"its teardown:\n{_describe(left)}", pytrace=False)
+                self.ending.setdefault(request.node, []).append((f"{fixturedef.scope}-scoped fixture "
+                                                                 f"{fixturedef.argname!r}", left))
         return result
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -200,13 +207,24 @@ class LeakGuard:
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, Any, Any]:
         result = yield  # every function-scoped fixture (and any scope nextitem does not need) has ended
+        problems = []
         new = snapshot() - self.baseline - self._owned_by_live_fixtures()
         if new:
             left = _still_running(new, GRACE_S)
             if left:
                 _end_children(left.children)
-                pytest.fail(f"{item.nodeid} leaked (still running {GRACE_S:.0f}s after its teardown):\n"
-                            f"{_describe(left)}", pytrace=False)
+                problems.append(f"{item.nodeid} leaked (still running {GRACE_S:.0f}s after its teardown):\n"
+                                f"{_describe(left)}")
+        # Scopes nextitem is not in have been torn down whole: their fixtures' leftovers are leaks now.
+        still_set_up = set(nextitem.listchain()) if nextitem is not None else set()
+        for node in [node for node in self.ending if node not in still_set_up]:
+            for owner, things in self.ending.pop(node):
+                left = _still_running(things, GRACE_S)
+                if left:
+                    _end_children(left.children)
+                    problems.append(f"{owner} left running after its scope's teardown:\n{_describe(left)}")
+        if problems:
+            pytest.fail("\n".join(problems), pytrace=False)
         return result
 
 

@@ -124,6 +124,31 @@ def test_a_module_fixtures_process_belongs_to_the_fixture_until_its_teardown(tmp
     assert counts.get("passed") == 2 and counts["errors"] == 0, out
 
 
+def test_a_process_started_through_another_fixture_of_the_scope_is_that_scopes(tmp_path: Path) -> None:
+    """As page_url starts its gateway through module_launcher, which ends it after page_url's teardown."""
+    counts, out = _run(tmp_path, """
+        import subprocess
+        import pytest
+
+        @pytest.fixture(scope="module")
+        def launcher():
+            started = []
+            yield started
+            for child in started:
+                child.terminate()
+                child.wait()
+
+        @pytest.fixture(scope="module")
+        def server(launcher):
+            launcher.append(subprocess.Popen(["sleep", "60"]))
+            yield launcher[-1]
+
+        def test_one(server):
+            assert server.poll() is None
+    """)
+    assert counts.get("passed") == 1 and counts["errors"] == 0, out
+
+
 def test_a_module_fixture_that_leaves_its_process_running_fails_at_its_teardown(tmp_path: Path) -> None:
     counts, out = _run(tmp_path, """
         import subprocess
@@ -137,7 +162,8 @@ def test_a_module_fixture_that_leaves_its_process_running_fails_at_its_teardown(
             assert server.poll() is None
     """)
     assert counts["errors"] == 1, out
-    assert "module-scoped fixture 'server' left running" in out and "sleep 62" in out, out
+    assert "module-scoped fixture 'server' left running after its scope's teardown" in out, out
+    assert "sleep 62" in out, out
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])

@@ -1,8 +1,10 @@
 """Shared fixtures: the default model, and real EdgeMesh processes on loopback.
 
-Every process a test starts is tracked here and ended by pid when the test (or module)
-is done; every process gets its own cluster key, so concurrent meshes on this machine
-never discover each other over mDNS.
+Every process a test starts runs in its own session, is tracked here and is ended by
+process group when the test (or module) is done (tests/harness/processes.py), so nodes an
+`edgemesh up` started end with it; every launcher has its own cluster key, so concurrent
+meshes on this machine never discover each other over mDNS. The leak guards
+(tests/harness/guards.py) fail a test that leaves a thread, task or child process behind.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.harness import guards, processes
+
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 180.0
 
@@ -29,6 +33,7 @@ START_TIMEOUT_S = 180.0
 def pytest_configure(config: pytest.Config) -> None:
     # mDNS and the node/gateway processes stay on loopback in tests.
     os.environ.setdefault("EDGEMESH_LOG_LEVEL", "INFO")
+    guards.register(config)
 
 
 @pytest.fixture(scope="session")
@@ -73,13 +78,8 @@ class Proc:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 75.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        """`sig` to the process and all it started (its process group), SIGKILL after `timeout`."""
+        processes.stop_group(self.popen, sig, grace_s=timeout)
         return self.popen.returncode
 
 
@@ -129,9 +129,9 @@ class Launcher:
         log_path = self.workdir / f"{name}.log"
         full_env = {**os.environ, "EDGEMESH_CLUSTER_KEY": self.cluster_key, **(env or {})}
         with open(log_path, "wb") as log_file:
-            popen = subprocess.Popen([sys.executable, "-m", "mesh.cli", *args, "--ready-file", str(ready)],
-                                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=full_env, cwd=REPO)
+            popen = processes.popen([sys.executable, "-m", "mesh.cli", *args, "--ready-file", str(ready)],
+                                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=full_env, cwd=REPO)
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
         if wait_ready:
@@ -146,8 +146,8 @@ class Launcher:
         return self.start(name, ["gateway", "--model", str(model), "--port", "0", *extra])
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop(signal.SIGTERM)
+        """SIGTERM to every group at once (their drains overlap), the last started first."""
+        processes.stop_groups([proc.popen for proc in reversed(self.procs)])
 
 
 @pytest.fixture

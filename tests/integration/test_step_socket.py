@@ -1,7 +1,10 @@
 """The step socket of a real node process: the same answer as a gRPC Forward step, a mutual
 cluster-key handshake, a clear error for bad input while the node goes on serving, a full
 stage refusing more sessions and freeing them when their connections end, and a draining
-node that waits for open connections and takes no new sessions on them."""
+node that waits for open connections and takes no new sessions on them.
+
+One node for the module (the `stage` fixture); each check is its own test, so that one
+failure does not hide the others. The drain test ends the node and so runs last."""
 
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ import signal
 import socket
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,16 +56,53 @@ def _metric(port: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_the_step_socket_answers_as_forward_does_checks_everything_and_frees_sessions(
-        launcher: Launcher, default_model: Path) -> None:
+@dataclass(frozen=True)
+class Stage:
+    """The module's node, serving the last stage, and the answer gRPC Forward gave."""
+
+    proc: Any
+    sha: str
+    key: str
+    node_id: str
+    metrics_port: str
+    port: int  # the step socket's
+    hidden: np.ndarray
+    grpc_token: int
+    grpc_logprob: float | None
+
+    def connect(self, cluster_key: str | None = None, expected: str | None = None) -> StepConnection:
+        return StepConnection.open("127.0.0.1", self.port, cluster_key or self.key, expected or self.node_id,
+                                   Timeouts(), Limits(), step_timeout_s=30)
+
+    def step(self, session: str, **changes: Any) -> StageStep:
+        return _step(self.sha, session, changes.pop("hidden", self.hidden), **changes)
+
+    def sessions_held(self) -> float:
+        return _metric(self.metrics_port, "edgemesh_node_stage_sessions")
+
+    def wait_until_no_sessions(self) -> None:
+        deadline = time.monotonic() + 10
+        while self.sessions_held() != 0:
+            assert time.monotonic() < deadline, "sessions of closed connections were never released"
+            time.sleep(0.1)
+
+    def serves(self) -> bool:
+        """A good step on a new connection still gets Forward's token."""
+        link = self.connect()
+        try:
+            return link.step(self.step("still-serving")).token_id == self.grpc_token
+        finally:
+            link.close()
+
+
+@pytest.fixture(scope="module")
+def stage(module_launcher: Launcher, default_model: Path) -> Iterator[Stage]:
     from node.gguf import file_sha256
 
     sha = file_sha256(default_model)
-    proc = launcher.node("stage", default_model, "--role", "stage")
-    node_id, metrics_port = proc.ready[3], proc.ready[2]
-    timeouts, limits, key = Timeouts(), Limits(), launcher.cluster_key
-    rng = np.random.default_rng(7)
-    hidden = rng.normal(size=(3, WIDTH)).astype(np.float32)
+    proc = module_launcher.node("stage", default_model, "--role", "stage")
+    timeouts, limits, key = Timeouts(), Limits(), module_launcher.cluster_key
+    hidden = np.random.default_rng(7).normal(size=(3, WIDTH)).astype(np.float32)
 
     async def over_grpc() -> tuple[int, int, float | None]:
         client = NodeClient(f"127.0.0.1:{proc.ready[1]}", key, timeouts, limits)
@@ -78,98 +121,124 @@ def test_the_step_socket_answers_as_forward_does_checks_everything_and_frees_ses
 
     port, grpc_token, grpc_logprob = asyncio.run(over_grpc())
     assert port > 0
+    yield Stage(proc, sha, key, proc.ready[3], proc.ready[2], port, hidden, grpc_token, grpc_logprob)
+    assert "Traceback" not in proc.log()
 
-    def connect(cluster_key: str = key, expected: str = node_id) -> StepConnection:
-        return StepConnection.open("127.0.0.1", port, cluster_key, expected, timeouts, limits, step_timeout_s=30)
 
-    def sessions_held() -> float:
-        return _metric(metrics_port, "edgemesh_node_stage_sessions")
-
-    def wait_until_no_sessions() -> None:
-        deadline = time.monotonic() + 10
-        while sessions_held() != 0:
-            assert time.monotonic() < deadline, "sessions of closed connections were never released"
-            time.sleep(0.1)
-
-    # The same step over the socket gives the token and logprob that Forward gave.
-    held = [connect() for _ in range(SLOTS)]
-    out = held[0].step(_step(sha, "over-socket", hidden))
-    assert (out.token_id, out.logprob) == (grpc_token, pytest.approx(grpc_logprob, abs=1e-5))
-
-    # With every slot taken by a live connection, one more session is refused...
-    for index, link in enumerate(held[1:], 1):
-        assert link.step(_step(sha, f"held-{index}", hidden)).token_id == grpc_token
-    assert sessions_held() == SLOTS
-    extra = connect()
-    with pytest.raises(CapacityExhausted):
-        extra.step(_step(sha, "one-too-many", hidden))
-    extra.close()
-    # ...and closing the connections frees their slots, with no release call.
-    for link in held:
+def test_a_step_over_the_socket_answers_as_forward_does(stage: Stage) -> None:
+    link = stage.connect()
+    try:
+        out = link.step(stage.step("over-socket"))
+    finally:
         link.close()
-    wait_until_no_sessions()
+    assert (out.token_id, out.logprob) == (stage.grpc_token, pytest.approx(stage.grpc_logprob, abs=1e-5))
 
-    # Both sides prove the cluster key, and the node is the one the head was told of.
+
+def test_a_full_stage_refuses_one_more_session_and_closing_connections_frees_the_slots(stage: Stage) -> None:
+    stage.wait_until_no_sessions()
+    held = [stage.connect() for _ in range(SLOTS)]
+    try:
+        for index, link in enumerate(held):
+            assert link.step(stage.step(f"held-{index}")).token_id == stage.grpc_token
+        assert stage.sessions_held() == SLOTS
+        extra = stage.connect()
+        try:
+            with pytest.raises(CapacityExhausted):
+                extra.step(stage.step("one-too-many"))
+        finally:
+            extra.close()
+    finally:
+        # Closing the connections frees their slots, with no release call.
+        for link in held:
+            link.close()
+    stage.wait_until_no_sessions()
+
+
+def test_a_head_without_the_cluster_key_is_refused(stage: Stage) -> None:
+    before = _metric(stage.metrics_port, "edgemesh_node_auth_failures_total")
     with pytest.raises(Unauthenticated):
-        connect(cluster_key="not-the-cluster-key")
-    with pytest.raises(Unauthenticated, match="not someone-else"):
-        connect(expected="someone-else")
-    assert _metric(metrics_port, "edgemesh_node_auth_failures_total") >= 1
+        stage.connect(cluster_key="not-the-cluster-key")
+    assert _metric(stage.metrics_port, "edgemesh_node_auth_failures_total") >= before + 1
+    assert stage.serves()
 
-    # Bad steps: a clear error each, on a connection the node then closes.
-    bad: list[tuple[StageStep, type[EdgeMeshError]]] = [
-        (_step(sha, "wide", rng.normal(size=(1, 100)).astype(np.float32)), InvalidInput),
-        (_step(sha, "nan", np.full((1, WIDTH), np.nan, dtype=np.float32)), InvalidInput),
-        (_step(sha, "gap", hidden, start=9), InvalidInput),
-        (_step(sha, "elsewhere", hidden, layers=LayerRange(10, 30)), NotFound),
-        (_step("0" * 64, "other-model", hidden), NotFound),
-    ]
-    for step, error in bad:
-        link = connect()
+
+def test_a_node_other_than_the_one_expected_is_refused(stage: Stage) -> None:
+    with pytest.raises(Unauthenticated, match="not someone-else"):
+        stage.connect(expected="someone-else")
+
+
+BAD_STEPS: dict[str, tuple[dict[str, Any], type[EdgeMeshError]]] = {
+    "too-wide": ({"hidden": np.random.default_rng(1).normal(size=(1, 100)).astype(np.float32)}, InvalidInput),
+    "nan": ({"hidden": np.full((1, WIDTH), np.nan, dtype=np.float32)}, InvalidInput),
+    "position-gap": ({"start": 9}, InvalidInput),
+    "layers-elsewhere": ({"layers": LayerRange(10, 30)}, NotFound),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_STEPS, "other-model"])
+def test_a_bad_step_gets_a_clear_error_and_the_node_ends_that_connection(stage: Stage, case: str) -> None:
+    if case == "other-model":
+        step, error = _step("0" * 64, case, stage.hidden), NotFound
+    else:
+        changes, error = BAD_STEPS[case]
+        step = stage.step(case, **changes)
+    link = stage.connect()
+    try:
         with pytest.raises(error):
             link.step(step)
         with pytest.raises(PeerError):  # the node ended the connection after saying why
-            link.step(_step(sha, "after", hidden))
+            link.step(stage.step("after"))
+    finally:
         link.close()
-    wait_until_no_sessions()
+    stage.wait_until_no_sessions()
+    assert stage.serves()
 
-    # Frames no head would send: garbage, an unknown kind, a length past the limit.
-    for kind, payload, header_only in ((wire.STEP, b"\xff\xff\xff", False), (99, b"", False),
-                                       (wire.STEP, b"x" * 16, True)):
-        sock = _raw_connection(port, key, node_id)
+
+@pytest.mark.parametrize("kind,payload,header_only", [(wire.STEP, b"\xff\xff\xff", False), (99, b"", False),
+                                                      (wire.STEP, b"x" * 16, True)],
+                         ids=["garbage", "unknown-kind", "over-the-limit"])
+def test_a_frame_no_head_would_send_gets_invalid_argument(stage: Stage, kind: int, payload: bytes,
+                                                          header_only: bool) -> None:
+    sock = _raw_connection(stage.port, stage.key, stage.node_id)
+    try:
         if header_only:
-            sock.sendall(wire._HEADER.pack(limits.max_message_bytes + 1, kind))
+            sock.sendall(wire._HEADER.pack(Limits().max_message_bytes + 1, kind))
         else:
             wire.send_frame(sock, kind, payload)
         frame = wire.read_frame(sock, 4096, time.monotonic() + 10)
-        assert frame.kind == wire.ERROR and frame.payload.startswith(b"INVALID_ARGUMENT\n"), frame
+    finally:
         sock.close()
+    assert frame.kind == wire.ERROR and frame.payload.startswith(b"INVALID_ARGUMENT\n"), frame
+    assert stage.serves()
 
-    # A connection that never proves the key is not work in flight (a drain would not wait for it).
+
+def test_a_connection_that_never_proves_the_key_is_not_work_in_flight(stage: Stage) -> None:
+    """A drain would not wait for it."""
+
     async def in_flight() -> int:
-        client = NodeClient(f"127.0.0.1:{proc.ready[1]}", key, timeouts, limits)
+        client = NodeClient(f"127.0.0.1:{stage.proc.ready[1]}", stage.key, Timeouts(), Limits())
         try:
             return (await client.info()).in_flight
         finally:
             await client.close()
 
-    silent = step_socket(port, key, timeout=10)
-    assert asyncio.run(in_flight()) == 0
-    silent.close()
+    silent = step_socket(stage.port, stage.key, timeout=10)
+    try:
+        assert asyncio.run(in_flight()) == 0
+    finally:
+        silent.close()
 
-    # The node went on serving through all of it.
-    link = connect()
-    assert link.step(_step(sha, "still-serving", hidden)).token_id == grpc_token
-    link.close()
 
-    # A draining node waits for a connection still open, and takes no new session on it.
-    open_link = connect()
-    assert open_link.step(_step(sha, "in-flight", hidden)).token_id == grpc_token
-    proc.popen.send_signal(signal.SIGTERM)
-    time.sleep(1.5)
-    assert proc.popen.poll() is None, "the node stopped with a step connection open"
-    with pytest.raises(PeerError, match="draining"):
-        open_link.step(_step(sha, "new-while-draining", hidden))
-    open_link.close()
-    assert proc.popen.wait(timeout=30) == 0
-    assert "Traceback" not in proc.log()
+def test_a_draining_node_waits_for_an_open_connection_and_takes_no_new_session_on_it(stage: Stage) -> None:
+    """Last in the module: it ends the node."""
+    open_link = stage.connect()
+    try:
+        assert open_link.step(stage.step("in-flight")).token_id == stage.grpc_token
+        stage.proc.popen.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        assert stage.proc.popen.poll() is None, "the node stopped with a step connection open"
+        with pytest.raises(PeerError, match="draining"):
+            open_link.step(stage.step("new-while-draining"))
+    finally:
+        open_link.close()
+    assert stage.proc.popen.wait(timeout=30) == 0

@@ -13,9 +13,11 @@ Layout (k is random per network, so concurrent runs on one machine do not collid
                     224.0.0.0/4 routed to the veth so that mDNS works
 
 Every process is started with `ip netns exec NS ...` (which enters the namespace and execs
-the command, so the Popen pid is the process itself), tracked, and ended by pid on exit:
-SIGTERM (SIGCONT first, in case a test left it stopped), then SIGKILL. Then every
-namespace, veth and the bridge is deleted, also when the test failed half-way.
+the command, so the Popen pid is the process itself) in a session of its own, tracked, and
+ended by process group on exit (tests/harness/processes.py): SIGTERM and SIGCONT (in case a
+test left it stopped), then SIGKILL, to it and to all it started. Then anything still in our
+namespaces is killed, and every namespace, veth and the bridge is deleted, also when the
+test failed half-way.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ import secrets
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from tests.harness import processes
 
 NET = ipaddress.ip_network("198.18.0.0/15")
 FIRST_HOST = 10  # host i is 198.18.<k>.<FIRST_HOST + i>
@@ -166,43 +169,21 @@ class TestNet:
     # ------------------------------------------------------------------ processes
 
     def popen(self, i: int, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        """Start argv inside host i's namespace; the process is ended (by pid) on exit."""
-        process = subprocess.Popen(["ip", "netns", "exec", self.hosts[i].ns, *argv], **kwargs)
+        """Start argv inside host i's namespace, in its own session; its group is ended on exit."""
+        process = processes.popen(["ip", "netns", "exec", self.hosts[i].ns, *argv], **kwargs)
         self._procs.append(process)
         return process
 
     @staticmethod
     def stop_process(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM (after SIGCONT, should a test have left it stopped), then SIGKILL."""
-        if process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGCONT)
-            os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            process.wait()
+        """SIGTERM and SIGCONT (should a test have left it stopped) to its group, then SIGKILL."""
+        processes.stop_group(process, grace_s=grace_s)
 
     # ------------------------------------------------------------------ teardown
 
     def close(self) -> None:
         errors: list[str] = []
-        running = [p for p in reversed(self._procs) if p.poll() is None]
-        for process in running:  # all at once (each by its pid), so drains overlap
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGCONT)
-                os.kill(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for process in running:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait()
+        processes.stop_groups(list(reversed(self._procs)), STOP_GRACE_S)  # all at once, so drains overlap
         self._procs.clear()
         for ns in self._namespaces:
             # Anything still inside our namespaces was started by our processes (their names

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -26,7 +24,8 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, Launcher, Proc, gateway_url, wait_for_nodes
-from tests.system.test_ops_files import dashboard_queries, label_values_selector, legends, variable_queries, yaml
+from tests.harness import processes
+from tests.static.test_ops_files import dashboard_queries, label_values_selector, legends, variable_queries, yaml
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +65,7 @@ class _Models(http.server.BaseHTTPRequestHandler):
 
 
 class Prometheus:
-    """/usr/bin/prometheus on loopback, on an ephemeral port, with its own TSDB; ended by pid."""
+    """/usr/bin/prometheus on loopback, on an ephemeral port, with its own TSDB; ended by process group."""
 
     def __init__(self, workdir: Path, config: str, rules: str) -> None:
         assert PROMETHEUS is not None
@@ -76,7 +75,7 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = workdir / "prometheus.log"
         with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
-            self.popen = subprocess.Popen(
+            self.popen = processes.popen(
                 [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}",
                  f"--web.listen-address={self.url.removeprefix('http://')}",
                  f"--storage.tsdb.path={workdir / 'tsdb'}", "--storage.tsdb.retention.time=1h"],
@@ -125,13 +124,7 @@ class Prometheus:
             time.sleep(0.3)
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+        processes.stop_group(self.popen, grace_s=20)
 
 
 @pytest.fixture

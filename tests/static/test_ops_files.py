@@ -3,7 +3,7 @@ ports; `edgemesh` command lines that the real CLI accepts; valid systemd units; 
 config and alert rules that promtool accepts and whose alerts fire when they should (promtool
 rule unit tests); dashboards whose queries use only metrics of the catalogue in mesh/metrics.py.
 
-Fast (no model, no processes but promtool and systemd-analyze); tests/system/
+Static and fast (no model, no processes but promtool and systemd-analyze); tests/system/
 test_prometheus_live.py runs the same files against a real Prometheus and a live mesh.
 """
 

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from mesh.ready_file import read_ready
 from tests.harness import guards, processes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,7 +106,7 @@ def wait_for_ready_file(proc: Proc, ready: Path, timeout_s: float = START_TIMEOU
     """The fields of a process's ready file once it has written it; raises with the end of the
     process's log when it exits first or takes longer than `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while not (ready.exists() and ready.read_text().strip()):
+    while read_ready(ready) is None:  # the one parser of the format (mesh.ready_file); raises on a bad line
         if proc.popen.poll() is not None:
             raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log()[-4000:]}")
         if time.monotonic() > deadline:

@@ -106,7 +106,7 @@ class PipelineRun:
             step = StageStep(
                 session_id=session_id, model_sha256=request.model_sha256, layers=stage.layers,
                 start_position=start, tokens=tuple(tokens) if index == 0 else None, hidden=hidden,
-                sampling=sampling, logprobs=request.logprobs, reply_dtype=self._job.hidden_dtype,
+                sampling=sampling, logprobs=request.logprobs,
                 step=self._step, history=recent if index == last else (),
                 top_logprobs=request.top_logprobs if index == last else 0,
                 constraint=request.constraint if index == last and first else None,

@@ -209,15 +209,15 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                 f"(limit {self._id.slots + self._id.max_queue})")
         return None
 
-    def _validate(self, request: GenerationRequest, engine: LlamaCppEngine) -> None:
+    def _check_replica(self, model_sha256: str, method: str) -> None:
+        """The replica serves the model asked for (empty: whichever it holds), an allowed one."""
         model = self._replica.model
         if model is None:
             raise NotFound("this node serves no whole-model replica now (pipeline stages only)")
-        if request.model_sha256:
-            self._id.allowed.check(request.model_sha256, "Generate")
-        if request.model_sha256 and request.model_sha256 != model.sha256:
-            raise NotFound(f"this node does not hold model {request.model_sha256[:12]}")
-        engine.validate(request)
+        if model_sha256:
+            self._id.allowed.check(model_sha256, method)
+            if model_sha256 != model.sha256:
+                raise NotFound(f"this node does not hold model {model_sha256[:12]}")
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with self._answering("Generate", context, "generation"):
@@ -228,7 +228,8 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
                     domain = convert.generate_request_from_pb(request)
                     engine = holding.enter_context(self._replica.serving())
                     self._speed.touch()
-                    self._validate(domain, engine)
+                    self._check_replica(domain.model_sha256, "Generate")
+                    engine.validate(domain)
                 except EdgeMeshError:
                     self._metrics.requests.labels("invalid").inc()
                     raise
@@ -509,13 +510,7 @@ class NodeService(pb_grpc.NodeServicer):  # type: ignore[misc]
             if refused is not None:
                 raise refused
             with self._replica.serving() as engine:  # a release waits for this call, as for a stream
-                model = self._replica.model
-                if model is None:
-                    raise NotFound("this node serves no whole-model replica now (pipeline stages only)")
-                if batch.model_sha256:
-                    self._id.allowed.check(batch.model_sha256, "Embed")
-                    if batch.model_sha256 != model.sha256:
-                        raise NotFound(f"this node does not hold model {batch.model_sha256[:12]}")
+                self._check_replica(batch.model_sha256, "Embed")
                 loop = asyncio.get_running_loop()
                 # Opening the context (first use) reads the file: off the compute thread, so the
                 # token steps of streams in flight do not wait for it.

@@ -46,7 +46,9 @@ class StageLink(Protocol):
 
 
 class PipelineRun:
-    """`links[i]` reaches `job.stages[i]`; the run owns the links and closes them when it ends."""
+    """`links[i]` reaches `job.stages[i]`; the run owns the links and closes them when it ends.
+    It is the generation loop's Stepper (mesh.generation): a step goes through every stage,
+    and the last stage samples the token after it."""
 
     def __init__(self, job: PipelineJob, links: Sequence[StageLink], count_sent: Callable[[int], None]) -> None:
         if len(links) != len(job.stages):
@@ -55,12 +57,13 @@ class PipelineRun:
         self._links = links
         self._count_sent = count_sent  # hidden-state bytes handed from one stage to the next
         self._step = 0
+        # fresh per attempt: a replay never collides with the sessions of the attempt it replaces
+        self._session_id = f"{job.request.request_id}-{uuid.uuid4().hex[:8]}"
+        self._out = StageOutput(step=-1)
 
     async def generate(self) -> AsyncGenerator[TokenEvent, None]:
-        request = self._job.request
-        session_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # fresh per attempt: replays never collide
         stop = threading.Event()
-        tokens = generate_tokens(request, self._job.n_ctx, _PipelineStepper(self, session_id), stop.is_set)
+        tokens = generate_tokens(self._job.request, self._job.n_ctx, self, stop.is_set)
         # A thread of the run's own, not the loop's shared pool: a step may block for its whole
         # deadline, and other runs must not queue behind it. The whole loop runs there, so the
         # event loop is woken once per token, not once per step or stage.
@@ -85,9 +88,13 @@ class PipelineRun:
             except Exception:
                 log.exception("closing the link to %s failed", link.address)
 
-    def through(self, session_id: str, tokens: Sequence[int], start: int, history: Sequence[int],
-                generated: bool) -> StageOutput:
-        """One step through every stage, on the driver thread; returns the last stage's sampled token.
+    def choose(self, history: Sequence[int]) -> Sampled:
+        out = self._out
+        assert out.token_id is not None  # feed() refuses a last stage that sent none
+        return Sampled(token_id=out.token_id, logprob=out.logprob, top=out.top_logprobs)
+
+    def feed(self, tokens: Sequence[int], start: int, history: Sequence[int], generated: bool) -> None:
+        """One step through every stage, on the driver thread; keeps the last stage's sampled token.
         `generated`: the step's tokens were generated (or replayed), not prompt: a constrained last
         stage advances its grammar over them."""
         request = self._job.request
@@ -104,7 +111,7 @@ class PipelineRun:
         for index, link in enumerate(self._links):
             stage = self._job.stages[index]
             step = StageStep(
-                session_id=session_id, model_sha256=request.model_sha256, layers=stage.layers,
+                session_id=self._session_id, model_sha256=request.model_sha256, layers=stage.layers,
                 start_position=start, tokens=tuple(tokens) if index == 0 else None, hidden=hidden,
                 sampling=sampling, logprobs=request.logprobs,
                 step=self._step, history=recent if index == last else (),
@@ -125,22 +132,5 @@ class PipelineRun:
         if out.token_id is None:
             raise PeerError(f"the last stage on {self._links[last].address} returned no token", retryable=False,
                             node_id=self._job.stages[last].node_id)
-        return out
+        self._out = out
 
-
-class _PipelineStepper:
-    """The generation loop's steps through the stages of one run: a step goes through every
-    stage, and the last stage samples the token after it."""
-
-    def __init__(self, run: PipelineRun, session_id: str) -> None:
-        self._run = run
-        self._session_id = session_id
-        self._out = StageOutput(step=-1)
-
-    def feed(self, tokens: Sequence[int], start: int, history: Sequence[int], generated: bool) -> None:
-        self._out = self._run.through(self._session_id, tokens, start, history, generated)
-
-    def choose(self, history: Sequence[int]) -> Sampled:
-        out = self._out
-        assert out.token_id is not None  # through() refuses a last stage that sent none
-        return Sampled(token_id=out.token_id, logprob=out.logprob, top=out.top_logprobs)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
-from typing import Any
 
 from mesh.errors import Unavailable
 from mesh.metrics import NodeMetrics
 from mesh.transport import convert
+from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.types import StageOutput, StageStep
 from node.compute import ComputeThread
 from node.stage_host import StageHost
@@ -29,7 +29,7 @@ class StageSteps:
         self._metrics = metrics
         self._draining = draining
 
-    def start(self, msg: Any, opened: set[str]) -> tuple[StageStep, Future[StageOutput]]:
+    def start(self, msg: pb.ForwardRequest, opened: set[str]) -> tuple[StageStep, Future[StageOutput]]:
         """Check a ForwardRequest and queue its step on the compute thread (InvalidInput,
         Unavailable while draining for a session not yet open on this connection)."""
         step = convert.stage_step_from_pb(msg)
@@ -38,11 +38,12 @@ class StageSteps:
         opened.add(step.session_id)
         return step, self._compute.call(partial(self._stages.step, step))
 
-    def reply(self, step: StageStep, output: StageOutput) -> Any:
+    def reply(self, step: StageStep, output: StageOutput) -> pb.ForwardReply:
         """The ForwardReply to a step that ran."""
         if output.token_id is not None:
             self._metrics.tokens.inc()
-        return convert.stage_output_to_pb(step.session_id, output, step.reply_dtype)
+        reply: pb.ForwardReply = convert.stage_output_to_pb(step.session_id, output, step.reply_dtype)
+        return reply
 
     def release(self, opened: set[str]) -> None:
         """The connection or stream ended: free the sessions it opened."""

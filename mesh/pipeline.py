@@ -4,10 +4,9 @@ The head of a pipeline (the node of stage 0, see node.pipeline_head) runs this: 
 own layers the token ids, sends each later stage the hidden states of the one before over a
 connection of the run's own (the step socket, or a Forward stream), and gets the sampled
 token from the last stage. A step goes through every stage on one driver thread per run,
-so the event loop is woken once per token, not once per stage. Prefill goes in
-chunks (as llama.cpp batches a prompt, so the numbers match its own), then one token per
-step. A failover replay evaluates the tokens already generated one per step too, so the
-continuation is what the failed pipeline would have produced. Every stage's slot is freed
+so the event loop is woken once per token, not once per stage. The steps (prefill chunks,
+a failover's replay one token per step, then decode) are the generation loop's, shared
+with the replica engine (mesh.generation), so both produce the same tokens. Every stage's slot is freed
 when the run ends, however it ends: closing the links makes each stage release the session.
 """
 
@@ -15,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,19 +24,11 @@ import numpy as np
 import numpy.typing as npt
 
 from mesh.errors import PeerError
-from mesh.types import (
-    FinishReason,
-    GenerationRequest,
-    PipelineJob,
-    StageOutput,
-    StageStep,
-    TokenEvent,
-)
+from mesh.generation import generate_tokens
+from mesh.sampling import Sampled
+from mesh.types import PipelineJob, StageOutput, StageStep, TokenEvent
 
 log = logging.getLogger(__name__)
-
-PREFILL_CHUNK = 512  # llama.cpp's default n_batch: the prompt is evaluated in the same batches
-
 
 class StageLink(Protocol):
     """One run's way into one stage: the head's own layers, a step socket or a Forward stream."""
@@ -54,7 +46,9 @@ class StageLink(Protocol):
 
 
 class PipelineRun:
-    """`links[i]` reaches `job.stages[i]`; the run owns the links and closes them when it ends."""
+    """`links[i]` reaches `job.stages[i]`; the run owns the links and closes them when it ends.
+    It is the generation loop's Stepper (mesh.generation): a step goes through every stage,
+    and the last stage samples the token after it."""
 
     def __init__(self, job: PipelineJob, links: Sequence[StageLink], count_sent: Callable[[int], None]) -> None:
         if len(links) != len(job.stages):
@@ -63,47 +57,27 @@ class PipelineRun:
         self._links = links
         self._count_sent = count_sent  # hidden-state bytes handed from one stage to the next
         self._step = 0
+        # fresh per attempt: a replay never collides with the sessions of the attempt it replaces
+        self._session_id = f"{job.request.request_id}-{uuid.uuid4().hex[:8]}"
+        self._out = StageOutput(step=-1)
 
     async def generate(self) -> AsyncGenerator[TokenEvent, None]:
-        request = self._job.request
-        session_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # fresh per attempt: replays never collide
+        stop = threading.Event()
+        tokens = generate_tokens(self._job.request, self._job.n_ctx, self, stop.is_set)
         # A thread of the run's own, not the loop's shared pool: a step may block for its whole
-        # deadline, and other runs must not queue behind it.
+        # deadline, and other runs must not queue behind it. The whole loop runs there, so the
+        # event loop is woken once per token, not once per step or stage.
         driver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         loop = asyncio.get_running_loop()
-
-        async def through(tokens: list[int], start: int, history: list[int], generated: bool = True) -> StageOutput:
-            return await loop.run_in_executor(driver, self._through, session_id, request, tokens, start, history,
-                                              generated)
-
         try:
-            history = list(request.prompt_tokens)
-            out = StageOutput(step=-1)
-            for lo in range(0, len(history), PREFILL_CHUNK):
-                out = await through(history[lo:lo + PREFILL_CHUNK], lo, history, generated=False)
-            for token in request.replay_tokens:  # one per step, as they were first generated
-                history.append(token)
-                out = await through([token], len(history) - 1, history)
-            produced = len(request.replay_tokens)
-            while True:
-                assert out.token_id is not None
-                position = len(history)
-                history.append(out.token_id)
-                produced += 1
-                finish: FinishReason | None = None
-                if out.token_id in request.stop_token_ids:
-                    finish = "stop"
-                elif produced >= request.max_tokens or position + 1 >= self._job.n_ctx:
-                    finish = "length"
-                yield TokenEvent(token_id=out.token_id, position=position, logprob=out.logprob,
-                                 finish_reason=finish, top_logprobs=out.top_logprobs)
-                if finish is not None:
-                    return
-                out = await through([out.token_id], position, history)
+            while (event := await loop.run_in_executor(driver, next, tokens, None)) is not None:
+                yield event
         finally:
+            stop.set()
             for link in self._links:
                 link.interrupt()  # a no-op after the last step; cuts a step still running when abandoned
-            # Closed on the driver, after whatever step it is still in, so no release overtakes a step.
+            # Both on the driver, after whatever step it is still in, so no release overtakes a step.
+            driver.submit(tokens.close)
             driver.submit(self._close_links)
             driver.shutdown(wait=False)
 
@@ -114,11 +88,16 @@ class PipelineRun:
             except Exception:
                 log.exception("closing the link to %s failed", link.address)
 
-    def _through(self, session_id: str, request: GenerationRequest, tokens: list[int], start: int,
-                 history: list[int], generated: bool) -> StageOutput:
-        """One step through every stage, on the driver thread; returns the last stage's sampled token.
+    def choose(self, history: Sequence[int]) -> Sampled:
+        out = self._out
+        assert out.token_id is not None  # feed() refuses a last stage that sent none
+        return Sampled(token_id=out.token_id, logprob=out.logprob, top=out.top_logprobs)
+
+    def feed(self, tokens: Sequence[int], start: int, history: Sequence[int], generated: bool) -> None:
+        """One step through every stage, on the driver thread; keeps the last stage's sampled token.
         `generated`: the step's tokens were generated (or replayed), not prompt: a constrained last
         stage advances its grammar over them."""
+        request = self._job.request
         self._step += 1
         constrained = request.constraint is not None
         first = self._step == 1
@@ -132,9 +111,9 @@ class PipelineRun:
         for index, link in enumerate(self._links):
             stage = self._job.stages[index]
             step = StageStep(
-                session_id=session_id, model_sha256=request.model_sha256, layers=stage.layers,
+                session_id=self._session_id, model_sha256=request.model_sha256, layers=stage.layers,
                 start_position=start, tokens=tuple(tokens) if index == 0 else None, hidden=hidden,
-                sampling=sampling, logprobs=request.logprobs, reply_dtype=self._job.hidden_dtype,
+                sampling=sampling, logprobs=request.logprobs,
                 step=self._step, history=recent if index == last else (),
                 top_logprobs=request.top_logprobs if index == last else 0,
                 constraint=request.constraint if index == last and first else None,
@@ -153,4 +132,5 @@ class PipelineRun:
         if out.token_id is None:
             raise PeerError(f"the last stage on {self._links[last].address} returned no token", retryable=False,
                             node_id=self._job.stages[last].node_id)
-        return out
+        self._out = out
+

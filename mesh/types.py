@@ -257,7 +257,6 @@ class PipelineJob:
     request: GenerationRequest
     stages: tuple[PipelineHop, ...]
     n_ctx: int
-    hidden_dtype: HiddenDType = "f32"
     step_timeout_s: float = 5.0
 
 

@@ -29,13 +29,14 @@ from google.protobuf.message import DecodeError
 
 from mesh import PROTOCOL_VERSION, __version__
 from mesh.allowed_models import AllowedModels
-from mesh.errors import EdgeMeshError, InvalidInput, NotFound, Unavailable
+from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, NotFound, Unavailable
 from mesh.metrics import NodeMetrics
 from mesh.transport import auth, convert
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from mesh.types import Embeddings, GenerationRequest, ModelSha, NodeId, NodeInfo, TokenEvent
 from node import probe
+from node.answering import answering
 from node.budget import MemoryBudget
 from node.claims import ClaimTable
 from node.compute import ComputeThread
@@ -45,6 +46,7 @@ from node.replica_host import ReplicaHost
 from node.shards import CHUNK_BYTES
 from node.speed import SpeedMeter
 from node.stage_host import StageHost
+from node.stage_steps import StageSteps
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,7 @@ class NodeService(pb_grpc.NodeServicer):
         # small pool and never make a step wait for a disk read.
         self._compute = compute
         self._stage_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-io")
+        self._steps = StageSteps(holdings.stages, compute, metrics, lambda: state.draining)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -183,10 +186,10 @@ class NodeService(pb_grpc.NodeServicer):
 
     async def Info(self, request: pb.InfoRequest,
                    context: grpc.aio.ServicerContext[pb.InfoRequest, pb.NodeInfo]) -> pb.NodeInfo:
-        with self._metrics.rpc_duration.labels("Info").time():
-            reply = convert.node_info_to_pb(self.info())
+        async with self._answering("Info", context):
             if len(request.challenge) > 64:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "challenge longer than 64 bytes")
+                raise InvalidInput("challenge longer than 64 bytes")
+            reply = convert.node_info_to_pb(self.info())
             reply.proof = auth.node_proof(self._cluster_key, bytes(request.challenge), self._id.node_id)
             return reply
 
@@ -200,8 +203,6 @@ class NodeService(pb_grpc.NodeServicer):
             return False
 
     def _admit(self) -> EdgeMeshError | None:
-        from mesh.errors import CapacityExhausted, Unavailable
-
         if self._state.draining:
             return Unavailable("node is draining and takes no new requests")
         if self._state.in_flight >= self._id.slots + self._id.max_queue:
@@ -210,46 +211,41 @@ class NodeService(pb_grpc.NodeServicer):
                 f"(limit {self._id.slots + self._id.max_queue})")
         return None
 
-    def _validate(self, request: GenerationRequest, engine: LlamaCppEngine) -> None:
-        from mesh.errors import NotFound
-
+    def _check_replica(self, model_sha256: str, method: str) -> None:
+        """The replica serves the model asked for (empty: whichever it holds), an allowed one."""
         model = self._replica.model
         if model is None:
             raise NotFound("this node serves no whole-model replica now (pipeline stages only)")
-        if request.model_sha256:
-            self._id.allowed.check(request.model_sha256, "Generate")
-        if request.model_sha256 and request.model_sha256 != model.sha256:
-            raise NotFound(f"this node does not hold model {request.model_sha256[:12]}")
-        engine.validate(request)
+        if model_sha256:
+            self._id.allowed.check(model_sha256, method)
+            if model_sha256 != model.sha256:
+                raise NotFound(f"this node does not hold model {model_sha256[:12]}")
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateEvent],
                        ) -> AsyncIterator[pb.GenerateEvent]:
-        started = time.monotonic()
-        # The replica stays loaded while this stream holds it: a release waits for the stream.
-        with contextlib.ExitStack() as holding:
-            try:
-                domain = convert.generate_request_from_pb(request)
-                engine = holding.enter_context(self._replica.serving())
-                self._speed.touch()
-                self._validate(domain, engine)
-            except EdgeMeshError as exc:
-                self._metrics.requests.labels("invalid").inc()
-                self._metrics.rpc_errors.labels("Generate", exc.grpc_code).inc()
-                await _abort(context, exc)
-                return
-            async for reply in self._generate(domain, engine, started, context):
-                yield reply
+        async with self._answering("Generate", context, "generation"):
+            started = time.monotonic()
+            # The replica stays loaded while this stream holds it: a release waits for the stream.
+            with contextlib.ExitStack() as holding:
+                try:
+                    domain = convert.generate_request_from_pb(request)
+                    engine = holding.enter_context(self._replica.serving())
+                    self._speed.touch()
+                    self._check_replica(domain.model_sha256, "Generate")
+                    engine.validate(domain)
+                except EdgeMeshError:
+                    self._metrics.requests.labels("invalid").inc()
+                    raise
+                refused = self._admit()
+                if refused is not None:
+                    self._metrics.requests.labels("rejected").inc()
+                    raise refused
+                async for reply in self._generate(domain, engine, started):
+                    yield reply
 
-    async def _generate(self, domain: GenerationRequest, engine: LlamaCppEngine, started: float,
-                        context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateEvent],
-                        ) -> AsyncIterator[pb.GenerateEvent]:
-        refused = self._admit()
-        if refused is not None:
-            self._metrics.requests.labels("rejected").inc()
-            self._metrics.rpc_errors.labels("Generate", refused.grpc_code).inc()
-            await _abort(context, refused)
-            return
+    async def _generate(self, domain: GenerationRequest, engine: LlamaCppEngine,
+                        started: float) -> AsyncIterator[pb.GenerateEvent]:
         self.enter()
         left = False
         status = "cancelled"
@@ -284,19 +280,12 @@ class NodeService(pb_grpc.NodeServicer):
                         self._speed.record_tokens(produced - 1, decode_s)
                 finally:
                     self._metrics.slots_in_use.dec()
-        except EdgeMeshError as exc:
+        except Exception:  # answered by Generate's _answering; an engine failure must not take the node down
             status = "error"
-            self._metrics.rpc_errors.labels("Generate", exc.grpc_code).inc()
-            await _abort(context, exc)
-        except Exception as exc:  # an engine failure must not take the node down with it
-            status = "error"
-            log.exception("generation of %s failed", domain.request_id)
-            self._metrics.rpc_errors.labels("Generate", "INTERNAL").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, _detail(f"generation failed: {exc}"))
+            raise
         finally:
             self._metrics.prompt_tokens.inc(len(domain.prompt_tokens))
             self._metrics.requests.labels(status).inc()
-            self._metrics.rpc_duration.labels("Generate").observe(time.monotonic() - started)
             if not left:
                 self.leave()
 
@@ -361,22 +350,19 @@ class NodeService(pb_grpc.NodeServicer):
     # ------------------------------------------------------------------ pipeline stages
 
     @contextlib.asynccontextmanager
-    async def _answering(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-        """The one error and metrics path of the unary placement RPCs: time the call, turn our
-        errors into their status, and any other failure (disk, memory) into INTERNAL, logged,
-        while the node keeps serving."""
-        started = time.monotonic()
-        try:
+    async def _answering(self, method: str, context: grpc.aio.ServicerContext[Any, Any],
+                         what: str = "") -> AsyncIterator[None]:
+        """The one error and metrics path of every RPC (node.answering): time the call, turn our
+        errors into their status, and any other failure (disk, memory, a bug) into INTERNAL,
+        logged, while the node keeps serving."""
+        with answering(self._metrics, method, what) as answer:
             yield
-        except EdgeMeshError as exc:
-            self._metrics.rpc_errors.labels(method, exc.grpc_code).inc()
-            await _abort(context, exc)
-        except Exception as exc:
-            log.exception("%s failed", method)
-            self._metrics.rpc_errors.labels(method, "INTERNAL").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, _detail(f"{method} failed: {exc}"))
-        finally:
-            self._metrics.rpc_duration.labels(method).observe(time.monotonic() - started)
+        if answer.error is not None:
+            failed = getattr(answer.error, "node_id", None)
+            if failed and failed != self._id.node_id:
+                # A pipeline stage failed: the gateway must replace that node, not this head.
+                context.set_trailing_metadata(((convert.FAILED_NODE_METADATA, failed),))
+            await _abort(context, answer.error)
 
     async def LoadStage(self, request: pb.LoadStageRequest,
                         context: grpc.aio.ServicerContext[pb.LoadStageRequest, pb.LoadStageReply]) -> pb.LoadStageReply:
@@ -450,82 +436,51 @@ class NodeService(pb_grpc.NodeServicer):
         self.enter()
         try:
             async for msg in request_iterator:
-                started = time.monotonic()
-                self._metrics.bytes_in.inc(msg.ByteSize())
-                try:
-                    step = convert.stage_step_from_pb(msg)
-                    if self._state.draining and step.session_id not in opened:
-                        raise Unavailable("node is draining and takes no new sessions")
-                    opened.add(step.session_id)
-                    output = await asyncio.wrap_future(self._compute.call(partial(self._stages.step, step)))
-                except EdgeMeshError as exc:
-                    self._metrics.rpc_errors.labels("Forward", exc.grpc_code).inc()
-                    await _abort(context, exc)
-                    return
-                except Exception as exc:  # a bug or a compute failure must not pass silently
-                    log.exception("a Forward step failed")
-                    self._metrics.rpc_errors.labels("Forward", "INTERNAL").inc()
-                    await context.abort(grpc.StatusCode.INTERNAL, _detail(f"the step failed: {exc}"))
-                    return
-                reply = convert.stage_output_to_pb(step.session_id, output, step.reply_dtype)
-                self._metrics.bytes_out.inc(reply.ByteSize())
-                if output.token_id is not None:
-                    self._metrics.tokens.inc()
-                self._metrics.rpc_duration.labels("Forward").observe(time.monotonic() - started)
+                async with self._answering("Forward", context, "the step"):  # an error ends the stream
+                    self._metrics.bytes_in.inc(msg.ByteSize())
+                    step, running = self._steps.start(msg, opened)
+                    reply = self._steps.reply(step, await asyncio.wrap_future(running))
+                    self._metrics.bytes_out.inc(reply.ByteSize())
                 yield reply
         except DecodeError as exc:
             # gRPC parses each message of the stream as the loop reads it: bytes that are not a
             # ForwardRequest surface here (left alone, the call ended UNKNOWN with a traceback).
-            self._metrics.rpc_errors.labels("Forward", "INVALID_ARGUMENT").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                _detail(f"a Forward step is not a ForwardRequest: {exc}"))
+            async with self._answering("Forward", context):
+                raise InvalidInput(f"a Forward step is not a ForwardRequest: {exc}") from None
         finally:
-            for session_id in opened:
-                self._stages.release(session_id)
+            self._steps.release(opened)
             self.leave()
 
     async def RunPipeline(self, request: pb.RunPipelineRequest,
                           context: grpc.aio.ServicerContext[pb.RunPipelineRequest, pb.GenerateEvent],
                           ) -> AsyncIterator[pb.GenerateEvent]:
         """A whole pipeline request, this node being stage 0 (see node.pipeline_head)."""
-        started = time.monotonic()
-        try:
+        async with self._answering("RunPipeline", context, "the pipeline"):
             job = convert.pipeline_job_from_pb(request)
             if self._state.draining:
                 raise Unavailable("node is draining and takes no new pipeline requests")
-        except EdgeMeshError as exc:
-            self._metrics.rpc_errors.labels("RunPipeline", exc.grpc_code).inc()
-            await _abort(context, exc)
-            return
-        self.enter()
-        left = False
-        try:
-            async with contextlib.aclosing(self._head.run(job)) as events:
-                async for event in events:
-                    if event.finish_reason and not left:
-                        self.leave()  # as in Generate: the caller stops counting at the last token
-                        left = True
-                    yield convert.token_event_to_pb(event)
-        except EdgeMeshError as exc:
-            self._metrics.rpc_errors.labels("RunPipeline", exc.grpc_code).inc()
-            failed = getattr(exc, "node_id", None)
-            if failed and failed != self._id.node_id:
-                # The gateway must replace the stage that failed, not this head.
-                context.set_trailing_metadata(((convert.FAILED_NODE_METADATA, failed),))
-            await _abort(context, exc)
-        except Exception as exc:  # a bug must not pass silently nor take the node down
-            log.exception("pipeline request %s failed", job.request.request_id)
-            self._metrics.rpc_errors.labels("RunPipeline", "INTERNAL").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, _detail(f"the pipeline failed: {exc}"))
-        finally:
-            self._metrics.rpc_duration.labels("RunPipeline").observe(time.monotonic() - started)
-            if not left:
-                self.leave()
+            self.enter()
+            left = False
+            try:
+                async with contextlib.aclosing(self._head.run(job)) as events:
+                    async for event in events:
+                        if event.finish_reason and not left:
+                            self.leave()  # as in Generate: the caller stops counting at the last token
+                            left = True
+                        yield convert.token_event_to_pb(event)
+            finally:
+                if not left:
+                    self.leave()
 
     async def FetchShard(self, request: pb.FetchShardRequest,
                          context: grpc.aio.ServicerContext[pb.FetchShardRequest, pb.ShardChunk],
                          ) -> AsyncIterator[pb.ShardChunk]:
         """Stream byte ranges of a file this node holds whole, each range closed by its sha256."""
+        async with self._answering("FetchShard", context):
+            async for chunk in self._fetch_shard(request):
+                yield chunk
+
+    async def _fetch_shard(self, request: pb.FetchShardRequest) -> AsyncIterator[pb.ShardChunk]:
         try:
             self._id.allowed.check(request.model_sha256, "FetchShard")  # never ship a model not approved
             path = self._stages.whole_file(ModelSha(request.model_sha256))
@@ -542,13 +497,7 @@ class NodeService(pb_grpc.NodeServicer):
             if any(n == 0 or o + n > size for o, n in ranges) or sum(n for _, n in ranges) > size:
                 raise InvalidInput(f"byte ranges must lie inside the file's {size} bytes")
         except OSError as exc:
-            self._metrics.rpc_errors.labels("FetchShard", "NOT_FOUND").inc()
-            await context.abort(grpc.StatusCode.NOT_FOUND, _detail(f"cannot read the model file: {exc}"))
-            return
-        except EdgeMeshError as exc:
-            self._metrics.rpc_errors.labels("FetchShard", exc.grpc_code).inc()
-            await _abort(context, exc)
-            return
+            raise NotFound(f"cannot read the model file: {exc}") from None
         first = True
         with open(path, "rb") as f:
             for offset, length in ranges:
@@ -577,13 +526,7 @@ class NodeService(pb_grpc.NodeServicer):
             if refused is not None:
                 raise refused
             with self._replica.serving() as engine:  # a release waits for this call, as for a stream
-                model = self._replica.model
-                if model is None:
-                    raise NotFound("this node serves no whole-model replica now (pipeline stages only)")
-                if batch.model_sha256:
-                    self._id.allowed.check(batch.model_sha256, "Embed")
-                    if batch.model_sha256 != model.sha256:
-                        raise NotFound(f"this node does not hold model {batch.model_sha256[:12]}")
+                self._check_replica(batch.model_sha256, "Embed")
                 loop = asyncio.get_running_loop()
                 # Opening the context (first use) reads the file: off the compute thread, so the
                 # token steps of streams in flight do not wait for it.
@@ -599,13 +542,6 @@ class NodeService(pb_grpc.NodeServicer):
                     self.leave()
             self._metrics.prompt_tokens.inc(sum(len(tokens) for tokens in batch.inputs))
             return convert.embed_reply_to_pb(Embeddings(vectors=np.stack(rows), pooling=embedder.pooling_name))
-
-    async def ReleaseSession(self, request: pb.ReleaseSessionRequest,
-                             context: grpc.aio.ServicerContext[pb.ReleaseSessionRequest, pb.ReleaseSessionReply],
-                             ) -> pb.ReleaseSessionReply:
-        released = await asyncio.get_running_loop().run_in_executor(
-            self._stage_pool, self._stages.release, request.session_id)
-        return convert.release_reply_to_pb(released)
 
     def shutdown(self) -> None:
         self._stage_pool.shutdown(wait=True, cancel_futures=True)

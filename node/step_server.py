@@ -5,9 +5,9 @@ it to the node's compute thread, waits for the result and writes the reply: no e
 on the path, so an idle stage sleeps in recv and leaves the cores to the stage that is
 computing. Connections still in the handshake share one selector thread instead: one that
 never proves the key costs a socket, for a bounded time and among a bounded number, and
-no thread. The checks are Forward's: the same conversion and validation, draining refuses
-new sessions, and every session opened on a connection is released when the connection
-ends, however it ends.
+no thread. A step is checked, run and answered as a Forward step is (node.stage_steps),
+and its errors counted the same way (node.answering): draining refuses new sessions, and
+every session opened on a connection is released when the connection ends, however it ends.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 from google.protobuf.message import DecodeError
 
@@ -32,17 +31,17 @@ from mesh.errors import (
     ConfigError,
     EdgeMeshError,
     InvalidInput,
-    PeerError,
     Unauthenticated,
     Unavailable,
 )
 from mesh.metrics import NodeMetrics
-from mesh.transport import convert
 from mesh.transport import step_socket as wire
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.transport.tls import ClusterCredentials
+from node.answering import answering
 from node.compute import ComputeThread
 from node.stage_host import StageHost
+from node.stage_steps import StageSteps
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +88,10 @@ class StepServer:
         # None only under --insecure-plaintext; otherwise every connection is TLS 1.3 with a
         # client certificate of this cluster before a byte of the step protocol is read.
         self._tls = credentials.server_context if credentials is not None else None
-        self._stages = stages
-        self._compute = compute
+        self._steps = StageSteps(stages, compute, metrics, draining)
         self._metrics = metrics
         self._timeouts = timeouts
         self._limits = limits
-        self._draining = draining
         self._on_open = on_open
         self._on_close = on_close
         self._listener: socket.socket | None = None
@@ -356,27 +353,27 @@ class StepServer:
             deadline = time.monotonic() + self._timeouts.request_s
             while True:
                 frame = wire.read_frame(conn, self._limits.max_message_bytes, deadline)
-                started = time.monotonic()
-                self._metrics.bytes_in.inc(len(frame.payload))
-                reply = self._step(frame, opened)
+                with answering(self._metrics, "Step", "the step") as answer:  # as Forward answers
+                    self._metrics.bytes_in.inc(len(frame.payload))
+                    reply = self._step(frame, opened)
+                if answer.error is not None:
+                    log.info("step connection from %s ended: %s", peer, answer.error)
+                    _try_send_error(conn, answer.error)
+                    return
                 wire.send_frame(conn, wire.OUTPUT, reply)
                 self._metrics.bytes_out.inc(len(reply))
-                self._metrics.rpc_duration.labels("Step").observe(time.monotonic() - started)
         except wire.ConnectionClosed:
             pass  # the head ended the run
-        except EdgeMeshError as exc:
+        except EdgeMeshError as exc:  # a frame too large, or none in time
             self._metrics.rpc_errors.labels("Step", exc.grpc_code).inc()
             log.info("step connection from %s ended: %s", peer, exc)
             _try_send_error(conn, exc)
-        except (TimeoutError, OSError) as exc:
+        except OSError as exc:  # TimeoutError included
             log.info("step connection from %s broke: %s", peer, exc)
-        except Exception as exc:  # a bug or a compute failure must not pass silently
-            log.exception("a step from %s failed", peer)
-            self._metrics.rpc_errors.labels("Step", "INTERNAL").inc()
-            _try_send_error(conn, PeerError(f"the step failed: {exc}", code="INTERNAL"))
+        except Exception:  # a bug in reading frames must not pass silently
+            log.exception("step connection from %s failed", peer)
         finally:
-            for session_id in opened:
-                self._stages.release(session_id)
+            self._steps.release(opened)
             with self._lock:
                 self._connections.discard(conn)
             conn.close()
@@ -390,14 +387,8 @@ class StepServer:
             msg = pb.ForwardRequest.FromString(frame.payload)
         except DecodeError as exc:
             raise InvalidInput(f"the step is not a ForwardRequest: {exc}") from exc
-        step = convert.stage_step_from_pb(msg)
-        if self._draining() and step.session_id not in opened:
-            raise Unavailable("node is draining and takes no new sessions")
-        opened.add(step.session_id)
-        output = self._compute.call(partial(self._stages.step, step)).result()
-        if output.token_id is not None:
-            self._metrics.tokens.inc()
-        return bytes(convert.stage_output_to_pb(step.session_id, output, step.reply_dtype).SerializeToString())
+        step, running = self._steps.start(msg, opened)
+        return bytes(self._steps.reply(step, running.result()).SerializeToString())
 
 
 def _shutdown(conn: socket.socket) -> None:

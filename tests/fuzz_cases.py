@@ -717,12 +717,7 @@ def _plausible_pipeline(maker: MessageMaker, msg: Any) -> None:
     msg.request.model_sha256 = maker.t.sha
     maker.hops(msg)
     msg.n_ctx = rng.choice((64, 256))
-    msg.hidden_dtype = rng.choice((pb.DTYPE_UNSPECIFIED, pb.DTYPE_F32, pb.DTYPE_F16))
     msg.step_timeout_s = rng.uniform(0.5, 2.5)
-
-
-def _plausible_release_session(maker: MessageMaker, msg: Any) -> None:
-    msg.session_id = maker.rng.choice(SESSIONS)
 
 
 def _plausible_embed(maker: MessageMaker, msg: Any) -> None:
@@ -737,7 +732,7 @@ PLAUSIBLE: dict[str, Callable[[MessageMaker, Any], None]] = {
     "ForwardRequest": _plausible_forward, "LoadStageRequest": _plausible_load_stage,
     "LoadModelRequest": _plausible_load_model, "ReleaseHoldingRequest": _plausible_release,
     "ClaimRequest": _plausible_claim, "FetchShardRequest": _plausible_fetch,
-    "RunPipelineRequest": _plausible_pipeline, "ReleaseSessionRequest": _plausible_release_session,
+    "RunPipelineRequest": _plausible_pipeline,
     "EmbedRequest": _plausible_embed,
 }
 

@@ -369,15 +369,6 @@ class NodeClient:
         except InvalidInput as exc:  # a node that answers nonsense is a failed node, not a bad request
             raise PeerError(f"Embed on {self.address}: {exc}", retryable=False) from None
 
-    async def release_session(self, session_id: str) -> bool:
-        try:
-            request = convert.release_request_to_pb(session_id)
-            reply = await self._stub.ReleaseSession(request, timeout=self._timeouts.info_rpc_s,
-                                                    metadata=self._meta("ReleaseSession", request))
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, f"ReleaseSession on {self.address}") from exc
-        return bool(reply.released)
-
     async def close(self) -> None:
         await self._channel.close(grace=None)
 

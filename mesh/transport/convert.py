@@ -332,8 +332,7 @@ MAX_STEP_TIMEOUT_S = 600.0
 
 def pipeline_job_to_pb(job: PipelineJob) -> pb.RunPipelineRequest:
     return pb.RunPipelineRequest(
-        request=generate_request_to_pb(job.request), n_ctx=job.n_ctx, hidden_dtype=_DTYPES[job.hidden_dtype][0],
-        step_timeout_s=job.step_timeout_s,
+        request=generate_request_to_pb(job.request), n_ctx=job.n_ctx, step_timeout_s=job.step_timeout_s,
         stages=[pb.PipelineHop(node_id=hop.node_id, address=hop.address, layers=layer_range_to_pb(hop.layers))
                 for hop in job.stages])
 
@@ -360,9 +359,6 @@ def pipeline_job_from_pb(msg: pb.RunPipelineRequest) -> PipelineJob:
         hops.append(PipelineHop(NodeId(hop.node_id), hop.address, layers))
     if hops[0].layers.first != 0:
         raise InvalidInput("stage 0 must start at layer 0")
-    hidden_dtype = _DTYPE_NAMES.get(msg.hidden_dtype) if msg.hidden_dtype else "f32"
-    if hidden_dtype is None:
-        raise InvalidInput(f"unsupported hidden dtype {msg.hidden_dtype} (DTYPE_F32 or DTYPE_F16)")
     if not 0 < msg.step_timeout_s <= MAX_STEP_TIMEOUT_S:
         raise InvalidInput(f"step_timeout_s must be in (0, {MAX_STEP_TIMEOUT_S:.0f}], got {msg.step_timeout_s}")
     request = generate_request_from_pb(msg.request)
@@ -372,8 +368,7 @@ def pipeline_job_from_pb(msg: pb.RunPipelineRequest) -> PipelineJob:
         raise InvalidInput("a pipeline request needs prompt tokens and max_tokens > 0")
     if msg.n_ctx == 0:
         raise InvalidInput("n_ctx must be positive")
-    return PipelineJob(request=request, stages=tuple(hops), n_ctx=msg.n_ctx,
-                       hidden_dtype=hidden_dtype, step_timeout_s=msg.step_timeout_s)
+    return PipelineJob(request=request, stages=tuple(hops), n_ctx=msg.n_ctx, step_timeout_s=msg.step_timeout_s)
 
 
 def load_stage_request_to_pb(model_sha256: str, layers: LayerRange, n_ctx: int, slots: int,
@@ -427,16 +422,8 @@ def claim_reply_to_pb(granted: bool, holder: str, expires_in_s: float) -> pb.Cla
     return pb.ClaimReply(granted=granted, holder=holder, expires_in_s=expires_in_s)
 
 
-def release_request_to_pb(session_id: str) -> pb.ReleaseSessionRequest:
-    return pb.ReleaseSessionRequest(session_id=session_id)
-
-
 def load_stage_reply_to_pb(held: StageHeld) -> pb.LoadStageReply:
     return pb.LoadStageReply(stage=stage_to_pb(held))
-
-
-def release_reply_to_pb(released: bool) -> pb.ReleaseSessionReply:
-    return pb.ReleaseSessionReply(released=released)
 
 
 def fetch_shard_request_to_pb(model_sha256: str, ranges: list[tuple[int, int]], header: bool) -> pb.FetchShardRequest:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,13 +25,13 @@ import numpy as np
 
 from mesh.constraints import Matcher
 from mesh.errors import CapacityExhausted, InvalidInput, ModelError
-from mesh.sampling import check_request, sample
+from mesh.generation import PREFILL_CHUNK, generate_tokens
+from mesh.sampling import Sampled, check_request, sample
 from mesh.template_check import check_model_templates
 from mesh.types import GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
-PREFILL_BATCH = 512  # llama.cpp's default n_batch; matching it keeps outputs identical to llama.cpp's
 
 
 def _no_chat_formatting(**_kwargs: Any) -> NoReturn:
@@ -47,7 +47,7 @@ class _Slot:
         self.llm = Llama(
             model_path=str(model_path),
             n_ctx=n_ctx,
-            n_batch=PREFILL_BATCH,
+            n_batch=PREFILL_CHUNK,  # the generation loop's chunks: llama.cpp's default, so outputs are its own
             n_threads=threads,
             n_threads_batch=threads,
             # pinned to what the stage engine matches (llama-cpp-python's defaults today): attention
@@ -127,45 +127,33 @@ class LlamaCppEngine:
         self.validate(request)
         slot = self._acquire()
         try:
-            yield from self._generate_on(slot, request, cancelled)
+            # Here on the worker thread, not in validate(): compiling a large grammar takes a while.
+            matcher = Matcher.for_model(self.model_path, request.constraint) if request.constraint else None
+            log.debug("request %s: %d prompt tokens, %d to replay", request.request_id,
+                      len(request.prompt_tokens), len(request.replay_tokens))
+            yield from generate_tokens(request, self.n_ctx, _ReplicaStepper(slot, request, matcher), cancelled)
         finally:
             self._release(slot)
 
-    def _generate_on(self, slot: _Slot, request: GenerationRequest,
-                     cancelled: Callable[[], bool]) -> Iterator[TokenEvent]:
-        history = list(request.prompt_tokens)
-        # Built from the tokens generated so far, replayed ones included: a replay's mask is the first run's.
-        # Here on the worker thread, not in validate(): compiling a large grammar takes a while.
-        matcher = Matcher.for_model(self.model_path, request.constraint) if request.constraint else None
-        if matcher is not None:
-            matcher.consume(request.replay_tokens)
+
+class _ReplicaStepper:
+    """The generation loop's steps on one llama.cpp slot; the token is sampled here, under
+    the request's grammar when it has one."""
+
+    def __init__(self, slot: _Slot, request: GenerationRequest, matcher: Matcher | None) -> None:
+        self._slot = slot
+        self._request = request
+        self._matcher = matcher
         slot.llm.reset()  # type: ignore[no-untyped-call]
-        slot.llm.eval(history)
-        for token in request.replay_tokens:  # one per step, as they were first generated
-            if cancelled():
-                return
-            slot.llm.eval([token])
-            history.append(token)
-        log.debug("request %s: %d prompt tokens, %d replayed", request.request_id, len(request.prompt_tokens),
-                  len(request.replay_tokens))
-        produced = len(request.replay_tokens)
-        while not cancelled() and produced < request.max_tokens:
-            position = len(history)
-            logits = slot.last_logits()
-            masked = logits if matcher is None else matcher.mask(logits)
-            chosen = sample(masked, request.sampling, history, position, request.logprobs,
-                            request.top_logprobs, raw_logits=logits)
-            history.append(chosen.token_id)
-            produced += 1
-            finish: str | None = None
-            if chosen.token_id in request.stop_token_ids:
-                finish = "stop"
-            elif produced >= request.max_tokens or position + 1 >= self.n_ctx:
-                finish = "length"
-            yield TokenEvent(token_id=chosen.token_id, position=position, logprob=chosen.logprob,
-                             finish_reason=finish, top_logprobs=chosen.top)  # type: ignore[arg-type]
-            if finish is not None:
-                return
-            if matcher is not None:
-                matcher.consume([chosen.token_id])
-            slot.llm.eval([chosen.token_id])
+
+    def feed(self, tokens: Sequence[int], start: int, history: Sequence[int], generated: bool) -> None:
+        if generated and self._matcher is not None:
+            self._matcher.consume(tokens)  # a replay's mask is the first run's
+        self._slot.llm.eval(tokens)
+
+    def choose(self, history: Sequence[int]) -> Sampled:
+        request = self._request
+        logits = self._slot.last_logits()
+        masked = logits if self._matcher is None else self._matcher.mask(logits)
+        return sample(masked, request.sampling, history, len(history), request.logprobs, request.top_logprobs,
+                      raw_logits=logits)

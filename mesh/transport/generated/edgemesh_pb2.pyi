@@ -333,18 +333,16 @@ class PipelineHop(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
 
 class RunPipelineRequest(_message.Message):
-    __slots__ = ("request", "stages", "n_ctx", "hidden_dtype", "step_timeout_s")
+    __slots__ = ("request", "stages", "n_ctx", "step_timeout_s")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     N_CTX_FIELD_NUMBER: _ClassVar[int]
-    HIDDEN_DTYPE_FIELD_NUMBER: _ClassVar[int]
     STEP_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     request: GenerateRequest
     stages: _containers.RepeatedCompositeFieldContainer[PipelineHop]
     n_ctx: int
-    hidden_dtype: DType
     step_timeout_s: float
-    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[PipelineHop, _Mapping]]] = ..., n_ctx: _Optional[int] = ..., hidden_dtype: _Optional[_Union[DType, str]] = ..., step_timeout_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[PipelineHop, _Mapping]]] = ..., n_ctx: _Optional[int] = ..., step_timeout_s: _Optional[float] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model_sha256", "n_ctx", "controller_id")
@@ -403,18 +401,6 @@ class ClaimReply(_message.Message):
     holder: str
     expires_in_s: float
     def __init__(self, granted: _Optional[bool] = ..., holder: _Optional[str] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
-
-class ReleaseSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
-
-class ReleaseSessionReply(_message.Message):
-    __slots__ = ("released",)
-    RELEASED_FIELD_NUMBER: _ClassVar[int]
-    released: bool
-    def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class ByteRange(_message.Message):
     __slots__ = ("offset", "length")

@@ -56,11 +56,6 @@ class NodeStub:
                 request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ForwardReply.FromString,
                 _registered_method=True)
-        self.ReleaseSession = channel.unary_unary(
-                '/edgemesh.v1.Node/ReleaseSession',
-                request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionRequest.SerializeToString,
-                response_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionReply.FromString,
-                _registered_method=True)
         self.RunPipeline = channel.unary_stream(
                 '/edgemesh.v1.Node/RunPipeline',
                 request_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.RunPipelineRequest.SerializeToString,
@@ -121,13 +116,8 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ReleaseSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A stage frees the sessions a Forward stream opened when the stream ends.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -204,11 +194,6 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ForwardRequest.FromString,
                     response_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ForwardReply.SerializeToString,
-            ),
-            'ReleaseSession': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReleaseSession,
-                    request_deserializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionRequest.FromString,
-                    response_serializer=mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionReply.SerializeToString,
             ),
             'RunPipeline': grpc.unary_stream_rpc_method_handler(
                     servicer.RunPipeline,
@@ -351,33 +336,6 @@ class Node:
             '/edgemesh.v1.Node/Forward',
             mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ForwardRequest.SerializeToString,
             mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ForwardReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReleaseSession(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/edgemesh.v1.Node/ReleaseSession',
-            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionRequest.SerializeToString,
-            mesh_dot_transport_dot_generated_dot_edgemesh__pb2.ReleaseSessionReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,7 +48,7 @@ class NodeStub:
     LoadStage: _grpc.UnaryUnaryMultiCallable[_edgemesh_pb2.LoadStageRequest, _edgemesh_pb2.LoadStageReply]
     """Pipeline stages (layer ranges of a model)."""
     Forward: _grpc.StreamStreamMultiCallable[_edgemesh_pb2.ForwardRequest, _edgemesh_pb2.ForwardReply]
-    ReleaseSession: _grpc.UnaryUnaryMultiCallable[_edgemesh_pb2.ReleaseSessionRequest, _edgemesh_pb2.ReleaseSessionReply]
+    """A stage frees the sessions a Forward stream opened when the stream ends."""
     RunPipeline: _grpc.UnaryStreamMultiCallable[_edgemesh_pb2.RunPipelineRequest, _edgemesh_pb2.GenerateEvent]
     """A whole pipeline request, sent to the node of stage 0 (the head). The head runs its own
     layers and drives the later stages over Forward streams of its own, so a decode step
@@ -89,7 +89,7 @@ class NodeAsyncStub(NodeStub):
     LoadStage: _aio.UnaryUnaryMultiCallable[_edgemesh_pb2.LoadStageRequest, _edgemesh_pb2.LoadStageReply]  # type: ignore[assignment]
     """Pipeline stages (layer ranges of a model)."""
     Forward: _aio.StreamStreamMultiCallable[_edgemesh_pb2.ForwardRequest, _edgemesh_pb2.ForwardReply]  # type: ignore[assignment]
-    ReleaseSession: _aio.UnaryUnaryMultiCallable[_edgemesh_pb2.ReleaseSessionRequest, _edgemesh_pb2.ReleaseSessionReply]  # type: ignore[assignment]
+    """A stage frees the sessions a Forward stream opened when the stream ends."""
     RunPipeline: _aio.UnaryStreamMultiCallable[_edgemesh_pb2.RunPipelineRequest, _edgemesh_pb2.GenerateEvent]  # type: ignore[assignment]
     """A whole pipeline request, sent to the node of stage 0 (the head). The head runs its own
     layers and drives the later stages over Forward streams of its own, so a decode step
@@ -150,14 +150,8 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         self,
         request_iterator: _MaybeAsyncIterator[_edgemesh_pb2.ForwardRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_edgemesh_pb2.ForwardReply], _abc.AsyncIterator[_edgemesh_pb2.ForwardReply]]: ...
-
-    @_abc_1.abstractmethod
-    def ReleaseSession(
-        self,
-        request: _edgemesh_pb2.ReleaseSessionRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_edgemesh_pb2.ReleaseSessionReply, _abc.Awaitable[_edgemesh_pb2.ReleaseSessionReply]]: ...
+    ) -> _typing.Union[_abc.Iterator[_edgemesh_pb2.ForwardReply], _abc.AsyncIterator[_edgemesh_pb2.ForwardReply]]:
+        """A stage frees the sessions a Forward stream opened when the stream ends."""
 
     @_abc_1.abstractmethod
     def RunPipeline(

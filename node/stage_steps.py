@@ -1,0 +1,51 @@
+"""One step message of a pipeline session, as the node answers it on either way in: a gRPC
+Forward stream (node.service) and the step socket (node.step_server) check, run and reply
+to it the same way.
+
+Each connection or stream keeps the set of sessions it opened; they are released when it
+ends, however it ends, and a draining node opens no new ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from functools import partial
+
+from mesh.errors import Unavailable
+from mesh.metrics import NodeMetrics
+from mesh.transport import convert
+from mesh.transport.generated import edgemesh_pb2 as pb
+from mesh.types import StageOutput, StageStep
+from node.compute import ComputeThread
+from node.stage_host import StageHost
+
+
+class StageSteps:
+    def __init__(self, stages: StageHost, compute: ComputeThread, metrics: NodeMetrics,
+                 draining: Callable[[], bool]) -> None:
+        self._stages = stages
+        self._compute = compute
+        self._metrics = metrics
+        self._draining = draining
+
+    def start(self, msg: pb.ForwardRequest, opened: set[str]) -> tuple[StageStep, Future[StageOutput]]:
+        """Check a ForwardRequest and queue its step on the compute thread (InvalidInput,
+        Unavailable while draining for a session not yet open on this connection)."""
+        step = convert.stage_step_from_pb(msg)
+        if self._draining() and step.session_id not in opened:
+            raise Unavailable("node is draining and takes no new sessions")
+        opened.add(step.session_id)
+        return step, self._compute.call(partial(self._stages.step, step))
+
+    def reply(self, step: StageStep, output: StageOutput) -> pb.ForwardReply:
+        """The ForwardReply to a step that ran."""
+        if output.token_id is not None:
+            self._metrics.tokens.inc()
+        reply: pb.ForwardReply = convert.stage_output_to_pb(step.session_id, output, step.reply_dtype)
+        return reply
+
+    def release(self, opened: set[str]) -> None:
+        """The connection or stream ended: free the sessions it opened."""
+        for session_id in opened:
+            self._stages.release(session_id)

@@ -24,6 +24,7 @@ from typing import Any
 
 from mesh.errors import ModelError
 from mesh.provenance import MAX_TEXT, MetaValue, Provenance, from_metadata
+from node.gguf_header import ArrayLength, read_gguf_header
 
 log = logging.getLogger(__name__)
 
@@ -267,81 +268,68 @@ def chat_templates(path: Path, max_bytes: int) -> dict[str, str]:
     return found
 
 
-def _field_value(field: Any) -> Any:
-    value = field.contents()
-    return value
-
-
 @lru_cache(maxsize=16)
 def _inspect_cached(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int) -> GgufSummary:
-    from gguf import GGUFReader  # heavy import, only when a file is inspected
+    # The gguf package's types table names the ggml types; its GGUFReader is not used: it builds
+    # numpy objects for every element of the vocabulary and merges arrays, 6 s for SmolLM2's
+    # 49k tokens here, paid by every node and gateway start. The stage engine's header reader
+    # skips those arrays and reads the rest in buffered reads (0.2 s).
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # heavy import, only when a file is inspected
 
-    check_header(Path(path))  # before the package's reader, which trusts what the header claims
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception as exc:  # the gguf package raises bare ValueError/struct errors on bad files
-        raise ModelError(f"{path} is not a readable GGUF file: {exc}") from exc
-
-    def meta(key: str, default: Any = None) -> Any:
-        field = reader.fields.get(key)
-        try:
-            return default if field is None else _field_value(field)
-        except (UnicodeDecodeError, ValueError, IndexError) as exc:  # decoded only now, by the package
-            raise ModelError(f"{path} is not a usable GGUF file: {key} cannot be read ({exc})") from None
+    check_header(Path(path))  # first: every count and length the header claims fits the file
+    meta, entries, data_start = read_gguf_header(Path(path))
 
     def count(key: str) -> int:
-        value = meta(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        value = meta.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, (bool, ArrayLength)) or value < 0:
             raise ModelError(f"{path} is not a usable GGUF file: {key} is {str(value)[:40]!r}, not a count")
         return value
 
-    arch = meta("general.architecture", "")
+    arch = meta.get("general.architecture", "")
     if not arch or not isinstance(arch, str):
         raise ModelError(f"{path} has no general.architecture")
     n_layers = count(f"{arch}.block_count")
-    if n_layers > len(reader.tensors):  # every layer has tensors of its own
+    if n_layers > len(entries):  # every layer has tensors of its own
         raise ModelError(f"{path} is not a usable GGUF file: it claims {n_layers} layers but has "
-                         f"{len(reader.tensors)} tensors")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    n_vocab = len(tokens.data) if tokens is not None else 0
-    tensors = tuple(
-        TensorEntry(
-            name=t.name,
-            ggml_type=t.tensor_type.name,
-            shape=tuple(int(d) for d in t.shape),
-            n_bytes=int(t.n_bytes),
-            data_offset=int(t.data_offset),
-        )
-        for t in reader.tensors
-    )
+                         f"{len(entries)} tensors")
+    tokens = meta.get("tokenizer.ggml.tokens", 0)
+    tensors = []
+    for name, ggml_type, shape, offset in entries:
+        try:
+            kind = GGMLQuantizationType(ggml_type)
+        except ValueError:  # check_header has refused unknown types already; kept for the reader's sake
+            raise ModelError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
+        block, block_bytes = GGML_QUANT_SIZES[kind]
+        elements = 1
+        for dim in shape:
+            elements *= dim
+        tensors.append(TensorEntry(name=name, ggml_type=kind.name, shape=tuple(shape),
+                                   n_bytes=elements * block_bytes // block, data_offset=data_start + offset))
+    general_name = meta.get("general.name")
     return GgufSummary(
-        general=_general_metadata(reader),
+        general=_general_metadata(meta),
         path=Path(path),
-        name=str(meta("general.name", Path(path).stem)),
+        name=general_name if isinstance(general_name, str) else Path(path).stem,
         architecture=arch,
         n_layers=n_layers,
         n_ctx_train=count(f"{arch}.context_length"),
         n_embd=count(f"{arch}.embedding_length"),
-        n_vocab=n_vocab,
+        n_vocab=int(tokens) if isinstance(tokens, int) else 0,
         file_bytes=size,
-        tensors=tensors,
+        tensors=tuple(tensors),
     )
 
 
-def _general_metadata(reader: Any) -> tuple[tuple[str, MetaValue], ...]:
-    """The general.* scalar values of a file (arrays such as general.tags are left out); a
-    value the package cannot decode is left out too: provenance is shown, never relied on."""
+def _general_metadata(meta: dict[str, Any]) -> tuple[tuple[str, MetaValue], ...]:
+    """The general.* scalar values of a file (arrays such as general.tags are left out):
+    provenance is shown, never relied on."""
     found: list[tuple[str, MetaValue]] = []
-    for key, field in reader.fields.items():
+    for key, value in meta.items():
         if not key.startswith("general.") or len(found) >= _MAX_GENERAL_KEYS or len(key) > MAX_TEXT:
-            continue
-        try:
-            value = _field_value(field)
-        except (UnicodeDecodeError, ValueError, IndexError):
             continue
         if isinstance(value, str):
             found.append((key, value[:MAX_TEXT * 2]))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif isinstance(value, (int, float)) and not isinstance(value, (bool, ArrayLength)):
             found.append((key, value))
     return tuple(found)
 

@@ -486,7 +486,7 @@ class NodeService(pb_grpc.NodeServicer):
             path = self._stages.whole_file(ModelSha(request.model_sha256))
             size = path.stat().st_size
             if request.header:
-                from node.engines.stage.gguf_header import read_gguf_header
+                from node.gguf_header import read_gguf_header
 
                 ranges = [(0, read_gguf_header(path)[2])]
             elif len(request.ranges) > MAX_FETCH_RANGES:

@@ -34,6 +34,15 @@ START_TIMEOUT_S = 180.0
 def pytest_configure(config: pytest.Config) -> None:
     # mDNS and the node/gateway processes stay on loopback in tests.
     os.environ.setdefault("EDGEMESH_LOG_LEVEL", "INFO")
+    # tqdm (used by the gguf package and pip's helpers) starts one monitor thread per process
+    # the first time a bar is drawn and keeps it for good: not a test's leak. Without the
+    # monitor, bars simply refresh as they are updated.
+    try:
+        import tqdm
+    except ImportError:
+        pass
+    else:
+        tqdm.tqdm.monitor_interval = 0
     guards.register(config)
 
 

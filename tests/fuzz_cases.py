@@ -1549,8 +1549,8 @@ def run_gguf_case(case: GgufCase, workdir: Path, index: int, readers: tuple[str,
     must give a clean parse or ModelError, no other exception, no allocation anywhere near
     the sizes the file claims, within GGUF_SLOW_S."""
     from mesh.errors import ModelError
-    from node.engines.stage.gguf_header import read_gguf_header
     from node.gguf import inspect
+    from node.gguf_header import read_gguf_header
 
     parsers: dict[str, Callable[[Path], object]] = {"inspect": inspect, "read_gguf_header": read_gguf_header}
     path = workdir / f"case-{index}.gguf"  # a fresh name each time: inspect caches per path, size and mtime

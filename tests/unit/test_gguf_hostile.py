@@ -321,7 +321,7 @@ def test_the_stage_engines_header_reader_refuses_the_same_claims_without_allocat
     the gguf package); a header that lies must not make it allocate or loop over the lie either.
     Tensor bytes are not its business (llama.cpp and the shard cache check those), so a file
     whose header is whole may parse."""
-    from node.engines.stage.gguf_header import read_gguf_header
+    from node.gguf_header import read_gguf_header
 
     data, _ = _hostile(Layout(tiny))[case]
     path = tmp_path / "hostile.gguf"

@@ -19,7 +19,7 @@ from node.engines import ggml
 from node.engines.ggml import ops, placement
 from node.engines.ggml.structs import BUFFER_USAGE_WEIGHTS, TYPE_COUNT
 from node.engines.stage.config import ModelArgs, model_args_from_metadata
-from node.engines.stage.gguf_header import read_gguf_header
+from node.gguf_header import read_gguf_header
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,11 @@ _STRING, _ARRAY = 8, 9
 _DEFAULT_ALIGNMENT = 32
 
 
+class ArrayLength(int):
+    """An array the reader skipped, standing for its length (a vocabulary's token count): still
+    an int where a count is wanted, and told apart from a scalar where one is not."""
+
+
 class _Reader:
     """Every length the header claims is checked against what is left of the file before it is
     read or skipped: a hostile header must not make us allocate (or loop over) its claim."""
@@ -77,19 +82,20 @@ class _Reader:
                 if keep_array:
                     return list(struct.unpack(f"<{count}{_SCALARS[etype][1]}", self.take(size * count)))
                 self.skip(size * count)
-                return count
+                return ArrayLength(count)
             if etype == _STRING:
                 count = self.count(8)  # each string has at least its 8-byte length
                 for _ in range(count):
                     self.skip_string()
-                return count  # string arrays (vocabularies, merges) are reported by length only
+                return ArrayLength(count)  # string arrays (vocabularies, merges) are reported by length only
             raise ModelError(f"{self.path}: nested GGUF arrays are not supported")
         raise ModelError(f"{self.path}: unknown GGUF value type {vtype}")
 
 
 def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, int, tuple[int, ...], int]], int]:
     """(metadata, tensors as (name, ggml type, ggml shape, offset relative to data start), data start).
-    String arrays in the metadata are replaced by their length; numeric arrays are kept."""
+    String arrays in the metadata (and numeric ones under tokenizer.*) are replaced by their length,
+    an ArrayLength; other numeric arrays are kept as lists."""
     try:
         f = path.open("rb", buffering=1 << 20)
     except OSError as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
-import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -65,20 +64,9 @@ async def client_of(pool: NodePool, node: InProcessNode) -> AsyncIterator[NodeCl
 
 @pytest.fixture(scope="module")
 def mesh(node_pool: NodePool) -> Iterator[Mesh]:
-    started: dict[str, InProcessNode] = {}
-    configs = {"r1": {"role": "replica", "slots": 1, "max_queue": 0},
-               "r2": {"role": "replica", "slots": 1, "max_queue": 0},
-               "s1": {"role": "stage"}, "s2": {"role": "stage"}, "spare": {"role": "auto", "slots": 1, "max_queue": 0}}
-
-    def start(name: str) -> None:
-        started[name] = node_pool.start(name, **configs[name])
-
-    threads = [threading.Thread(target=start, args=(n,)) for n in configs]  # their probes overlap
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert set(started) == set(configs), "a node did not start"
+    started = node_pool.start_together({
+        "r1": {"role": "replica", "slots": 1, "max_queue": 0}, "r2": {"role": "replica", "slots": 1, "max_queue": 0},
+        "s1": {"role": "stage"}, "s2": {"role": "stage"}, "spare": {"role": "auto", "slots": 1, "max_queue": 0}})
 
     async def load_stages() -> None:
         for name, layers in (("s1", LayerRange(0, 2)), ("s2", LayerRange(2, N_LAYER))):

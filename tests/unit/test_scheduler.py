@@ -26,7 +26,6 @@ from mesh.types import (
     EmbedBatch,
     GenerationRequest,
     LayerRange,
-    NodeId,
     RequestId,
     SamplingParams,
     TokenEvent,
@@ -258,12 +257,3 @@ def test_a_failure_that_leaves_no_placement_is_repaired_by_the_replanner(mesh: M
 
     run(scenario())
 
-
-def test_node_ids_are_what_the_nodes_say(mesh: Mesh) -> None:
-    """The fixtures themselves: every node answered Info with the id its ready file named."""
-    async def scenario() -> None:
-        nodes = [mesh.r1, mesh.r2, mesh.s1, mesh.s2, mesh.spare]
-        async with gateway(mesh.pool, nodes) as gw:
-            assert {m.node_id for m in gw.membership.members()} == {NodeId(n.node_id) for n in nodes}
-
-    run(scenario())

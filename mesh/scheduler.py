@@ -56,6 +56,49 @@ class Route:
         return ",".join(self.node_ids)
 
 
+Failure = tuple[Placement, NodeId | None]  # a placement that failed, and which of its nodes (when known)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A request's stream opened on a placement, with its first token already received."""
+
+    placement: Placement
+    stream: AsyncIterator[TokenEvent]
+    first: TokenEvent
+
+
+@dataclass(frozen=True)
+class AttachPolicy:
+    """How the attach loop treats failed attempts: a request's first placement and a mid-stream
+    failover share the loop and differ only in these."""
+
+    retries: int  # failed attempts (a node error, or a full placement when full_excludes) tolerated
+    moved_retries: int  # failed attempts tolerated when the last one found the placement moved
+    pause_s: float  # wait before looking again after a move (a re-plan may still be loading)
+    full_excludes: bool  # a full placement is left out and counted a failure; else waited out like a move
+    blame_unknown: bool  # a pipeline error naming no stage marks every stage down (else none)
+    count_retries: bool  # each failed attempt counts in retries{moved,capacity,node_error}
+    exhausted: str | None = None  # Unavailable(this) when attempts run out; None: the last error itself
+    no_placement: str | None = None  # Unavailable(this: why) when nothing is left; None: pick's error itself
+
+    def give_up(self, last: Exception) -> Exception:
+        if self.exhausted is not None:
+            return Unavailable(self.exhausted)
+        if isinstance(last, NotFound):
+            return Unavailable(f"the placement kept moving while this request started: {last}")
+        return last
+
+
+# Before the first token: one other placement; a move (a re-plan under way) is looked at once more.
+FIRST_PLACEMENT = AttachPolicy(retries=FIRST_TOKEN_RETRIES, moved_retries=FIRST_TOKEN_RETRIES + 1, pause_s=0.0,
+                               full_excludes=True, blame_unknown=False, count_retries=True)
+# Mid-stream: the replacement may be full or moving for a moment (others fail over at the same
+# time), so those are waited out; the session counts the failover itself, once.
+MIDSTREAM = AttachPolicy(retries=MIDSTREAM_FAILOVERS - 1, moved_retries=MIDSTREAM_FAILOVERS - 1,
+                         pause_s=REPICK_PAUSE_S, full_excludes=False, blame_unknown=True, count_retries=False)
+
+
 class Replanner(Protocol):
     """The gateway's placement controller, as the scheduler uses it after a failure."""
 
@@ -158,14 +201,14 @@ class Scheduler:
             except (PeerError, CapacityExhausted, NotFound) as exc:
                 tried.add(node_id)
                 if isinstance(exc, PeerError):
-                    self._membership.mark_down(node_id, str(exc))
+                    self.blame(node_id, str(exc))
                 if attempt + 1 == EMBED_ATTEMPTS:
                     raise
                 log.warning("embeddings %s: %s failed (%s); asking another replica", batch.request_id,
-                            self._membership.name_of(node_id), exc)
+                            self.name_of(node_id), exc)
                 self._metrics.retries.labels("node_error" if isinstance(exc, PeerError) else "capacity").inc()
             finally:
-                self._unreserve(placement)
+                self.release(placement)
         raise AssertionError("unreachable")  # the loop returns or raises
 
     # ------------------------------------------------------------------ sessions
@@ -176,12 +219,20 @@ class Scheduler:
         await session.start()
         return session
 
+    def name_of(self, node_id: NodeId) -> str:
+        return self._membership.name_of(node_id)
+
+    def blame(self, node_id: NodeId, why: str) -> None:
+        """A call to the node failed: route nothing to it until membership sees it answer again."""
+        self._membership.mark_down(node_id, why)
+
     def _reserve(self, placement: Placement) -> None:
         for node_id in placement.node_ids:
             self._outstanding[node_id] = self.outstanding(node_id) + 1
             self._metrics.node_in_flight.labels(node_id).set(self._outstanding[node_id])
 
-    def _unreserve(self, placement: Placement) -> None:
+    def release(self, placement: Placement) -> None:
+        """A stream (or an embedding call) on the placement ended: its nodes have one less in flight."""
         for node_id in placement.node_ids:
             self._outstanding[node_id] = max(0, self.outstanding(node_id) - 1)
             self._metrics.node_in_flight.labels(node_id).set(self._outstanding[node_id])
@@ -201,8 +252,7 @@ class Scheduler:
                           n_ctx=self.context_length() or 0, step_timeout_s=self._timeouts.stage_step_s)
         return ready[0].run_pipeline(job)
 
-    async def pick_or_repair(self, exclude: set[NodeId],
-                             failed: tuple[Placement, NodeId | None] | None) -> Placement:
+    async def pick_or_repair(self, exclude: set[NodeId], failed: Failure | None) -> Placement:
         """Pick a placement; when none is left after a failure, the placement controller
         re-plans without the failed node (the planner's answer, loaded on the survivors and
         spares) and the pick is made again."""
@@ -214,6 +264,87 @@ class Scheduler:
             culprit = failed[1] or ",".join(failed[0].node_ids)
             await self.replanner.replan(f"failure of {culprit}")
             return self._pick(exclude)
+
+    async def attach(self, request: GenerationRequest, excluded: set[NodeId], failed: Failure | None,
+                     policy: AttachPolicy = FIRST_PLACEMENT) -> Attachment:
+        """Pick a placement, open the request's stream on it and wait for its first token,
+        trying others as `policy` allows: the one loop behind a request's first placement and
+        every mid-stream failover (which passes the replay request and what failed already).
+        The attachment holds one in-flight count on its nodes until `release`."""
+        excluded = set(excluded)
+        failures = 0
+        while True:
+            try:
+                placement = await self.pick_or_repair(excluded, failed)
+            except (Unavailable, CapacityExhausted) as exc:
+                if policy.no_placement is None:
+                    raise
+                raise Unavailable(f"{policy.no_placement}: {exc}") from exc
+            try:
+                return await self._connect(placement, request)
+            except (NotFound, CapacityExhausted, PeerError) as exc:
+                failures += 1
+                # Moved: the node no longer holds what its last Info said (a re-plan released it a
+                # moment ago), or the replacement is full and the policy waits that out. Not a
+                # failure of the node: look again and pick afresh.
+                moved = isinstance(exc, NotFound) or (isinstance(exc, CapacityExhausted) and not policy.full_excludes)
+                culprit = None if moved else _culprit(placement, exc)
+                if not moved:
+                    excluded.update([culprit] if culprit else placement.node_ids)
+                    if isinstance(exc, PeerError):
+                        failed = (placement, culprit)
+                        self._blame_failure(placement, culprit, exc, policy.blame_unknown)
+                    else:  # full, not failed: nothing for the controller to repair
+                        failed = None
+                if failures > (policy.moved_retries if moved else policy.retries):
+                    if (error := policy.give_up(exc)) is exc:
+                        raise
+                    raise error from exc
+                if moved:
+                    log.info("request %s: %s cannot take it now (%s); picking again", request.request_id,
+                             ",".join(placement.node_ids), exc)
+                    if policy.pause_s:
+                        await asyncio.sleep(policy.pause_s)
+                    await self._membership.refresh()
+                else:
+                    log.warning("request %s: %s failed before the first token (%s); trying another",
+                                request.request_id, culprit or ",".join(placement.node_ids), exc)
+                if policy.count_retries:
+                    self._metrics.retries.labels(
+                        "moved" if moved else "capacity" if isinstance(exc, CapacityExhausted) else "node_error").inc()
+
+    def _blame_failure(self, placement: Placement, culprit: NodeId | None, exc: PeerError, everyone: bool) -> None:
+        """Mark the failed node down; an error that names none blames every node of the
+        placement when `everyone` (else none: they may all be fine)."""
+        for node_id in [culprit] if culprit else (placement.node_ids if everyone else ()):
+            self.blame(node_id, str(exc))
+
+    async def _connect(self, placement: Placement, request: GenerationRequest) -> Attachment:
+        self._reserve(placement)
+        try:
+            stream = self._runner(placement, request)
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            self.release(placement)
+            raise PeerError(f"{','.join(placement.node_ids)} ended the stream without a token") from None
+        except BaseException:
+            self.release(placement)
+            if "stream" in locals():
+                await stream.aclose()  # type: ignore[attr-defined]
+            raise
+        return Attachment(placement, stream, first)
+
+    def failover_detected(self, silent_s: float) -> None:
+        """A stream broke `silent_s` after its last good token (how long detection took)."""
+        self._metrics.failover_detect.observe(silent_s)
+
+    def failover_done(self, failed: Placement | None, now: Placement, what: str, took_s: float,
+                      replayed: int) -> None:
+        """A broken stream goes on on `now` after `took_s`, with `replayed` tokens replayed."""
+        self._metrics.failover_recover.observe(took_s)
+        self._metrics.retries.labels("midstream_failover").inc()
+        self._metrics.failover(failed.kind if failed else "?", now.kind, "node_error", what)
+        self._metrics.replayed_tokens.inc(replayed)
 
 
 class Session:
@@ -235,61 +366,18 @@ class Session:
         return Route(tuple(self.nodes))
 
     async def start(self) -> None:
-        tried: set[NodeId] = set()
-        attempts = 0
-        failed: tuple[Placement, NodeId | None] | None = None
-        while True:
-            placement = await self._s.pick_or_repair(tried, failed)
-            try:
-                self._first = await self._connect(placement, self.request)
-                return
-            except NotFound as exc:
-                # The node no longer holds what its last Info said (a re-plan released it a
-                # moment ago): not a failure of the node. Look again and pick afresh.
-                attempts += 1
-                if attempts > FIRST_TOKEN_RETRIES + 1:
-                    raise Unavailable(f"the placement kept moving while this request started: {exc}") from exc
-                log.info("request %s: %s no longer holds its part (%s); picking again", self.request.request_id,
-                         ",".join(placement.node_ids), exc)
-                await self._s._membership.refresh()
-                self._s._metrics.retries.labels("moved").inc()
-            except (PeerError, CapacityExhausted) as exc:
-                attempts += 1
-                reason = "capacity" if isinstance(exc, CapacityExhausted) else "node_error"
-                culprit = _culprit(placement, exc)
-                tried.update([culprit] if culprit else placement.node_ids)
-                failed = (placement, culprit) if isinstance(exc, PeerError) else None
-                if isinstance(exc, PeerError) and culprit:
-                    self._s._membership.mark_down(culprit, str(exc))
-                if attempts > FIRST_TOKEN_RETRIES:
-                    raise
-                log.warning("request %s: %s failed before the first token (%s); trying another",
-                            self.request.request_id, ",".join(placement.node_ids), exc)
-                self._s._metrics.retries.labels(reason).inc()
+        self._hold(await self._s.attach(self.request, set(), None, FIRST_PLACEMENT))
 
-    async def _connect(self, placement: Placement, request: GenerationRequest) -> TokenEvent:
-        self._s._reserve(placement)
-        try:
-            stream = self._s._runner(placement, request)
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            self._s._unreserve(placement)
-            raise PeerError(f"{','.join(placement.node_ids)} ended the stream without a token") from None
-        except BaseException:
-            self._s._unreserve(placement)
-            if "stream" in locals():
-                await stream.aclose()  # type: ignore[attr-defined]
-            raise
-        self._stream, self._placement = stream, placement
-        self.nodes.extend(n for n in placement.node_ids if n not in self.nodes)
-        return first
+    def _hold(self, attached: Attachment) -> None:
+        self._stream, self._placement, self._first = attached.stream, attached.placement, attached.first
+        self.nodes.extend(n for n in attached.placement.node_ids if n not in self.nodes)
 
     async def _release(self) -> None:
         if self._stream is not None:
             await self._stream.aclose()  # type: ignore[attr-defined]
             self._stream = None
         if self._placement is not None:
-            self._s._unreserve(self._placement)
+            self._s.release(self._placement)
             self._placement = None
 
     async def events(self) -> AsyncGenerator[TokenEvent, None]:
@@ -328,49 +416,28 @@ class Session:
 
     async def _failover(self, cause: PeerError) -> None:
         detected_at = time.monotonic()
-        # Time from the last good token to the failure surfacing: how long detection took.
-        self._s._metrics.failover_detect.observe(detected_at - self._last_event_at)
+        self._s.failover_detected(detected_at - self._last_event_at)
         failed = self._placement
         culprit = _culprit(failed, cause) if failed else None
-        name = self._s._membership.name_of
+        name = self._s.name_of
         who = name(culprit) if culprit else (",".join(name(n) for n in failed.node_ids) if failed else "?")
         log.warning("request %s: %s failed after %d tokens (%s); replaying on another placement",
                     self.request.request_id, who, len(self.generated), cause)
         await self._release()
+        # Mid-stream, a pipeline error that names no stage leaves the whole pipeline out.
         excluded = {culprit} if culprit else set(failed.node_ids if failed else ())
         for node_id in excluded:
-            self._s._membership.mark_down(node_id, str(cause))
+            self._s.blame(node_id, str(cause))
         replay = replace(self.request, replay_tokens=tuple(self.generated))
-        last_failed = (failed, culprit) if failed else None
-        for _attempt in range(MIDSTREAM_FAILOVERS):
-            try:
-                placement = await self._s.pick_or_repair(excluded, last_failed)
-            except (Unavailable, CapacityExhausted) as exc:
-                raise Unavailable(f"no capacity left to continue after {culprit or 'a node'} failed: {exc}") \
-                    from cause
-            try:
-                self._first = await self._connect(placement, replay)
-                break
-            except (NotFound, CapacityExhausted) as exc:  # it moved (a re-plan) or is full: look again
-                log.info("request %s: replacement %s cannot take it yet (%s)", self.request.request_id,
-                         ",".join(placement.node_ids), exc)
-                await asyncio.sleep(REPICK_PAUSE_S)
-                await self._s._membership.refresh()
-            except PeerError as exc:  # the replacement failed too, before its first token: next one
-                again = _culprit(placement, exc)
-                excluded |= {again} if again else set(placement.node_ids)
-                for node_id in excluded:
-                    self._s._membership.mark_down(node_id, str(exc))
-                last_failed = (placement, again)
-                log.warning("request %s: replacement %s failed before its first token (%s)",
-                            self.request.request_id, again or ",".join(placement.node_ids), exc)
-        else:
-            raise Unavailable(f"no placement could continue request {self.request.request_id}") from cause
-        self._s._metrics.failover_recover.observe(time.monotonic() - detected_at)
-        self._s._metrics.retries.labels("midstream_failover").inc()
-        self._s._metrics.failover(failed.kind if failed else "?", placement.kind, "node_error",
-                                  f"{who} failed after {len(self.generated)} tokens")
-        self._s._metrics.replayed_tokens.inc(len(self.generated))
+        policy = replace(MIDSTREAM, no_placement=f"no capacity left to continue after {culprit or 'a node'} failed",
+                         exhausted=f"no placement could continue request {self.request.request_id}")
+        try:
+            attached = await self._s.attach(replay, excluded, (failed, culprit) if failed else None, policy)
+        except Unavailable as exc:
+            raise exc from cause
+        self._hold(attached)
+        self._s.failover_done(failed, attached.placement, f"{who} failed after {len(self.generated)} tokens",
+                              time.monotonic() - detected_at, len(self.generated))
 
 
 def _culprit(placement: Placement, exc: Exception) -> NodeId | None:

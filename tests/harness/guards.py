@@ -79,11 +79,15 @@ EMPTY = Snapshot(frozenset(), frozenset(), frozenset())
 
 
 def _pending_tasks() -> frozenset[asyncio.Task[Any]]:
-    """Pending tasks of every event loop in this process (asyncio.all_tasks sees one loop)."""
+    """Pending tasks of every event loop in this process (asyncio.all_tasks sees one loop) that
+    is not running. The guards run between tests, when no loop of the test's own runs: a loop
+    running then runs on a thread of its own (an in-process node's), whose tasks come and go
+    with that thread's work, and the thread itself is guarded."""
     sets = [getattr(asyncio.tasks, name, None) for name in ("_all_tasks", "_scheduled_tasks", "_eager_tasks")]
     for _ in range(100):  # a weak set changes size when another thread's loop adds a task
         try:
-            return frozenset(t for s in sets if s is not None for t in list(s) if not t.done())
+            return frozenset(t for s in sets if s is not None for t in list(s)
+                             if not t.done() and not t.get_loop().is_running())
         except RuntimeError:
             continue
     return frozenset()
@@ -129,8 +133,16 @@ def _children() -> frozenset[Child]:
     return frozenset(found)
 
 
+def _process_wide(thread: threading.Thread) -> bool:
+    """grpc.aio's completion-queue poller: one per process, started by the first aio channel or
+    server and ended by grpc only once every aio object of the process has been collected
+    (which a traceback held by pytest can delay past any test). Its life is grpc's, not a test's."""
+    target = getattr(thread, "_target", None)
+    return getattr(target, "__qualname__", "") == "PollerCompletionQueue._poll_wrapper"
+
+
 def snapshot() -> Snapshot:
-    threads = frozenset(t for t in threading.enumerate() if t.is_alive())
+    threads = frozenset(t for t in threading.enumerate() if t.is_alive() and not _process_wide(t))
     return Snapshot(threads, _pending_tasks(), _children() if sys.platform == "linux" else frozenset())
 
 
@@ -229,7 +241,12 @@ class LeakGuard:
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, Any, Any]:
         result = yield  # every function-scoped fixture (and any scope nextitem does not need) has ended
         problems = []
-        new = snapshot() - self.baseline - self._owned_by_live_fixtures()
+        owned = self._owned_by_live_fixtures()
+        new = snapshot() - self.baseline - owned
+        # A thread started by a fixture's own thread (an in-process node's loop opening its
+        # executor or a stage's I/O pool while serving a test's call) is that fixture's too.
+        new = Snapshot(frozenset(t for t in new.threads if not _started_by(t, owned.threads)), new.tasks,
+                       new.children)
         if new:
             left = _still_running(new, GRACE_S)
             if left:
@@ -257,8 +274,37 @@ def become_subreaper() -> bool:
     return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
+_PARENT = "_edgemesh_started_by"
+
+
+def _record_parents() -> None:
+    """Every thread remembers the thread that started it (see _started_by)."""
+    start = threading.Thread.start
+    if getattr(start, "_records_parent", False):
+        return
+
+    def start_recording_parent(self: threading.Thread) -> None:
+        setattr(self, _PARENT, threading.current_thread())
+        start(self)
+
+    start_recording_parent._records_parent = True  # type: ignore[attr-defined]
+    threading.Thread.start = start_recording_parent  # type: ignore[method-assign]
+
+
+def _started_by(thread: threading.Thread, owners: frozenset[threading.Thread]) -> bool:
+    parent = getattr(thread, _PARENT, None)
+    for _ in range(64):  # a chain of starts, not a cycle; bounded all the same
+        if parent is None:
+            return False
+        if parent in owners:
+            return True
+        parent = getattr(parent, _PARENT, None)
+    return False
+
+
 def register(config: pytest.Config) -> None:
     if os.environ.get(DISABLE_ENV) == "1":
         return
     become_subreaper()
+    _record_parents()
     config.pluginmanager.register(LeakGuard(), "edgemesh-leak-guard")

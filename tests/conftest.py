@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fixtures.xdist_groups import pytest_collection_modifyitems  # noqa: F401 (a hook: see that module)
+from tests.fixtures.xdist_order import pytest_collection_modifyitems  # noqa: F401 (a hook: see that module)
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 180.0

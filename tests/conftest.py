@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from mesh.ready_file import read_ready
+from tests.fixtures.xdist_order import pytest_collection_modifyitems  # noqa: F401 (a hook: see that module)
 from tests.harness import guards, processes
 
 REPO = Path(__file__).resolve().parent.parent

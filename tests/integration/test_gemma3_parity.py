@@ -105,7 +105,8 @@ def test_up_serves_gemma3_by_catalogue_name_as_llama_cpp_does(launcher: Launcher
     hold the whole model, so the planner forms a 3-stage pipeline by itself; without one,
     the node serves it as a llama.cpp replica."""
     limit = ["--nodes", "3", "--memory-limit", "250MB"] if layout == "pipeline" else ["--nodes", "1"]
-    up = launcher.start("up", ["up", "--model", "gemma3-270m", "--port", "0", *limit])
+    # --threads 1: several test workers share the cores (ggml's threads spin while they wait)
+    up = launcher.start("up", ["up", "--model", "gemma3-270m", "--port", "0", "--threads", "1", *limit])
     url = gateway_url(up)
     view = httpx.get(f"{url}/api/cluster", timeout=10).json()
     plan = view["placement"]["plan"]

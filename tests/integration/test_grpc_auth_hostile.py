@@ -27,6 +27,7 @@ from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.transport.generated import edgemesh_pb2_grpc as pb_grpc
 from tests.conftest import Launcher, Proc, metric_lines
 from tests.fixtures.node_wire import node_channel
+from tests.fixtures.tiny_gguf import SPECS, write_tiny_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +36,14 @@ MAX_MESSAGE = Limits().max_message_bytes
 
 
 @pytest.fixture(scope="module")
-def node(module_launcher: Launcher, default_model: Path) -> Proc:
-    return module_launcher.node("target", default_model)
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real GGUF: these cases are of the signature check in front of the model."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", SPECS[0])
+
+
+@pytest.fixture(scope="module")
+def node(module_launcher: Launcher, tiny_model: Path) -> Proc:
+    return module_launcher.node("target", tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +127,7 @@ def run_pipeline(request_id: str) -> Any:
 
 
 @pytest.mark.parametrize("method,signed,altered", [
-    ("Generate", generate([1, 504, 2783]), generate([1, 9999, 9999, 9999])),
+    ("Generate", generate([1, 50, 100]), generate([1, 99, 99, 99])),
     ("LoadStage", load_stage(0, 31), load_stage(10, 15)),
     ("RunPipeline", run_pipeline("one"), run_pipeline("another")),
 ], ids=["Generate", "LoadStage", "RunPipeline"])
@@ -183,10 +190,10 @@ def test_a_non_finite_signature_time_is_refused(node: Proc, key: str, timestamp:
                                        "cluster key check failed: malformed signature timestamp")
 
 
-def test_unsigned_60mb_calls_are_refused_without_being_read(launcher: Launcher, default_model: Path) -> None:
+def test_unsigned_60mb_calls_are_refused_without_being_read(launcher: Launcher, tiny_model: Path) -> None:
     # A node of its own, measured within seconds of its start: an idle node re-probes its
     # decode speed from 15 s on (loading the model), which would swamp the figure.
-    node = launcher.node("measured", default_model)
+    node = launcher.node("measured", tiny_model)
     key = launcher.cluster_key
     ready_at = time.monotonic()
     hostile = pb.InfoRequest(challenge=b"\x00" * BIG)

@@ -38,7 +38,7 @@ MESHES = {"replica": ["--strategy", "replica", "--nodes", "1"],
 @pytest.fixture(scope="module", params=sorted(MESHES))
 def mesh(request: pytest.FixtureRequest, module_launcher: Launcher, default_model: Path) -> Iterator[tuple[str, str]]:
     kind = request.param
-    proc = module_launcher.start(f"up-{kind}", ["up", "--port", "0", "--model", str(default_model),
+    proc = module_launcher.start(f"up-{kind}", ["up", "--port", "0", "--threads", "1", "--model", str(default_model),
                                                 "--cluster-key", module_launcher.cluster_key, *MESHES[kind]])
     url = gateway_url(proc)
     if kind == "pipeline":

@@ -21,21 +21,34 @@ from mesh.config import Limits, Timeouts
 from mesh.errors import Unauthenticated
 from mesh.transport.channels import NodeClient
 from mesh.transport.generated import edgemesh_pb2, edgemesh_pb2_grpc
-from tests.conftest import REPO, Launcher, gateway_url, sse_events, wait_for_nodes
+from tests.conftest import REPO, Launcher, Proc, gateway_url, sse_events, wait_for_nodes
 from tests.fixtures.node_wire import node_channel
+from tests.fixtures.tiny_gguf import N_LAYER, SPECS, write_tiny_gguf
 
 pytestmark = pytest.mark.slow
 
 
-def test_node_rpcs_need_the_cluster_key(launcher: Launcher, default_model: Path) -> None:
-    node = launcher.node("node-a", default_model, "--role", "replica")
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real GGUF, for the checks of the wire and of auth that need a node, not real output."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", SPECS[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_replica(module_launcher: Launcher, tiny_model: Path) -> Proc:
+    """One replica serving the tiny model, shared by the checks that leave it as they found it."""
+    return module_launcher.node("node-a", tiny_model, "--role", "replica")
+
+
+def test_node_rpcs_need_the_cluster_key(module_launcher: Launcher, tiny_replica: Proc) -> None:
+    node, launcher = tiny_replica, module_launcher
     address = f"127.0.0.1:{node.ready[1]}"
 
     async def calls() -> None:
         right = NodeClient(address, launcher.cluster_key, Timeouts(), Limits())
         info = await right.info()
         assert info.node_id == node.ready[3] and info.pid == node.pid
-        assert info.models[0].n_layers == 30 and info.memory_total > 0 and info.threads == 1
+        assert info.models[0].n_layers == N_LAYER and info.memory_total > 0 and info.threads == 1
         assert info.decode_tokens_per_second > 5  # measured by the start-up probe
         await right.close()
 
@@ -58,10 +71,10 @@ def test_node_rpcs_need_the_cluster_key(launcher: Launcher, default_model: Path)
     asyncio.run(calls())
 
 
-def test_bad_generate_requests_get_invalid_argument(launcher: Launcher, default_model: Path) -> None:
+def test_bad_generate_requests_get_invalid_argument(module_launcher: Launcher, tiny_replica: Proc) -> None:
     from mesh.transport.auth import sign
 
-    node = launcher.node("node-b", default_model, "--role", "replica")
+    node, launcher = tiny_replica, module_launcher
     address = f"127.0.0.1:{node.ready[1]}"
     method = "/edgemesh.v1.Node/Generate"
 
@@ -77,7 +90,7 @@ def test_bad_generate_requests_get_invalid_argument(launcher: Launcher, default_
                         pass
                 assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
             # and it still serves
-            good = edgemesh_pb2.GenerateRequest(request_id="ok", prompt_tokens=[1, 504, 3458], max_tokens=3)
+            good = edgemesh_pb2.GenerateRequest(request_id="ok", prompt_tokens=[1, 50, 100], max_tokens=3)
             events = [e async for e in stub.Generate(good, timeout=30,
                                                      metadata=sign(launcher.cluster_key, method, good))]
             assert len(events) == 3 and events[-1].finish_reason == "length"
@@ -94,8 +107,9 @@ def test_sigterm_drains_in_flight_stream_then_exits(launcher: Launcher, default_
 
     def long_request() -> None:
         result["r"] = httpx.post(f"{url}/v1/completions", timeout=120, json={
-            # Long enough (several seconds) to be mid-stream when SIGTERM comes 1.5 s in.
-            "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 800, "temperature": 0, "stream": True})
+            # Long enough (several seconds) to be mid-stream when SIGTERM comes 1.5 s in, and short
+            # enough to end within the node's drain time (60 s) also on a loaded machine.
+            "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 400, "temperature": 0, "stream": True})
 
     client = threading.Thread(target=long_request)
     client.start()
@@ -241,21 +255,21 @@ class _Impostor(edgemesh_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def Info(self, request: object, context: object) -> object:
         return edgemesh_pb2.NodeInfo(node_id="feedfacefeedface", name="impostor", protocol_version=PROTOCOL_VERSION,
                                      slots=1, max_queue=8, proof="0" * 64,
-                                     models=[edgemesh_pb2.ModelHeld(name="x", sha256=self._sha, n_layers=30,
+                                     models=[edgemesh_pb2.ModelHeld(name="x", sha256=self._sha, n_layers=N_LAYER,
                                                                     n_ctx=2048)])
 
 
-def test_a_node_that_cannot_prove_the_cluster_key_gets_no_work(launcher: Launcher, default_model: Path) -> None:
+def test_a_node_that_cannot_prove_the_cluster_key_gets_no_work(launcher: Launcher, tiny_model: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from node.gguf import file_sha256
 
     impostor = grpc.server(ThreadPoolExecutor(max_workers=2))
-    edgemesh_pb2_grpc.add_NodeServicer_to_server(_Impostor(file_sha256(default_model)), impostor)
+    edgemesh_pb2_grpc.add_NodeServicer_to_server(_Impostor(file_sha256(tiny_model)), impostor)
     port = impostor.add_insecure_port("127.0.0.1:0")
     impostor.start()
     try:
-        gateway = launcher.gateway("gw", default_model, "--no-discovery", "--peer", f"127.0.0.1:{port}")
+        gateway = launcher.gateway("gw", tiny_model, "--no-discovery", "--peer", f"127.0.0.1:{port}")
         url = gateway_url(gateway)
         deadline = time.monotonic() + 20
         state = None

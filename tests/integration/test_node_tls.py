@@ -23,8 +23,15 @@ from mesh.transport import tls
 from mesh.transport.channels import NodeClient
 from tests.conftest import Launcher
 from tests.fixtures.node_wire import node_channel, step_socket
+from tests.fixtures.tiny_gguf import SPECS, write_tiny_gguf
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real GGUF: these checks are of the node's sockets, not of its output."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", SPECS[0])
 
 
 async def _health(channel: grpc.aio.Channel) -> grpc.StatusCode:
@@ -50,8 +57,8 @@ def _client(pair: tls.ClusterCredentials, trust: bytes, *, newest: ssl.TLSVersio
     return context
 
 
-def test_a_node_accepts_only_members_of_its_cluster_over_tls13(launcher: Launcher, default_model: Path) -> None:
-    node = launcher.node("tls-node", default_model, "--role", "stage")
+def test_a_node_accepts_only_members_of_its_cluster_over_tls13(launcher: Launcher, tiny_model: Path) -> None:
+    node = launcher.node("tls-node", tiny_model, "--role", "stage")
     address, node_id = f"127.0.0.1:{node.ready[1]}", node.ready[3]
     key = launcher.cluster_key
     member = tls.credentials_for(key)
@@ -131,8 +138,8 @@ def _step_port(address: str, key: str) -> int:
     return asyncio.run(ask())
 
 
-def test_plaintext_is_refused_off_loopback(launcher: Launcher, default_model: Path) -> None:
-    node = launcher.start("plain-lan", ["node", "--model", str(default_model), "--host", "0.0.0.0", "--port", "0",
+def test_plaintext_is_refused_off_loopback(launcher: Launcher, tiny_model: Path) -> None:
+    node = launcher.start("plain-lan", ["node", "--model", str(tiny_model), "--host", "0.0.0.0", "--port", "0",
                                         "--metrics-port", "0", "--step-port", "0", "--insecure-plaintext"],
                           wait_ready=False)
     assert node.popen.wait(timeout=60) != 0

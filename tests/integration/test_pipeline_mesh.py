@@ -30,8 +30,10 @@ CHAT = [{"role": "user", "content": "Explain what a pipeline is in two sentences
 @pytest.fixture(scope="module", params=sorted(SHAPES), ids=lambda k: f"{k}-stage")
 def pipeline(request: pytest.FixtureRequest, module_launcher: Launcher, default_model: Path) -> tuple[str, int]:
     stages = request.param
-    proc = module_launcher.start(f"up-{stages}", ["up", "--strategy", "pipeline", "--port", "0", "--model",
-                                                  str(default_model), *SHAPES[stages]])
+    # One thread per stage: test workers share two cores, and ggml threads spin at every
+    # barrier waiting for each other, which burns CPU once cores are oversubscribed.
+    proc = module_launcher.start(f"up-{stages}", ["up", "--strategy", "pipeline", "--port", "0", "--threads", "1",
+                                                  "--model", str(default_model), *SHAPES[stages]])
     yield gateway_url(proc), stages
     proc.stop()
 

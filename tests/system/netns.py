@@ -23,6 +23,7 @@ test failed half-way.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import secrets
@@ -38,6 +39,7 @@ from tests.harness import processes
 
 NET = ipaddress.ip_network("198.18.0.0/15")
 FIRST_HOST = 10  # host i is 198.18.<k>.<FIRST_HOST + i>
+SUBNET_LOCK = "/tmp/edgemesh-testnet-subnets.lock"
 STOP_GRACE_S = 75.0  # a draining node may wait up to Timeouts.drain_s (60 s) for its streams
 
 
@@ -95,7 +97,7 @@ class TestNet:
 
     def __init__(self, hosts: int, workdir: Path) -> None:
         self.workdir = workdir
-        self.tag = secrets.token_hex(2)  # 4 hex digits
+        self.tag = secrets.token_hex(3)  # 6 hex digits: unique among parallel test workers; names stay <= 15 chars
         self.bridge = f"em-br{self.tag}"
         self._initial = hosts
         self.subnet = 0
@@ -122,16 +124,21 @@ class TestNet:
         self.close()
 
     def _create_bridge(self) -> None:
-        free = sorted(set(range(256)) - _subnets_in_use())
-        if not free:
-            raise RuntimeError("no free 198.18.<k>.0/24 subnet on this machine")
-        self.subnet = secrets.choice(free)
-        self.gateway_ip = f"198.18.{self.subnet}.1"
-        _ip("link", "add", self.bridge, "type", "bridge")
-        self._links.append(self.bridge)
-        # No STP delay, no multicast snooping surprises: a plain hub.
-        _ip("link", "set", self.bridge, "type", "bridge", "forward_delay", "0", "mcast_snooping", "0", check=False)
-        _ip("addr", "add", f"{self.gateway_ip}/24", "dev", self.bridge)
+        # Test workers run in parallel (pytest-xdist): the lock makes "find a free subnet" and
+        # "take it" one step, so two networks never get the same 198.18.<k>.0/24.
+        with open(SUBNET_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            free = sorted(set(range(256)) - _subnets_in_use())
+            if not free:
+                raise RuntimeError("no free 198.18.<k>.0/24 subnet on this machine")
+            self.subnet = secrets.choice(free)
+            self.gateway_ip = f"198.18.{self.subnet}.1"
+            _ip("link", "add", self.bridge, "type", "bridge")
+            self._links.append(self.bridge)
+            # No STP delay, no multicast snooping surprises: a plain hub.
+            _ip("link", "set", self.bridge, "type", "bridge", "forward_delay", "0", "mcast_snooping", "0",
+                check=False)
+            _ip("addr", "add", f"{self.gateway_ip}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
 
     def add_host(self) -> Host:
@@ -201,7 +208,8 @@ class TestNet:
             # veths vanish with their namespace; only what is left needs deleting
             if _ip("link", "show", link, check=False).returncode == 0:
                 result = _ip("link", "del", link, check=False)
-                if result.returncode != 0:
+                # the kernel may finish removing a veth of a deleted namespace between the two calls
+                if result.returncode != 0 and "Cannot find device" not in result.stderr:
                     errors.append(f"link {link}: {result.stderr.strip()}")
         self._links.clear()
         if errors:

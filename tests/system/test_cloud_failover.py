@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def start_cloud(launcher: Launcher, model: Path, port: int, name: str) -> tuple[Proc, list[int]]:
-    cloud = launcher.start(name, ["up", "--nodes", "1", "--port", str(port), "--model", str(model)])
+    cloud = launcher.start(name, ["up", "--nodes", "1", "--port", str(port), "--threads", "1", "--model", str(model)])
     pids = [n["pid"] for n in httpx.get(f"{gateway_url(cloud)}/api/cluster", timeout=10).json()["nodes"]]
     return cloud, pids
 
@@ -59,8 +59,9 @@ def metric(url: str, name: str) -> float:
 def test_cloud_first_survives_a_cloud_outage(launcher: Launcher, default_model: Path) -> None:
     port = free_port()
     cloud, cloud_nodes = start_cloud(launcher, default_model, port, "cloud")
-    local = launcher.start("local", ["up", "--nodes", "1", "--port", "0", "--model", str(default_model),
-                                     "--policy", "cloud-first", "--cloud-url", f"http://127.0.0.1:{port}/v1"])
+    local = launcher.start("local", ["up", "--nodes", "1", "--port", "0", "--threads", "1",
+                                     "--model", str(default_model), "--policy", "cloud-first",
+                                     "--cloud-url", f"http://127.0.0.1:{port}/v1"])
     url = gateway_url(local)
 
     first = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60)
@@ -144,8 +145,9 @@ def test_local_first_uses_the_cloud_only_when_the_mesh_is_full(launcher: Launche
     # short answer (two 2-thread decoders spin against each other), which is a property of the
     # test machine, not of the routing under test.
     with run_standin() as cloud:
-        local = launcher.start("local", ["up", "--nodes", "1", "--port", "0", "--model", str(default_model),
-                                         "--policy", "local-first", "--cloud-url", cloud.url])
+        local = launcher.start("local", ["up", "--nodes", "1", "--port", "0", "--threads", "1",
+                                         "--model", str(default_model), "--policy", "local-first",
+                                         "--cloud-url", cloud.url])
         url = gateway_url(local)
         plain = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60)
         assert plain.headers["x-edgemesh-route"] != "cloud" and answers_from(cloud) == 0

@@ -27,7 +27,7 @@ def stream_tokens(url: str, on_chunk: Any = None) -> tuple[str, float, str]:
 def test_sigkill_of_a_stage_at_token_20_with_a_spare(launcher: Launcher, default_model: Path,
                                                      reference_llm: Any) -> None:
     up = launcher.start("up", ["up", "--strategy", "pipeline", "--nodes", "4", "--stages", "3", "--port", "0",
-                               "--model", str(default_model)])
+                               "--threads", "1", "--model", str(default_model)])
     url = gateway_url(up)
     view = httpx.get(f"{url}/api/cluster", timeout=10).json()
     stages = view["placements"][0]["stages"]
@@ -73,7 +73,7 @@ def test_sigkill_of_a_stage_at_token_20_with_a_spare(launcher: Launcher, default
 
 def test_with_no_capacity_left_the_client_gets_a_clear_error_fast(launcher: Launcher,
                                                                   default_model: Path) -> None:
-    up = launcher.start("up", ["up", "--strategy", "pipeline", "--nodes", "2", "--port", "0",
+    up = launcher.start("up", ["up", "--strategy", "pipeline", "--nodes", "2", "--port", "0", "--threads", "1",
                                "--model", str(default_model)])
     url = gateway_url(up)
     view = httpx.get(f"{url}/api/cluster", timeout=10).json()
@@ -93,7 +93,7 @@ def test_with_no_capacity_left_the_client_gets_a_clear_error_fast(launcher: Laun
 
 def test_without_a_spare_the_survivors_take_the_layers(launcher: Launcher, default_model: Path,
                                                        reference_llm: Any) -> None:
-    up = launcher.start("up", ["up", "--strategy", "pipeline", "--nodes", "3", "--port", "0",
+    up = launcher.start("up", ["up", "--strategy", "pipeline", "--nodes", "3", "--port", "0", "--threads", "1",
                                "--model", str(default_model)])
     url = gateway_url(up)
     view = httpx.get(f"{url}/api/cluster", timeout=10).json()
@@ -182,7 +182,7 @@ def test_a_frozen_replica_is_left_when_membership_marks_it_down(launcher: Launch
 def test_a_stage_lost_between_requests_is_replaced_by_the_spare(launcher: Launcher, default_model: Path,
                                                                  reference_llm: Any) -> None:
     up = launcher.start("up", ["up", "--strategy", "pipeline", "--nodes", "4", "--stages", "3", "--port", "0",
-                               "--model", str(default_model)])
+                               "--threads", "1", "--model", str(default_model)])
     url = gateway_url(up)
     view = httpx.get(f"{url}/api/cluster", timeout=10).json()
     victim = view["placements"][0]["stages"][1]["node"]

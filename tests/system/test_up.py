@@ -106,7 +106,7 @@ def test_auto_strategy_forms_a_pipeline_when_no_node_holds_the_model(launcher: L
     assert plan.stdout.startswith("pipeline: node-1 layers [0, ") and "cannot hold a replica" in plan.stdout
     assert "planned with a context of" in plan.stdout  # it says what it had to shrink
 
-    up = launcher.start("up", ["up", "--nodes", "3", "--memory-limit", "60MB", "--port", "0",
+    up = launcher.start("up", ["up", "--nodes", "3", "--memory-limit", "60MB", "--port", "0", "--threads", "1",
                                "--model", str(default_model)])
     url = gateway_url(up)
     view = httpx.get(f"{url}/api/cluster", timeout=10).json()
@@ -124,6 +124,6 @@ def test_auto_strategy_forms_a_pipeline_when_no_node_holds_the_model(launcher: L
 
 
 def test_auto_strategy_serves_replicas_when_the_model_fits(launcher: Launcher, default_model: Path) -> None:
-    up = launcher.start("up", ["up", "--nodes", "1", "--port", "0", "--model", str(default_model)])
+    up = launcher.start("up", ["up", "--nodes", "1", "--port", "0", "--threads", "1", "--model", str(default_model)])
     view = httpx.get(f"{gateway_url(up)}/api/cluster", timeout=10).json()
     assert [p["kind"] for p in view["placements"]] == ["replica"]

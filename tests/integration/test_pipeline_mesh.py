@@ -65,8 +65,9 @@ def test_cluster_view_shows_every_stage(pipeline: tuple[str, int]) -> None:
     layers = [s["layers"] for s in pipelines[0]["stages"]]
     assert layers[0][0] == 0 and layers[-1][1] == 30
     assert all(a[1] == b[0] for a, b in itertools.pairwise(layers))  # contiguous
-    if stages == 2:  # equal nodes: the controller splits evenly
-        assert layers == [[0, 15], [15, 30]]
+    # How evenly the layers are split follows the speeds the nodes measured of themselves, which
+    # on cores shared with other test workers differ from run to run; the planner's split for
+    # given speeds is tested in tests/unit/test_planner.py.
     by_id = {n["id"]: n for n in view["nodes"]}
     for stage in pipelines[0]["stages"]:
         node = by_id[stage["node"]]

@@ -49,11 +49,23 @@ COV_LAST := $(if $(filter 1,$(COVERAGE)),--cov --cov-append --cov-report=term,)
 # Two passes: every tier but tests/system on parallel workers (pyproject.toml's addopts), then
 # tests/system one test at a time, because its checks time failovers and link cuts and let
 # the planner split layers by the speeds nodes measure, which other workers' load would skew.
-# PYTEST_ARGS replaces both passes with one run of what it names.
+# PYTEST_ARGS replaces both passes with one run of what it names (chosen here, by make, so
+# that quotes inside PYTEST_ARGS reach pytest as they were written).
+ifneq ($(strip $(PYTEST_ARGS)),)
+RUN_PYTEST = $(BIN)/python -m pytest $(COV_ARGS) $(PYTEST_ARGS); code=$$?
+else
+RUN_PYTEST = echo "== tests: every tier but tests/system, on parallel workers"; \
+	$(BIN)/python -m pytest $(COV_FIRST) --ignore=tests/system; code=$$?; \
+	echo "== tests/system: one test at a time"; \
+	$(BIN)/python -m pytest $(COV_LAST) -n 0 tests/system; second=$$?; \
+	[ $$code -ne 0 ] || code=$$second
+endif
+
 test: setup test-tools
 	$(BIN)/mypy
 	$(BIN)/ruff check mesh node tests scripts
-	@if [ -n "$(strip $(PYTEST_ARGS))" ]; then 	  $(BIN)/python -m pytest $(COV_ARGS) $(PYTEST_ARGS); code=$$?; first=$$code; second=0; 	else 	  echo "== tests: every tier but tests/system, on parallel workers"; 	  $(BIN)/python -m pytest $(COV_FIRST) --ignore=tests/system; first=$$?; 	  echo "== tests/system: one test at a time"; 	  $(BIN)/python -m pytest $(COV_LAST) -n 0 tests/system; second=$$?; 	  code=$$first; [ $$code -ne 0 ] || code=$$second; 	fi; 	if [ $$first -eq 5 ] || [ $$second -eq 5 ]; then echo "EDGEMESH-CI: pytest collected no tests (exit code 5)"; fi; \
+	@$(RUN_PYTEST); \
+	if [ $$code -eq 5 ]; then echo "EDGEMESH-CI: pytest collected no tests (exit code 5)"; fi; \
 	exit $$code
 
 bench: setup

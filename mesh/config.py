@@ -25,7 +25,6 @@ from mesh.ray import DEFAULT_NAMESPACE
 from mesh.settings import ENV_PREFIX, nested, same_as, setting
 from mesh.settings import add_arguments as add_arguments  # re-exported: the CLI and tests build flags with it
 from mesh.settings import from_arguments as from_arguments
-from mesh.settings import tuned_from_environment as tuned_from_environment
 
 LOOPBACK = "127.0.0.1"
 

@@ -19,17 +19,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mesh.config import GatewayConfig, UpConfig, check_ports_free, check_thread_counts, home_dir, parse_bytes
+from mesh.config import (
+    GatewayConfig,
+    Limits,
+    Timeouts,
+    UpConfig,
+    check_ports_free,
+    check_thread_counts,
+    home_dir,
+    parse_bytes,
+)
 from mesh.discovery import Peer
 from mesh.errors import ConfigError, ModelError
 from mesh.model_store import resolve
 from mesh.placement.planner import STRATEGIES, ModelProfile, Policy, replica_bytes
 from mesh.ready_file import GatewayReady, read_node_ready, write_ready
-from mesh.settings import as_flags, shared
+from mesh.settings import as_flags, env_names, shared
 from mesh.types import NodeId
 from node.compute import STAGE_OPENMP_ENV
 from node.probe import default_threads, memory
@@ -40,7 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NODE_START_TIMEOUT_S = 300.0  # a slow device may take minutes to hash and load a big model
-NODE_STOP_GRACE_S = 70.0  # a node drains for up to Timeouts.drain_s (60 s) before exiting
+NODE_STOP_GRACE_S = 70.0  # a node drains for up to Timeouts.drain_s (60 s by default) before exiting
+STOP_MARGIN_S = 10.0  # beyond a node's drain: its exit after the last stream
 PLACEMENT_TIMEOUT_S = 300.0  # the controller loads the model on the nodes within this
 
 
@@ -90,6 +101,21 @@ def expects_stages(profile: ModelProfile, strategy: str, memory_limit: str | int
     return bool(limit) and limit < replica_bytes(profile, Policy(n_ctx=n_ctx))
 
 
+def node_environment(parent: Mapping[str, str], cluster_key: str, stages: bool) -> dict[str, str]:
+    """The environment a node of `up` starts with. The key goes by environment, not argv, so
+    `ps` does not show it. The timeouts and limits go as flags (what `up` resolved from its
+    own flags and environment), and the parent's EDGEMESH_<FIELD> of those are left out: a
+    node would read one where `up` passed no flag because its own flag set the default back,
+    and then disagree with the gateway."""
+    nested = env_names(Timeouts) | env_names(Limits)
+    env = {name: value for name, value in parent.items() if name not in nested}
+    env["EDGEMESH_CLUSTER_KEY"] = cluster_key
+    if stages:
+        for variable, value in STAGE_OPENMP_ENV.items():
+            env.setdefault(variable, value)  # what the user set wins
+    return env
+
+
 def spawn_node(index: int, model_path: Path, options: UpConfig, cluster_key: str,
                workdir: Path, stages: bool) -> NodeProcess:
     name = f"node-{index + 1}"
@@ -110,11 +136,7 @@ def spawn_node(index: int, model_path: Path, options: UpConfig, cluster_key: str
         *[arg for sha in options.allowed_models for arg in ("--allow-model", sha)],
         *as_flags(options.timeouts), *as_flags(options.limits),  # the node's are the mesh's
     ]
-    # The key goes by environment, not argv, so `ps` does not show it.
-    env = {**os.environ, "EDGEMESH_CLUSTER_KEY": cluster_key}
-    if stages:
-        for variable, value in STAGE_OPENMP_ENV.items():
-            env.setdefault(variable, value)  # what the user set wins
+    env = node_environment(os.environ, cluster_key, stages)
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
     log.info("started %s (pid %d)", name, process.pid)
     return NodeProcess(name, process, ready)
@@ -238,7 +260,7 @@ async def _run_started_mesh(runtime: GatewayRuntime, options: UpConfig, model_pa
     finally:
         log.info("stopping the local mesh")
         gateway_stop.set()
-        await asyncio.to_thread(stop_nodes, nodes)
+        await asyncio.to_thread(stop_nodes, nodes, options.timeouts.drain_s + STOP_MARGIN_S)
         if gateway is not None:
             await asyncio.gather(gateway, return_exceptions=True)
 

@@ -30,6 +30,7 @@ from mesh.types import PipelineJob, StageOutput, StageStep, TokenEvent
 
 log = logging.getLogger(__name__)
 
+
 class StageLink(Protocol):
     """One run's way into one stage: the head's own layers, a step socket or a Forward stream."""
 
@@ -133,4 +134,3 @@ class PipelineRun:
             raise PeerError(f"the last stage on {self._links[last].address} returned no token", retryable=False,
                             node_id=self._job.stages[last].node_id)
         self._out = out
-

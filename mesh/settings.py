@@ -190,9 +190,9 @@ def from_environment(cls: type[T]) -> T:
     return from_arguments(cls, parser.parse_args([]))
 
 
-def tuned_from_environment(cls: type[T]) -> T:
-    """Timeouts or Limits from the environment alone (see from_environment)."""
-    return from_environment(cls)
+def env_names(cls: type[Any]) -> frozenset[str]:
+    """The EDGEMESH_<FIELD> variables of a config class's own fields."""
+    return frozenset(variable_of(f) for f in dataclasses.fields(cls))
 
 
 def as_flags(config: Any) -> list[str]:

@@ -1,10 +1,9 @@
 """GGUF inspection: metadata, per-layer byte sizes and the file's sha256.
 
-Reads the header with the `gguf` package (memory-mapped, so only touched pages are
-read), after checking it against the file's real size (`check_header`): the package
-trusts every count and length a file claims, and a hostile or damaged header could make
-it loop for hours or allocate what it claims. Shard extraction for shipping layers
-between nodes builds on `tensors_of_layers`.
+Reads the header with node.gguf_header (buffered reads that skip the vocabulary's arrays),
+after checking it against the file's real size (`check_header`): a hostile or damaged
+header must not make a reader loop for hours or allocate what it claims. Shard extraction
+for shipping layers between nodes builds on `tensors_of_layers`.
 """
 
 from __future__ import annotations
@@ -272,8 +271,8 @@ def chat_templates(path: Path, max_bytes: int) -> dict[str, str]:
 def _inspect_cached(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int) -> GgufSummary:
     # The gguf package's types table names the ggml types; its GGUFReader is not used: it builds
     # numpy objects for every element of the vocabulary and merges arrays, 6 s for SmolLM2's
-    # 49k tokens here, paid by every node and gateway start. The stage engine's header reader
-    # skips those arrays and reads the rest in buffered reads (0.2 s).
+    # 49k tokens here, paid by every node and gateway start. node.gguf_header skips those
+    # arrays and reads the rest in buffered reads (0.2 s).
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # heavy import, only when a file is inspected
 
     check_header(Path(path))  # first: every count and length the header claims fits the file
@@ -288,6 +287,8 @@ def _inspect_cached(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: i
     arch = meta.get("general.architecture", "")
     if not arch or not isinstance(arch, str):
         raise ModelError(f"{path} has no general.architecture")
+    if "\ufffd" in arch or not arch.isprintable():  # the reader replaces bytes that are not UTF-8
+        raise ModelError(f"{path} is not a usable GGUF file: general.architecture {arch[:40]!r} is not text")
     n_layers = count(f"{arch}.block_count")
     if n_layers > len(entries):  # every layer has tensors of its own
         raise ModelError(f"{path} is not a usable GGUF file: it claims {n_layers} layers but has "

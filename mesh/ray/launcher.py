@@ -27,6 +27,7 @@ from mesh.errors import ConfigError, ModelError
 from mesh.local_mesh import (
     NODE_START_TIMEOUT_S,
     NODE_STOP_GRACE_S,
+    STOP_MARGIN_S,
     announce,
     asked_stages,
     expects_stages,
@@ -194,7 +195,7 @@ async def run_ray_mesh(options: RayUpConfig, stop: asyncio.Event) -> None:
         finally:
             log.info("stopping the Ray mesh")
             left = {name: h for name, h in handles.items() if name not in watch.gone}
-            await asyncio.to_thread(stop_actors, ray, left)
+            await asyncio.to_thread(stop_actors, ray, left, options.timeouts.drain_s + STOP_MARGIN_S)
     finally:
         ray.shutdown()
 

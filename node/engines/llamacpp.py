@@ -33,7 +33,6 @@ from mesh.types import GenerationRequest, TokenEvent
 log = logging.getLogger(__name__)
 
 
-
 def _no_chat_formatting(**_kwargs: Any) -> NoReturn:
     """llama-cpp-python's chat handler, never used: this engine takes token ids, and chats are
     rendered by the gateway's sandboxed renderer (mesh.tokenizer)."""

@@ -483,17 +483,17 @@ def _no_env_tuning(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def test_timeouts_and_limits_are_tuned_from_the_environment(monkeypatch: pytest.MonkeyPatch,
                                                            _no_env_tuning: None) -> None:
-    from mesh.config import tuned_from_environment
     from mesh.errors import ConfigError
+    from mesh.settings import from_environment
 
     monkeypatch.setenv("EDGEMESH_HTTP_HEADER_S", "2.5")
     monkeypatch.setenv("EDGEMESH_MAX_HTTP_CONNECTIONS", "7")
-    assert tuned_from_environment(Timeouts).http_header_s == 2.5
-    assert tuned_from_environment(Limits).max_http_connections == 7
+    assert from_environment(Timeouts).http_header_s == 2.5
+    assert from_environment(Limits).max_http_connections == 7
     for bad in ("abc", "0", "-1", "nan", "inf"):
         monkeypatch.setenv("EDGEMESH_HTTP_HEADER_S", bad)
         with pytest.raises(ConfigError, match="EDGEMESH_HTTP_HEADER_S"):
-            tuned_from_environment(Timeouts)
+            from_environment(Timeouts)
     monkeypatch.setenv("EDGEMESH_MAX_HTTP_CONNECTIONS", "2.5")
     with pytest.raises(ConfigError, match="whole number"):
-        tuned_from_environment(Limits)
+        from_environment(Limits)

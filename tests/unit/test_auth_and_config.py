@@ -407,3 +407,22 @@ def test_a_pipeline_head_keeps_nothing_of_stage_nodes_it_could_not_check() -> No
         return kept
 
     assert asyncio.run(run()) == 0
+
+
+def test_a_node_of_up_takes_ups_flag_over_an_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up --connect-s 5` with EDGEMESH_CONNECT_S=1 exported: the flag is at its default, so up
+    passes no flag for it; the node must then not read the 1 s from its environment, or the
+    nodes and the gateway would disagree."""
+    from mesh.local_mesh import node_environment
+
+    monkeypatch.setenv(f"{ENV_PREFIX}CONNECT_S", "1")
+    monkeypatch.setenv(f"{ENV_PREFIX}MAX_BODY_BYTES", "77")
+    up = from_arguments(UpConfig, build_parser().parse_args(["up", "--connect-s", "5"]))
+    assert up.timeouts.connect_s == 5.0 and up.limits.max_body_bytes == 77
+    env = node_environment(dict(os.environ), "key", stages=False)
+    assert f"{ENV_PREFIX}CONNECT_S" not in env and env["EDGEMESH_CLUSTER_KEY"] == "key"
+    monkeypatch.delenv(f"{ENV_PREFIX}CONNECT_S")
+    monkeypatch.delenv(f"{ENV_PREFIX}MAX_BODY_BYTES")
+    node = from_arguments(NodeConfig, build_parser().parse_args(
+        ["node", *as_flags(up.timeouts), *as_flags(up.limits)]))
+    assert (node.timeouts, node.limits) == (up.timeouts, up.limits)

@@ -280,7 +280,10 @@ class UpConfig:
     n_ctx: int = same_as(NodeConfig, "n_ctx")
     memory_limit: str = setting("0", "memory each node may use, e.g. 60MB (0 = an equal share of free memory)")
     api_key: str = same_as(GatewayConfig, "api_key")
-    cluster_key: str = setting("", "cluster key (default: a fresh one for this mesh)", secret=True)
+    # Not from EDGEMESH_CLUSTER_KEY: that is the key of the real mesh a shell may be set up for,
+    # and a local mesh under it would take that mesh's nodes (found by mDNS) as its own.
+    cluster_key: str = setting("", "cluster key (default: a fresh one for this mesh)", secret=True,
+                               environment=False)
     ready_file: str = setting("", "write 'host port' of the gateway here once all nodes are up")
     policy: str = same_as(GatewayConfig, "policy")
     cloud_url: str = same_as(GatewayConfig, "cloud_url")

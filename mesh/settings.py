@@ -23,11 +23,12 @@ ENV_PREFIX = "EDGEMESH_"
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, secret: bool = False,
-            choices: Sequence[str] = ()) -> Any:
+            choices: Sequence[str] = (), environment: bool = True) -> Any:
     """A config field with its help text. `secret` fields are never shown in logs or help;
-    `choices` are the only values the flag takes."""
+    `choices` are the only values the flag takes; `environment=False`: the flag only, never
+    EDGEMESH_<FIELD> (a launcher's own key must not be the one exported for real nodes)."""
     return field(default=default, metadata={"help": help, "flag": flag, "secret": secret,
-                                            "choices": tuple(choices)})
+                                            "choices": tuple(choices), "environment": environment})
 
 
 def same_as(cls: type[Any], name: str) -> Any:
@@ -74,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type[Any], *, skip
 
 def _add_argument(parser: Any, f: dataclasses.Field[Any], *, positive: bool) -> None:
     flag, variable = flag_of(f), variable_of(f)
-    env = os.environ.get(variable)
+    env = os.environ.get(variable) if f.metadata.get("environment", True) else None
     help_text = f.metadata.get("help", "")
     default: Any = f.default
     value = default if env is None else _from_environment(variable, env, default, flag, positive)

@@ -131,6 +131,7 @@ class Launcher:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.procs: list[Proc] = []
+        self.owner = guards.current_owner()  # a module_launcher's processes are its fixture's
         self.cluster_key = secrets.token_urlsafe(24)
 
     def start(self, name: str, args: list[str], *, env: dict[str, str] | None = None,
@@ -145,6 +146,7 @@ class Launcher:
                                     env=full_env, cwd=REPO)
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
+        guards.adopt(self.owner, popen.pid)
         if wait_ready:
             proc.ready = wait_for_ready_file(proc, ready)
         return proc

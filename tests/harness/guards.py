@@ -115,6 +115,10 @@ def _child_pids() -> list[int]:
         return found
 
 
+def _children_with_pid(pid: int) -> frozenset[Child]:
+    return frozenset(c for c in _children() if c.pid == pid)
+
+
 def _children() -> frozenset[Child]:
     """Live (not zombie) child processes of this process."""
     found = set()
@@ -199,6 +203,7 @@ class LeakGuard:
         # session): a fixture may start processes through another of the same scope (page_url
         # through module_launcher), so the check waits until every fixture of that scope ended.
         self.ending: dict[pytest.Item | pytest.Collector, list[tuple[str, Snapshot]]] = {}
+        self.setting_up: list[Any] = []  # the broader-scope fixtures now being set up, innermost last
 
     def _owned_by_live_fixtures(self) -> Snapshot:
         owned = EMPTY
@@ -214,10 +219,17 @@ class LeakGuard:
         if fixturedef.scope == "function":
             return (yield)
         before = snapshot()
+        self.setting_up.append(fixturedef)
         try:
             return (yield)
         finally:
+            self.setting_up.remove(fixturedef)
             self.owned[fixturedef] = self.owned.get(fixturedef, EMPTY) | (snapshot() - before)
+
+    def adopt(self, owner: Any, pid: int) -> None:
+        """A child started for `owner` (a fixture still set up) while a test runs is `owner`'s."""
+        if owner in self.owned:
+            self.owned[owner] = self.owned[owner] | Snapshot(frozenset(), frozenset(), _children_with_pid(pid))
 
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_post_finalizer(self, fixturedef: Any,
@@ -302,9 +314,26 @@ def _started_by(thread: threading.Thread, owners: frozenset[threading.Thread]) -
     return False
 
 
+_GUARD: LeakGuard | None = None
+
+
+def current_owner() -> Any:
+    """The module-, class- or session-scoped fixture being set up now, or None (in a test).
+    A launcher made by such a fixture keeps this, and hands what it starts later to it (see
+    adopt): a class's network whose tests start nodes one by one owns those nodes."""
+    return _GUARD.setting_up[-1] if _GUARD is not None and _GUARD.setting_up else None
+
+
+def adopt(owner: Any, pid: int) -> None:
+    if _GUARD is not None and owner is not None:
+        _GUARD.adopt(owner, pid)
+
+
 def register(config: pytest.Config) -> None:
+    global _GUARD
     if os.environ.get(DISABLE_ENV) == "1":
         return
     become_subreaper()
     _record_parents()
-    config.pluginmanager.register(LeakGuard(), "edgemesh-leak-guard")
+    _GUARD = LeakGuard()
+    config.pluginmanager.register(_GUARD, "edgemesh-leak-guard")

@@ -299,9 +299,9 @@ def cloud() -> Iterator[StandIn]:
 
 
 def test_the_cloud_gets_the_system_prompt_and_its_answer_is_filtered_too(
-        module_launcher: Launcher, default_model: Path, workdir: Path, cloud: StandIn) -> None:
+        launcher: Launcher, default_model: Path, workdir: Path, cloud: StandIn) -> None:
     # No node at all: cloud-first sends every chat to the stand-in.
-    gateway = module_launcher.start("policy-cloud-gateway", [
+    gateway = launcher.start("policy-cloud-gateway", [
         "gateway", "--model", str(default_model), "--port", "0", "--no-discovery", "--policy", "cloud-first",
         "--cloud-url", cloud.url, *policy_flags(workdir), "--deny-pattern", r"office\s?assistant"])
     url = gateway_url(gateway)

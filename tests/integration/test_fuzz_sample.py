@@ -35,7 +35,11 @@ MEMORY_GROWTH_LIMIT = 50 * 2**20
 @pytest.fixture(scope="module")
 def mesh(module_launcher: Launcher) -> Iterator[fz.FuzzMesh]:
     model = fz.write_chat_model(module_launcher.workdir / "model")
-    started = fz.start_mesh(module_launcher, model, with_gateway=True)
+    # These processes' memory is measured: coverage's tracer (on in `make test`, handed to
+    # children through COVERAGE_PROCESS_CONFIG) would add its own growth to theirs.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("COVERAGE_PROCESS_CONFIG", "")
+        started = fz.start_mesh(module_launcher, model, with_gateway=True)
     yield started
     started.silent.close()  # the processes are stopped by module_launcher
 

@@ -47,12 +47,12 @@ def _answer_within(address: tuple[str, int], send: bytes, limit_s: float) -> tup
         return answer, time.monotonic() - started
 
 
-def test_a_gateway_takes_a_timeout_from_a_flag_and_another_from_the_environment(module_launcher: Launcher,
+def test_a_gateway_takes_a_timeout_from_a_flag_and_another_from_the_environment(launcher: Launcher,
                                                                                tiny_model: Path) -> None:
     assert Timeouts().http_body_s > 5 * SHORT_S and Timeouts().http_header_s > 5 * SHORT_S
-    proc = module_launcher.start("gateway", ["gateway", "--model", str(tiny_model), "--port", "0", "--no-discovery",
-                                             "--http-body-s", str(SHORT_S)],
-                                 env={"EDGEMESH_HTTP_HEADER_S": str(SHORT_S)})
+    proc = launcher.start("gateway", ["gateway", "--model", str(tiny_model), "--port", "0", "--no-discovery",
+                                      "--http-body-s", str(SHORT_S)],
+                          env={"EDGEMESH_HTTP_HEADER_S": str(SHORT_S)})
     host, port = gateway_url(proc).removeprefix("http://").rsplit(":", 1)
     address = (host, int(port))
     # --http-body-s: a body that never arrives is answered 408 after it, not after a minute.
@@ -65,12 +65,12 @@ def test_a_gateway_takes_a_timeout_from_a_flag_and_another_from_the_environment(
     assert SHORT_S * 0.9 <= took < SHORT_S + 3, (took, answer[:200])
 
 
-def test_a_node_takes_a_timeout_from_the_environment(module_launcher: Launcher, tiny_model: Path) -> None:
+def test_a_node_takes_a_timeout_from_the_environment(launcher: Launcher, tiny_model: Path) -> None:
     """A node's metrics server cuts a connection not done within Timeouts.connect_s (default 5 s).
     (That a flag wins over the variable is the same code for every command: the unit tests.)"""
     assert Timeouts().connect_s >= 5 * SHORT_S
-    proc = module_launcher.start("node", ["node", "--model", str(tiny_model), "--name", "node", "--port", "0",
-                                          "--metrics-port", "0", "--step-port", "0", "--threads", "1",
-                                          "--no-advertise"], env={"EDGEMESH_CONNECT_S": str(SHORT_S)})
+    proc = launcher.start("node", ["node", "--model", str(tiny_model), "--name", "node", "--port", "0",
+                                   "--metrics-port", "0", "--step-port", "0", "--threads", "1",
+                                   "--no-advertise"], env={"EDGEMESH_CONNECT_S": str(SHORT_S)})
     _, took = _answer_within(("127.0.0.1", int(proc.ready[2])), b"GET /metrics HTTP/1.1\r\n", 15)
     assert SHORT_S * 0.9 <= took < SHORT_S + 2.5, took

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.harness import processes
+from tests.harness import guards, processes
 
 NET = ipaddress.ip_network("198.18.0.0/15")
 FIRST_HOST = 10  # host i is 198.18.<k>.<FIRST_HOST + i>
@@ -106,6 +106,7 @@ class TestNet:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._namespaces: list[str] = []
         self._links: list[str] = []
+        self.owner = guards.current_owner()  # a class's or module's network owns what it starts
 
     # ------------------------------------------------------------------ set-up
 
@@ -179,6 +180,7 @@ class TestNet:
         """Start argv inside host i's namespace, in its own session; its group is ended on exit."""
         process = processes.popen(["ip", "netns", "exec", self.hosts[i].ns, *argv], **kwargs)
         self._procs.append(process)
+        guards.adopt(self.owner, process.pid)
         return process
 
     @staticmethod

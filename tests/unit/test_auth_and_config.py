@@ -426,3 +426,14 @@ def test_a_node_of_up_takes_ups_flag_over_an_environment_variable(monkeypatch: p
     node = from_arguments(NodeConfig, build_parser().parse_args(
         ["node", *as_flags(up.timeouts), *as_flags(up.limits)]))
     assert (node.timeouts, node.limits) == (up.timeouts, up.limits)
+
+
+def test_up_makes_its_own_key_whatever_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EDGEMESH_CLUSTER_KEY is a real mesh's key (the nodes read it): `up` under it would take
+    that mesh's nodes, found by mDNS, for its own. Only --cluster-key gives `up` a key."""
+    monkeypatch.setenv("EDGEMESH_CLUSTER_KEY", "the-office-mesh-key-0123456789")
+    assert from_arguments(UpConfig, build_parser().parse_args(["up"])).cluster_key == ""
+    assert from_arguments(RayUpConfig, build_parser().parse_args(["ray", "up"])).cluster_key == ""
+    given = from_arguments(UpConfig, build_parser().parse_args(["up", "--cluster-key", "k" * 24]))
+    assert given.cluster_key == "k" * 24
+    assert from_arguments(NodeConfig, build_parser().parse_args(["node"])).cluster_key.startswith("the-office")

@@ -41,7 +41,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.processes import group_members
+from tests.harness.processes import group_members, proc_table
 
 # How long a thread or child that is ending gets before it counts as leaked (the guards' own
 # tests shorten it, as their leaks are deliberate).
@@ -105,14 +105,7 @@ def _child_pids() -> list[int]:
                     pids.extend(int(pid) for pid in f.read().split())
         return pids
     except OSError:
-        me = str(os.getpid())
-        found = []
-        for entry in os.listdir("/proc"):
-            with contextlib.suppress(OSError, IndexError):
-                with open(f"/proc/{entry}/stat") as f:
-                    if entry.isdigit() and f.read().rpartition(")")[2].split()[1] == me:
-                        found.append(int(entry))
-        return found
+        return [row.pid for row in proc_table() if row.ppid == os.getpid()]
 
 
 def _children_with_pid(pid: int) -> frozenset[Child]:

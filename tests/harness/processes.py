@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Any
 
 POLL_S = 0.05
@@ -54,16 +55,16 @@ def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of process group `pgid`. Zombies that are this process's
     children (orphans reparented to us as child subreaper, see guards.py) are reaped here."""
     members = []
-    for pid, state, ppid, pgrp in _proc_table():
-        if pgrp != pgid:
+    for row in proc_table():
+        if row.pgrp != pgid:
             continue
-        if state == "Z":
-            if ppid == os.getpid() and pid != pgid:
+        if row.state == "Z":
+            if row.ppid == os.getpid() and row.pid != pgid:
                 # An orphan handed to us; never the leader, whose Popen reaps it itself.
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
+                    os.waitpid(row.pid, os.WNOHANG)
             continue
-        members.append(pid)
+        members.append(row.pid)
     return members
 
 
@@ -118,8 +119,19 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def _proc_table() -> list[tuple[int, str, int, int]]:
-    """(pid, state, ppid, pgrp) of every process, from /proc (Linux)."""
+@dataclass(frozen=True)
+class ProcRow:
+    """One process, as /proc/<pid>/stat tells it."""
+
+    pid: int
+    state: str  # "Z" for a zombie
+    ppid: int
+    pgrp: int
+    session: int
+
+
+def proc_table() -> list[ProcRow]:
+    """Every process of the machine, from /proc (Linux)."""
     rows = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -129,5 +141,5 @@ def _proc_table() -> list[tuple[int, str, int, int]]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue  # ended while we looked
-        rows.append((int(entry), fields[0], int(fields[1]), int(fields[2])))
+        rows.append(ProcRow(int(entry), fields[0], int(fields[1]), int(fields[2]), int(fields[3])))
     return rows

@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, Launcher, Proc, gateway_url, stream_completion, wait_for_nodes
+from tests.harness.processes import proc_table
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs the ray extra: pip install -e .[ray]")
 
@@ -204,18 +205,7 @@ def test_sigkill_of_a_node_actor_mid_stream_replays_and_ray_restarts_it(ray_mesh
 
 def _session_pids(sid: int) -> list[int]:
     """Live processes of one session: everything a `ray start` we ran has spawned."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(entry))
-    return pids
+    return [row.pid for row in proc_table() if row.state != "Z" and row.session == sid]
 
 
 def _stop_session(sid: int, grace_s: float = 10.0) -> None:

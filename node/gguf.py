@@ -23,7 +23,7 @@ from typing import Any
 
 from mesh.errors import ModelError
 from mesh.provenance import MAX_TEXT, MetaValue, Provenance, from_metadata
-from node.gguf_header import ArrayLength, read_gguf_header
+from node.gguf_header import SCALAR_FORMATS, ArrayLength
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,26 @@ class _HeaderWalk:
         except UnicodeDecodeError:
             raise self.fail(f"{what} at offset {self.pos - n} is not UTF-8") from None
 
+    def value(self, vtype: int, key: str) -> Any:
+        """A metadata value: a scalar as it is, a string as UTF-8 (bytes that are not are
+        replaced), an array skipped and stood for by its length (an ArrayLength)."""
+        if vtype in SCALAR_FORMATS:
+            fmt = SCALAR_FORMATS[vtype]
+            self.need(struct.calcsize(fmt), f"the value of {key}")
+            (value,) = struct.unpack_from(fmt, self.data, self.pos)
+            self.pos += struct.calcsize(fmt)
+            return value
+        if vtype == _STRING:
+            n = self.unpack("<Q", f"the value of {key}")
+            self.need(n, f"the value of {key}")
+            raw = bytes(self.data[self.pos:self.pos + n])
+            self.pos += n
+            return raw.decode("utf-8", errors="replace")
+        start = self.pos
+        self.skip_value(vtype, key)  # refuses what is neither a scalar, a string nor an array
+        (count,) = struct.unpack_from("<Q", self.data, start + 4)  # after the element type
+        return ArrayLength(count)
+
     def skip_value(self, vtype: int, key: str) -> None:
         if vtype in _SCALAR_BYTES:
             self.need(_SCALAR_BYTES[vtype], f"the value of {key}")
@@ -151,10 +171,20 @@ class _HeaderWalk:
             raise self.fail(f"{key} has unknown value type {vtype}")
 
 
-def check_header(path: Path) -> None:
+@dataclass(frozen=True)
+class CheckedHeader:
+    """What check_header read on its way: the metadata (arrays by their length), and each
+    tensor as (name, ggml type, shape, bytes, absolute offset of its data)."""
+
+    metadata: dict[str, Any]
+    tensors: tuple[tuple[str, int, tuple[int, ...], int, int], ...]
+
+
+def check_header(path: Path) -> CheckedHeader:
     """Check a GGUF header against the file it is in: magic, version, that every count,
-    length and tensor (type, shape, offset and size) fits in the file's real bytes. Raises
-    ModelError naming what is wrong; allocates nothing of the sizes the header claims."""
+    length and tensor (type, shape, offset and size) fits in the file's real bytes, and
+    return what it says. Raises ModelError naming what is wrong; allocates nothing of the
+    sizes the header claims."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # heavy import, only when a file is checked
 
     try:
@@ -180,12 +210,11 @@ def check_header(path: Path) -> None:
             raise w.fail(f"it claims {n_tensors} tensors and {n_kv} metadata entries, more than "
                          f"{size} bytes can hold")
         alignment = _DEFAULT_ALIGNMENT
-        keys: set[str] = set()
+        metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = w.text("a metadata key")
-            if key in keys:
+            if key in metadata:
                 raise w.fail(f"metadata key {key} appears twice")
-            keys.add(key)
             vtype = w.unpack("<I", f"the type of {key}")
             if key == "general.alignment":
                 if vtype != _UINT32:
@@ -193,9 +222,10 @@ def check_header(path: Path) -> None:
                 alignment = w.unpack("<I", "general.alignment")
                 if alignment == 0 or alignment & (alignment - 1):
                     raise w.fail(f"general.alignment {alignment} is not a power of two")
+                metadata[key] = alignment
                 continue
-            w.skip_value(vtype, key)
-        entries: list[tuple[str, int, int, int]] = []  # name, ggml type, bytes, offset in the data
+            metadata[key] = w.value(vtype, key)
+        entries: list[tuple[str, int, tuple[int, ...], int, int]] = []  # name, type, shape, bytes, offset in the data
         names: set[str] = set()
         for _ in range(n_tensors):
             name = w.text("a tensor name", limit=_MAX_NAME)
@@ -217,14 +247,16 @@ def check_header(path: Path) -> None:
             elements = 1
             for d in shape:  # Python integers: an absurd shape cannot overflow, it is just too big
                 elements *= d
-            entries.append((name, ggml_type, elements // block * type_bytes, offset))
+            entries.append((name, ggml_type, tuple(shape), elements // block * type_bytes, offset))
         data_start = -(-w.pos // alignment) * alignment
-        for name, _type, n_bytes, offset in entries:
+        for name, _type, _shape, n_bytes, offset in entries:
             if offset % alignment:
                 raise w.fail(f"tensor {name} starts at {offset}, not a multiple of the alignment {alignment}")
             if data_start + offset + n_bytes > size:
                 raise w.fail(f"tensor {name} ({n_bytes} bytes at {data_start + offset}) lies past the end "
                              f"of the file ({size} bytes): truncated or corrupt")
+    return CheckedHeader(metadata, tuple((name, ggml_type, shape, n_bytes, data_start + offset)
+                                         for name, ggml_type, shape, n_bytes, offset in entries))
 
 
 CHAT_TEMPLATE_KEY = "tokenizer.chat_template"  # and "tokenizer.chat_template.<name>": llama.cpp reads both
@@ -271,12 +303,12 @@ def chat_templates(path: Path, max_bytes: int) -> dict[str, str]:
 def _inspect_cached(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int) -> GgufSummary:
     # The gguf package's types table names the ggml types; its GGUFReader is not used: it builds
     # numpy objects for every element of the vocabulary and merges arrays, 6 s for SmolLM2's
-    # 49k tokens here, paid by every node and gateway start. node.gguf_header skips those
-    # arrays and reads the rest in buffered reads (0.2 s).
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # heavy import, only when a file is inspected
+    # 49k tokens here, paid by every node and gateway start. check_header's one walk skips
+    # those arrays and has read the rest by the time it has checked it (0.2 s).
+    from gguf import GGMLQuantizationType  # heavy import, only when a file is inspected
 
-    check_header(Path(path))  # first: every count and length the header claims fits the file
-    meta, entries, data_start = read_gguf_header(Path(path))
+    header = check_header(Path(path))
+    meta, entries = header.metadata, header.tensors
 
     def count(key: str) -> int:
         value = meta.get(key, 0)
@@ -294,18 +326,9 @@ def _inspect_cached(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: i
         raise ModelError(f"{path} is not a usable GGUF file: it claims {n_layers} layers but has "
                          f"{len(entries)} tensors")
     tokens = meta.get("tokenizer.ggml.tokens", 0)
-    tensors = []
-    for name, ggml_type, shape, offset in entries:
-        try:
-            kind = GGMLQuantizationType(ggml_type)
-        except ValueError:  # check_header has refused unknown types already; kept for the reader's sake
-            raise ModelError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
-        block, block_bytes = GGML_QUANT_SIZES[kind]
-        elements = 1
-        for dim in shape:
-            elements *= dim
-        tensors.append(TensorEntry(name=name, ggml_type=kind.name, shape=tuple(shape),
-                                   n_bytes=elements * block_bytes // block, data_offset=data_start + offset))
+    tensors = tuple(TensorEntry(name=name, ggml_type=GGMLQuantizationType(ggml_type).name, shape=shape,
+                                n_bytes=n_bytes, data_offset=offset)
+                    for name, ggml_type, shape, n_bytes, offset in entries)
     general_name = meta.get("general.name")
     return GgufSummary(
         general=_general_metadata(meta),
@@ -317,7 +340,7 @@ def _inspect_cached(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: i
         n_embd=count(f"{arch}.embedding_length"),
         n_vocab=int(tokens) if isinstance(tokens, int) else 0,
         file_bytes=size,
-        tensors=tuple(tensors),
+        tensors=tensors,
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 from mesh.errors import ModelError
 
 _MAGIC = b"GGUF"
-_SCALARS: dict[int, str] = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+SCALAR_FORMATS: dict[int, str] = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                             10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _DEFAULT_ALIGNMENT = 32
@@ -70,17 +70,17 @@ class _Reader:
         self.skip(self.unpack("<Q"))
 
     def value(self, vtype: int, keep_array: bool) -> Any:
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
+        if vtype in SCALAR_FORMATS:
+            return self.unpack(SCALAR_FORMATS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
             etype = self.unpack("<I")
-            if etype in _SCALARS:
-                size = struct.calcsize(_SCALARS[etype])
+            if etype in SCALAR_FORMATS:
+                size = struct.calcsize(SCALAR_FORMATS[etype])
                 count = self.count(size)
                 if keep_array:
-                    return list(struct.unpack(f"<{count}{_SCALARS[etype][1]}", self.take(size * count)))
+                    return list(struct.unpack(f"<{count}{SCALAR_FORMATS[etype][1]}", self.take(size * count)))
                 self.skip(size * count)
                 return ArrayLength(count)
             if etype == _STRING:

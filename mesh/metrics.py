@@ -55,8 +55,9 @@ class NodeMetrics:
         self.bytes_out = Counter("edgemesh_node_bytes_sent_total", "Payload bytes sent in RPCs",
                                  registry=registry)
         self.pipeline_bytes = Counter("edgemesh_node_pipeline_bytes_total",
-                                      "Hidden-state bytes this node, heading a pipeline, sent from one stage to "
-                                      "the next", registry=registry)
+                                      "Hidden-state bytes this node sent to the next stage of a pipeline (a ring's "
+                                      "stages count their own hop; a hub's head counts every hop)",
+                                      registry=registry)
         self.stage_step = Histogram("edgemesh_node_stage_step_seconds",
                                     "Compute time of one pipeline-stage step, by kind (prefill or decode)",
                                     ["kind"], buckets=LATENCY_BUCKETS, registry=registry)

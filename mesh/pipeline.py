@@ -1,13 +1,16 @@
 """Drive one session through the stages of a pipeline.
 
 The head of a pipeline (the node of stage 0, see node.pipeline_head) runs this: it feeds its
-own layers the token ids, sends each later stage the hidden states of the one before over a
-connection of the run's own (the step socket, or a Forward stream), and gets the sampled
-token from the last stage. A step goes through every stage on one driver thread per run,
-so the event loop is woken once per token, not once per stage. The steps (prefill chunks,
-a failover's replay one token per step, then decode) are the generation loop's, shared
-with the replica engine (mesh.generation), so both produce the same tokens. Every stage's slot is freed
-when the run ends, however it ends: closing the links makes each stage release the session.
+own layers the token ids and hands their hidden states to the later stages, which return the
+last stage's sampled token. The later stages are a ring (mesh.transport.ring: each stage
+sends its output straight to the next, the last stage's token comes back to the head, N
+one-way hops a token) or, where a ring cannot be had, a hub (HubStages: the head sends each
+later stage its step and waits for its reply). A step goes through every stage on one driver
+thread per run, so the event loop is woken once per token, not once per stage. The steps
+(prefill chunks, a failover's replay one token per step, then decode) are the generation
+loop's, shared with the replica engine (mesh.generation), so both produce the same tokens.
+Every stage's slot is freed when the run ends, however it ends: closing the links makes each
+stage release the session.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import threading
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -46,17 +50,85 @@ class StageLink(Protocol):
         """On the driver thread after the last step: the stage frees the sessions opened on it."""
 
 
-class PipelineRun:
-    """`links[i]` reaches `job.stages[i]`; the run owns the links and closes them when it ends.
-    It is the generation loop's Stepper (mesh.generation): a step goes through every stage,
-    and the last stage samples the token after it."""
+class LaterStages(Protocol):
+    """Every stage after the head's, for one run: a ring (mesh.transport.ring) or a hub."""
 
-    def __init__(self, job: PipelineJob, links: Sequence[StageLink], count_sent: Callable[[int], None]) -> None:
-        if len(links) != len(job.stages):
-            raise ValueError("one link per stage")
-        self._job = job
+    address: str
+
+    def run(self, steps: Sequence[StageStep]) -> StageOutput:
+        """One step through them all (steps[0] carries the head's hidden states), blocking, on the
+        driver thread; the last stage's output. A PeerError names the node that failed."""
+
+    def interrupt(self) -> None:
+        """From any thread: end a step in progress soon."""
+
+    def close(self) -> None:
+        """On the driver thread after the last step."""
+
+
+class HubStages:
+    """The head sends each later stage its step and waits for its reply: 2(N-1) one-way hops a
+    token. Used where a ring is not to be had: one later stage (where the two are the same), or
+    a later stage whose node has no step socket (its Forward stream answers each step back)."""
+
+    def __init__(self, links: Sequence[StageLink], nodes: Sequence[str],
+                 count_sent: Callable[[int], None]) -> None:
+        if len(links) != len(nodes) or not links:
+            raise ValueError("one link per later stage")
+        self.address = links[0].address
         self._links = links
-        self._count_sent = count_sent  # hidden-state bytes handed from one stage to the next
+        self._nodes = nodes
+        self._count_sent = count_sent
+
+    def run(self, steps: Sequence[StageStep]) -> StageOutput:
+        out = StageOutput(step=steps[0].step)
+        hidden = steps[0].hidden
+        last = len(self._links) - 1
+        for index, link in enumerate(self._links):
+            try:
+                out = link.step(replace(steps[index], hidden=hidden))
+            except PeerError as exc:
+                exc.node_id = self._nodes[index]  # so the scheduler replaces this stage's node, not the whole chain
+                raise
+            if index < last:
+                hidden = _checked_hidden(out, steps[index].n_tokens, link.address, self._nodes[index])
+                self._count_sent(hidden.nbytes)
+        return out
+
+    def interrupt(self) -> None:
+        for link in self._links:
+            link.interrupt()
+
+    def close(self) -> None:
+        for link in self._links:
+            try:
+                link.close()
+            except Exception:
+                log.exception("closing the link to %s failed", link.address)
+
+
+def _checked_hidden(out: StageOutput, n_tokens: int, address: str, node_id: str | None,
+                    ) -> npt.NDArray[np.float32]:
+    if out.hidden is None or out.hidden.shape[0] != n_tokens:
+        raise PeerError(f"the stage on {address} returned no hidden states for {n_tokens} tokens",
+                        retryable=False, node_id=node_id)
+    return out.hidden
+
+
+class PipelineRun:
+    """`head` runs `job.stages[0]` (the head's own layers), `later` the rest (None: the head's
+    layers are the whole model); the run owns both and
+    closes them when it ends. It is the generation loop's Stepper (mesh.generation): a step
+    goes through every stage, and the last stage samples the token after it."""
+
+    def __init__(self, job: PipelineJob, head: StageLink, later: LaterStages | None,
+                 count_sent: Callable[[int], None]) -> None:
+        if (later is None) != (len(job.stages) == 1):
+            raise ValueError("later stages exactly when the pipeline has more than one")
+        self._job = job
+        self._head = head
+        self._later = later
+        self._count_sent = count_sent  # hidden-state bytes the head hands to the next stage
         self._step = 0
         # fresh per attempt: a replay never collides with the sessions of the attempt it replaces
         self._session_id = f"{job.request.request_id}-{uuid.uuid4().hex[:8]}"
@@ -75,15 +147,18 @@ class PipelineRun:
                 yield event
         finally:
             stop.set()
-            for link in self._links:
+            for link in self._links():
                 link.interrupt()  # a no-op after the last step; cuts a step still running when abandoned
             # Both on the driver, after whatever step it is still in, so no release overtakes a step.
             driver.submit(tokens.close)
             driver.submit(self._close_links)
             driver.shutdown(wait=False)
 
+    def _links(self) -> list[StageLink | LaterStages]:
+        return [self._head] if self._later is None else [self._head, self._later]
+
     def _close_links(self) -> None:
-        for link in self._links:
+        for link in self._links():
             try:
                 link.close()
             except Exception:
@@ -106,31 +181,23 @@ class PipelineRun:
         # The penalty window is all the last stage needs of the history, and only if a penalty is on.
         window = sampling.repeat_last_n if sampling.penalised else 0
         recent = tuple(history[-window:]) if window > 0 else ()
-        hidden: npt.NDArray[np.float32] | None = None
-        out = StageOutput(step=self._step)
-        last = len(self._links) - 1
-        for index, link in enumerate(self._links):
-            stage = self._job.stages[index]
-            step = StageStep(
-                session_id=self._session_id, model_sha256=request.model_sha256, layers=stage.layers,
-                start_position=start, tokens=tuple(tokens) if index == 0 else None, hidden=hidden,
-                sampling=sampling, logprobs=request.logprobs,
-                step=self._step, history=recent if index == last else (),
-                top_logprobs=request.top_logprobs if index == last else 0,
-                constraint=request.constraint if index == last and first else None,
-                generated=tuple(tokens) if index == last and constrained and generated else ())
-            try:
-                out = link.step(step)
-            except PeerError as exc:
-                exc.node_id = stage.node_id  # so the scheduler replaces this stage's node, not the whole chain
-                raise
-            if index < last:
-                if out.hidden is None or out.hidden.shape[0] != len(tokens):
-                    raise PeerError(f"stage {index} on {link.address} returned no hidden states for "
-                                    f"{len(tokens)} tokens", retryable=False, node_id=stage.node_id)
-                hidden = out.hidden
-                self._count_sent(hidden.nbytes)
+        last = len(self._job.stages) - 1
+        steps = [StageStep(
+            session_id=self._session_id, model_sha256=request.model_sha256, layers=stage.layers,
+            start_position=start, tokens=tuple(tokens) if index == 0 else None, hidden=None,
+            sampling=sampling, logprobs=request.logprobs,
+            step=self._step, history=recent if index == last else (),
+            top_logprobs=request.top_logprobs if index == last else 0,
+            constraint=request.constraint if index == last and first else None,
+            generated=tuple(tokens) if index == last and constrained and generated else ())
+            for index, stage in enumerate(self._job.stages)]
+        out = self._head.step(steps[0])
+        if self._later is not None:
+            hidden = _checked_hidden(out, len(tokens), self._head.address, self._job.stages[0].node_id)
+            self._count_sent(hidden.nbytes)
+            steps[1] = replace(steps[1], hidden=hidden)
+            out = self._later.run(steps[1:])
         if out.token_id is None:
-            raise PeerError(f"the last stage on {self._links[last].address} returned no token", retryable=False,
-                            node_id=self._job.stages[last].node_id)
+            raise PeerError(f"the last stage of {self._job.stages[last].node_id} returned no token",
+                            retryable=False, node_id=self._job.stages[last].node_id)
         self._out = out

@@ -251,6 +251,15 @@ class PipelineHop:
 
 
 @dataclass(frozen=True)
+class RingHop:
+    """Where a stage of a ring hands its output: the step socket of the next stage's node."""
+
+    node_id: NodeId
+    host: str
+    step_port: int
+
+
+@dataclass(frozen=True)
 class PipelineJob:
     """A whole pipeline request, handed to the node of stage 0 (see node.pipeline_head)."""
 

@@ -16,21 +16,23 @@ same address is checked again.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 from mesh.config import Limits, Timeouts
 from mesh.discovery import parse_host_port
 from mesh.errors import ConfigError, EdgeMeshError, InvalidInput, NotFound, PeerError, Unauthenticated
-from mesh.pipeline import PipelineRun, StageLink
+from mesh.pipeline import HubStages, LaterStages, PipelineRun, StageLink
 from mesh.sampling import check_request
 from mesh.transport.channels import NodeClient, StageStream
+from mesh.transport.ring import RingLink
 from mesh.transport.step_socket import StepConnection
-from mesh.types import NodeId, PipelineHop, PipelineJob, StageOutput, StageStep, TokenEvent
+from mesh.types import NodeId, PipelineHop, PipelineJob, RingHop, StageOutput, StageStep, TokenEvent
 from node.compute import ComputeThread
 from node.stage_host import StageHost
 
@@ -100,11 +102,69 @@ class PeerLinks:
         self._peers: dict[tuple[str, NodeId], CheckedStageNode] = {}
         self._checking: dict[tuple[str, NodeId], asyncio.Lock] = {}
 
+    async def open_later(self, hops: Sequence[PipelineHop], step_timeout_s: float,
+                         count_sent: Callable[[int], None]) -> LaterStages | None:
+        """Connections of the run's own to the nodes of the later stages: a ring when there are
+        two or more and every one has a step socket, else a hub (mesh.pipeline). `count_sent`
+        counts the hidden-state bytes a hub's head sends on (a ring's stages count their own)."""
+        if not hops:
+            return None  # the head's layers are the whole model
+        peers = [await self._peer(hop) for hop in hops]
+        if len(hops) >= 2 and all(peer.step_port for peer in peers):
+            first = await self._open_step(hops[0], peers[0], step_timeout_s)
+            try:
+                back = await self._open_step(hops[-1], peers[-1], step_timeout_s)
+            except BaseException:
+                first.close()
+                raise
+            ring = [RingHop(hop.node_id, peer.host, peer.step_port) for hop, peer in zip(hops, peers, strict=True)]
+            loop = asyncio.get_running_loop()
+
+            def unresponsive(nodes: Sequence[NodeId]) -> NodeId | None:
+                checking = asyncio.run_coroutine_threadsafe(self.first_unresponsive(hops), loop)
+                try:
+                    return checking.result(timeout=self._timeouts.head_margin_s * 0.75)
+                except (TimeoutError, concurrent.futures.CancelledError):  # no answer: the last stage is named
+                    checking.cancel()
+                    return None
+
+            return RingLink(first, back, ring, self._timeouts, step_timeout_s, unresponsive)
+        links: list[StageLink] = []
+        try:
+            for hop in hops:
+                links.append(await self.open_link(hop, step_timeout_s))
+        except BaseException:
+            for link in links:
+                link.close()
+            raise
+        return HubStages(links, [hop.node_id for hop in hops], count_sent)
+
+    async def first_unresponsive(self, hops: Sequence[PipelineHop]) -> NodeId | None:
+        """The first of these stages' nodes that does not answer Info in time (a stuck ring).
+        Within half the margin the gateway gives a head past its step deadline, so that the
+        head's answer, naming the stage, reaches the gateway before the gateway gives up on it."""
+        probe_s = min(self._timeouts.info_rpc_s, self._timeouts.head_margin_s / 2)
+        async def answers(hop: PipelineHop) -> bool:
+            peer = self._peers.get((hop.address, hop.node_id))
+            if peer is None:
+                return False
+            try:
+                await asyncio.wait_for(peer.client.info(), probe_s)
+            except (EdgeMeshError, TimeoutError):
+                return False
+            return True
+
+        results = await asyncio.gather(*(answers(hop) for hop in hops))
+        return next((hop.node_id for hop, ok in zip(hops, results, strict=True) if not ok), None)
+
     async def open_link(self, hop: PipelineHop, step_timeout_s: float) -> StageLink:
         """A connection of its own to the node of a later stage, for one run."""
         peer = await self._peer(hop)
         if peer.step_port == 0:
             return ForwardStageLink(peer.client.open_forward(step_timeout_s), asyncio.get_running_loop())
+        return await self._open_step(hop, peer, step_timeout_s)
+
+    async def _open_step(self, hop: PipelineHop, peer: CheckedStageNode, step_timeout_s: float) -> StepConnection:
         if peer.step_port > 65535:
             raise PeerError(f"stage node {hop.node_id} advertises step port {peer.step_port}", node_id=hop.node_id)
         opening = asyncio.ensure_future(asyncio.to_thread(
@@ -199,15 +259,8 @@ class PipelineHead:
 
     async def run(self, job: PipelineJob) -> AsyncGenerator[TokenEvent, None]:
         self.check(job)
-        links: list[StageLink] = [LocalStageLink(self._stages, self._compute)]
-        try:
-            for hop in job.stages[1:]:
-                links.append(await self._peers.open_link(hop, job.step_timeout_s))
-        except BaseException:
-            for link in links:
-                link.close()
-            raise
-        run = PipelineRun(job, links, self._count_sent)
+        later = await self._peers.open_later(job.stages[1:], job.step_timeout_s, self._count_sent)
+        run = PipelineRun(job, LocalStageLink(self._stages, self._compute), later, self._count_sent)
         try:
             async with contextlib.aclosing(run.generate()) as events:
                 async for event in events:

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
 
-from mesh.errors import Unavailable
+from mesh.errors import InvalidInput, Unavailable
 from mesh.metrics import NodeMetrics
 from mesh.transport import convert
 from mesh.transport.generated import edgemesh_pb2 as pb
+from mesh.transport.ring import check_ring_fields
 from mesh.types import StageOutput, StageStep
 from node.compute import ComputeThread
 from node.stage_host import StageHost
@@ -29,9 +30,15 @@ class StageSteps:
         self._metrics = metrics
         self._draining = draining
 
-    def start(self, msg: pb.ForwardRequest, opened: set[str]) -> tuple[StageStep, Future[StageOutput]]:
+    def start(self, msg: pb.ForwardRequest, opened: set[str], *, ring: bool = False,
+              ) -> tuple[StageStep, Future[StageOutput]]:
         """Check a ForwardRequest and queue its step on the compute thread (InvalidInput,
-        Unavailable while draining for a session not yet open on this connection)."""
+        Unavailable while draining for a session not yet open on this connection). `ring`: the
+        step came on the step socket, where a step may go on round a ring (mesh.transport.ring)."""
+        if ring:
+            check_ring_fields(msg)
+        elif msg.onward or msg.route or msg.reply_on_return:
+            raise InvalidInput("ring steps go over the step socket, not a Forward stream")
         step = convert.stage_step_from_pb(msg)
         if self._draining() and step.session_id not in opened:
             raise Unavailable("node is draining and takes no new sessions")

@@ -12,6 +12,7 @@ every session opened on a connection is released when the connection ends, howev
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import selectors
@@ -35,11 +36,14 @@ from mesh.errors import (
     Unavailable,
 )
 from mesh.metrics import NodeMetrics
+from mesh.transport import ring
 from mesh.transport import step_socket as wire
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.transport.tls import ClusterCredentials
+from mesh.types import StageOutput, StageStep
 from node.answering import answering
 from node.compute import ComputeThread
+from node.ring_relay import NextStageFailed, Relay, ReturnChannels
 from node.stage_host import StageHost
 from node.stage_steps import StageSteps
 
@@ -99,6 +103,7 @@ class StepServer:
         # Oldest first: handshakes all get the same time, so this is also deadline order.
         self._pending: OrderedDict[socket.socket, _Pending] = OrderedDict()
         self._connections: set[socket.socket] = set()
+        self._returns = ReturnChannels(timeouts, limits)  # the ring's: see node.ring_relay
         self._lock = threading.Lock()
         self._closed = False
         self._accepting: threading.Thread | None = None
@@ -132,6 +137,7 @@ class StepServer:
             connections = list(self._connections)
         for conn in connections:
             _shutdown(conn)  # wakes its thread, which releases the sessions and closes it
+        self._returns.close()
         if self._accepting is not None:
             self._accepting.join()  # it closes the pending handshakes as it ends
         if self._selector is not None:
@@ -344,6 +350,8 @@ class StepServer:
     def _serve(self, conn: socket.socket, peer: object) -> None:
         opened: set[str] = set()
         counted = False
+        handed_over = False
+        relay = Relay(conn, self._key, self._timeouts, self._limits, self._returns)
         try:
             # Counted as work in flight (a drain waits for it) only now that the head proved the key.
             self._on_open()
@@ -352,16 +360,41 @@ class StepServer:
             # sooner by TCP keepalive (wire.tune).
             deadline = time.monotonic() + self._timeouts.request_s
             while True:
+                if not relay.wait(deadline):
+                    # The next stage of a ring failed: tell the stage before (toward the head), whose
+                    # run is over; it ends this connection, which ends the onward one.
+                    failure = relay.next_failure()
+                    log.info("step connection from %s: a later stage failed: %s", peer, failure[:200])
+                    wire.send_frame(conn, wire.FAILED, failure)
+                    return
                 frame = wire.read_frame(conn, self._limits.max_message_bytes, deadline)
+                if frame.kind == wire.RETURN:
+                    handed_over = self._register_return(conn, frame.payload, peer)
+                    return
                 with answering(self._metrics, "Step", "the step") as answer:  # as Forward answers
                     self._metrics.bytes_in.inc(len(frame.payload))
-                    reply = self._step(frame, opened)
+                    msg, step, output = self._step(frame, opened)
                 if answer.error is not None:
                     log.info("step connection from %s ended: %s", peer, answer.error)
                     _try_send_error(conn, answer.error)
                     return
-                wire.send_frame(conn, wire.OUTPUT, reply)
+                if msg.onward and output.hidden is not None:
+                    sent = relay.send_onward(ring.onward_request(msg, output.hidden, step.reply_dtype),
+                                             self._timeouts.first_token_s)
+                    self._metrics.bytes_out.inc(sent)
+                    self._metrics.pipeline_bytes.inc(output.hidden.nbytes)
+                    continue
+                reply = bytes(self._steps.reply(step, output).SerializeToString())
+                if msg.reply_on_return:
+                    relay.send_return(step.session_id, reply)
+                else:
+                    wire.send_frame(conn, wire.OUTPUT, reply)
                 self._metrics.bytes_out.inc(len(reply))
+        except NextStageFailed as exc:
+            log.info("step connection from %s: the next stage failed: %s", peer, exc)
+            with contextlib.suppress(OSError):
+                conn.settimeout(1.0)
+                wire.send_frame(conn, wire.FAILED, exc.payload)
         except wire.ConnectionClosed:
             pass  # the head ended the run
         except EdgeMeshError as exc:  # a frame too large, or none in time
@@ -373,22 +406,38 @@ class StepServer:
         except Exception:  # a bug in reading frames must not pass silently
             log.exception("step connection from %s failed", peer)
         finally:
+            relay.close()
             self._steps.release(opened)
             with self._lock:
                 self._connections.discard(conn)
-            conn.close()
+            if not handed_over:
+                conn.close()
             if counted:
                 self._on_close()
 
-    def _step(self, frame: wire.Frame, opened: set[str]) -> bytes:
+    def _register_return(self, conn: socket.socket, payload: bytes, peer: object) -> bool:
+        """A head's RETURN: this connection takes one session's replies from now on, written by
+        the thread serving that session's steps; True once it is handed over."""
+        with answering(self._metrics, "Step", "the return connection") as answer:
+            self._returns.register(payload.decode(errors="replace"), conn)
+        if answer.error is not None:
+            log.info("return connection from %s refused: %s", peer, answer.error)
+            _try_send_error(conn, answer.error)
+            return False
+        return True
+
+    def _step(self, frame: wire.Frame, opened: set[str]) -> tuple[pb.ForwardRequest, StageStep, StageOutput]:
         if frame.kind != wire.STEP:
             raise InvalidInput(f"expected a step frame, got kind {frame.kind}")
         try:
             msg = pb.ForwardRequest.FromString(frame.payload)
         except DecodeError as exc:
             raise InvalidInput(f"the step is not a ForwardRequest: {exc}") from exc
-        step, running = self._steps.start(msg, opened)
-        return bytes(self._steps.reply(step, running.result()).SerializeToString())
+        step, running = self._steps.start(msg, opened, ring=True)
+        output = running.result()
+        if msg.onward and output.hidden is None:
+            raise InvalidInput("a ring step goes onward from the last stage of the model")
+        return msg, step, output
 
 
 def _shutdown(conn: socket.socket) -> None:

@@ -66,6 +66,9 @@ PROOF = 2
 STEP = 3  # payload: edgemesh.v1.ForwardRequest
 OUTPUT = 4  # payload: edgemesh.v1.ForwardReply
 ERROR = 5  # payload: "<gRPC status code name>\n<message>", then the sender closes
+# The ring (mesh.transport.ring):
+RETURN = 6  # head -> last stage, payload: a session id: this connection carries that session's replies
+FAILED = 7  # stage -> the stage before, payload: "<node id>\n" + an ERROR payload: a later stage failed
 
 _HEADER = struct.Struct(">IB")
 _HANDSHAKE_MAX = 1 + NONCE_BYTES + MAC_BYTES + MAX_NODE_ID_BYTES
@@ -122,10 +125,15 @@ def _read_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
     return bytes(buffer)
 
 
+def error_payload(error: EdgeMeshError) -> bytes:
+    """An ERROR frame's payload: the gRPC status code name, then the message."""
+    code = error.code if isinstance(error, PeerError) else error.grpc_code
+    return f"{code}\n{error}".encode()[:4096]
+
+
 def error_frame(error: EdgeMeshError) -> bytes:
     """The ERROR frame that tells the other end why the connection ends."""
-    code = error.code if isinstance(error, PeerError) else error.grpc_code
-    payload = f"{code}\n{error}".encode()[:4096]
+    payload = error_payload(error)
     return _HEADER.pack(len(payload), ERROR) + payload
 
 
@@ -277,6 +285,23 @@ class StepConnection:
         if output.step != step.step:
             raise PeerError(f"{what}: reply to step {output.step}, expected {step.step}", retryable=False)
         return output
+
+    def send(self, kind: int, payload: bytes) -> None:
+        """One frame, for the ring, which does not wait for a reply on the same connection."""
+        self._sock.settimeout(self._timeouts.connect_s)  # a peer that reads nothing is a failed peer
+        send_frame(self._sock, kind, payload)
+
+    def read(self, deadline: float) -> Frame:
+        """The next frame the node sent (ConnectionClosed, TimeoutError, OSError as read_frame)."""
+        return read_frame(self._sock, self._limits.max_message_bytes, deadline)
+
+    def fileno(self) -> int:
+        """For a selector: the head of a ring waits on two connections at once."""
+        return self._sock.fileno()
+
+    def buffered(self) -> bool:
+        """Bytes already decrypted and waiting, which a selector on the socket does not see."""
+        return isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() > 0
 
     def interrupt(self) -> None:
         """From any thread: end a step in progress at once (its run is being abandoned)."""

@@ -114,7 +114,7 @@ def test_a_pipeline_draws_the_same_tokens_through_the_same_loop(model: Path,
     from prometheus_client import CollectorRegistry
 
     from mesh.metrics import NodeMetrics
-    from mesh.pipeline import PipelineRun
+    from mesh.pipeline import HubStages, PipelineRun
     from mesh.types import LayerRange, NodeId, PipelineHop, PipelineJob
     from node.compute import ComputeThread
     from node.daemon import describe_file
@@ -134,7 +134,8 @@ def test_a_pipeline_draws_the_same_tokens_through_the_same_loop(model: Path,
         def tokens(req: GenerationRequest) -> list[TokenEvent]:
             job = PipelineJob(request=req, n_ctx=N_CTX,
                               stages=tuple(PipelineHop(NodeId("n"), "local", r) for r in ranges))
-            run = PipelineRun(job, [LocalStageLink(stages, compute) for _ in ranges], lambda _n: None)
+            run = PipelineRun(job, LocalStageLink(stages, compute),
+                              HubStages([LocalStageLink(stages, compute)], ["n"], lambda _n: None), lambda _n: None)
 
             async def collect() -> list[TokenEvent]:
                 return [event async for event in run.generate()]

@@ -263,7 +263,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "start_position", "tokens", "hidden", "sampling", "logprobs", "reply_dtype", "step", "history_tokens", "model_sha256", "layers", "top_logprobs", "constraint", "constrained_tokens")
+    __slots__ = ("session_id", "start_position", "tokens", "hidden", "sampling", "logprobs", "reply_dtype", "step", "history_tokens", "model_sha256", "layers", "top_logprobs", "constraint", "constrained_tokens", "onward", "route", "reply_on_return")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +278,9 @@ class ForwardRequest(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ONWARD_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    REPLY_ON_RETURN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_position: int
     tokens: TokenIds
@@ -292,7 +295,20 @@ class ForwardRequest(_message.Message):
     top_logprobs: int
     constraint: Constraint
     constrained_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[bool] = ..., reply_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., history_tokens: _Optional[_Iterable[int]] = ..., model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., constrained_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    onward: _containers.RepeatedCompositeFieldContainer[ForwardRequest]
+    route: _containers.RepeatedCompositeFieldContainer[RingHop]
+    reply_on_return: bool
+    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[bool] = ..., reply_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., history_tokens: _Optional[_Iterable[int]] = ..., model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., constrained_tokens: _Optional[_Iterable[int]] = ..., onward: _Optional[_Iterable[_Union[ForwardRequest, _Mapping]]] = ..., route: _Optional[_Iterable[_Union[RingHop, _Mapping]]] = ..., reply_on_return: _Optional[bool] = ...) -> None: ...
+
+class RingHop(_message.Message):
+    __slots__ = ("node_id", "host", "step_port")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    STEP_PORT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    host: str
+    step_port: int
+    def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., step_port: _Optional[int] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)

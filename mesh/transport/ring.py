@@ -1,0 +1,250 @@
+"""The ring: one pipeline step goes head -> stage 1 -> ... -> last stage -> head.
+
+Why: with the head as a hub, every later stage was a round trip from the head, so a token
+of an N-stage pipeline paid 2(N-1) one-way hops. On Wi-Fi a hop costs 1-5 ms, which for a
+3-stage token was more than its compute. In the ring each stage hands its hidden states
+straight to the next stage over a step-socket connection of its own, and the last stage's
+token goes to the head on a connection the head opened to it for the run: N hops a token.
+
+On the wire (the step socket, mesh.transport.step_socket):
+- the head sends stage 1 a step whose `onward` holds the next stages' steps without their
+  input and whose `route` says where each of those stages listens; a stage that gets such a
+  step runs it, fills its hidden states in as onward[0]'s input and sends that, with the rest
+  of onward and route, to route[0], instead of replying;
+- before its first step the head opens a connection to the last stage and sends RETURN with
+  the session id; the last stage's step carries `reply_on_return`, and its reply goes there;
+- a stage that cannot reach the next one, or whose connection to it fails, sends FAILED to the
+  stage before it, naming that node; a stage passes a FAILED it gets on toward the head. So a
+  failure anywhere names the node to replace, as the hub did, and closing the head's
+  connections ends the run on every stage (each stage closes its own onward connection when
+  the connection its steps came on ends, which frees the session there).
+
+Every stage checks the node it hands steps to exactly as a head does: the node must prove
+the cluster key and be the node the route names (the step socket's handshake, over TLS).
+"""
+
+from __future__ import annotations
+
+import selectors
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from google.protobuf.message import DecodeError
+
+from mesh.config import Timeouts
+from mesh.errors import EdgeMeshError, InvalidInput, PeerError
+from mesh.transport import convert
+from mesh.transport import step_socket as wire
+from mesh.transport.generated import edgemesh_pb2 as pb
+from mesh.types import HiddenDType, NodeId, RingHop, StageOutput, StageStep
+
+MAX_HOST_BYTES = 253
+# How long the head waits, once the last stage's return connection ended, for the stages
+# before it to say which of them failed (they learn it from a closed connection at once).
+BLAME_GRACE_S = 2.0
+
+
+def ring_request(steps: Sequence[StageStep], route: Sequence[RingHop]) -> pb.ForwardRequest:
+    """Stage 1's step of a ring: `steps[0]` (with its input) carries `steps[1:]` onward, to
+    `route[i]` each; the last one replies on the head's return connection."""
+    if len(route) != len(steps) - 1 or not route:
+        raise ValueError("a ring request needs one hop for each step after the first")
+    msg = convert.stage_step_to_pb(steps[0])
+    for step, hop in zip(steps[1:], route, strict=True):
+        msg.onward.append(convert.stage_step_to_pb(step))  # no input: the stage before fills it in
+        msg.route.append(pb.RingHop(node_id=hop.node_id, host=hop.host, step_port=hop.step_port))
+    msg.onward[-1].reply_on_return = True
+    return msg
+
+
+def check_ring_fields(msg: pb.ForwardRequest) -> None:
+    """Refuse (InvalidInput) ring fields no head builds: a stage must not be made to dial
+    anything but one well-formed hop, nor to hold a step it cannot route."""
+    if len(msg.onward) != len(msg.route):
+        raise InvalidInput(f"a ring step has {len(msg.onward)} onward steps for {len(msg.route)} hops")
+    if len(msg.route) >= convert.MAX_PIPELINE_STAGES:
+        raise InvalidInput(f"a ring of more than {convert.MAX_PIPELINE_STAGES} stages")
+    if msg.reply_on_return and msg.route:
+        raise InvalidInput("a ring step either goes onward or replies on the return connection, not both")
+    for index, (onward, hop) in enumerate(zip(msg.onward, msg.route, strict=True)):
+        if not 0 < len(hop.node_id.encode()) <= wire.MAX_NODE_ID_BYTES:
+            raise InvalidInput(f"ring hop {index}: a node id of 1 to {wire.MAX_NODE_ID_BYTES} bytes")
+        if not 0 < len(hop.host.encode()) <= MAX_HOST_BYTES:
+            raise InvalidInput(f"ring hop {index}: a host name of 1 to {MAX_HOST_BYTES} bytes")
+        if not 0 < hop.step_port <= 65535:
+            raise InvalidInput(f"ring hop {index}: step port {hop.step_port} is not a port")
+        if onward.WhichOneof("input") is not None or onward.onward or onward.route:
+            raise InvalidInput(f"ring hop {index}: an onward step carries no input and no ring of its own")
+        if onward.session_id != msg.session_id or onward.step != msg.step:
+            raise InvalidInput(f"ring hop {index}: an onward step of another session or step")
+        if onward.reply_on_return != (index == len(msg.onward) - 1):
+            raise InvalidInput("the last onward step, and only it, replies on the return connection")
+
+
+@dataclass(frozen=True)
+class Onward:
+    """What a ring stage sends on after its own step."""
+
+    hop: RingHop
+    request: pb.ForwardRequest
+
+
+def onward_request(msg: pb.ForwardRequest, hidden: npt.NDArray[np.float32], dtype: HiddenDType) -> Onward:
+    """The next stage's step: onward[0] with this stage's hidden states as its input."""
+    nxt = pb.ForwardRequest()
+    nxt.CopyFrom(msg.onward[0])
+    nxt.hidden.CopyFrom(convert.tensor_to_pb(hidden, dtype))
+    nxt.onward.extend(msg.onward[1:])
+    nxt.route.extend(msg.route[1:])
+    hop = msg.route[0]
+    return Onward(RingHop(NodeId(hop.node_id), hop.host, hop.step_port), nxt)
+
+
+def failed_payload(node_id: str, error: EdgeMeshError | bytes) -> bytes:
+    """A FAILED frame's payload: the node that failed, then why (an ERROR frame's payload)."""
+    why = error if isinstance(error, bytes) else wire.error_payload(error)
+    return node_id.encode()[: wire.MAX_NODE_ID_BYTES] + b"\n" + why
+
+
+def error_from_failed(payload: bytes, what: str) -> EdgeMeshError:
+    """The error a FAILED frame reports, naming its node when it is a peer's failure."""
+    node, _, why = payload.partition(b"\n")
+    error = wire.error_from_frame(why, what)
+    if isinstance(error, PeerError) and node:
+        error.node_id = node.decode(errors="replace")
+    return error
+
+
+class RingLink:
+    """The later stages of one run reached as a ring: `first` is the connection to stage 1,
+    `back` the one to the last stage that its replies come on. Blocking, on the run's driver
+    thread (mesh.pipeline); one selector waits on both, so a failure reported from inside the
+    ring ends the step as soon as it arrives, not at the deadline.
+
+    `unresponsive(nodes)` names the first of the nodes that does not answer a quick check:
+    when no reply comes in time, nothing on the wire says which stage is stuck."""
+
+    def __init__(self, first: wire.StepConnection, back: wire.StepConnection, hops: Sequence[RingHop],
+                 timeouts: Timeouts, step_timeout_s: float,
+                 unresponsive: Callable[[Sequence[NodeId]], NodeId | None]) -> None:
+        if len(hops) < 2:
+            raise ValueError("a ring has at least two later stages")
+        self.address = first.address
+        self._first = first
+        self._back = back
+        self._hops = tuple(hops)
+        self._timeouts = timeouts
+        self._step_timeout_s = step_timeout_s
+        self._unresponsive = unresponsive
+        self._session_id = ""
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(first.fileno(), selectors.EVENT_READ, first)
+        self._selector.register(back.fileno(), selectors.EVENT_READ, back)
+
+    def run(self, steps: Sequence[StageStep]) -> StageOutput:
+        """One step through every later stage; the last stage's output. A PeerError names the
+        node that failed."""
+        first_node, last_node = self._hops[0].node_id, self._hops[-1].node_id
+        session_id = steps[0].session_id
+        if session_id != self._session_id:
+            self._session_id = session_id
+            self._send(self._back, wire.RETURN, session_id.encode(), last_node)
+        request = ring_request(steps, self._hops[1:])
+        self._send(self._first, wire.STEP, request.SerializeToString(), first_node)
+        wait = self._timeouts.first_token_s if steps[0].n_tokens > 1 else self._step_timeout_s
+        deadline = time.monotonic() + wait
+        while True:
+            for conn in self._ready(deadline, wait):
+                node = last_node if conn is self._back else first_node
+                try:
+                    frame = self._read(conn, deadline, node)
+                except PeerError:
+                    if conn is self._back:
+                        self._blame_from_first()
+                    raise
+                if conn is self._back and frame.kind == wire.OUTPUT:
+                    return self._output(frame.payload, steps[-1].step, node)
+                if conn is self._first and frame.kind == wire.FAILED:
+                    raise error_from_failed(frame.payload, f"ring step from {self.address}")
+                if frame.kind == wire.ERROR:
+                    error = wire.error_from_frame(frame.payload, f"ring step on {conn.address}")
+                    if isinstance(error, PeerError):
+                        error.node_id = node
+                    raise error
+                raise PeerError(f"ring step on {conn.address}: unexpected frame kind {frame.kind}",
+                                retryable=False, node_id=node)
+
+    def _blame_from_first(self) -> None:
+        """The return connection ended. The last stage closes it also when the stage before it
+        went away, so that alone does not say who failed: whoever it was, the stage before it
+        saw its connection end and says so toward the head. Raise what the first connection
+        says within a short grace; return when it says nothing (then the last stage failed)."""
+        grace = time.monotonic() + min(self._timeouts.connect_s, BLAME_GRACE_S)
+        first_node = self._hops[0].node_id
+        self._selector.unregister(self._back.fileno())  # at its end: it would be readable all along
+        while (left := grace - time.monotonic()) > 0:
+            if not self._first.buffered() and not any(
+                    key.data is self._first for key, _ in self._selector.select(left)):
+                continue
+            frame = self._read(self._first, grace, first_node)
+            if frame.kind == wire.FAILED:
+                raise error_from_failed(frame.payload, f"ring step from {self.address}")
+            raise PeerError(f"ring step: {self.address} sent frame kind {frame.kind} when the ring broke",
+                            node_id=first_node)
+
+    def _ready(self, deadline: float, wait: float) -> list[wire.StepConnection]:
+        buffered = [conn for conn in (self._back, self._first) if conn.buffered()]
+        if buffered:
+            return buffered
+        left = deadline - time.monotonic()
+        events = self._selector.select(max(0.0, left)) if left > 0 else []
+        if not events:
+            stuck = self._unresponsive([hop.node_id for hop in self._hops]) or self._hops[-1].node_id
+            raise PeerError(f"ring step: no reply within {wait:.0f}s; {stuck} is the stage that did not answer",
+                            node_id=stuck)
+        ready: list[wire.StepConnection] = [key.data for key, _ in events]
+        ready.sort(key=lambda conn: conn is not self._back)  # an output that arrived wins over news of a failure
+        return ready
+
+    def _send(self, conn: wire.StepConnection, kind: int, payload: bytes, node: str) -> None:
+        try:
+            conn.send(kind, payload)
+        except OSError as exc:
+            raise PeerError(f"ring step to {conn.address}: {exc}", node_id=node) from exc
+
+    @staticmethod
+    def _read(conn: wire.StepConnection, deadline: float, node: str) -> wire.Frame:
+        try:
+            return conn.read(deadline)
+        except wire.ConnectionClosed:
+            raise PeerError(f"ring step: {conn.address} closed the connection", node_id=node) from None
+        except TimeoutError:
+            raise PeerError(f"ring step: {conn.address} sent part of a frame and stopped", node_id=node) from None
+        except OSError as exc:
+            raise PeerError(f"ring step on {conn.address}: {exc}", node_id=node) from exc
+        except InvalidInput as exc:  # a frame over the size limit
+            raise PeerError(f"ring step on {conn.address}: {exc}", retryable=False, node_id=node) from exc
+
+    @staticmethod
+    def _output(payload: bytes, step: int, node: str) -> StageOutput:
+        try:
+            output = convert.stage_output_from_pb(pb.ForwardReply.FromString(payload))
+        except (DecodeError, InvalidInput) as exc:
+            raise PeerError(f"ring step: a malformed reply from {node}: {exc}", retryable=False,
+                            node_id=node) from exc
+        if output.step != step or output.token_id is None:
+            raise PeerError(f"ring step: the last stage answered step {output.step} without a token, expected "
+                            f"step {step}'s token", retryable=False, node_id=node)
+        return output
+
+    def interrupt(self) -> None:
+        self._first.interrupt()
+        self._back.interrupt()
+
+    def close(self) -> None:
+        self._selector.close()
+        self._first.close()
+        self._back.close()

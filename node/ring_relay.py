@@ -1,0 +1,206 @@
+"""A stage's part in a ring of stages (see mesh.transport.ring), on the node's step socket.
+
+`ReturnChannels` holds the connections heads opened to this node to take the replies of the
+sessions whose last stage it is (a RETURN frame names the session). The connection thread
+that serves the session's steps claims its channel at the session's first step and from
+then on is the only thread that touches it, so no socket is read and written by two threads
+(an SSL connection must not be).
+
+`Relay` is what one served connection (steps coming from a head or from the stage before)
+holds of the ring: the connection to the next stage, opened at the first step that goes
+onward and checked like any step connection, and the return channels it claimed. Both end
+with the served connection, so a run that ends anywhere ends on every stage after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+
+from mesh.config import Limits, Timeouts
+from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, PeerError, Unavailable
+from mesh.transport import ring
+from mesh.transport import step_socket as wire
+from mesh.types import RingHop
+
+log = logging.getLogger(__name__)
+
+_CLAIM_POLL_S = 0.05
+
+
+class NextStageFailed(Exception):
+    """The next stage of the ring failed, or could not be reached: `payload` is the FAILED
+    frame to send toward the head."""
+
+    def __init__(self, payload: bytes) -> None:
+        super().__init__(payload.decode(errors="replace"))
+        self.payload = payload
+
+
+@dataclass
+class _Registered:
+    sock: socket.socket
+    since: float
+
+
+class ReturnChannels:
+    """Connections a head registered to take one session's replies, until a step of that
+    session claims one. Unclaimed ones are dropped after Timeouts.request_s (a head that
+    registered and never sent a step), and there are never more than the node's step
+    connections."""
+
+    def __init__(self, timeouts: Timeouts, limits: Limits) -> None:
+        self._timeouts = timeouts
+        self._limits = limits
+        self._waiting: dict[str, _Registered] = {}
+        self._changed = threading.Condition()
+        self._closed = False
+
+    def register(self, session_id: str, sock: socket.socket) -> None:
+        """Keep `sock` for the session's replies (InvalidInput, CapacityExhausted, Unavailable)."""
+        if not 0 < len(session_id) <= 128:
+            raise InvalidInput("a return connection names a session id of 1 to 128 characters")
+        stale: list[socket.socket] = []
+        with self._changed:
+            if self._closed:
+                raise Unavailable("node is stopping")
+            now = time.monotonic()
+            for key in [k for k, r in self._waiting.items() if now - r.since > self._timeouts.request_s]:
+                stale.append(self._waiting.pop(key).sock)
+            if session_id in self._waiting:
+                raise InvalidInput(f"session {session_id} already has a return connection")
+            if len(self._waiting) >= self._limits.max_step_connections:
+                raise CapacityExhausted(f"{len(self._waiting)} return connections wait for their sessions")
+            self._waiting[session_id] = _Registered(sock, now)
+            self._changed.notify_all()
+        for old in stale:
+            old.close()
+
+    def claim(self, session_id: str, wait_s: float) -> socket.socket | None:
+        """The session's return connection, now this caller's to write and close; waits for it up
+        to `wait_s` (the step can overtake the head's RETURN: they come on two connections)."""
+        deadline = time.monotonic() + wait_s
+        with self._changed:
+            while session_id not in self._waiting and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._changed.wait(min(left, _CLAIM_POLL_S * 20))
+            registered = self._waiting.pop(session_id, None)
+        return registered.sock if registered is not None else None
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            waiting = [r.sock for r in self._waiting.values()]
+            self._waiting.clear()
+            self._changed.notify_all()
+        for sock in waiting:
+            sock.close()
+
+
+class Relay:
+    """One served connection's ring state; used only by that connection's thread."""
+
+    def __init__(self, upstream: socket.socket, cluster_key: str, timeouts: Timeouts, limits: Limits,
+                 returns: ReturnChannels) -> None:
+        self._upstream = upstream
+        self._key = cluster_key
+        self._timeouts = timeouts
+        self._limits = limits
+        self._returns = returns
+        self._next: wire.StepConnection | None = None
+        self._next_hop: RingHop | None = None
+        self._claimed: dict[str, socket.socket] = {}
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(upstream, selectors.EVENT_READ, None)
+
+    def wait(self, deadline: float) -> bool:
+        """Block until the stage before sends a frame (True) or the next stage does (False: a
+        failure to pass on); TimeoutError at the deadline."""
+        if isinstance(self._upstream, ssl.SSLSocket) and self._upstream.pending():
+            return True
+        if self._next is not None and self._next.buffered():
+            return False
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("deadline passed")
+            events = self._selector.select(left)
+            if any(key.data is None for key, _ in events):
+                return True
+            if events:
+                return False
+
+    def next_failure(self) -> bytes:
+        """The FAILED payload for what the next stage sent or did (wait() returned False)."""
+        assert self._next is not None and self._next_hop is not None
+        node = self._next_hop.node_id
+        try:
+            frame = self._next.read(time.monotonic() + self._timeouts.connect_s)
+        except (EdgeMeshError, OSError) as exc:  # closed, broken, or half a frame
+            error = exc if isinstance(exc, EdgeMeshError) else PeerError(str(exc))
+            return ring.failed_payload(node, PeerError(f"the connection to stage node {node} ended: {error}"))
+        if frame.kind == wire.FAILED:
+            return frame.payload  # already names the stage that failed, further on
+        if frame.kind == wire.ERROR:
+            return ring.failed_payload(node, frame.payload)
+        return ring.failed_payload(node, PeerError(f"stage node {node} sent frame kind {frame.kind} back",
+                                                   retryable=False))
+
+    def send_onward(self, onward: ring.Onward, step_timeout_s: float) -> int:
+        """Hand the next stage its step, dialling it first if this is the first step for it;
+        the bytes sent. NextStageFailed when it cannot be reached."""
+        hop = onward.hop
+        if self._next is None or self._next_hop != hop:
+            self._close_next()
+            try:
+                self._next = wire.StepConnection.open(hop.host, hop.step_port, self._key, hop.node_id,
+                                                      self._timeouts, self._limits, step_timeout_s)
+            except EdgeMeshError as exc:
+                raise NextStageFailed(ring.failed_payload(hop.node_id, exc)) from exc
+            self._next_hop = hop
+            self._selector.register(self._next.fileno(), selectors.EVENT_READ, self._next)
+        payload = onward.request.SerializeToString()
+        try:
+            self._next.send(wire.STEP, payload)
+        except OSError as exc:
+            raise NextStageFailed(ring.failed_payload(
+                hop.node_id, PeerError(f"sending to stage node {hop.node_id}: {exc}"))) from exc
+        return len(payload)
+
+    def send_return(self, session_id: str, reply: bytes) -> None:
+        """The last stage's reply, on the connection the head registered for the session."""
+        sock = self._claimed.get(session_id)
+        if sock is None:
+            sock = self._returns.claim(session_id, self._timeouts.connect_s)
+            if sock is None:
+                raise PeerError(f"no return connection for session {session_id} within "
+                                f"{self._timeouts.connect_s:.0f}s", retryable=True)
+            self._claimed[session_id] = sock
+        sock.settimeout(self._timeouts.connect_s)
+        try:
+            wire.send_frame(sock, wire.OUTPUT, reply)
+        except OSError as exc:  # the head is gone: the run is over on every stage
+            raise wire.ConnectionClosed(f"the head's return connection broke: {exc}") from exc
+
+    def _close_next(self) -> None:
+        if self._next is not None:
+            self._selector.unregister(self._next.fileno())
+            self._next.close()
+            self._next = None
+            self._next_hop = None
+
+    def close(self) -> None:
+        """The served connection ended: end the onward connection (the next stage frees the
+        session) and the return connections this one claimed (the head sees the run end)."""
+        self._close_next()
+        for sock in self._claimed.values():
+            sock.close()
+        self._claimed.clear()
+        self._selector.close()

@@ -1,0 +1,211 @@
+"""A 3-stage pipeline runs as a ring over real node processes (mesh.transport.ring): each stage
+hands its hidden states to the next itself and the last stage's token comes back to the head.
+
+- greedy output equals llama-cpp-python's, and the middle stage, not the head, sent the hidden
+  states to the last stage;
+- ring fields no head builds are refused with INVALID_ARGUMENT on the step socket, and the
+  node keeps serving; a route to a node that is not there comes back
+  as FAILED naming that node;
+- a middle stage that freezes, or is SIGKILLed, mid-stream is the node the error names (so the
+  gateway replaces it, not the head or the last stage), and every surviving stage frees the
+  session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mesh.config import Limits, Timeouts
+from mesh.errors import InvalidInput, PeerError
+from mesh.transport import convert, ring
+from mesh.transport import step_socket as wire
+from mesh.transport.channels import NodeClient
+from mesh.transport.generated import edgemesh_pb2
+from mesh.types import (
+    GenerationRequest,
+    LayerRange,
+    ModelSha,
+    NodeId,
+    PipelineHop,
+    PipelineJob,
+    RequestId,
+    SamplingParams,
+    StageStep,
+)
+from tests.conftest import Launcher, Proc, metric_lines
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The history of the printing press"
+SPLIT = (LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30))
+N_CTX = 512
+
+
+def _job(sha: str, hops: tuple[PipelineHop, ...], prompt: list[int], max_tokens: int, **fields: Any) -> PipelineJob:
+    request = GenerationRequest(request_id=RequestId("ring-test"), prompt_tokens=tuple(prompt),
+                                sampling=SamplingParams(temperature=0.0), max_tokens=max_tokens,
+                                stop_token_ids=frozenset(), model_sha256=ModelSha(sha))
+    return PipelineJob(**{"request": request, "stages": hops, "n_ctx": N_CTX, **fields})
+
+
+async def _tokens(client: NodeClient, job: PipelineJob, on_token: Any = None) -> list[int]:
+    out: list[int] = []
+    async for event in client.run_pipeline(job):
+        out.append(event.token_id)
+        if on_token is not None:
+            on_token(len(out))
+    return out
+
+
+def _hop(proc: Proc, layers: LayerRange) -> PipelineHop:
+    return PipelineHop(NodeId(proc.ready[3]), f"127.0.0.1:{proc.ready[1]}", layers)
+
+
+def _sent_onward(proc: Proc) -> float:
+    text = httpx.get(f"http://127.0.0.1:{proc.ready[2]}/metrics", timeout=10).text
+    return sum(metric_lines(text, "edgemesh_node_pipeline_bytes_total").values())
+
+
+def _step(sha: str, layers: LayerRange, **fields: Any) -> edgemesh_pb2.ForwardRequest:
+    """A step for the middle stage (hidden states of one token) with ring fields on top."""
+    import numpy as np
+
+    step = StageStep(session_id="bad-ring", model_sha256=ModelSha(sha), layers=layers, start_position=0,
+                     tokens=None, hidden=np.zeros((1, 576), dtype=np.float32), sampling=SamplingParams(), step=1)
+    msg = convert.stage_step_to_pb(step)
+    for name, value in fields.items():
+        if name in ("onward", "route"):
+            getattr(msg, name).extend(value)
+        else:
+            setattr(msg, name, value)
+    return msg
+
+
+def test_a_three_stage_ring_matches_llama_cpp_refuses_bad_routes_and_names_a_failed_middle_stage(
+        launcher: Launcher, default_model: Path, reference_llm: Any) -> None:
+    from node.gguf import file_sha256
+
+    sha = file_sha256(default_model)
+    procs = [launcher.node(name, default_model, "--role", "stage") for name in ("head", "middle", "last")]
+    head, middle, last = (_hop(proc, layers) for proc, layers in zip(procs, SPLIT, strict=True))
+    prompt = reference_llm.tokenize(PROMPT.encode())
+    expected = reference_llm.create_completion(PROMPT, max_tokens=24, temperature=0.0)["choices"][0]["text"]
+    timeouts, limits = Timeouts(), Limits()
+    key = launcher.cluster_key
+
+    middle_step_port = asyncio.run(_info_step_port(middle.address, key))
+
+    def middle_connection() -> wire.StepConnection:
+        return wire.StepConnection.open("127.0.0.1", middle_step_port, key, middle.node_id, timeouts, limits, 30.0)
+
+    async def scenario() -> None:
+        clients = [NodeClient(hop.address, key, timeouts, limits) for hop in (head, middle, last)]
+        try:
+            for client, hop in zip(clients, (head, middle, last), strict=True):
+                await client.load_stage(sha, hop.layers, n_ctx=N_CTX, slots=2, timeout_s=120)
+
+            tokens = await _tokens(clients[0], _job(sha, (head, middle, last), prompt, 24))
+            assert reference_llm.detokenize(tokens).decode(errors="replace") == expected
+            # In a ring the middle stage sends its hidden states on itself; through a hub it sends nothing.
+            assert _sent_onward(procs[1]) > 0
+
+            # A stage that freezes mid-stream: no reply comes, the head asks who is stuck.
+            def freeze_at(count: int) -> None:
+                if count == 3:
+                    procs[1].popen.send_signal(signal.SIGSTOP)
+
+            try:
+                with pytest.raises(PeerError) as raised:
+                    await _tokens(clients[0], _job(sha, (head, middle, last), prompt, 200, step_timeout_s=2.0),
+                                  on_token=freeze_at)
+            finally:
+                procs[1].popen.send_signal(signal.SIGCONT)
+            assert raised.value.node_id == middle.node_id, raised.value
+
+            # The middle stage dies mid-stream: the error names it, not the head or the last stage.
+            def kill_at(count: int) -> None:
+                if count == 5:
+                    procs[1].popen.send_signal(signal.SIGKILL)
+
+            with pytest.raises(PeerError) as raised:
+                await _tokens(clients[0], _job(sha, (head, middle, last), prompt, 200), on_token=kill_at)
+            assert raised.value.node_id == middle.node_id, raised.value
+            procs[1].popen.wait(timeout=10)
+
+            # The head and the last stage are unharmed and have freed the session.
+            deadline = time.monotonic() + 10
+            while True:
+                loads = [(await clients[i].info()).in_flight for i in (0, 2)]
+                if loads == [0, 0] or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert loads == [0, 0]
+        finally:
+            for client in clients:
+                await client.close()
+
+    async def bad_rings() -> None:
+        onward = convert.stage_step_to_pb(StageStep(session_id="bad-ring", model_sha256=ModelSha(sha),
+                                                    layers=SPLIT[2], start_position=0, tokens=None, hidden=None,
+                                                    sampling=SamplingParams(), step=1))
+        onward.reply_on_return = True
+        good_hop = edgemesh_pb2.RingHop(node_id=last.node_id, host="127.0.0.1", step_port=1)
+        cases = {
+            "more hops than steps": _step(sha, SPLIT[1], route=[good_hop, good_hop], onward=[onward]),
+            "a port that is not one": _step(sha, SPLIT[1], onward=[onward], route=[edgemesh_pb2.RingHop(
+                node_id=last.node_id, host="127.0.0.1", step_port=70000)]),
+            "no node id": _step(sha, SPLIT[1], onward=[onward], route=[edgemesh_pb2.RingHop(
+                host="127.0.0.1", step_port=1)]),
+            "onward and return at once": _step(sha, SPLIT[1], onward=[onward], route=[good_hop],
+                                               reply_on_return=True),
+        }
+        for name, msg in cases.items():
+            conn = middle_connection()
+            try:
+                conn.send(wire.STEP, msg.SerializeToString())
+                frame = conn.read(time.monotonic() + 30)
+                assert frame.kind == wire.ERROR, name
+                assert isinstance(wire.error_from_frame(frame.payload, name), InvalidInput), (name, frame.payload)
+            finally:
+                conn.close()
+
+        # A route to a node that is not there: FAILED, naming it.
+        conn = middle_connection()
+        try:
+            conn.send(wire.STEP, _step(sha, SPLIT[1], onward=[onward], route=[good_hop]).SerializeToString())
+            frame = conn.read(time.monotonic() + 30)
+            assert frame.kind == wire.FAILED, frame
+            error = ring.error_from_failed(frame.payload, "test")
+            assert isinstance(error, PeerError) and error.node_id == last.node_id, error
+        finally:
+            conn.close()
+
+    # Bad routes first, while the middle stage is alive; then the scenario that ends it.
+    async def load_middle() -> None:
+        client = NodeClient(middle.address, key, timeouts, limits)
+        try:
+            await client.load_stage(sha, middle.layers, n_ctx=N_CTX, slots=2, timeout_s=120)
+        finally:
+            await client.close()
+
+    asyncio.run(load_middle())
+    asyncio.run(bad_rings())
+    asyncio.run(scenario())
+    for proc in (procs[0], procs[2]):
+        assert proc.popen.poll() is None
+        assert "Traceback" not in proc.log()
+
+
+async def _info_step_port(address: str, key: str) -> int:
+    client = NodeClient(address, key, Timeouts(), Limits())
+    try:
+        return (await client.info()).step_port
+    finally:
+        await client.close()

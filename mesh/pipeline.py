@@ -138,13 +138,38 @@ class PipelineRun:
         stop = threading.Event()
         tokens = generate_tokens(self._job.request, self._job.n_ctx, self, stop.is_set)
         # A thread of the run's own, not the loop's shared pool: a step may block for its whole
-        # deadline, and other runs must not queue behind it. The whole loop runs there, so the
-        # event loop is woken once per token, not once per step or stage.
+        # deadline, and other runs must not queue behind it. The whole loop runs there and goes
+        # straight on to the next step after each token, handing the token to the event loop on
+        # the way: the loop's turn to stream it is off the token's path (asking the driver for
+        # each next token put two thread wake-ups on it).
         driver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
+
+        def hand_over(item: TokenEvent | BaseException | None) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:
+                pass  # the loop is gone: nobody is waiting for the run any more
+
+        def drive() -> None:
+            outcome: Exception | None = None  # None: the stream ended; else it ends with this, on the loop
+            try:
+                for event in tokens:
+                    hand_over(event)
+                    if stop.is_set():
+                        return
+            except Exception as exc:  # noqa: BLE001 - raised again on the loop, by the stream's reader
+                outcome = exc
+            finally:
+                hand_over(outcome)
+
+        driver.submit(drive)
         try:
-            while (event := await loop.run_in_executor(driver, next, tokens, None)) is not None:
-                yield event
+            while (item := await events.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
             stop.set()
             for link in self._links():

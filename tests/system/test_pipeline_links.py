@@ -124,7 +124,7 @@ def membership_changes(m: Mesh) -> list[str]:
 # ============================================================================ wifi
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")  # one mesh at a time: each ends with its class
 def wifi(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
          default_model: Path) -> Iterator[Mesh]:
     with mesh_on(request, tmp_path_factory.mktemp("wifi"), default_model, PROFILES["wifi"]) as m:
@@ -177,7 +177,7 @@ class TestWifi:
                                 f"{[s['layers'] for s in plan_of(view, 'pipeline')[0]['stages']]}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")  # one mesh at a time: each ends with its class
 def wifi_two(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
              default_model: Path) -> Iterator[Mesh]:
     with mesh_on(request, tmp_path_factory.mktemp("wifi2"), default_model, PROFILES["wifi"]) as m:
@@ -186,19 +186,20 @@ def wifi_two(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         yield m
 
 
-def test_a_2_stage_pipeline_over_wifi_gives_llama_cpp_output(wifi_two: Mesh, expected: str) -> None:
-    pipelines = plan_of(wifi_two.cluster(), "pipeline")
-    assert len(pipelines) == 1 and len(pipelines[0]["stages"]) == 2, pipelines
-    started = time.monotonic()
-    got = stream(wifi_two)
-    assert got.text == expected and got.finish == "length"
-    FIGURES["wifi 2 stages"] = f"{got.chunks} tokens in {time.monotonic() - started:.2f}s"
+class TestWifiTwoStages:
+    def test_a_2_stage_pipeline_over_wifi_gives_llama_cpp_output(self, wifi_two: Mesh, expected: str) -> None:
+        pipelines = plan_of(wifi_two.cluster(), "pipeline")
+        assert len(pipelines) == 1 and len(pipelines[0]["stages"]) == 2, pipelines
+        started = time.monotonic()
+        got = stream(wifi_two)
+        assert got.text == expected and got.finish == "length"
+        FIGURES["wifi 2 stages"] = f"{got.chunks} tokens in {time.monotonic() - started:.2f}s"
 
 
 # ============================================================================ bad wifi
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")  # one mesh at a time: each ends with its class
 def bad_wifi(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
              default_model: Path) -> Iterator[Mesh]:
     with mesh_on(request, tmp_path_factory.mktemp("bad-wifi"), default_model, PROFILES["bad-wifi"]) as m:
@@ -208,83 +209,87 @@ def bad_wifi(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         yield m
 
 
-@pytest.mark.timeout(SOAK_S + 300)  # the soak, and the mesh's start-up (the suite's default is 600 s)
-def test_a_bad_wifi_soak_completes_every_request_and_marks_no_node_down(bad_wifi: Mesh, expected: str) -> None:
-    m = bad_wifi
-    view = m.cluster()
-    pipeline = plan_of(view, "pipeline")[0]
-    assert len(pipeline["stages"]) == 3
-    everyone = set(m.ids.values())
-    assert ready_ids(view) == everyone
-    counted_before = failovers(m)
-    changes_before = len(membership_changes(m))
-    seen_down: list[tuple[float, dict[str, str]]] = []  # (seconds into the soak, node name -> state)
-    done = threading.Event()
-    soak_started = time.monotonic()
+class TestBadWifi:
+    """One mesh on bad-wifi: the soak, then a real cut."""
 
-    def watch() -> None:
-        with m.http(timeout=30) as client:
-            while not done.wait(WATCH_EVERY_S):
-                nodes = client.get("/api/cluster").json()["nodes"]
-                states = {m.name_of(n["id"]): n["state"] for n in nodes}
-                if {n["id"] for n in nodes if n["state"] == "ready"} != everyone:
-                    seen_down.append((time.monotonic() - soak_started, states))
+    @pytest.mark.timeout(SOAK_S + 300)  # the soak, and the mesh's start-up (the suite's default is 600 s)
+    def test_a_bad_wifi_soak_completes_every_request_and_marks_no_node_down(
+            self, bad_wifi: Mesh, expected: str) -> None:
+        m = bad_wifi
+        view = m.cluster()
+        pipeline = plan_of(view, "pipeline")[0]
+        assert len(pipeline["stages"]) == 3
+        everyone = set(m.ids.values())
+        assert ready_ids(view) == everyone
+        counted_before = failovers(m)
+        changes_before = len(membership_changes(m))
+        seen_down: list[tuple[float, dict[str, str]]] = []  # (seconds into the soak, node name -> state)
+        done = threading.Event()
+        soak_started = time.monotonic()
 
-    watcher = threading.Thread(target=watch, name="watch-membership")
-    watcher.start()
-    results: list[tuple[float, bool, str]] = []  # (seconds, output identical, route)
-    try:
-        while time.monotonic() - soak_started < SOAK_S:
-            got = stream(m)
-            results.append((got.ended - got.started, got.text == expected and got.finish == "length", got.route))
-    finally:
-        done.set()
-        watcher.join(timeout=60)
-    took = [s for s, _same, _route in results]
-    FIGURES["bad-wifi soak"] = (f"{len(results)} requests back to back in {time.monotonic() - soak_started:.0f}s, "
-                                f"{min(took):.2f}-{max(took):.2f}s each (median {sorted(took)[len(took) // 2]:.2f}s); "
-                                f"{sum(1 for _s, same, _r in results if not same)} differed; "
-                                f"{len(seen_down)} cluster views with a node not ready")
-    print("\nsoak:", FIGURES["bad-wifi soak"])
-    changes = membership_changes(m)[changes_before:]
-    assert all(same for _s, same, _route in results), [r for r in results if not r[1]]
-    assert {route for _s, _same, route in results} == {route_of(pipeline)}
-    assert failovers(m) == counted_before, (counted_before, failovers(m), changes, m.logs())
-    assert changes == [], changes
-    assert seen_down == [], seen_down[:5]
+        def watch() -> None:
+            with m.http(timeout=30) as client:
+                while not done.wait(WATCH_EVERY_S):
+                    nodes = client.get("/api/cluster").json()["nodes"]
+                    states = {m.name_of(n["id"]): n["state"] for n in nodes}
+                    if {n["id"] for n in nodes if n["state"] == "ready"} != everyone:
+                        seen_down.append((time.monotonic() - soak_started, states))
+
+        watcher = threading.Thread(target=watch, name="watch-membership")
+        watcher.start()
+        results: list[tuple[float, bool, str]] = []  # (seconds, output identical, route)
+        try:
+            while time.monotonic() - soak_started < SOAK_S:
+                got = stream(m)
+                results.append((got.ended - got.started, got.text == expected and got.finish == "length", got.route))
+        finally:
+            done.set()
+            watcher.join(timeout=60)
+        took = sorted(s for s, _same, _route in results)
+        FIGURES["bad-wifi soak"] = (f"{len(results)} requests back to back in {time.monotonic() - soak_started:.0f}s, "
+                                    f"{took[0]:.2f}-{took[-1]:.2f}s each (median {took[len(took) // 2]:.2f}s); "
+                                    f"{sum(1 for _s, same, _r in results if not same)} differed; "
+                                    f"{len(seen_down)} cluster views with a node not ready")
+        print("\nsoak:", FIGURES["bad-wifi soak"])
+        changes = membership_changes(m)[changes_before:]
+        assert all(same for _s, same, _route in results), [r for r in results if not r[1]]
+        assert {route for _s, _same, route in results} == {route_of(pipeline)}
+        assert failovers(m) == counted_before, (counted_before, failovers(m), changes, m.logs())
+        assert changes == [], changes
+        assert seen_down == [], seen_down[:5]
 
 
-def test_a_real_link_cut_on_bad_wifi_is_still_detected_within_the_failover_bound(
-        bad_wifi: Mesh, expected: str) -> None:
-    """After the soak, on the same mesh: the middle stage's link is cut mid-stream (its packets
-    vanish, nothing is reset); the spare takes over within test_netns_faults' budget."""
-    m = bad_wifi
-    pipeline = plan_of(m.cluster(), "pipeline")[0]
-    victim_id = pipeline["stages"][1]["node"]
-    victim_host = next(h.index for h in m.net.hosts if h.address == m.nodes[m.name_of(victim_id)].ready[0])
-    chunk_times: list[float] = []
-    cut_at: list[float] = []
+    def test_a_real_link_cut_on_bad_wifi_is_still_detected_within_the_failover_bound(
+            self, bad_wifi: Mesh, expected: str) -> None:
+        """After the soak, on the same mesh: the middle stage's link is cut mid-stream (its packets
+        vanish, nothing is reset); the spare takes over within test_netns_faults' budget."""
+        m = bad_wifi
+        pipeline = plan_of(m.cluster(), "pipeline")[0]
+        victim_id = pipeline["stages"][1]["node"]
+        victim_host = next(h.index for h in m.net.hosts if h.address == m.nodes[m.name_of(victim_id)].ready[0])
+        chunk_times: list[float] = []
+        cut_at: list[float] = []
 
-    def cut_mid_stream(chunks: int) -> None:
-        chunk_times.append(time.monotonic())
-        if chunks == KILL_AT and not cut_at:
-            m.net.cut(victim_host)
-            cut_at.append(time.monotonic())
+        def cut_mid_stream(chunks: int) -> None:
+            chunk_times.append(time.monotonic())
+            if chunks == KILL_AT and not cut_at:
+                m.net.cut(victim_host)
+                cut_at.append(time.monotonic())
 
-    try:
-        faulty = stream(m, cut_mid_stream)
-    finally:
-        m.net.heal(victim_host)  # after the stream: the failover is over either way; the teardown is quicker
-    assert cut_at, "the stream ended before the cut"
-    resumed = next(t for t in chunk_times if t > cut_at[0]) - cut_at[0]
-    detect = sum(metric_lines(m.gateway_metrics(), "edgemesh_failover_detect_seconds_sum").values())
-    FIGURES["bad-wifi cut"] = (f"link of {m.name_of(victim_id)} (stage 2 of 3) cut at token {KILL_AT}: next token "
-                               f"{resumed:.2f}s later (gateway: detected in {detect:.2f}s), output identical: "
-                               f"{faulty.text == expected}")
-    assert faulty.text == expected and faulty.finish == "length"
-    # Detection is the failover issue's bound (a step's deadline; on bad-wifi a step is ~50 ms).
-    assert detect <= Timeouts().stage_step_s + 1.0
-    # Re-plan, the spare's load and the replay run over bad-wifi's hops too: measured 10.5 s
-    # once against the 10 s of a plain LAN (test_netns_faults); a failover that hangs fails here.
-    assert resumed <= 2 * RECOVERY_BUDGET_S
-    assert sum(failovers(m).values()) >= 1  # moved mid-answer, to the spare
+        try:
+            faulty = stream(m, cut_mid_stream)
+        finally:
+            m.net.heal(victim_host)  # after the stream: the failover is over either way; the teardown is quicker
+        assert cut_at, "the stream ended before the cut"
+        resumed = next(t for t in chunk_times if t > cut_at[0]) - cut_at[0]
+        detect = sum(metric_lines(m.gateway_metrics(), "edgemesh_failover_detect_seconds_sum").values())
+        FIGURES["bad-wifi cut"] = (f"link of {m.name_of(victim_id)} (stage 2 of 3) cut at token {KILL_AT}: next token "
+                                   f"{resumed:.2f}s later (gateway: detected in {detect:.2f}s), output identical: "
+                                   f"{faulty.text == expected}")
+        assert faulty.text == expected and faulty.finish == "length"
+        # Detection is the failover issue's bound (a step's deadline; on bad-wifi a step is ~50 ms).
+        assert detect <= Timeouts().stage_step_s + 1.0
+        # Re-plan, the spare's load and the replay run over bad-wifi's hops too: measured 10.5 s
+        # once against the 10 s of a plain LAN (test_netns_faults); a failover that hangs fails here.
+        assert resumed <= 2 * RECOVERY_BUDGET_S
+        assert sum(failovers(m).values()) >= 1  # moved mid-answer, to the spare

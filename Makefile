@@ -10,7 +10,7 @@ NODES ?= 2
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: setup up test test-tools lint bench proto clean
+.PHONY: setup up test test-tools test-links lint bench proto clean
 
 $(BIN)/edgemesh: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,13 @@ setup: $(BIN)/edgemesh
 up: setup
 	$(BIN)/edgemesh up --nodes $(NODES) --port $(PORT)
 
-# Browser and Prometheus tests use Debian's chromium and prometheus; install them when missing.
+# Browser and Prometheus tests use Debian's chromium and prometheus, the emulated links of the
+# test network iptables and libnetfilter_queue (and its headers, to build NetfilterQueue
+# below); install them when missing.
 test-tools:
 	@missing=""; \
-	for pkg in chromium:/usr/bin/chromium prometheus:/usr/bin/prometheus; do \
+	for pkg in chromium:/usr/bin/chromium prometheus:/usr/bin/prometheus iptables:/usr/sbin/iptables \
+	    libnetfilter-queue-dev:/usr/include/libnetfilter_queue/libnetfilter_queue.h; do \
 	  [ -x "$${pkg#*:}" ] || missing="$$missing $${pkg%%:*}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -38,6 +41,14 @@ test-tools:
 	      || echo "could not install$$missing; tests needing them will say so"; \
 	  else echo "not root: not installing$$missing; tests needing them will say so"; fi; \
 	fi
+
+# NetfilterQueue (the `links` extra) has no wheels: pip compiles it against the headers
+# test-tools installs, so it cannot be in the dev extra that `setup` installs first (and `make
+# up` needs neither). Without it the link tests say so and skip.
+test-links: setup test-tools
+	@$(BIN)/python -c "import netfilterqueue" 2>/dev/null || { \
+	  echo "installing NetfilterQueue (compiled against libnetfilter-queue-dev)"; \
+	  $(BIN)/pip install -q -e ".[links]" || echo "could not install NetfilterQueue; link tests will say so"; }
 
 # Line coverage of mesh/ and node/, measured in the test processes and in every node and
 # gateway they start (see [tool.coverage.*] in pyproject.toml); COVERAGE=0 runs without it.
@@ -60,7 +71,7 @@ RUN_PYTEST = echo "== tests: every tier but tests/system, on parallel workers"; 
 	[ $$code -ne 0 ] || code=$$second
 endif
 
-test: setup test-tools
+test: setup test-tools test-links
 	$(BIN)/mypy
 	$(BIN)/ruff check mesh node tests scripts
 	@$(RUN_PYTEST); \

@@ -37,6 +37,7 @@ import logging
 import os
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from benchmarks.llama_build import Binaries, LlamaBuildError, cached, ensure_built
+from benchmarks.llama_build import Binaries, cached, ensure_built
 from mesh.errors import EdgeMeshError
 from tests.harness import processes
 
@@ -361,9 +362,9 @@ def on_testnet(binaries: Binaries, model: Path, n_devices: int, *, profile: str 
                reps: int = 3) -> LlamaResult:
     """A TestNet of its own: llama-bench on host 0, one rpc-server on each further host, every
     link shaped by `profile`; the network (namespaces, links, rules, processes) is gone after."""
-    from tests.system.netns import TestNet, unavailable_reason
+    from tests.system.netns import TestNet, unavailable_link_reason, unavailable_reason
 
-    reason = unavailable_reason()
+    reason = unavailable_link_reason() if profile else unavailable_reason()
     if reason:
         raise LlamaRpcError(f"no test network here: {reason}")
     n_servers = n_devices - 1 if head_holds_layers else n_devices
@@ -379,12 +380,22 @@ def on_testnet(binaries: Binaries, model: Path, n_devices: int, *, profile: str 
 # ------------------------------------------------------------------------------------ CLI
 
 
+def _where(r: LlamaResult) -> str:
+    if r.rpc_servers == 0:
+        return "1 process"
+    servers = f"{r.rpc_servers} rpc-server{'s' if r.rpc_servers > 1 else ''}"
+    return f"{r.n_devices} devices ({servers}, head {r.head_layers} layers)"
+
+
 def _row(r: LlamaResult, base: LlamaResult | None) -> str:
     ratio = f"  decode x{r.decode_tok_s / base.decode_tok_s:.2f} of 1 process" if base and base.decode_tok_s else ""
-    where = "1 process" if r.rpc_servers == 0 else (f"{r.n_devices} devices ({r.rpc_servers} rpc-server"
-                                                    f"{'s' if r.rpc_servers > 1 else ''}, head {r.head_layers} layers)")
-    return (f"  {r.hosts:14s} {where:42s} decode {r.decode_tok_s:7.1f} tok/s   pp{r.n_prompt} "
+    return (f"  {r.hosts:14s} {_where(r):42s} decode {r.decode_tok_s:7.1f} tok/s   pp{r.n_prompt} "
             f"{r.prefill_tok_s:7.1f} tok/s (ttft ~{r.ttft_s * 1000:.0f} ms){ratio}")
+
+
+def _spread(values: Sequence[float], fmt: str = "{:.1f}") -> str:
+    mid = fmt.format(statistics.median(values))
+    return mid if len(values) == 1 else f"{mid} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -396,12 +407,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--devices", default="2,3", help="comma-separated device counts (default 2,3)")
     parser.add_argument("--net", choices=("loopback", "netns"), default="loopback")
     parser.add_argument("--profile", default=None, help="link profile for every netns host (ethernet, wifi, bad-wifi)")
-    parser.add_argument("--all-remote", action="store_true",
-                        help="every device is an rpc-server; the head's CPU holds no layers")
+    parser.add_argument("--layout", choices=("head", "remote", "both"), default="head",
+                        help="head: the head's CPU is device 0 (N-1 rpc-servers, as EdgeMesh's stage 0); "
+                             "remote: N rpc-servers hold every layer; both: measure each")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens of the prefill test (pp)")
     parser.add_argument("--tokens", type=int, default=128, help="generated tokens of the decode test (tg)")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per run")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="interleaved rounds (1 process, then each layout); medians are reported")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -418,22 +432,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         model = resolve(args.model)
         counts = [int(c) for c in args.devices.split(",") if c.strip()]
+        layouts = [True, False] if args.layout == "both" else [args.layout == "head"]
         kw: dict[str, Any] = {"threads": args.threads, "n_prompt": args.prompt, "n_gen": args.tokens,
                               "reps": args.reps}
         print(f"llama.cpp (llama-cpp-python {binaries.version}) on {model.name}, {model_layers(model)} layers, "
-              f"{args.threads} threads, {os.cpu_count()} CPUs")
-        base = single_process(binaries, model, **kw)
-        print(_row(base, None), flush=True)
-        for n in counts:
-            if args.net == "loopback":
-                n_servers = n if args.all_remote else n - 1
-                r = distributed(binaries, model, [Loopback()] * n_servers, head_holds_layers=not args.all_remote,
-                                **kw)
-            else:
-                r = on_testnet(binaries, model, n, profile=args.profile, head_holds_layers=not args.all_remote, **kw)
-            print(_row(r, base), flush=True)
-            print(f"    {' '.join(r.argv)}", flush=True)
-    except (LlamaRpcError, LlamaBuildError, EdgeMeshError) as exc:
+              f"{args.threads} threads, {os.cpu_count()} CPUs, {args.rounds} round(s) of {args.reps} reps")
+        table: dict[str, list[tuple[LlamaResult, float]]] = {}
+        for round_ in range(args.rounds):
+            # The CPU may be shared: the load says how much the figures of a round can be trusted.
+            print(f"round {round_ + 1} (load average {os.getloadavg()[0]:.2f}):", flush=True)
+            base = single_process(binaries, model, **kw)
+            print(_row(base, None), flush=True)
+            table.setdefault(f"{base.hosts:14s} {_where(base)}", []).append((base, 1.0))
+            for n in counts:
+                for head in layouts:
+                    if args.net == "loopback":
+                        r = distributed(binaries, model, [Loopback()] * (n - 1 if head else n),
+                                        head_holds_layers=head, **kw)
+                    else:
+                        r = on_testnet(binaries, model, n, profile=args.profile, head_holds_layers=head, **kw)
+                    print(_row(r, base), flush=True)
+                    print(f"    {' '.join(r.argv)}", flush=True)
+                    table.setdefault(f"{r.hosts:14s} {_where(r)}", []).append((r, r.decode_tok_s / base.decode_tok_s))
+        print("medians [min-max] over rounds:")
+        for label, rows in table.items():
+            decode = _spread([r.decode_tok_s for r, _ in rows])
+            prefill = _spread([r.prefill_tok_s for r, _ in rows])
+            ratio = _spread([x for _, x in rows], "{:.2f}")
+            print(f"  {label:57s} decode {decode} tok/s   pp{args.prompt} {prefill} tok/s   decode/1 process {ratio}")
+    except EdgeMeshError as exc:  # LlamaRpcError and LlamaBuildError are EdgeMesh errors
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

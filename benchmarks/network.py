@@ -367,9 +367,10 @@ def _med(values: Sequence[float]) -> float:
 
 
 def render(cells: Sequence[Cell], settings: Settings) -> str:
+    omp = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
     lines = [f"\nmodel {settings.model.name}, {settings.threads} threads per process, {settings.tokens} decode tokens, "
              f"{settings.prompt_tokens}-token prompt, {settings.runs} run(s): median [min-max]; "
-             f"load average now {os.getloadavg()[0]:.2f}",
+             f"load average now {os.getloadavg()[0]:.2f}; one-process llama.cpp with {omp or 'libgomp defaults'}",
              "ratios: speed x = EdgeMesh / other (higher is better); time x = EdgeMesh / other (lower is better); "
              "floor = one-process time + the link's one-way hops (replica: none per token)", "",
              "decode"]
@@ -450,6 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--build-rpc", action="store_true",
                         help="build llama.cpp's rpc-server and llama-bench first (cached after the first time)")
     parser.add_argument("--no-rpc", action="store_true", help="do not measure llama.cpp's RPC mode")
+    parser.add_argument("--baseline-default-omp", action="store_true",
+                        help="run the one-process llama.cpp with libgomp's default spinning instead of the "
+                             "nodes' OpenMP settings (node/compute.py STAGE_OPENMP_ENV)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpcore", "llama_rpc", "llama_build"):
@@ -470,6 +474,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason:
         print(f"cannot emulate links here: {reason}", file=sys.stderr)
         return 2
+    if not args.baseline_default_omp:
+        # Like for like: the one-process llama.cpp gets the OpenMP settings every node runs
+        # with. libgomp reads them once, when llama_cpp loads it, so they are set before that.
+        # With libgomp's default (spin ~3 ms at each barrier) a 2-thread team on a machine
+        # whose cores other processes also want loses its turn at every op: measured here at
+        # load ~6 on 2 cores, 1.8-2.1 tok/s in one process against 25 tok/s through 3 stages.
+        from node.compute import STAGE_OPENMP_ENV
+
+        os.environ.update(STAGE_OPENMP_ENV)
     _interrupt_on_sigterm()
     try:
         if args.build_rpc:

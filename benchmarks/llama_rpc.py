@@ -17,6 +17,8 @@ of `--tensor-split`. So:
   head_holds_layers=False  N RPC servers hold every layer (-ngl n_layer+1); the head's CPU only
                            looks up embeddings and drives the graph.
 The output head goes with the last device in both, as EdgeMesh's last stage samples.
+The distributed processes get the libgomp settings of EdgeMesh's stage processes (see
+`distributed`); the one-process run keeps libgomp's defaults, as llama.cpp alone would.
 
 Hosts: `Loopback()` (processes on 127.0.0.1) or `NetnsHost(net, i)`, a host of a
 tests/system/netns.py TestNet (processes started with `net.popen(i, ...)` and bound to the
@@ -36,19 +38,21 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from benchmarks.llama_build import Binaries, cached, ensure_built
 from mesh.errors import EdgeMeshError
+from node.compute import STAGE_OPENMP_ENV
 from tests.harness import processes
 
 log = logging.getLogger("llama_rpc")
@@ -219,13 +223,15 @@ def _wait_listening(server: _Server, timeout_s: float) -> bool:
                         f"{timeout_s:.0f} s:\n{_tail(server.log_path)}")
 
 
-def _start_server(binaries: Binaries, host: Host, threads: int, workdir: Path, pids: list[int]) -> _Server:
+def _start_server(binaries: Binaries, host: Host, threads: int, workdir: Path, pids: list[int],
+                  env: Mapping[str, str]) -> _Server:
     for attempt in range(PORT_TRIES):
         port = host.free_port()
         log_path = workdir / f"rpc-{host.address}-{port}.log"
         with open(log_path, "wb") as out:
             process = host.popen([str(binaries.rpc_server), "-H", host.address, "-p", str(port), "-t", str(threads)],
-                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, **env})
         pids.append(process.pid)
         server = _Server(host, port, process, log_path)
         try:
@@ -243,14 +249,14 @@ def _start_server(binaries: Binaries, host: Host, threads: int, workdir: Path, p
 
 @contextlib.contextmanager
 def rpc_servers(binaries: Binaries, hosts: Sequence[Host], threads: int, workdir: Path,
-                pids: list[int] | None = None) -> Iterator[list[str]]:
+                pids: list[int] | None = None, env: Mapping[str, str] = STAGE_OPENMP_ENV) -> Iterator[list[str]]:
     """One rpc-server per host (a host may be listed twice: two servers on it); yields their
     host:port endpoints in order. Every server is ended by its process group on the way out;
     the pids of all started (also of tries on a taken port) are appended to `pids`."""
     started: list[_Server] = []
     try:
         for host in hosts:
-            started.append(_start_server(binaries, host, threads, workdir, pids if pids is not None else []))
+            started.append(_start_server(binaries, host, threads, workdir, pids if pids is not None else [], env))
         yield [s.endpoint for s in started]
     finally:
         for server in started:
@@ -271,9 +277,11 @@ def bench_argv(binaries: Binaries, model: Path, *, threads: int, n_prompt: int, 
     return argv
 
 
-def _run_bench(head: Host, argv: list[str], timeout_s: float, pids: list[int]) -> list[dict[str, Any]]:
+def _run_bench(head: Host, argv: list[str], timeout_s: float, pids: list[int],
+               env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     log.info("running on %s: %s", head.label, " ".join(argv))
-    process = head.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    process = head.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         env={**os.environ, **(env or {})})
     pids.append(process.pid)
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
@@ -327,9 +335,15 @@ def single_process(binaries: Binaries, model: Path, *, threads: int = 2, n_promp
 
 def distributed(binaries: Binaries, model: Path, servers: Sequence[Host], *, head: Host | None = None,
                 head_holds_layers: bool = True, threads: int = 2, n_prompt: int = 512, n_gen: int = 128,
-                reps: int = 3, hosts: str = "loopback") -> LlamaResult:
+                reps: int = 3, hosts: str = "loopback",
+                openmp_env: Mapping[str, str] = STAGE_OPENMP_ENV) -> LlamaResult:
     """llama.cpp over RPC: one rpc-server per entry of `servers`, llama-bench on `head`.
-    n_devices = len(servers) (+1 when the head's CPU holds layers)."""
+    n_devices = len(servers) (+1 when the head's CPU holds layers).
+
+    Every process runs with `openmp_env`, by default the libgomp settings EdgeMesh gives its
+    pipeline stages (node/compute.py): on one machine the devices take turns on the same cores,
+    and with libgomp's default ~3 ms spin an idle server's workers would burn the core the
+    busy one needs, which real separate devices never do. Both systems then pay the same."""
     head = head or Loopback()
     if not servers:
         raise LlamaRpcError("a distributed run needs at least one rpc-server host")
@@ -337,10 +351,10 @@ def distributed(binaries: Binaries, model: Path, servers: Sequence[Host], *, hea
     split = layer_split(model_layers(model), n_devices, head_holds_layers)
     pids: list[int] = []
     with tempfile.TemporaryDirectory(prefix="llama-rpc-") as work_s, \
-            rpc_servers(binaries, servers, threads, Path(work_s), pids) as endpoints:
+            rpc_servers(binaries, servers, threads, Path(work_s), pids, openmp_env) as endpoints:
         argv = bench_argv(binaries, model, threads=threads, n_prompt=n_prompt, n_gen=n_gen, reps=reps,
                           endpoints=endpoints, split=split)
-        runs = _runs(_run_bench(head, argv, BENCH_TIMEOUT_S, pids))
+        runs = _runs(_run_bench(head, argv, BENCH_TIMEOUT_S, pids, openmp_env))
     return _result(runs, n_devices=n_devices, rpc=len(servers), head_layers=split.head_layers, n_prompt=n_prompt,
                    n_gen=n_gen, threads=threads, hosts=hosts, argv=argv, pids=pids)
 
@@ -359,7 +373,7 @@ def shape_hosts(net: Any, indices: Sequence[int], profile: str | None) -> None:
 
 def on_testnet(binaries: Binaries, model: Path, n_devices: int, *, profile: str | None = None,
                head_holds_layers: bool = True, threads: int = 2, n_prompt: int = 512, n_gen: int = 128,
-               reps: int = 3) -> LlamaResult:
+               reps: int = 3, openmp_env: Mapping[str, str] = STAGE_OPENMP_ENV) -> LlamaResult:
     """A TestNet of its own: llama-bench on host 0, one rpc-server on each further host, every
     link shaped by `profile`; the network (namespaces, links, rules, processes) is gone after."""
     from tests.system.netns import TestNet, unavailable_link_reason, unavailable_reason
@@ -374,7 +388,7 @@ def on_testnet(binaries: Binaries, model: Path, n_devices: int, *, profile: str 
         label = "netns" + (f"+{profile}" if profile else "")
         return distributed(binaries, model, [NetnsHost(net, i) for i in range(1, n_servers + 1)],
                            head=NetnsHost(net, 0), head_holds_layers=head_holds_layers, threads=threads,
-                           n_prompt=n_prompt, n_gen=n_gen, reps=reps, hosts=label)
+                           n_prompt=n_prompt, n_gen=n_gen, reps=reps, hosts=label, openmp_env=openmp_env)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -418,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="interleaved rounds (1 process, then each layout); medians are reported")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers and networks are ended on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         if args.build or args.rebuild:
@@ -463,6 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgeMeshError as exc:  # LlamaRpcError and LlamaBuildError are EdgeMesh errors
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; every process started was ended", file=sys.stderr)
+        return 130
     return 0
 
 

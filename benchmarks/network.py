@@ -16,7 +16,9 @@ Measured per cell, `--runs` times, interleaved with llama.cpp in this process
            (edgemesh_node_pipeline_bytes_total) and RPC payload bytes sent + received
            (edgemesh_node_bytes_{sent,received}_total), summed over nodes; the decode run's
            counts minus those of a 1-token run of the same prompt, so its prefill is not counted
-Each figure is printed as its median with the min-max over runs, and as ratios to
+Every process of the run, llama.cpp in this one included, uses the nodes' OpenMP settings
+(node/compute.py STAGE_OPENMP_ENV; `--baseline-default-omp` leaves this process's at libgomp's
+defaults). Each figure is printed as its median with the min-max over runs, and as ratios to
   (a) llama.cpp in one process, measured in the same cell;
   (b) the physical floor (see `floor_ms_per_token` and `floor_ttft_ms`);
   (c) llama.cpp's RPC mode (benchmarks/llama_rpc.py) with the same number of devices on a

@@ -16,6 +16,11 @@ libnfnetlink keeps per-handle state (the sequence counter, the receive buffer) w
 lock. It is serialised today only because the Cython code holds the GIL around both calls
 (NetfilterQueue.run drops it only around recv()), which is an implementation detail.
 
+Cost, measured on the 2-core test box (a TCP download through one delayer): ~5 us of user
+CPU per packet; its sys time is mostly the kernel sending the released packet on (veth,
+bridge, the peer's receive), work the sender would otherwise do. At 0.2 ms it passed
+~33k packets/s (380 Mbit/s) at under half a core.
+
 COPY_META mode: the kernel sends only the packet's metadata (no payload copy), so a verdict
 leaves the packet as it was and each message is ~100 bytes, whatever the packet's size.
 

@@ -171,7 +171,7 @@ class Shaping:
 
     profile: LinkProfile
     delayer: subprocess.Popen[bytes] | None
-    rules: list[list[str]]  # iptables arguments after -A/-D
+    rules: list[list[str]]  # ["-t", table, chain, *match and target]: see _rule_argv
     qdisc: bool
 
 

@@ -9,6 +9,7 @@ same profile, so a round trip pays the profile's one-way delay twice.
   sender's sendto never fails), and never reorders them, although its +-6 ms jitter is far
   above the datagrams' 0.5 ms spacing;
 - a rate-limited link carries about its rate;
+- a dead delayer drops nothing (--queue-bypass);
 - after close() no namespace, link, iptables rule, qdisc or delayer process is left.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -121,6 +123,24 @@ def test_a_rate_limited_link_carries_about_its_rate(net: TestNet) -> None:
     mbit = size * 8 / result["bulk_s"] / 1e6
     report("rate", f"{size} bytes in {result['bulk_s']:.2f} s: {mbit:.1f} Mbit/s on a {rate.rate_mbit} Mbit/s link")
     assert 0.6 * rate.rate_mbit <= mbit <= 1.05 * rate.rate_mbit
+
+
+def test_a_dead_delayer_lets_packets_through_undelayed(net: TestNet) -> None:
+    """--queue-bypass: with no delayer bound, a host's packets pass as if unshaped (here host
+    0's; host 1 still delays its own), none are dropped."""
+    wifi = PROFILES["wifi"]
+    shape_both(net, wifi)
+    delayer = net.shaped[0].delayer
+    assert delayer is not None
+    os.kill(delayer.pid, signal.SIGKILL)
+    delayer.wait(timeout=10)
+    result = probe(net, 0, 1, 50, "--udp", "500")
+    _connect, request = medians(result)
+    report("dead delayer", f"median request/response {request:.2f} ms; udp {result['udp']}")
+    assert request < 2 * wifi.delay_ms  # one way delayed, the other not
+    # nothing held by the dead delayer is lost for good: 500 datagrams, 0.5 % loss each way
+    assert result["udp"]["unicast"]["received"] >= 0.97 * 500
+    net.unshape(0)  # the rules and qdisc go; the delayer is already gone
 
 
 def _leftovers(tag: str, pids: list[int]) -> list[str]:

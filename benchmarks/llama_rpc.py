@@ -332,12 +332,15 @@ def _result(runs: tuple[BenchRun, ...], *, n_devices: int, rpc: int, head_layers
 
 
 def single_process(binaries: Binaries, model: Path, *, threads: int = 2, n_prompt: int = 512, n_gen: int = 128,
-                   reps: int = 3, head: Host | None = None, hosts: str = "loopback") -> LlamaResult:
-    """llama.cpp in one process: llama-bench without --rpc, every layer on the head's CPU."""
+                   reps: int = 3, head: Host | None = None, hosts: str = "loopback",
+                   openmp_env: Mapping[str, str] | None = None) -> LlamaResult:
+    """llama.cpp in one process: llama-bench without --rpc, every layer on the head's CPU, with
+    libgomp's defaults unless `openmp_env` (e.g. STAGE_OPENMP_ENV: on a CPU shared with other
+    busy processes the default ~3 ms spin can cost a one-process run more than it gains)."""
     head = head or Loopback()
     argv = bench_argv(binaries, model, threads=threads, n_prompt=n_prompt, n_gen=n_gen, reps=reps)
     pids: list[int] = []
-    runs = _runs(_run_bench(head, argv, BENCH_TIMEOUT_S, pids))
+    runs = _runs(_run_bench(head, argv, BENCH_TIMEOUT_S, pids, openmp_env))
     return _result(runs, n_devices=1, rpc=0, head_layers=model_layers(model), n_prompt=n_prompt, n_gen=n_gen,
                    threads=threads, hosts=hosts, argv=argv, pids=pids)
 

@@ -120,15 +120,10 @@ class PeerLinks:
             ring = [RingHop(hop.node_id, peer.host, peer.step_port) for hop, peer in zip(hops, peers, strict=True)]
             loop = asyncio.get_running_loop()
 
-            def unresponsive(nodes: Sequence[NodeId]) -> NodeId | None:
-                checking = asyncio.run_coroutine_threadsafe(self.first_unresponsive(hops), loop)
-                try:
-                    return checking.result(timeout=self._timeouts.head_margin_s * 0.75)
-                except (TimeoutError, concurrent.futures.CancelledError):  # no answer: the last stage is named
-                    checking.cancel()
-                    return None
+            def probe() -> concurrent.futures.Future[NodeId | None]:
+                return asyncio.run_coroutine_threadsafe(self.first_unresponsive(hops), loop)
 
-            return RingLink(first, back, ring, self._timeouts, step_timeout_s, unresponsive)
+            return RingLink(first, back, ring, self._timeouts, step_timeout_s, probe, self._probe_s())
         links: list[StageLink] = []
         try:
             for hop in hops:
@@ -143,7 +138,7 @@ class PeerLinks:
         """The first of these stages' nodes that does not answer Info in time (a stuck ring).
         Within half the margin the gateway gives a head past its step deadline, so that the
         head's answer, naming the stage, reaches the gateway before the gateway gives up on it."""
-        probe_s = min(self._timeouts.info_rpc_s, self._timeouts.head_margin_s / 2)
+        probe_s = self._probe_s()
         async def answers(hop: PipelineHop) -> bool:
             peer = self._peers.get((hop.address, hop.node_id))
             if peer is None:
@@ -156,6 +151,9 @@ class PeerLinks:
 
         results = await asyncio.gather(*(answers(hop) for hop in hops))
         return next((hop.node_id for hop, ok in zip(hops, results, strict=True) if not ok), None)
+
+    def _probe_s(self) -> float:
+        return min(self._timeouts.info_rpc_s, self._timeouts.head_margin_s / 2)
 
     async def open_link(self, hop: PipelineHop, step_timeout_s: float) -> StageLink:
         """A connection of its own to the node of a later stage, for one run."""

@@ -14,6 +14,7 @@ with the served connection, so a run that ends anywhere ends on every stage afte
 
 from __future__ import annotations
 
+import enum
 import logging
 import selectors
 import socket
@@ -31,6 +32,21 @@ from mesh.types import RingHop
 log = logging.getLogger(__name__)
 
 _CLAIM_POLL_S = 0.05
+
+
+_RETURN = "return"  # the selector's tag of a claimed return connection
+
+
+class Waited(enum.Enum):
+    """What Relay.wait saw first."""
+
+    STEP = "the stage before sent a frame"
+    NEXT_FAILED = "the next stage sent a frame or closed"
+    RUN_ENDED = "a head closed the return connection of a session served here"
+
+
+class RunEnded(Exception):
+    """The head ended the run (it closed a return connection this stage claimed)."""
 
 
 class NextStageFailed(Exception):
@@ -120,22 +136,42 @@ class Relay:
         self._selector = selectors.DefaultSelector()
         self._selector.register(upstream, selectors.EVENT_READ, None)
 
-    def wait(self, deadline: float) -> bool:
-        """Block until the stage before sends a frame (True) or the next stage does (False: a
-        failure to pass on); TimeoutError at the deadline."""
+    def wait(self, deadline: float) -> Waited:
+        """Block until the stage before sends a frame, the next stage does (a failure to pass
+        on), or a head closes a return connection claimed here (its run is over); TimeoutError
+        at the deadline."""
         if isinstance(self._upstream, ssl.SSLSocket) and self._upstream.pending():
-            return True
+            return Waited.STEP
         if self._next is not None and self._next.buffered():
-            return False
+            return Waited.NEXT_FAILED
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("deadline passed")
             events = self._selector.select(left)
-            if any(key.data is None for key, _ in events):
-                return True
+            kinds = {key.data for key, _ in events}
+            # A head sends nothing on a return connection after RETURN: readable means it closed.
+            # The session ends here then, even when the stage before is cut off and never closes
+            # its connection; ending this one ends the sessions on the stages between, backwards.
+            if _RETURN in kinds:
+                return Waited.RUN_ENDED
+            if None in kinds:
+                return Waited.STEP
             if events:
-                return False
+                return Waited.NEXT_FAILED
+
+    def read_step(self, max_payload: int, deadline: float) -> wire.Frame:
+        """The frame the stage before sent. RunEnded, even in the middle of the frame, when a
+        head closes a return connection claimed here: a stage before that was cut off may have
+        sent half a frame and never send the rest, nor close."""
+        return wire.read_frame(self._upstream, max_payload, deadline, self._watch_returns)
+
+    def _watch_returns(self, left: float) -> None:
+        if not self._claimed:
+            return
+        events = self._selector.select(min(left, 0.25))
+        if any(key.data is _RETURN for key, _ in events):
+            raise RunEnded("a head closed the return connection of a session served here")
 
     def next_failure(self) -> bytes:
         """The FAILED payload for what the next stage sent or did (wait() returned False)."""
@@ -183,6 +219,7 @@ class Relay:
                 raise PeerError(f"no return connection for session {session_id} within "
                                 f"{self._timeouts.connect_s:.0f}s", retryable=True)
             self._claimed[session_id] = sock
+            self._selector.register(sock, selectors.EVENT_READ, _RETURN)
         sock.settimeout(self._timeouts.connect_s)
         try:
             wire.send_frame(sock, wire.OUTPUT, reply)
@@ -201,6 +238,7 @@ class Relay:
         session) and the return connections this one claimed (the head sees the run end)."""
         self._close_next()
         for sock in self._claimed.values():
+            self._selector.unregister(sock)
             sock.close()
         self._claimed.clear()
         self._selector.close()

@@ -43,7 +43,7 @@ from mesh.transport.tls import ClusterCredentials
 from mesh.types import StageOutput, StageStep
 from node.answering import answering
 from node.compute import ComputeThread
-from node.ring_relay import NextStageFailed, Relay, ReturnChannels
+from node.ring_relay import NextStageFailed, Relay, ReturnChannels, RunEnded, Waited
 from node.stage_host import StageHost
 from node.stage_steps import StageSteps
 
@@ -360,14 +360,17 @@ class StepServer:
             # sooner by TCP keepalive (wire.tune).
             deadline = time.monotonic() + self._timeouts.request_s
             while True:
-                if not relay.wait(deadline):
+                waited = relay.wait(deadline)
+                if waited is Waited.RUN_ENDED:
+                    return
+                if waited is Waited.NEXT_FAILED:
                     # The next stage of a ring failed: tell the stage before (toward the head), whose
                     # run is over; it ends this connection, which ends the onward one.
                     failure = relay.next_failure()
                     log.info("step connection from %s: a later stage failed: %s", peer, failure[:200])
                     wire.send_frame(conn, wire.FAILED, failure)
                     return
-                frame = wire.read_frame(conn, self._limits.max_message_bytes, deadline)
+                frame = relay.read_step(self._limits.max_message_bytes, deadline)
                 if frame.kind == wire.RETURN:
                     handed_over = self._register_return(conn, frame.payload, peer)
                     return
@@ -395,7 +398,7 @@ class StepServer:
             with contextlib.suppress(OSError):
                 conn.settimeout(1.0)
                 wire.send_frame(conn, wire.FAILED, exc.payload)
-        except wire.ConnectionClosed:
+        except (wire.ConnectionClosed, RunEnded):
             pass  # the head ended the run
         except EdgeMeshError as exc:  # a frame too large, or none in time
             self._metrics.rpc_errors.labels("Step", exc.grpc_code).inc()

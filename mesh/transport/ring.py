@@ -25,6 +25,7 @@ the cluster key and be the node the route names (the step socket's handshake, ov
 
 from __future__ import annotations
 
+import concurrent.futures
 import selectors
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ MAX_HOST_BYTES = 253
 # How long the head waits, once the last stage's return connection ended, for the stages
 # before it to say which of them failed (they learn it from a closed connection at once).
 BLAME_GRACE_S = 2.0
+PROBE_SLACK_S = 0.25  # past its own deadline, for the probe's answer to come back from the event loop
 
 
 def ring_request(steps: Sequence[StageStep], route: Sequence[RingHop]) -> pb.ForwardRequest:
@@ -124,12 +126,13 @@ class RingLink:
     thread (mesh.pipeline); one selector waits on both, so a failure reported from inside the
     ring ends the step as soon as it arrives, not at the deadline.
 
-    `unresponsive(nodes)` names the first of the nodes that does not answer a quick check:
-    when no reply comes in time, nothing on the wire says which stage is stuck."""
+    `probe()` starts a check that names the first later stage's node that does not answer
+    within `probe_s` (None: all answered): when no reply comes in time, nothing on the wire
+    says which stage is stuck."""
 
     def __init__(self, first: wire.StepConnection, back: wire.StepConnection, hops: Sequence[RingHop],
                  timeouts: Timeouts, step_timeout_s: float,
-                 unresponsive: Callable[[Sequence[NodeId]], NodeId | None]) -> None:
+                 probe: Callable[[], concurrent.futures.Future[NodeId | None]], probe_s: float) -> None:
         if len(hops) < 2:
             raise ValueError("a ring has at least two later stages")
         self.address = first.address
@@ -138,7 +141,8 @@ class RingLink:
         self._hops = tuple(hops)
         self._timeouts = timeouts
         self._step_timeout_s = step_timeout_s
-        self._unresponsive = unresponsive
+        self._probe = probe
+        self._probe_s = probe_s
         self._session_id = ""
         self._selector = selectors.DefaultSelector()
         self._selector.register(first.fileno(), selectors.EVENT_READ, first)
@@ -199,15 +203,28 @@ class RingLink:
         buffered = [conn for conn in (self._back, self._first) if conn.buffered()]
         if buffered:
             return buffered
-        left = deadline - time.monotonic()
-        events = self._selector.select(max(0.0, left)) if left > 0 else []
-        if not events:
-            stuck = self._unresponsive([hop.node_id for hop in self._hops]) or self._hops[-1].node_id
-            raise PeerError(f"ring step: no reply within {wait:.0f}s; {stuck} is the stage that did not answer",
-                            node_id=stuck)
-        ready: list[wire.StepConnection] = [key.data for key, _ in events]
-        ready.sort(key=lambda conn: conn is not self._back)  # an output that arrived wins over news of a failure
-        return ready
+        probing: concurrent.futures.Future[NodeId | None] | None = None
+        while (left := deadline - time.monotonic()) > 0:
+            # The check of who is stuck starts before the deadline, so that its answer is there when
+            # the deadline passes: the stage is named as soon as a hub would have named it.
+            events = self._selector.select(left if probing is not None else max(0.0, left - self._probe_s))
+            if events:
+                if probing is not None:
+                    probing.cancel()
+                ready: list[wire.StepConnection] = [key.data for key, _ in events]
+                ready.sort(key=lambda conn: conn is not self._back)  # an output that came wins over a failure
+                return ready
+            if probing is None:
+                probing = self._probe()
+        stuck: NodeId | None = None
+        if probing is not None:
+            try:
+                stuck = probing.result(timeout=self._probe_s + PROBE_SLACK_S)
+            except (TimeoutError, concurrent.futures.CancelledError):
+                probing.cancel()  # no answer about the answers: the last stage is named
+        stuck = stuck or self._hops[-1].node_id
+        raise PeerError(f"ring step: no reply within {wait:.0f}s; {stuck} is the stage that did not answer",
+                        node_id=stuck)
 
     def _send(self, conn: wire.StepConnection, kind: int, payload: bytes, node: str) -> None:
         try:

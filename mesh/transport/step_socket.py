@@ -39,6 +39,7 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -71,6 +72,7 @@ RETURN = 6  # head -> last stage, payload: a session id: this connection carries
 FAILED = 7  # stage -> the stage before, payload: "<node id>\n" + an ERROR payload: a later stage failed
 
 _HEADER = struct.Struct(">IB")
+_WATCHED_RECV_S = 0.25
 _HANDSHAKE_MAX = 1 + NONCE_BYTES + MAC_BYTES + MAX_NODE_ID_BYTES
 _HEAD_PROOF_BYTES = NONCE_BYTES + MAC_BYTES
 
@@ -100,16 +102,20 @@ def send_frame(sock: socket.socket, kind: int, payload: bytes) -> None:
     sock.sendall(_HEADER.pack(len(payload), kind) + payload)
 
 
-def read_frame(sock: socket.socket, max_payload: int, deadline: float) -> Frame:
+def read_frame(sock: socket.socket, max_payload: int, deadline: float,
+               before_recv: Callable[[float], None] | None = None) -> Frame:
     """The next frame, whole by `deadline` (time.monotonic()) however slowly its bytes come;
-    ConnectionClosed at end of stream, InvalidInput past max_payload, TimeoutError late."""
-    length, kind = _HEADER.unpack(_read_exact(sock, _HEADER.size, deadline))
+    ConnectionClosed at end of stream, InvalidInput past max_payload, TimeoutError late.
+    `before_recv(left)`, when given, is called before each wait for bytes and may raise to
+    give up on the frame (a ring stage whose run ended elsewhere)."""
+    length, kind = _HEADER.unpack(_read_exact(sock, _HEADER.size, deadline, before_recv))
     if length > max_payload:
         raise InvalidInput(f"a frame of {length} bytes is larger than the limit of {max_payload}")
-    return Frame(kind, _read_exact(sock, length, deadline))
+    return Frame(kind, _read_exact(sock, length, deadline, before_recv))
 
 
-def _read_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
+def _read_exact(sock: socket.socket, size: int, deadline: float,
+                before_recv: Callable[[float], None] | None) -> bytes:
     buffer = bytearray(size)
     view = memoryview(buffer)
     got = 0
@@ -117,8 +123,16 @@ def _read_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("deadline passed")
+        if before_recv is not None and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            before_recv(left)
+            left = min(left, _WATCHED_RECV_S)  # back to before_recv soon if only part of a record came
         sock.settimeout(left)
-        n = sock.recv_into(view[got:])
+        try:
+            n = sock.recv_into(view[got:])
+        except TimeoutError:
+            if before_recv is None:
+                raise
+            continue  # the deadline is checked above; what part of a TLS record came stays buffered
         if n == 0:
             raise ConnectionClosed("the connection was closed")
         got += n

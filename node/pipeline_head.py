@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ipaddress
 import logging
+import socket
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
@@ -117,7 +119,8 @@ class PeerLinks:
             except BaseException:
                 first.close()
                 raise
-            ring = [RingHop(hop.node_id, peer.host, peer.step_port) for hop, peer in zip(hops, peers, strict=True)]
+            ring = [RingHop(hop.node_id, await _address_of(peer.host), peer.step_port)
+                    for hop, peer in zip(hops, peers, strict=True)]
             loop = asyncio.get_running_loop()
 
             def probe() -> concurrent.futures.Future[NodeId | None]:
@@ -221,6 +224,20 @@ class PeerLinks:
         for peer in self._peers.values():
             await peer.client.close()
         self._peers.clear()
+
+
+async def _address_of(host: str) -> str:
+    """The IP address a ring's stages dial for `host` (a stage refuses names: see mesh.transport.ring)."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        found = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise PeerError(f"cannot resolve stage host {host}: {exc}") from exc
+    return str(found[0][4][0])
 
 
 def _close_if_opened(opening: asyncio.Future[StepConnection]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import select
 import selectors
 import socket
 import ssl
@@ -32,6 +33,11 @@ from mesh.types import RingHop
 log = logging.getLogger(__name__)
 
 _CLAIM_POLL_S = 0.05
+_HOLD_POLL_S = 0.2  # how often a held return connection checks whether it was claimed
+# How long the last stage waits for the head's RETURN when a session's step overtook it: the
+# head sends it before the step's first hop, so it trails by a thread's wake-up, not a hop; a
+# step that claims a session nobody registered gets its error soon.
+RETURN_WAIT_S = 1.0
 
 
 _RETURN = "return"  # the selector's tag of a claimed return connection
@@ -65,10 +71,12 @@ class _Registered:
 
 
 class ReturnChannels:
-    """Connections a head registered to take one session's replies, until a step of that
-    session claims one. Unclaimed ones are dropped after Timeouts.request_s (a head that
-    registered and never sent a step), and there are never more than the node's step
-    connections."""
+    """Connections heads registered to take one session's replies, until a step of that
+    session claims one. Until then the thread of the connection that registered it holds it
+    (`hold`): it ends it when the head closes it first (a run that failed before its first
+    step reached the last stage), when Timeouts.request_s passes, or when the node stops; so
+    a registration never outlives its head. There are never more than the node's step
+    connections of them."""
 
     def __init__(self, timeouts: Timeouts, limits: Limits) -> None:
         self._timeouts = timeouts
@@ -77,25 +85,41 @@ class ReturnChannels:
         self._changed = threading.Condition()
         self._closed = False
 
-    def register(self, session_id: str, sock: socket.socket) -> None:
-        """Keep `sock` for the session's replies (InvalidInput, CapacityExhausted, Unavailable)."""
+    def hold(self, session_id: str, sock: socket.socket) -> bool:
+        """Register `sock` for the session's replies and wait, on the thread that read its RETURN,
+        until a step claims it (True: it is the claimant's now) or it is to be closed (False).
+        InvalidInput, CapacityExhausted, Unavailable when it cannot be registered. The socket is
+        only polled here, never read, so the claimant is its one reader and writer."""
         if not 0 < len(session_id) <= 128:
             raise InvalidInput("a return connection names a session id of 1 to 128 characters")
-        stale: list[socket.socket] = []
         with self._changed:
             if self._closed:
                 raise Unavailable("node is stopping")
-            now = time.monotonic()
-            for key in [k for k, r in self._waiting.items() if now - r.since > self._timeouts.request_s]:
-                stale.append(self._waiting.pop(key).sock)
             if session_id in self._waiting:
                 raise InvalidInput(f"session {session_id} already has a return connection")
             if len(self._waiting) >= self._limits.max_step_connections:
                 raise CapacityExhausted(f"{len(self._waiting)} return connections wait for their sessions")
-            self._waiting[session_id] = _Registered(sock, now)
+            self._waiting[session_id] = _Registered(sock, time.monotonic())
             self._changed.notify_all()
-        for old in stale:
-            old.close()
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        deadline = time.monotonic() + self._timeouts.request_s
+        while time.monotonic() < deadline:
+            with self._changed:
+                if not self._is_waiting(session_id, sock):
+                    return True  # claimed (or closed by close(), which closed it)
+            # Readable: a head sends nothing after RETURN, so it closed the connection.
+            if poller.poll(_HOLD_POLL_S * 1000):
+                break
+        with self._changed:
+            if not self._is_waiting(session_id, sock):
+                return True  # claimed just now
+            del self._waiting[session_id]
+        return False
+
+    def _is_waiting(self, session_id: str, sock: socket.socket) -> bool:
+        entry = self._waiting.get(session_id)
+        return entry is not None and entry.sock is sock
 
     def claim(self, session_id: str, wait_s: float) -> socket.socket | None:
         """The session's return connection, now this caller's to write and close; waits for it up
@@ -214,10 +238,11 @@ class Relay:
         """The last stage's reply, on the connection the head registered for the session."""
         sock = self._claimed.get(session_id)
         if sock is None:
-            sock = self._returns.claim(session_id, self._timeouts.connect_s)
+            wait_s = min(self._timeouts.connect_s, RETURN_WAIT_S)
+            sock = self._returns.claim(session_id, wait_s)
             if sock is None:
-                raise PeerError(f"no return connection for session {session_id} within "
-                                f"{self._timeouts.connect_s:.0f}s", retryable=True)
+                raise PeerError(f"no return connection for session {session_id} within {wait_s:.1f}s",
+                                retryable=True)
             self._claimed[session_id] = sock
             self._selector.register(sock, selectors.EVENT_READ, _RETURN)
         sock.settimeout(self._timeouts.connect_s)

@@ -420,14 +420,15 @@ class StepServer:
 
     def _register_return(self, conn: socket.socket, payload: bytes, peer: object) -> bool:
         """A head's RETURN: this connection takes one session's replies from now on, written by
-        the thread serving that session's steps; True once it is handed over."""
+        the thread serving that session's steps; True once it is handed over to that thread
+        (False: its head closed it first, or it could not be registered)."""
+        held = False
         with answering(self._metrics, "Step", "the return connection") as answer:
-            self._returns.register(payload.decode(errors="replace"), conn)
+            held = self._returns.hold(payload.decode(errors="replace"), conn)
         if answer.error is not None:
             log.info("return connection from %s refused: %s", peer, answer.error)
             _try_send_error(conn, answer.error)
-            return False
-        return True
+        return held
 
     def _step(self, frame: wire.Frame, opened: set[str]) -> tuple[pb.ForwardRequest, StageStep, StageOutput]:
         if frame.kind != wire.STEP:

@@ -26,6 +26,7 @@ the cluster key and be the node the route names (the step socket's handshake, ov
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import selectors
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +43,6 @@ from mesh.transport import step_socket as wire
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.types import HiddenDType, NodeId, RingHop, StageOutput, StageStep
 
-MAX_HOST_BYTES = 253
 # How long the head waits, once the last stage's return connection ended, for the stages
 # before it to say which of them failed (they learn it from a closed connection at once).
 BLAME_GRACE_S = 2.0
@@ -55,11 +55,24 @@ def ring_request(steps: Sequence[StageStep], route: Sequence[RingHop]) -> pb.For
     if len(route) != len(steps) - 1 or not route:
         raise ValueError("a ring request needs one hop for each step after the first")
     msg = convert.stage_step_to_pb(steps[0])
-    for step, hop in zip(steps[1:], route, strict=True):
-        msg.onward.append(convert.stage_step_to_pb(step))  # no input: the stage before fills it in
+    last = len(steps) - 1
+    for index, (step, hop) in enumerate(zip(steps[1:], route, strict=True), start=1):
+        onward = convert.stage_step_to_pb(step)  # no input: the stage before fills it in
+        onward.reply_on_return = index == last
+        msg.onward.append(onward.SerializeToString())
         msg.route.append(pb.RingHop(node_id=hop.node_id, host=hop.host, step_port=hop.step_port))
-    msg.onward[-1].reply_on_return = True
     return msg
+
+
+def onward_steps(msg: pb.ForwardRequest) -> list[pb.ForwardRequest]:
+    """The onward steps of a ring step, parsed (InvalidInput when one is not a ForwardRequest)."""
+    steps: list[pb.ForwardRequest] = []
+    for index, raw in enumerate(msg.onward):
+        try:
+            steps.append(pb.ForwardRequest.FromString(raw))
+        except DecodeError:
+            raise InvalidInput(f"ring hop {index}: the onward step is not a ForwardRequest") from None
+    return steps
 
 
 def check_ring_fields(msg: pb.ForwardRequest) -> None:
@@ -71,18 +84,23 @@ def check_ring_fields(msg: pb.ForwardRequest) -> None:
         raise InvalidInput(f"a ring of more than {convert.MAX_PIPELINE_STAGES} stages")
     if msg.reply_on_return and msg.route:
         raise InvalidInput("a ring step either goes onward or replies on the return connection, not both")
-    for index, (onward, hop) in enumerate(zip(msg.onward, msg.route, strict=True)):
+    onward_all = onward_steps(msg)
+    for index, (onward, hop) in enumerate(zip(onward_all, msg.route, strict=True)):
         if not 0 < len(hop.node_id.encode()) <= wire.MAX_NODE_ID_BYTES:
             raise InvalidInput(f"ring hop {index}: a node id of 1 to {wire.MAX_NODE_ID_BYTES} bytes")
-        if not 0 < len(hop.host.encode()) <= MAX_HOST_BYTES:
-            raise InvalidInput(f"ring hop {index}: a host name of 1 to {MAX_HOST_BYTES} bytes")
+        try:
+            ipaddress.ip_address(hop.host)
+        except ValueError:
+            # An address, never a name: a step must not make a stage look names up (or reach
+            # whatever a name resolves to); the head resolves its hops before it builds the ring.
+            raise InvalidInput(f"ring hop {index}: {hop.host[:64]!r} is not an IP address") from None
         if not 0 < hop.step_port <= 65535:
             raise InvalidInput(f"ring hop {index}: step port {hop.step_port} is not a port")
         if onward.WhichOneof("input") is not None or onward.onward or onward.route:
             raise InvalidInput(f"ring hop {index}: an onward step carries no input and no ring of its own")
         if onward.session_id != msg.session_id or onward.step != msg.step:
             raise InvalidInput(f"ring hop {index}: an onward step of another session or step")
-        if onward.reply_on_return != (index == len(msg.onward) - 1):
+        if onward.reply_on_return != (index == len(onward_all) - 1):
             raise InvalidInput("the last onward step, and only it, replies on the return connection")
 
 
@@ -96,8 +114,7 @@ class Onward:
 
 def onward_request(msg: pb.ForwardRequest, hidden: npt.NDArray[np.float32], dtype: HiddenDType) -> Onward:
     """The next stage's step: onward[0] with this stage's hidden states as its input."""
-    nxt = pb.ForwardRequest()
-    nxt.CopyFrom(msg.onward[0])
+    nxt = pb.ForwardRequest.FromString(msg.onward[0])  # checked by check_ring_fields on arrival
     nxt.hidden.CopyFrom(convert.tensor_to_pb(hidden, dtype))
     nxt.onward.extend(msg.onward[1:])
     nxt.route.extend(msg.route[1:])

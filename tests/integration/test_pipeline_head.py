@@ -17,17 +17,14 @@ from mesh.config import Limits, Timeouts
 from mesh.errors import EdgeMeshError, InvalidInput, NotFound, PeerError
 from mesh.transport.channels import NodeClient
 from mesh.types import (
-    GenerationRequest,
     LayerRange,
-    ModelSha,
     NodeId,
     PipelineHop,
     PipelineJob,
-    RequestId,
-    SamplingParams,
 )
 from tests.conftest import Launcher
 from tests.fixtures.node_wire import node_channel
+from tests.fixtures.pipeline_jobs import greedy_job, run_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -36,19 +33,7 @@ SPLIT = (LayerRange(0, 15), LayerRange(15, 30))
 
 
 def _job(sha: str, hops: tuple[PipelineHop, ...], prompt: list[int], max_tokens: int, **fields: Any) -> PipelineJob:
-    request = GenerationRequest(request_id=RequestId("head-test"), prompt_tokens=tuple(prompt),
-                                sampling=SamplingParams(temperature=0.0), max_tokens=max_tokens,
-                                stop_token_ids=frozenset(), model_sha256=ModelSha(sha))
-    return PipelineJob(**{"request": request, "stages": hops, "n_ctx": 512, **fields})
-
-
-async def _tokens(client: NodeClient, job: PipelineJob, on_token: Any = None) -> list[int]:
-    out: list[int] = []
-    async for event in client.run_pipeline(job):
-        out.append(event.token_id)
-        if on_token is not None:
-            on_token(len(out))
-    return out
+    return greedy_job(sha, hops, prompt, max_tokens, request_id="head-test", **fields)
 
 
 def test_the_head_runs_the_pipeline_refuses_what_it_cannot_head_and_names_a_failed_stage(
@@ -82,7 +67,7 @@ def test_the_head_runs_the_pipeline_refuses_what_it_cannot_head_and_names_a_fail
             # The stream through both stages is llama.cpp's own greedy output, over the step
             # socket and over Forward alike.
             for later in (tail, grpc_tail):
-                tokens = await _tokens(head_client, _job(sha, (head, later), prompt, 24))
+                tokens = await run_tokens(head_client, _job(sha, (head, later), prompt, 24))
                 assert reference_llm.detokenize(tokens).decode(errors="replace") == expected_text
 
             # Requests this node cannot head: a clear status each, and it keeps serving.
@@ -105,12 +90,12 @@ def test_the_head_runs_the_pipeline_refuses_what_it_cannot_head_and_names_a_fail
             ]
             for job, error in bad:
                 with pytest.raises(error):
-                    await _tokens(head_client, job)
+                    await run_tokens(head_client, job)
 
             # A later stage that is not the node the gateway named is blamed, not the head.
             impostor = PipelineHop(NodeId("impostor"), tail.address, tail.layers)
             with pytest.raises(PeerError) as raised:
-                await _tokens(head_client, _job(sha, (head, impostor), prompt, 4))
+                await run_tokens(head_client, _job(sha, (head, impostor), prompt, 4))
             assert raised.value.node_id == "impostor", raised.value
 
             # The tail dies mid-stream: the error names the tail's node.
@@ -119,7 +104,7 @@ def test_the_head_runs_the_pipeline_refuses_what_it_cannot_head_and_names_a_fail
                     tail_proc.popen.send_signal(signal.SIGKILL)
 
             with pytest.raises(PeerError) as raised:
-                await _tokens(head_client, _job(sha, (head, tail), prompt, 200), on_token=kill_at)
+                await run_tokens(head_client, _job(sha, (head, tail), prompt, 200), on_token=kill_at)
             assert raised.value.node_id == tail.node_id, raised.value
             tail_proc.popen.wait(timeout=10)
 

@@ -29,17 +29,16 @@ from mesh.transport import step_socket as wire
 from mesh.transport.channels import NodeClient
 from mesh.transport.generated import edgemesh_pb2
 from mesh.types import (
-    GenerationRequest,
     LayerRange,
     ModelSha,
     NodeId,
     PipelineHop,
     PipelineJob,
-    RequestId,
     SamplingParams,
     StageStep,
 )
 from tests.conftest import Launcher, Proc, metric_lines
+from tests.fixtures.pipeline_jobs import greedy_job, run_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -49,19 +48,7 @@ N_CTX = 512
 
 
 def _job(sha: str, hops: tuple[PipelineHop, ...], prompt: list[int], max_tokens: int, **fields: Any) -> PipelineJob:
-    request = GenerationRequest(request_id=RequestId("ring-test"), prompt_tokens=tuple(prompt),
-                                sampling=SamplingParams(temperature=0.0), max_tokens=max_tokens,
-                                stop_token_ids=frozenset(), model_sha256=ModelSha(sha))
-    return PipelineJob(**{"request": request, "stages": hops, "n_ctx": N_CTX, **fields})
-
-
-async def _tokens(client: NodeClient, job: PipelineJob, on_token: Any = None) -> list[int]:
-    out: list[int] = []
-    async for event in client.run_pipeline(job):
-        out.append(event.token_id)
-        if on_token is not None:
-            on_token(len(out))
-    return out
+    return greedy_job(sha, hops, prompt, max_tokens, request_id="ring-test", **fields)
 
 
 def _hop(proc: Proc, layers: LayerRange) -> PipelineHop:
@@ -111,7 +98,7 @@ def test_a_three_stage_ring_matches_llama_cpp_refuses_bad_routes_and_names_a_fai
             for client, hop in zip(clients, (head, middle, last), strict=True):
                 await client.load_stage(sha, hop.layers, n_ctx=N_CTX, slots=2, timeout_s=120)
 
-            tokens = await _tokens(clients[0], _job(sha, (head, middle, last), prompt, 24))
+            tokens = await run_tokens(clients[0], _job(sha, (head, middle, last), prompt, 24))
             assert reference_llm.detokenize(tokens).decode(errors="replace") == expected
             # In a ring the middle stage sends its hidden states on itself; through a hub it sends nothing.
             assert _sent_onward(procs[1]) > 0
@@ -123,7 +110,7 @@ def test_a_three_stage_ring_matches_llama_cpp_refuses_bad_routes_and_names_a_fai
 
             try:
                 with pytest.raises(PeerError) as raised:
-                    await _tokens(clients[0], _job(sha, (head, middle, last), prompt, 200, step_timeout_s=2.0),
+                    await run_tokens(clients[0], _job(sha, (head, middle, last), prompt, 200, step_timeout_s=2.0),
                                   on_token=freeze_at)
             finally:
                 procs[1].popen.send_signal(signal.SIGCONT)
@@ -135,7 +122,7 @@ def test_a_three_stage_ring_matches_llama_cpp_refuses_bad_routes_and_names_a_fai
                     procs[1].popen.send_signal(signal.SIGKILL)
 
             with pytest.raises(PeerError) as raised:
-                await _tokens(clients[0], _job(sha, (head, middle, last), prompt, 200), on_token=kill_at)
+                await run_tokens(clients[0], _job(sha, (head, middle, last), prompt, 200), on_token=kill_at)
             assert raised.value.node_id == middle.node_id, raised.value
             procs[1].popen.wait(timeout=10)
 
@@ -156,14 +143,15 @@ def test_a_three_stage_ring_matches_llama_cpp_refuses_bad_routes_and_names_a_fai
                                                     layers=SPLIT[2], start_position=0, tokens=None, hidden=None,
                                                     sampling=SamplingParams(), step=1))
         onward.reply_on_return = True
+        onward_bytes = onward.SerializeToString()
         good_hop = edgemesh_pb2.RingHop(node_id=last.node_id, host="127.0.0.1", step_port=1)
         cases = {
-            "more hops than steps": _step(sha, SPLIT[1], route=[good_hop, good_hop], onward=[onward]),
-            "a port that is not one": _step(sha, SPLIT[1], onward=[onward], route=[edgemesh_pb2.RingHop(
+            "more hops than steps": _step(sha, SPLIT[1], route=[good_hop, good_hop], onward=[onward_bytes]),
+            "a port that is not one": _step(sha, SPLIT[1], onward=[onward_bytes], route=[edgemesh_pb2.RingHop(
                 node_id=last.node_id, host="127.0.0.1", step_port=70000)]),
-            "no node id": _step(sha, SPLIT[1], onward=[onward], route=[edgemesh_pb2.RingHop(
+            "no node id": _step(sha, SPLIT[1], onward=[onward_bytes], route=[edgemesh_pb2.RingHop(
                 host="127.0.0.1", step_port=1)]),
-            "onward and return at once": _step(sha, SPLIT[1], onward=[onward], route=[good_hop],
+            "onward and return at once": _step(sha, SPLIT[1], onward=[onward_bytes], route=[good_hop],
                                                reply_on_return=True),
         }
         for name, msg in cases.items():
@@ -179,7 +167,7 @@ def test_a_three_stage_ring_matches_llama_cpp_refuses_bad_routes_and_names_a_fai
         # A route to a node that is not there: FAILED, naming it.
         conn = middle_connection()
         try:
-            conn.send(wire.STEP, _step(sha, SPLIT[1], onward=[onward], route=[good_hop]).SerializeToString())
+            conn.send(wire.STEP, _step(sha, SPLIT[1], onward=[onward_bytes], route=[good_hop]).SerializeToString())
             frame = conn.read(time.monotonic() + 30)
             assert frame.kind == wire.FAILED, frame
             error = ring.error_from_failed(frame.payload, "test")

@@ -22,7 +22,7 @@ def test_ring_request_and_onward_request_build_what_each_stage_expects() -> None
     hops = [RingHop(NodeId(f"n{i}"), "198.18.0.10", 4000 + i) for i in range(2)]
     msg = ring.ring_request(steps, hops)
     ring.check_ring_fields(msg)
-    assert [o.reply_on_return for o in msg.onward] == [False, True]
+    assert [o.reply_on_return for o in ring.onward_steps(msg)] == [False, True]
     nxt = ring.onward_request(msg, np.full((1, 4), 2.0, np.float32), "f32")
     assert nxt.hop == hops[0]
     ring.check_ring_fields(nxt.request)
@@ -32,20 +32,28 @@ def test_ring_request_and_onward_request_build_what_each_stage_expects() -> None
         ring.ring_request(steps, hops[:1])
 
 
-@pytest.mark.parametrize("spoil", ["reply_on_return_first", "other_session", "other_step", "input_onward", "nested"])
+@pytest.mark.parametrize("spoil", ["reply_on_return_first", "other_session", "other_step", "input_onward", "nested",
+                                   "host_name", "not_a_step"])
 def test_ring_fields_no_head_builds_are_refused(spoil: str) -> None:
     hops = [RingHop(NodeId(f"n{i}"), "198.18.0.10", 4000 + i) for i in range(2)]
     msg = ring.ring_request(_steps(3), hops)
+    onward = ring.onward_steps(msg)
     if spoil == "reply_on_return_first":
-        msg.onward[0].reply_on_return = True
+        onward[0].reply_on_return = True
     elif spoil == "other_session":
-        msg.onward[1].session_id = "t"
+        onward[1].session_id = "t"
     elif spoil == "other_step":
-        msg.onward[0].step = 8
+        onward[0].step = 8
     elif spoil == "input_onward":
-        msg.onward[0].tokens.ids.append(1)
-    else:
-        msg.onward[0].route.add(node_id="x", host="h", step_port=1)
+        onward[0].tokens.ids.append(1)
+    elif spoil == "nested":
+        onward[0].route.add(node_id="x", host="h", step_port=1)
+    elif spoil == "not_a_step":
+        onward[0] = None  # type: ignore[call-overload]
+    else:  # a stage must never be made to look a name up
+        msg.route[0].host = "stage.example"
+    del msg.onward[:]
+    msg.onward.extend(b"\xff\xff" if step is None else step.SerializeToString() for step in onward)
     with pytest.raises(InvalidInput):
         ring.check_ring_fields(msg)
 

@@ -295,10 +295,10 @@ class ForwardRequest(_message.Message):
     top_logprobs: int
     constraint: Constraint
     constrained_tokens: _containers.RepeatedScalarFieldContainer[int]
-    onward: _containers.RepeatedCompositeFieldContainer[ForwardRequest]
+    onward: _containers.RepeatedScalarFieldContainer[bytes]
     route: _containers.RepeatedCompositeFieldContainer[RingHop]
     reply_on_return: bool
-    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[bool] = ..., reply_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., history_tokens: _Optional[_Iterable[int]] = ..., model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., constrained_tokens: _Optional[_Iterable[int]] = ..., onward: _Optional[_Iterable[_Union[ForwardRequest, _Mapping]]] = ..., route: _Optional[_Iterable[_Union[RingHop, _Mapping]]] = ..., reply_on_return: _Optional[bool] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[bool] = ..., reply_dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., history_tokens: _Optional[_Iterable[int]] = ..., model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., constrained_tokens: _Optional[_Iterable[int]] = ..., onward: _Optional[_Iterable[bytes]] = ..., route: _Optional[_Iterable[_Union[RingHop, _Mapping]]] = ..., reply_on_return: _Optional[bool] = ...) -> None: ...
 
 class RingHop(_message.Message):
     __slots__ = ("node_id", "host", "step_port")

@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 FIRST_TOKEN_RETRIES = 1  # another node is tried once when the first one fails before any token
 REPICK_PAUSE_S = 0.2  # a failover whose replacement moved or was full looks again after this
+# A request whose placement a re-plan moved as it started waits this long for the new one to be
+# loaded (a stage's load takes seconds), looking every MOVED_POLL_S, before a 503.
+MOVED_WAIT_S = 30.0
+MOVED_POLL_S = 0.5
 MIDSTREAM_FAILOVERS = 3  # replays onto another replica after tokens were already sent
 EMBED_ATTEMPTS = 3  # replicas an embedding batch is tried on
 NO_EMBEDDER = ("no node can compute embeddings: only a node holding the whole model (a replica) embeds, "
@@ -79,6 +83,9 @@ class AttachPolicy:
     full_excludes: bool  # a full placement is left out and counted a failure; else waited out like a move
     blame_unknown: bool  # a pipeline error naming no stage marks every stage down (else none)
     count_retries: bool  # each failed attempt counts in retries{moved,capacity,node_error}
+    # After a move, how long nothing being ready is waited out (the re-plan that moved it is
+    # still loading) before Unavailable; 0: at once.
+    moved_wait_s: float = 0.0
     exhausted: str | None = None  # Unavailable(this) when attempts run out; None: the last error itself
     no_placement: str | None = None  # Unavailable(this: why) when nothing is left; None: pick's error itself
 
@@ -92,7 +99,8 @@ class AttachPolicy:
 
 # Before the first token: one other placement; a move (a re-plan under way) is looked at once more.
 FIRST_PLACEMENT = AttachPolicy(retries=FIRST_TOKEN_RETRIES, moved_retries=FIRST_TOKEN_RETRIES + 1, pause_s=0.0,
-                               full_excludes=True, blame_unknown=False, count_retries=True)
+                               full_excludes=True, blame_unknown=False, count_retries=True,
+                               moved_wait_s=MOVED_WAIT_S)
 # Mid-stream: the replacement may be full or moving for a moment (others fail over at the same
 # time), so those are waited out; the session counts the failover itself, once.
 MIDSTREAM = AttachPolicy(retries=MIDSTREAM_FAILOVERS - 1, moved_retries=MIDSTREAM_FAILOVERS - 1,
@@ -273,10 +281,17 @@ class Scheduler:
         The attachment holds one in-flight count on its nodes until `release`."""
         excluded = set(excluded)
         failures = 0
+        moved_at: float | None = None
         while True:
             try:
                 placement = await self.pick_or_repair(excluded, failed)
             except (Unavailable, CapacityExhausted) as exc:
+                if (isinstance(exc, Unavailable) and moved_at is not None
+                        and time.monotonic() - moved_at < policy.moved_wait_s):
+                    # The placement this request found moved, and its successor is not ready yet.
+                    await asyncio.sleep(MOVED_POLL_S)
+                    await self._membership.refresh()
+                    continue
                 if policy.no_placement is None:
                     raise
                 raise Unavailable(f"{policy.no_placement}: {exc}") from exc
@@ -301,6 +316,7 @@ class Scheduler:
                         raise
                     raise error from exc
                 if moved:
+                    moved_at = time.monotonic()
                     log.info("request %s: %s cannot take it now (%s); picking again", request.request_id,
                              ",".join(placement.node_ids), exc)
                     if policy.pause_s:

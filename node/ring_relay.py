@@ -22,7 +22,6 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
 
 from mesh.config import Limits, Timeouts
 from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, PeerError, Unavailable
@@ -64,12 +63,6 @@ class NextStageFailed(Exception):
         self.payload = payload
 
 
-@dataclass
-class _Registered:
-    sock: socket.socket
-    since: float
-
-
 class ReturnChannels:
     """Connections heads registered to take one session's replies, until a step of that
     session claims one. Until then the thread of the connection that registered it holds it
@@ -81,7 +74,7 @@ class ReturnChannels:
     def __init__(self, timeouts: Timeouts, limits: Limits) -> None:
         self._timeouts = timeouts
         self._limits = limits
-        self._waiting: dict[str, _Registered] = {}
+        self._waiting: dict[str, socket.socket] = {}
         self._changed = threading.Condition()
         self._closed = False
 
@@ -99,7 +92,7 @@ class ReturnChannels:
                 raise InvalidInput(f"session {session_id} already has a return connection")
             if len(self._waiting) >= self._limits.max_step_connections:
                 raise CapacityExhausted(f"{len(self._waiting)} return connections wait for their sessions")
-            self._waiting[session_id] = _Registered(sock, time.monotonic())
+            self._waiting[session_id] = sock
             self._changed.notify_all()
         poller = select.poll()
         poller.register(sock, select.POLLIN)
@@ -118,8 +111,7 @@ class ReturnChannels:
         return False
 
     def _is_waiting(self, session_id: str, sock: socket.socket) -> bool:
-        entry = self._waiting.get(session_id)
-        return entry is not None and entry.sock is sock
+        return self._waiting.get(session_id) is sock
 
     def claim(self, session_id: str, wait_s: float) -> socket.socket | None:
         """The session's return connection, now this caller's to write and close; waits for it up
@@ -132,12 +124,12 @@ class ReturnChannels:
                     return None
                 self._changed.wait(min(left, _CLAIM_POLL_S * 20))
             registered = self._waiting.pop(session_id, None)
-        return registered.sock if registered is not None else None
+        return registered
 
     def close(self) -> None:
         with self._changed:
             self._closed = True
-            waiting = [r.sock for r in self._waiting.values()]
+            waiting = list(self._waiting.values())
             self._waiting.clear()
             self._changed.notify_all()
         for sock in waiting:

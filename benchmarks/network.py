@@ -130,6 +130,8 @@ class LanMesh:
     workdir: Path
     model: Path
     threads: int
+    activation_dtype: str = "f32"  # the gateway's --activation-dtype
+    stage_wire: str = "step"  # step: the nodes' step sockets (a ring); grpc: --step-port -1 (Forward streams, a hub)
     cluster_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     api_key: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     procs: dict[str, _Proc] = field(default_factory=dict)
@@ -150,11 +152,13 @@ class LanMesh:
         return proc
 
     def add_gateway(self) -> None:
-        self._start("gateway", ["gateway", "--model", str(self.model), "--port", "0"])
+        self._start("gateway", ["gateway", "--model", str(self.model), "--port", "0",
+                                "--activation-dtype", self.activation_dtype])
 
     def add_node(self, name: str, memory_limit: str) -> None:
         self._start(name, ["node", "--model", str(self.model), "--name", name, "--port", "0", "--metrics-port", "0",
-                           "--step-port", "0", "--threads", str(self.threads), "--memory-limit", memory_limit])
+                           "--step-port", "0" if self.stage_wire == "step" else "-1", "--threads", str(self.threads),
+                           "--memory-limit", memory_limit])
 
     def ready_fields(self, name: str) -> list[str]:
         proc = self.procs[name]
@@ -271,6 +275,8 @@ class Settings:
     tokens: int
     prompt_tokens: int
     runs: int
+    activation_dtype: str = "f32"
+    stage_wire: str = "step"
 
 
 def _stream(mesh: LanMesh, tokens: int, prompt: str) -> RunTiming:
@@ -296,7 +302,8 @@ def measure_mesh_cell(settings: Settings, profile_name: str, stages: int, llm: A
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="edgemesh-netbench-") as work_s, \
             TestNet(0, Path(work_s), profile=profile) as net:
-        mesh = LanMesh(net, Path(work_s), settings.model, settings.threads)
+        mesh = LanMesh(net, Path(work_s), settings.model, settings.threads, settings.activation_dtype,
+                       settings.stage_wire)
         started = time.monotonic()
         mesh.add_gateway()
         for k in range(stages):
@@ -372,6 +379,7 @@ def render(cells: Sequence[Cell], settings: Settings) -> str:
     omp = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
     lines = [f"\nmodel {settings.model.name}, {settings.threads} threads per process, {settings.tokens} decode tokens, "
              f"{settings.prompt_tokens}-token prompt, {settings.runs} run(s): median [min-max]; "
+             f"stage wire {settings.stage_wire}, activation dtype {settings.activation_dtype}; "
              f"load average now {os.getloadavg()[0]:.2f}; one-process llama.cpp with {omp or 'libgomp defaults'}",
              "ratios: speed x = EdgeMesh / other (higher is better); time x = EdgeMesh / other (lower is better); "
              "floor = one-process time + the link's one-way hops (replica: none per token)", "",
@@ -462,6 +470,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--build-rpc", action="store_true",
                         help="build llama.cpp's rpc-server and llama-bench first (cached after the first time)")
     parser.add_argument("--no-rpc", action="store_true", help="do not measure llama.cpp's RPC mode")
+    parser.add_argument("--activation-dtype", default="f32", choices=("f32", "f16", "q8_0", "auto"),
+                        help="the gateway's --activation-dtype (f32 keeps llama.cpp's output)")
+    parser.add_argument("--stage-wire", default="step", choices=("step", "grpc"),
+                        help="step: stages talk over their step sockets (a ring from 3 stages); grpc: nodes "
+                             "start with --step-port -1 and the head reaches each stage over a gRPC Forward "
+                             "stream (a hub)")
     parser.add_argument("--baseline-default-omp", action="store_true",
                         help="run the one-process llama.cpp with libgomp's default spinning instead of the "
                              "nodes' OpenMP settings (node/compute.py STAGE_OPENMP_ENV)")
@@ -518,7 +532,8 @@ def _run(args: argparse.Namespace, profiles: list[str], shapes: list[int]) -> in
 
     model = resolve(args.model)
     n_embd = inspect(model).n_embd
-    settings = Settings(model, args.threads, args.tokens, args.prompt_tokens, args.runs)
+    settings = Settings(model, args.threads, args.tokens, args.prompt_tokens, args.runs, args.activation_dtype,
+                        args.stage_wire)
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
                           n_batch=512, verbose=False)
     prefill_prompt = long_prompt(llm, args.prompt_tokens)

@@ -25,6 +25,7 @@ from mesh.ray import DEFAULT_NAMESPACE
 from mesh.settings import ENV_PREFIX, nested, same_as, setting
 from mesh.settings import add_arguments as add_arguments  # re-exported: the CLI and tests build flags with it
 from mesh.settings import from_arguments as from_arguments
+from mesh.types import ACTIVATION_DTYPES
 
 LOOPBACK = "127.0.0.1"
 
@@ -233,6 +234,10 @@ class GatewayConfig:
                             "over the nodes; the rest stand by)")
     stages: int = setting(0, "pipeline stages wanted (0 = as few as the nodes' memory allows; with --strategy "
                           "pipeline, one per node)")
+    activation_dtype: str = setting(
+        "f32", "how pipeline stages hand on hidden states: f32 (output identical to llama.cpp's), f16 or q8_0 "
+        "(half or about a quarter of the bytes; the output may drift), or auto (each link picks by its measured "
+        "round trip: f32 below 2 ms, f16 below 12 ms, q8_0 beyond)", choices=ACTIVATION_DTYPES)
     insecure_plaintext: bool = setting(False, "debugging only, loopback only: speak plain text to the nodes "
                                        "instead of mutual TLS (every node must say it too)")
     placement: bool = setting(True, "place the model on the nodes (load, re-plan, release); --no-placement only "
@@ -290,6 +295,7 @@ class UpConfig:
     cloud_model: str = same_as(GatewayConfig, "cloud_model")
     cloud_key_env: str = same_as(GatewayConfig, "cloud_key_env")
     insecure_plaintext: bool = same_as(GatewayConfig, "insecure_plaintext")
+    activation_dtype: str = same_as(GatewayConfig, "activation_dtype")
     allowed_models: tuple[str, ...] = same_as(GatewayConfig, "allowed_models")  # the gateway's and every node's
     system_prompt_file: str = same_as(GatewayConfig, "system_prompt_file")
     deny_pattern: tuple[str, ...] = same_as(GatewayConfig, "deny_pattern")

@@ -55,9 +55,14 @@ class NodeMetrics:
         self.bytes_out = Counter("edgemesh_node_bytes_sent_total", "Payload bytes sent in RPCs",
                                  registry=registry)
         self.pipeline_bytes = Counter("edgemesh_node_pipeline_bytes_total",
-                                      "Hidden-state bytes this node sent to the next stage of a pipeline (a ring's "
-                                      "stages count their own hop; a hub's head counts every hop)",
-                                      registry=registry)
+                                      "Hidden-state bytes this node sent to the next stage of a pipeline, as encoded "
+                                      "on the wire, by step kind (prefill or decode) and dtype (a ring's stages count "
+                                      "their own hop; a hub's head counts every hop)",
+                                      ["kind", "dtype"], registry=registry)
+        self.pipeline_sends = Counter("edgemesh_node_pipeline_sends_total",
+                                      "Hidden-state sends to the next stage (one per step and hop), by step kind and "
+                                      "dtype: bytes per token of a hop is pipeline_bytes / pipeline_sends",
+                                      ["kind", "dtype"], registry=registry)
         self.stage_step = Histogram("edgemesh_node_stage_step_seconds",
                                     "Compute time of one pipeline-stage step, by kind (prefill or decode)",
                                     ["kind"], buckets=LATENCY_BUCKETS, registry=registry)
@@ -66,6 +71,11 @@ class NodeMetrics:
         self.stage_memory = Gauge("edgemesh_node_stage_memory_bytes",
                                   "Memory of the loaded pipeline stage, by kind (weights, kv_cache, compute)",
                                   ["kind"], registry=registry)
+
+    def count_hidden_sent(self, nbytes: int, kind: str, dtype: str) -> None:
+        """One send of hidden states to the next stage: its wire bytes, step kind and dtype."""
+        self.pipeline_bytes.labels(kind, dtype).inc(nbytes)
+        self.pipeline_sends.labels(kind, dtype).inc()
 
 
 class GatewayMetrics:

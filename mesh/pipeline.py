@@ -19,7 +19,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Protocol
@@ -30,7 +30,8 @@ import numpy.typing as npt
 from mesh.errors import PeerError
 from mesh.generation import generate_tokens
 from mesh.sampling import Sampled
-from mesh.types import PipelineJob, StageOutput, StageStep, TokenEvent
+from mesh.transport import hidden_wire
+from mesh.types import HiddenDType, PipelineJob, StageOutput, StageStep, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,10 @@ class StageLink(Protocol):
     """One run's way into one stage: the head's own layers, a step socket or a Forward stream."""
 
     address: str
+    rtt_s: float | None  # the link's round trip as its TCP connection measured it (None: unknown, or local)
 
-    def step(self, step: StageStep) -> StageOutput:
-        """Blocking, on the run's driver thread."""
+    def step(self, step: StageStep, hidden_dtype: HiddenDType = "f32") -> StageOutput:
+        """Blocking, on the run's driver thread; the step's hidden states travel in `hidden_dtype`."""
 
     def interrupt(self) -> None:
         """From any thread: end a step in progress soon (the run is being abandoned)."""
@@ -57,7 +59,8 @@ class LaterStages(Protocol):
 
     def run(self, steps: Sequence[StageStep]) -> StageOutput:
         """One step through them all (steps[0] carries the head's hidden states), blocking, on the
-        driver thread; the last stage's output. A PeerError names the node that failed."""
+        driver thread; the last stage's output. A PeerError names the node that failed. Each
+        hidden-state send the head makes is counted (hidden_wire.CountSent)."""
 
     def interrupt(self) -> None:
         """From any thread: end a step in progress soon."""
@@ -72,7 +75,7 @@ class HubStages:
     a later stage whose node has no step socket (its Forward stream answers each step back)."""
 
     def __init__(self, links: Sequence[StageLink], nodes: Sequence[str],
-                 count_sent: Callable[[int], None]) -> None:
+                 count_sent: hidden_wire.CountSent) -> None:
         if len(links) != len(nodes) or not links:
             raise ValueError("one link per later stage")
         self.address = links[0].address
@@ -85,14 +88,15 @@ class HubStages:
         hidden = steps[0].hidden
         last = len(self._links) - 1
         for index, link in enumerate(self._links):
+            step = replace(steps[index], hidden=hidden)
+            dtype = hidden_wire.send_dtype(step, link.rtt_s, self._count_sent)
             try:
-                out = link.step(replace(steps[index], hidden=hidden))
+                out = link.step(step, dtype)
             except PeerError as exc:
                 exc.node_id = self._nodes[index]  # so the scheduler replaces this stage's node, not the whole chain
                 raise
             if index < last:
                 hidden = _checked_hidden(out, steps[index].n_tokens, link.address, self._nodes[index])
-                self._count_sent(hidden.nbytes)
         return out
 
     def interrupt(self) -> None:
@@ -121,14 +125,12 @@ class PipelineRun:
     closes them when it ends. It is the generation loop's Stepper (mesh.generation): a step
     goes through every stage, and the last stage samples the token after it."""
 
-    def __init__(self, job: PipelineJob, head: StageLink, later: LaterStages | None,
-                 count_sent: Callable[[int], None]) -> None:
+    def __init__(self, job: PipelineJob, head: StageLink, later: LaterStages | None) -> None:
         if (later is None) != (len(job.stages) == 1):
             raise ValueError("later stages exactly when the pipeline has more than one")
         self._job = job
         self._head = head
         self._later = later
-        self._count_sent = count_sent  # hidden-state bytes the head hands to the next stage
         self._step = 0
         # fresh per attempt: a replay never collides with the sessions of the attempt it replaces
         self._session_id = f"{job.request.request_id}-{uuid.uuid4().hex[:8]}"
@@ -210,7 +212,7 @@ class PipelineRun:
         steps = [StageStep(
             session_id=self._session_id, model_sha256=request.model_sha256, layers=stage.layers,
             start_position=start, tokens=tuple(tokens) if index == 0 else None, hidden=None,
-            sampling=sampling, logprobs=request.logprobs,
+            sampling=sampling, logprobs=request.logprobs, reply_dtype=self._job.activation_dtype,
             step=self._step, history=recent if index == last else (),
             top_logprobs=request.top_logprobs if index == last else 0,
             constraint=request.constraint if index == last and first else None,
@@ -219,7 +221,6 @@ class PipelineRun:
         out = self._head.step(steps[0])
         if self._later is not None:
             hidden = _checked_hidden(out, len(tokens), self._head.address, self._job.stages[0].node_id)
-            self._count_sent(hidden.nbytes)
             steps[1] = replace(steps[1], hidden=hidden)
             out = self._later.run(steps[1:])
         if out.token_id is None:

@@ -25,6 +25,7 @@ from mesh.membership import Membership
 from mesh.metrics import GatewayMetrics
 from mesh.placement.routes import routable, stage_slots
 from mesh.types import (
+    ActivationDType,
     EmbedBatch,
     Embeddings,
     FinishReason,
@@ -110,16 +111,21 @@ MIDSTREAM = AttachPolicy(retries=MIDSTREAM_FAILOVERS - 1, moved_retries=MIDSTREA
 class Replanner(Protocol):
     """The gateway's placement controller, as the scheduler uses it after a failure."""
 
+    # A round is loading parts of its plan (a first placement, or a switch that released the
+    # old one first because the new one did not fit beside it).
+    loading: bool
+
     async def replan(self, reason: str, timeout_s: float = 30.0) -> None: ...
 
 
 class Scheduler:
     def __init__(self, membership: Membership, model_sha256: ModelSha, metrics: GatewayMetrics,
-                 timeouts: Timeouts | None = None) -> None:
+                 timeouts: Timeouts | None = None, activation_dtype: ActivationDType = "f32") -> None:
         self._membership = membership
         self._model_sha = model_sha256
         self._metrics = metrics
         self._timeouts = timeouts or Timeouts()
+        self._activation_dtype = activation_dtype  # how a pipeline's stages hand on hidden states
         self._outstanding: dict[NodeId, int] = {}
         self.replanner: Replanner | None = None  # set by the gateway (mesh.placement.controller)
 
@@ -150,10 +156,13 @@ class Scheduler:
 
     async def serving_context_length(self) -> int | None:
         """Like context_length, but with no placement at all first lets the controller re-plan
-        (a pipeline that lost a stage while idle, a node that just joined)."""
+        (a pipeline that lost a stage while idle, a node that just joined). While the controller
+        is loading a placement, that load is waited for (up to MOVED_WAIT_S): the request is
+        answered seconds later rather than refused with "nothing serves this model"."""
         n_ctx = self.context_length()
         if n_ctx is None and self.replanner is not None and self._infos():
-            await self.replanner.replan("a request found no placement", timeout_s=self._timeouts.connect_s)
+            wait_s = MOVED_WAIT_S if self.replanner.loading else self._timeouts.connect_s
+            await self.replanner.replan("a request found no placement", timeout_s=wait_s)
             n_ctx = self.context_length()
         return n_ctx
 
@@ -257,7 +266,8 @@ class Scheduler:
         hops = tuple(PipelineHop(stage.node_id, client.address, stage.layers)
                      for stage, client in zip(placement.stages, ready, strict=True))
         job = PipelineJob(request=replace(request, model_sha256=placement.model_sha256), stages=hops,
-                          n_ctx=self.context_length() or 0, step_timeout_s=self._timeouts.stage_step_s)
+                          n_ctx=self.context_length() or 0, step_timeout_s=self._timeouts.stage_step_s,
+                          activation_dtype=self._activation_dtype)
         return ready[0].run_pipeline(job)
 
     async def pick_or_repair(self, exclude: set[NodeId], failed: Failure | None) -> Placement:

@@ -7,7 +7,7 @@ speaks in these types.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NewType
+from typing import Literal, NewType, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -238,7 +238,10 @@ class Placement:
         return tuple(stage.node_id for stage in self.stages)
 
 
-HiddenDType = Literal["f32", "f16"]
+HiddenDType = Literal["f32", "f16", "q8_0"]  # how hidden states travel on a link (mesh.transport.hidden_wire)
+# What a pipeline allows: one encoding on every hop, or "auto", each sender's pick for its link.
+ActivationDType = Literal["f32", "f16", "q8_0", "auto"]
+ACTIVATION_DTYPES: tuple[ActivationDType, ...] = get_args(ActivationDType)
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,7 @@ class PipelineJob:
     stages: tuple[PipelineHop, ...]
     n_ctx: int
     step_timeout_s: float = 5.0
+    activation_dtype: ActivationDType = "f32"
 
 
 @dataclass(frozen=True, eq=False)
@@ -282,7 +286,9 @@ class StageStep:
     hidden: npt.NDArray[np.float32] | None
     sampling: SamplingParams
     logprobs: bool = False
-    reply_dtype: HiddenDType = "f32"
+    # The pipeline's activation dtype, on every step of a run: the stage sends its output on
+    # (or back) in it, resolved per link where it is "auto"; a link sends the step's input in it too.
+    reply_dtype: ActivationDType = "f32"
     step: int = 0
     history: tuple[int, ...] = ()  # recent tokens, for the penalties on the last stage
     top_logprobs: int = 0

@@ -173,7 +173,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
     holdings = Holdings(replica=replica, stages=stages, budget=budget, claims=ClaimTable(), speed=meter)
     export_holdings(metrics, holdings)
     peers = PeerLinks(cluster_key, timeouts, limits)
-    head = PipelineHead(identity.node_id, stages, compute, peers, metrics.pipeline_bytes.inc)
+    head = PipelineHead(identity.node_id, stages, compute, peers, metrics.count_hidden_sent)
     service = NodeService(identity, holdings, metrics, state, cluster_key, compute, head)
     server = make_server(cluster_key, timeouts, limits, health, on_reject=lambda _m: metrics.auth_failures.inc())
     pb_grpc.add_NodeServicer_to_server(service, server)

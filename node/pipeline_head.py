@@ -22,7 +22,7 @@ import ipaddress
 import logging
 import socket
 import threading
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -32,9 +32,10 @@ from mesh.errors import ConfigError, EdgeMeshError, InvalidInput, NotFound, Peer
 from mesh.pipeline import HubStages, LaterStages, PipelineRun, StageLink
 from mesh.sampling import check_request
 from mesh.transport.channels import NodeClient, StageStream
+from mesh.transport.hidden_wire import CountSent
 from mesh.transport.ring import RingLink
 from mesh.transport.step_socket import StepConnection
-from mesh.types import NodeId, PipelineHop, PipelineJob, RingHop, StageOutput, StageStep, TokenEvent
+from mesh.types import HiddenDType, NodeId, PipelineHop, PipelineJob, RingHop, StageOutput, StageStep, TokenEvent
 from node.compute import ComputeThread
 from node.stage_host import StageHost
 
@@ -46,12 +47,13 @@ class LocalStageLink:
 
     def __init__(self, stages: StageHost, compute: ComputeThread) -> None:
         self.address = "local"
+        self.rtt_s: float | None = None
         self._stages = stages
         self._compute = compute
         self._session_id = ""
 
-    def step(self, step: StageStep) -> StageOutput:
-        self._session_id = step.session_id
+    def step(self, step: StageStep, hidden_dtype: HiddenDType = "f32") -> StageOutput:
+        self._session_id = step.session_id  # the head's own layers take token ids: no hidden states to encode
         return self._compute.call(partial(self._stages.step, step)).result()
 
     def interrupt(self) -> None:
@@ -69,12 +71,13 @@ class ForwardStageLink:
 
     def __init__(self, stream: StageStream, loop: asyncio.AbstractEventLoop) -> None:
         self.address = stream.address
+        self.rtt_s: float | None = None  # grpc does not show its connection: f32 under auto
         self._stream = stream
         self._loop = loop
         self._closed = threading.Event()
 
-    def step(self, step: StageStep) -> StageOutput:
-        return asyncio.run_coroutine_threadsafe(self._stream.step(step), self._loop).result()
+    def step(self, step: StageStep, hidden_dtype: HiddenDType = "f32") -> StageOutput:
+        return asyncio.run_coroutine_threadsafe(self._stream.step(step, hidden_dtype), self._loop).result()
 
     def interrupt(self) -> None:
         if not self._closed.is_set():
@@ -105,10 +108,10 @@ class PeerLinks:
         self._checking: dict[tuple[str, NodeId], asyncio.Lock] = {}
 
     async def open_later(self, hops: Sequence[PipelineHop], step_timeout_s: float,
-                         count_sent: Callable[[int], None]) -> LaterStages | None:
+                         count_sent: CountSent) -> LaterStages | None:
         """Connections of the run's own to the nodes of the later stages: a ring when there are
         two or more and every one has a step socket, else a hub (mesh.pipeline). `count_sent`
-        counts the hidden-state bytes a hub's head sends on (a ring's stages count their own)."""
+        counts the hidden states the head sends (a ring's stages count their own hops)."""
         if not hops:
             return None  # the head's layers are the whole model
         peers = [await self._peer(hop) for hop in hops]
@@ -126,7 +129,7 @@ class PeerLinks:
             def probe() -> concurrent.futures.Future[NodeId | None]:
                 return asyncio.run_coroutine_threadsafe(self.first_unresponsive(hops), loop)
 
-            return RingLink(first, back, ring, self._timeouts, step_timeout_s, probe, self._probe_s())
+            return RingLink(first, back, ring, self._timeouts, step_timeout_s, probe, self._probe_s(), count_sent)
         links: list[StageLink] = []
         try:
             for hop in hops:
@@ -247,7 +250,7 @@ def _close_if_opened(opening: asyncio.Future[StepConnection]) -> None:
 
 class PipelineHead:
     def __init__(self, node_id: NodeId, stages: StageHost, compute: ComputeThread, peers: PeerLinks,
-                 count_sent: Callable[[int], None]) -> None:
+                 count_sent: CountSent) -> None:
         self._node_id = node_id
         self._stages = stages
         self._compute = compute
@@ -275,7 +278,7 @@ class PipelineHead:
     async def run(self, job: PipelineJob) -> AsyncGenerator[TokenEvent, None]:
         self.check(job)
         later = await self._peers.open_later(job.stages[1:], job.step_timeout_s, self._count_sent)
-        run = PipelineRun(job, LocalStageLink(self._stages, self._compute), later, self._count_sent)
+        run = PipelineRun(job, LocalStageLink(self._stages, self._compute), later)
         try:
             async with contextlib.aclosing(run.generate()) as events:
                 async for event in events:

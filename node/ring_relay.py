@@ -27,7 +27,9 @@ from mesh.config import Limits, Timeouts
 from mesh.errors import CapacityExhausted, EdgeMeshError, InvalidInput, PeerError, Unavailable
 from mesh.transport import ring
 from mesh.transport import step_socket as wire
-from mesh.types import RingHop
+from mesh.transport.generated import edgemesh_pb2 as pb
+from mesh.transport.hidden_wire import CountSent, send_dtype
+from mesh.types import RingHop, StageStep
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +207,12 @@ class Relay:
         return ring.failed_payload(node, PeerError(f"stage node {node} sent frame kind {frame.kind} back",
                                                    retryable=False))
 
-    def send_onward(self, onward: ring.Onward, step_timeout_s: float) -> int:
-        """Hand the next stage its step, dialling it first if this is the first step for it;
-        the bytes sent. NextStageFailed when it cannot be reached."""
-        hop = onward.hop
+    def send_onward(self, msg: pb.ForwardRequest, ran: StageStep, step_timeout_s: float,
+                    count_sent: CountSent) -> int:
+        """Hand the next stage its step (`msg`'s onward[0], with the hidden states of `ran`, the
+        step this stage ran, encoded for the link to it), dialling it first if this is the
+        first step for it; the bytes sent. NextStageFailed when it cannot be reached."""
+        hop = ring.next_hop(msg)
         if self._next is None or self._next_hop != hop:
             self._close_next()
             try:
@@ -218,7 +222,9 @@ class Relay:
                 raise NextStageFailed(ring.failed_payload(hop.node_id, exc)) from exc
             self._next_hop = hop
             self._selector.register(self._next.fileno(), selectors.EVENT_READ, self._next)
-        payload = onward.request.SerializeToString()
+        assert ran.hidden is not None
+        dtype = send_dtype(ran, self._next.rtt_s, count_sent)  # the link is known only once dialled
+        payload = ring.onward_request(msg, ran.hidden, dtype).SerializeToString()
         try:
             self._next.send(wire.STEP, payload)
         except OSError as exc:

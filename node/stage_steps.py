@@ -14,7 +14,7 @@ from functools import partial
 
 from mesh.errors import InvalidInput, Unavailable
 from mesh.metrics import NodeMetrics
-from mesh.transport import convert
+from mesh.transport import convert, hidden_wire
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.transport.ring import check_ring_fields
 from mesh.types import StageOutput, StageStep
@@ -45,11 +45,13 @@ class StageSteps:
         opened.add(step.session_id)
         return step, self._compute.call(partial(self._stages.step, step))
 
-    def reply(self, step: StageStep, output: StageOutput) -> pb.ForwardReply:
-        """The ForwardReply to a step that ran."""
+    def reply(self, step: StageStep, output: StageOutput, rtt_s: float | None = None) -> pb.ForwardReply:
+        """The ForwardReply to a step that ran, its hidden states encoded for a link of round
+        trip `rtt_s` (None: unknown, as a gRPC stream's) per the run's activation dtype."""
         if output.token_id is not None:
             self._metrics.tokens.inc()
-        reply: pb.ForwardReply = convert.stage_output_to_pb(step.session_id, output, step.reply_dtype)
+        dtype = hidden_wire.dtype_for_link(step.reply_dtype, rtt_s)
+        reply: pb.ForwardReply = convert.stage_output_to_pb(step.session_id, output, dtype)
         return reply
 
     def release(self, opened: set[str]) -> None:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from google.protobuf.message import DecodeError
 
@@ -36,7 +36,7 @@ from mesh.errors import (
     Unavailable,
 )
 from mesh.metrics import NodeMetrics
-from mesh.transport import ring
+from mesh.transport import hidden_wire
 from mesh.transport import step_socket as wire
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.transport.tls import ClusterCredentials
@@ -352,6 +352,7 @@ class StepServer:
         counted = False
         handed_over = False
         relay = Relay(conn, self._key, self._timeouts, self._limits, self._returns)
+        rtt_s = hidden_wire.tcp_rtt_s(conn)  # the link back to the head, for a hub's replies
         try:
             # Counted as work in flight (a drain waits for it) only now that the head proved the key.
             self._on_open()
@@ -382,12 +383,11 @@ class StepServer:
                     _try_send_error(conn, answer.error)
                     return
                 if msg.onward and output.hidden is not None:
-                    sent = relay.send_onward(ring.onward_request(msg, output.hidden, step.reply_dtype),
-                                             self._timeouts.first_token_s)
+                    sent = relay.send_onward(msg, replace(step, hidden=output.hidden), self._timeouts.first_token_s,
+                                             self._metrics.count_hidden_sent)
                     self._metrics.bytes_out.inc(sent)
-                    self._metrics.pipeline_bytes.inc(output.hidden.nbytes)
                     continue
-                reply = bytes(self._steps.reply(step, output).SerializeToString())
+                reply = bytes(self._steps.reply(step, output, rtt_s).SerializeToString())
                 if msg.reply_on_return:
                     relay.send_return(step.session_id, reply)
                 else:

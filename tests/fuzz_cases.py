@@ -50,7 +50,7 @@ from google.protobuf import descriptor as pbd
 from google.protobuf import message as pbm
 from google.protobuf import text_format
 
-from mesh.transport import auth
+from mesh.transport import auth, hidden_wire
 from mesh.transport import step_socket as wire
 from mesh.transport.channels import SERVICE
 from mesh.transport.generated import edgemesh_pb2 as pb
@@ -476,7 +476,8 @@ class MessageMaker:
         for index in range(count):
             msg = pb.ForwardRequest(session_id=session, start_position=position, model_sha256=self.t.sha,
                                     step=index + 1, logprobs=rng.random() < 0.5,
-                                    reply_dtype=rng.choice((pb.DTYPE_UNSPECIFIED, pb.DTYPE_F32, pb.DTYPE_F16)))
+                                    reply_dtype=rng.choice((pb.DTYPE_UNSPECIFIED, pb.DTYPE_F32, pb.DTYPE_F16,
+                                                            pb.DTYPE_Q8_0, pb.DTYPE_AUTO)))
             msg.layers.first, msg.layers.last_exclusive = first, last
             n = rng.randrange(1, 9) if index == 0 else 1  # a prefill chunk, then decode steps
             if first == 0:
@@ -572,15 +573,19 @@ class MessageMaker:
         rng = self.rng
         n = rng.randrange(1, 9)
         width = self.t.n_embd if rng.random() < 0.85 else rng.choice((1, self.t.n_embd + 1, 576))
-        dtype = rng.choice((pb.DTYPE_F32, pb.DTYPE_F16))
+        dtype = rng.choice((pb.DTYPE_F32, pb.DTYPE_F16, pb.DTYPE_Q8_0))
         values = np.random.default_rng(rng.randrange(2**32)).normal(size=(n, width))
         if rng.random() < 0.1:
             values[0, 0] = rng.choice((math.nan, math.inf))
-        numpy_type = np.float32 if dtype == pb.DTYPE_F32 else np.float16
         msg.Clear()
         msg.shape.extend((n, width))
         msg.dtype = dtype
-        msg.data = values.astype(np.dtype(numpy_type).newbyteorder("<")).tobytes()
+        if dtype == pb.DTYPE_Q8_0:
+            whole = values[:, : width // 32 * 32]  # a row that is not whole blocks gets a short payload
+            msg.data = hidden_wire.encode_q8_0(whole.astype(np.float32)) if whole.size else b""
+        else:
+            numpy_type = np.float32 if dtype == pb.DTYPE_F32 else np.float16
+            msg.data = values.astype(np.dtype(numpy_type).newbyteorder("<")).tobytes()
 
     def scalar(self, fd: Any) -> Any:
         rng = self.rng

@@ -27,7 +27,7 @@ from mesh.scheduler import Scheduler
 from mesh.tokenizer import TemplateBudget, Tokenizer
 from mesh.transport import tls
 from mesh.transport.auth import cluster_hash
-from mesh.types import ModelSha, NodeInfo
+from mesh.types import ACTIVATION_DTYPES, ModelSha, NodeInfo
 
 if TYPE_CHECKING:
     from mesh.cloud import CloudUpstream
@@ -88,7 +88,11 @@ class GatewayRuntime:
         self.summary = summary  # what /api/tags and /api/show describe the model with
         self.membership = Membership(self.cluster_key, self.timeouts, self.limits, on_change=self._membership_changed,
                                      refuse=self._refusal)
-        self.scheduler = Scheduler(self.membership, self.model_sha, self.metrics, self.timeouts)
+        if config.activation_dtype not in ACTIVATION_DTYPES:
+            raise ConfigError(f"--activation-dtype must be one of {', '.join(ACTIVATION_DTYPES)}, "
+                              f"not {config.activation_dtype!r}")
+        self.scheduler = Scheduler(self.membership, self.model_sha, self.metrics, self.timeouts,
+                                   config.activation_dtype)
         if config.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {config.strategy!r}")
         if config.stages < 0:

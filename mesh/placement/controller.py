@@ -90,6 +90,9 @@ class PlacementController:
         self._target: tuple[Placement, ...] = ()
         self._sized: dict[Placement, tuple[int, int]] = {}  # the shape each target placement was planned with
         self.converged = False
+        # True while a round loads parts of its plan: a request that finds no placement then
+        # waits for this one instead of being told that nothing serves the model.
+        self.loading = False
         self.history: list[dict[str, Any]] = []  # the last changes, newest last
 
     # ------------------------------------------------------------------ lifecycle
@@ -241,8 +244,17 @@ class PlacementController:
         missing = sorted(wanted - held, key=order)
         if not missing:
             return False
+        self.loading = True
+        try:
+            spare = held - wanted if release_first else held - wanted - holdings_of(running)
+            await self._make_room_and_load(decision, infos, spare, missing)
+        finally:
+            self.loading = False
+        return True
+
+    async def _make_room_and_load(self, decision: Decision, infos: Sequence[NodeInfo], spare: set[Holding],
+                                  missing: list[Holding]) -> None:
         loading = {node for node, _ in missing}
-        spare = held - wanted if release_first else held - wanted - holdings_of(running)
         for node, layers in sorted(spare, key=order):
             if node in loading:
                 await self._release(node, layers)
@@ -254,7 +266,6 @@ class PlacementController:
         sources = [(n, addresses[n]) for n in whole_file_holders(infos, self.model_sha) if n in addresses]
         await asyncio.gather(*(self._load_all(node, items, shapes, decision.slots, sources)
                                for node, items in by_node.items()))
-        return True
 
     async def _load_all(self, node: NodeId, items: list[LayerRange | None], shapes: dict[Holding, tuple[int, int]],
                         slots: int, sources: list[tuple[NodeId, str]]) -> None:

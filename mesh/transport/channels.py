@@ -32,6 +32,7 @@ from mesh.types import (
     EmbedBatch,
     Embeddings,
     GenerationRequest,
+    HiddenDType,
     LayerRange,
     ModelHeld,
     NodeInfo,
@@ -385,7 +386,7 @@ class StageStream:
         self._timeouts = timeouts
         self._step_timeout_s = step_timeout_s
 
-    async def step(self, step: StageStep) -> StageOutput:
+    async def step(self, step: StageStep, hidden_dtype: HiddenDType = "f32") -> StageOutput:
         wait = self._timeouts.first_token_s if step.n_tokens > 1 else self._step_timeout_s
         # The deadline is a timer that cancels the call, not asyncio.wait_for: wait_for wraps
         # each await in a task, and at two awaits per stage per token that was a tenth of the
@@ -399,7 +400,7 @@ class StageStream:
 
         timer = asyncio.get_running_loop().call_later(wait, expire)
         try:
-            await self._call.write(convert.stage_step_to_pb(step))
+            await self._call.write(convert.stage_step_to_pb(step, hidden_dtype))
             msg = await _next_reply(self._call)
         except asyncio.CancelledError:
             if not expired:

@@ -11,9 +11,11 @@ import numpy.typing as npt
 
 from mesh.errors import InvalidInput
 from mesh.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+from mesh.transport import hidden_wire
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.types import (
     CONSTRAINT_KINDS,
+    ActivationDType,
     Claimed,
     Constraint,
     EmbedBatch,
@@ -221,16 +223,31 @@ def info_request(challenge: bytes) -> pb.InfoRequest:
 
 # ---------------------------------------------------------------------------- pipeline steps
 
-_DTYPES: dict[HiddenDType, tuple[pb.DType, type[np.floating[Any]]]] = {
-    "f32": (pb.DTYPE_F32, np.float32), "f16": (pb.DTYPE_F16, np.float16)}
-_DTYPE_NAMES: dict[int, HiddenDType] = {pb.DTYPE_F32: "f32", pb.DTYPE_F16: "f16"}
+_DTYPES: dict[ActivationDType, pb.DType] = {
+    "f32": pb.DTYPE_F32, "f16": pb.DTYPE_F16, "q8_0": pb.DTYPE_Q8_0, "auto": pb.DTYPE_AUTO}
+_TENSOR_DTYPES: dict[int, HiddenDType] = {pb.DTYPE_F32: "f32", pb.DTYPE_F16: "f16", pb.DTYPE_Q8_0: "q8_0"}
+_POLICIES: dict[int, ActivationDType] = {**_TENSOR_DTYPES, pb.DTYPE_AUTO: "auto"}
+_NUMPY_TYPES: dict[HiddenDType, type[np.floating[Any]]] = {"f32": np.float32, "f16": np.float16}
 MAX_STEP_TOKENS = 4096  # far above a prefill chunk; bounds what one message may ask a stage to do
 
 
 def tensor_to_pb(hidden: npt.NDArray[np.float32], dtype: HiddenDType) -> pb.Tensor:
-    code, numpy_type = _DTYPES[dtype]
-    data = np.ascontiguousarray(hidden, dtype=np.dtype(numpy_type).newbyteorder("<")).tobytes()
-    return pb.Tensor(shape=list(hidden.shape), dtype=code, data=data)
+    dtype = hidden_wire.wire_dtype(dtype, hidden)
+    if dtype == "q8_0":
+        data = hidden_wire.encode_q8_0(hidden)
+    else:
+        data = np.ascontiguousarray(hidden, dtype=np.dtype(_NUMPY_TYPES[dtype]).newbyteorder("<")).tobytes()
+    return pb.Tensor(shape=list(hidden.shape), dtype=_DTYPES[dtype], data=data)
+
+
+def activation_dtype_from_pb(code: int, what: str) -> ActivationDType:
+    """A policy field (reply_dtype, activation_dtype); UNSPECIFIED is f32."""
+    if code == pb.DTYPE_UNSPECIFIED:
+        return "f32"
+    policy = _POLICIES.get(code)
+    if policy is None:
+        raise InvalidInput(f"{what}: unknown dtype {code}")
+    return policy
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -244,36 +261,39 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 def tensor_from_pb(msg: pb.Tensor) -> npt.NDArray[np.float32]:
     """Hidden states from the wire, checked for a consistent shape, dtype and byte length."""
-    dtype = _DTYPE_NAMES.get(msg.dtype)
+    dtype = _TENSOR_DTYPES.get(msg.dtype)
     if dtype is None:
-        raise InvalidInput(f"hidden states: unsupported dtype {msg.dtype} (send DTYPE_F32 or DTYPE_F16)")
+        raise InvalidInput(f"hidden states: unsupported dtype {msg.dtype} (send DTYPE_F32, DTYPE_F16 or DTYPE_Q8_0)")
     if len(msg.shape) != 2 or msg.shape[0] == 0 or msg.shape[1] == 0:
         raise InvalidInput(f"hidden states must have shape [n_tokens, n_embd], got {_shape_text(msg.shape)}")
     shape = (int(msg.shape[0]), int(msg.shape[1]))
     if shape[0] > MAX_STEP_TOKENS:
         raise InvalidInput(f"hidden states of {shape[0]} tokens exceed the step limit of {MAX_STEP_TOKENS}")
-    _, numpy_type = _DTYPES[dtype]
-    itemsize = np.dtype(numpy_type).itemsize
-    if len(msg.data) != shape[0] * shape[1] * itemsize:
-        raise InvalidInput(f"hidden states: {len(msg.data)} bytes do not match shape {list(shape)} of {dtype}")
-    array = np.frombuffer(msg.data, dtype=np.dtype(numpy_type).newbyteorder("<")).reshape(shape)
+    if dtype == "q8_0":
+        array: npt.NDArray[Any] = hidden_wire.decode_q8_0(msg.data, shape)
+    else:
+        numpy_type = np.dtype(_NUMPY_TYPES[dtype]).newbyteorder("<")
+        if len(msg.data) != shape[0] * shape[1] * numpy_type.itemsize:
+            raise InvalidInput(f"hidden states: {len(msg.data)} bytes do not match shape {list(shape)} of {dtype}")
+        array = np.frombuffer(msg.data, dtype=numpy_type).reshape(shape)
     out: npt.NDArray[np.float32] = array.astype(np.float32)
     if not np.isfinite(out).all():
         raise InvalidInput("hidden states contain NaN or infinity")
     return out
 
 
-def stage_step_to_pb(step: StageStep) -> pb.ForwardRequest:
+def stage_step_to_pb(step: StageStep, hidden_dtype: HiddenDType = "f32") -> pb.ForwardRequest:
+    """`hidden_dtype`: how the step's input travels (the sending link's pick from the policy)."""
     msg = pb.ForwardRequest(
         session_id=step.session_id, start_position=step.start_position, sampling=sampling_to_pb(step.sampling),
-        logprobs=step.logprobs, reply_dtype=_DTYPES[step.reply_dtype][0], step=step.step,
+        logprobs=step.logprobs, reply_dtype=_DTYPES[step.reply_dtype], step=step.step,
         history_tokens=list(step.history), model_sha256=step.model_sha256, layers=layer_range_to_pb(step.layers),
         top_logprobs=step.top_logprobs,
         constraint=constraint_to_pb(step.constraint), constrained_tokens=list(step.generated))
     if step.tokens is not None:
         msg.tokens.ids.extend(step.tokens)
     elif step.hidden is not None:
-        msg.hidden.CopyFrom(tensor_to_pb(step.hidden, step.reply_dtype))
+        msg.hidden.CopyFrom(tensor_to_pb(step.hidden, hidden_dtype))
     return msg
 
 
@@ -294,7 +314,7 @@ def stage_step_from_pb(msg: pb.ForwardRequest) -> StageStep:
         raise InvalidInput(f"a step carries 1 to {MAX_STEP_TOKENS} token ids, got {len(tokens)}")
     if len(msg.constrained_tokens) > MAX_STEP_TOKENS:
         raise InvalidInput(f"a step carries at most {MAX_STEP_TOKENS} constrained_tokens")
-    reply = _DTYPE_NAMES.get(msg.reply_dtype, "f32") if msg.reply_dtype else "f32"
+    reply = activation_dtype_from_pb(msg.reply_dtype, "reply_dtype")
     return StageStep(
         session_id=msg.session_id, model_sha256=ModelSha(msg.model_sha256), layers=layers,
         start_position=msg.start_position, tokens=tokens,
@@ -333,6 +353,7 @@ MAX_STEP_TIMEOUT_S = 600.0
 def pipeline_job_to_pb(job: PipelineJob) -> pb.RunPipelineRequest:
     return pb.RunPipelineRequest(
         request=generate_request_to_pb(job.request), n_ctx=job.n_ctx, step_timeout_s=job.step_timeout_s,
+        activation_dtype=_DTYPES[job.activation_dtype],
         stages=[pb.PipelineHop(node_id=hop.node_id, address=hop.address, layers=layer_range_to_pb(hop.layers))
                 for hop in job.stages])
 
@@ -368,7 +389,8 @@ def pipeline_job_from_pb(msg: pb.RunPipelineRequest) -> PipelineJob:
         raise InvalidInput("a pipeline request needs prompt tokens and max_tokens > 0")
     if msg.n_ctx == 0:
         raise InvalidInput("n_ctx must be positive")
-    return PipelineJob(request=request, stages=tuple(hops), n_ctx=msg.n_ctx, step_timeout_s=msg.step_timeout_s)
+    return PipelineJob(request=request, stages=tuple(hops), n_ctx=msg.n_ctx, step_timeout_s=msg.step_timeout_s,
+                       activation_dtype=activation_dtype_from_pb(msg.activation_dtype, "activation_dtype"))
 
 
 def load_stage_request_to_pb(model_sha256: str, layers: LayerRange, n_ctx: int, slots: int,

@@ -30,7 +30,6 @@ import ipaddress
 import selectors
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +40,7 @@ from mesh.errors import EdgeMeshError, InvalidInput, PeerError
 from mesh.transport import convert
 from mesh.transport import step_socket as wire
 from mesh.transport.generated import edgemesh_pb2 as pb
+from mesh.transport.hidden_wire import CountSent, send_dtype
 from mesh.types import HiddenDType, NodeId, RingHop, StageOutput, StageStep
 
 # How long the head waits, once the last stage's return connection ended, for the stages
@@ -49,12 +49,13 @@ BLAME_GRACE_S = 2.0
 PROBE_SLACK_S = 0.25  # past its own deadline, for the probe's answer to come back from the event loop
 
 
-def ring_request(steps: Sequence[StageStep], route: Sequence[RingHop]) -> pb.ForwardRequest:
-    """Stage 1's step of a ring: `steps[0]` (with its input) carries `steps[1:]` onward, to
-    `route[i]` each; the last one replies on the head's return connection."""
+def ring_request(steps: Sequence[StageStep], route: Sequence[RingHop],
+                 hidden_dtype: HiddenDType = "f32") -> pb.ForwardRequest:
+    """Stage 1's step of a ring: `steps[0]` (with its input, in `hidden_dtype`) carries
+    `steps[1:]` onward, to `route[i]` each; the last one replies on the head's return connection."""
     if len(route) != len(steps) - 1 or not route:
         raise ValueError("a ring request needs one hop for each step after the first")
-    msg = convert.stage_step_to_pb(steps[0])
+    msg = convert.stage_step_to_pb(steps[0], hidden_dtype)
     last = len(steps) - 1
     for index, (step, hop) in enumerate(zip(steps[1:], route, strict=True), start=1):
         onward = convert.stage_step_to_pb(step)  # no input: the stage before fills it in
@@ -104,22 +105,19 @@ def check_ring_fields(msg: pb.ForwardRequest) -> None:
             raise InvalidInput("the last onward step, and only it, replies on the return connection")
 
 
-@dataclass(frozen=True)
-class Onward:
-    """What a ring stage sends on after its own step."""
-
-    hop: RingHop
-    request: pb.ForwardRequest
+def next_hop(msg: pb.ForwardRequest) -> RingHop:
+    """Where a ring stage sends its output: route[0] (checked by check_ring_fields on arrival)."""
+    hop = msg.route[0]
+    return RingHop(NodeId(hop.node_id), hop.host, hop.step_port)
 
 
-def onward_request(msg: pb.ForwardRequest, hidden: npt.NDArray[np.float32], dtype: HiddenDType) -> Onward:
-    """The next stage's step: onward[0] with this stage's hidden states as its input."""
+def onward_request(msg: pb.ForwardRequest, hidden: npt.NDArray[np.float32], dtype: HiddenDType) -> pb.ForwardRequest:
+    """The next stage's step: onward[0] with this stage's hidden states as its input, in `dtype`."""
     nxt = pb.ForwardRequest.FromString(msg.onward[0])  # checked by check_ring_fields on arrival
     nxt.hidden.CopyFrom(convert.tensor_to_pb(hidden, dtype))
     nxt.onward.extend(msg.onward[1:])
     nxt.route.extend(msg.route[1:])
-    hop = msg.route[0]
-    return Onward(RingHop(NodeId(hop.node_id), hop.host, hop.step_port), nxt)
+    return nxt
 
 
 def failed_payload(node_id: str, error: EdgeMeshError | bytes) -> bytes:
@@ -149,10 +147,13 @@ class RingLink:
 
     def __init__(self, first: wire.StepConnection, back: wire.StepConnection, hops: Sequence[RingHop],
                  timeouts: Timeouts, step_timeout_s: float,
-                 probe: Callable[[], concurrent.futures.Future[NodeId | None]], probe_s: float) -> None:
+                 probe: Callable[[], concurrent.futures.Future[NodeId | None]], probe_s: float,
+                 count_sent: CountSent) -> None:
         if len(hops) < 2:
             raise ValueError("a ring has at least two later stages")
         self.address = first.address
+        self.rtt_s = first.rtt_s
+        self._count_sent = count_sent
         self._first = first
         self._back = back
         self._hops = tuple(hops)
@@ -173,7 +174,7 @@ class RingLink:
         if session_id != self._session_id:
             self._session_id = session_id
             self._send(self._back, wire.RETURN, session_id.encode(), last_node)
-        request = ring_request(steps, self._hops[1:])
+        request = ring_request(steps, self._hops[1:], send_dtype(steps[0], self.rtt_s, self._count_sent))
         self._send(self._first, wire.STEP, request.SerializeToString(), first_node)
         wait = self._timeouts.first_token_s if steps[0].n_tokens > 1 else self._step_timeout_s
         deadline = time.monotonic() + wait

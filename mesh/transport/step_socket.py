@@ -52,10 +52,10 @@ from mesh.errors import (
     PeerError,
     Unauthenticated,
 )
-from mesh.transport import convert, tls
+from mesh.transport import convert, hidden_wire, tls
 from mesh.transport.channels import error_from_rpc
 from mesh.transport.generated import edgemesh_pb2 as pb
-from mesh.types import StageOutput, StageStep
+from mesh.types import HiddenDType, StageOutput, StageStep
 
 VERSION = 1
 NONCE_BYTES = 16
@@ -248,6 +248,9 @@ class StepConnection:
         self._timeouts = timeouts
         self._limits = limits
         self._step_timeout_s = step_timeout_s
+        # Read once, after the handshake's round trips: a link's encoding of hidden states under
+        # --activation-dtype auto is chosen from it, once for the run (mesh.transport.hidden_wire).
+        self.rtt_s = hidden_wire.tcp_rtt_s(sock)
 
     @classmethod
     def open(cls, host: str, port: int, cluster_key: str, node_id: str, timeouts: Timeouts, limits: Limits,
@@ -277,13 +280,13 @@ class StepConnection:
             raise PeerError(f"{what}: handshake failed: {exc}", node_id=node_id) from exc
         return cls(sock, address, timeouts, limits, step_timeout_s)
 
-    def step(self, step: StageStep) -> StageOutput:
+    def step(self, step: StageStep, hidden_dtype: HiddenDType = "f32") -> StageOutput:
         wait = self._timeouts.first_token_s if step.n_tokens > 1 else self._step_timeout_s
         what = f"step on {self.address}"
         deadline = time.monotonic() + wait
         try:
             self._sock.settimeout(wait)
-            send_frame(self._sock, STEP, convert.stage_step_to_pb(step).SerializeToString())
+            send_frame(self._sock, STEP, convert.stage_step_to_pb(step, hidden_dtype).SerializeToString())
             frame = read_frame(self._sock, self._limits.max_message_bytes, deadline)
         except TimeoutError:
             raise PeerError(f"{what}: no reply within {wait:.0f}s") from None

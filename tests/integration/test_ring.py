@@ -44,7 +44,9 @@ pytestmark = pytest.mark.slow
 
 PROMPT = "The history of the printing press"
 SPLIT = (LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30))
-N_CTX = 512
+N_CTX = 2048
+# Three prefill chunks (of 512): the head hands the ring the first two without waiting for them.
+LONG_PROMPT = "The history of the printing press begins in the fifteenth century. " * 90
 
 
 def _job(sha: str, hops: tuple[PipelineHop, ...], prompt: list[int], max_tokens: int, **fields: Any) -> PipelineJob:
@@ -58,6 +60,19 @@ def _hop(proc: Proc, layers: LayerRange) -> PipelineHop:
 def _sent_onward(proc: Proc) -> float:
     text = httpx.get(f"http://127.0.0.1:{proc.ready[2]}/metrics", timeout=10).text
     return sum(metric_lines(text, "edgemesh_node_pipeline_bytes_total").values())
+
+
+def _decode_bytes_per_send(proc: Proc) -> dict[str, tuple[float, float]]:
+    """{dtype: (bytes, sends)} of the decode steps' hidden states a node sent on."""
+    text = httpx.get(f"http://127.0.0.1:{proc.ready[2]}/metrics", timeout=10).text
+    sent = metric_lines(text, "edgemesh_node_pipeline_bytes_total")
+    sends = metric_lines(text, "edgemesh_node_pipeline_sends_total")
+    out = {}
+    for key, value in sent.items():
+        if 'kind="decode"' in key:
+            dtype = key.split('dtype="')[1].split('"')[0]
+            out[dtype] = (value, sends[key.replace("pipeline_bytes_total", "pipeline_sends_total")])
+    return out
 
 
 def _step(sha: str, layers: LayerRange, **fields: Any) -> edgemesh_pb2.ForwardRequest:
@@ -102,6 +117,29 @@ def test_a_three_stage_ring_matches_llama_cpp_refuses_bad_routes_and_names_a_fai
             assert reference_llm.detokenize(tokens).decode(errors="replace") == expected
             # In a ring the middle stage sends its hidden states on itself; through a hub it sends nothing.
             assert _sent_onward(procs[1]) > 0
+            assert set(_decode_bytes_per_send(procs[1])) == {"f32"}
+
+            # A long prompt's chunks overlap in the ring, and the output is still llama.cpp's.
+            long_prompt = reference_llm.tokenize(LONG_PROMPT.encode())
+            assert 1024 < len(long_prompt) < N_CTX - 16
+            reference_llm.reset()
+            want_long = reference_llm.create_completion(LONG_PROMPT, max_tokens=8, temperature=0.0)["choices"][0]
+            got_long = await run_tokens(clients[0], _job(sha, (head, middle, last), long_prompt, 8, n_ctx=N_CTX))
+            assert reference_llm.detokenize(got_long).decode(errors="replace") == want_long["text"]
+
+            # --activation-dtype: every hop in f16, or q8_0; auto keeps f32 on loopback's fast links,
+            # and so llama.cpp's output.
+            for policy, dtype, per_token in (("f16", "f16", 576 * 2), ("q8_0", "q8_0", 576 // 32 * 34),
+                                             ("auto", "f32", 576 * 4)):
+                before = [_decode_bytes_per_send(procs[i]).get(dtype, (0.0, 0.0)) for i in (0, 1)]
+                drifted = await run_tokens(clients[0], _job(sha, (head, middle, last), prompt, 24,
+                                                            activation_dtype=policy))
+                assert len(drifted) == 24, policy
+                if policy == "auto":
+                    assert drifted == tokens
+                for i, (sent, sends) in zip((0, 1), before, strict=True):  # the head's hop and the middle's
+                    now_sent, now_sends = _decode_bytes_per_send(procs[i])[dtype]
+                    assert (now_sent - sent) / (now_sends - sends) == per_token, (policy, i)
 
             # A stage that freezes mid-stream: no reply comes, the head asks who is stuck.
             def freeze_at(count: int) -> None:

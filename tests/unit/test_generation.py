@@ -135,7 +135,7 @@ def test_a_pipeline_draws_the_same_tokens_through_the_same_loop(model: Path,
             job = PipelineJob(request=req, n_ctx=N_CTX,
                               stages=tuple(PipelineHop(NodeId("n"), "local", r) for r in ranges))
             run = PipelineRun(job, LocalStageLink(stages, compute),
-                              HubStages([LocalStageLink(stages, compute)], ["n"], lambda _n: None), lambda _n: None)
+                              HubStages([LocalStageLink(stages, compute)], ["n"], lambda *_sent: None))
 
             async def collect() -> list[TokenEvent]:
                 return [event async for event in run.generate()]

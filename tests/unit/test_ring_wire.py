@@ -23,11 +23,11 @@ def test_ring_request_and_onward_request_build_what_each_stage_expects() -> None
     msg = ring.ring_request(steps, hops)
     ring.check_ring_fields(msg)
     assert [o.reply_on_return for o in ring.onward_steps(msg)] == [False, True]
+    assert ring.next_hop(msg) == hops[0]
     nxt = ring.onward_request(msg, np.full((1, 4), 2.0, np.float32), "f32")
-    assert nxt.hop == hops[0]
-    ring.check_ring_fields(nxt.request)
-    assert list(nxt.request.hidden.shape) == [1, 4] and len(nxt.request.onward) == 1
-    assert nxt.request.layers.first == 10 and nxt.request.route[0].node_id == "n1"
+    ring.check_ring_fields(nxt)
+    assert list(nxt.hidden.shape) == [1, 4] and len(nxt.onward) == 1
+    assert nxt.layers.first == 10 and nxt.route[0].node_id == "n1"
     with pytest.raises(ValueError):
         ring.ring_request(steps, hops[:1])
 

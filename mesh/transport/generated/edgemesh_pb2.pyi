@@ -12,9 +12,13 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     DTYPE_F32: _ClassVar[DType]
     DTYPE_F16: _ClassVar[DType]
+    DTYPE_Q8_0: _ClassVar[DType]
+    DTYPE_AUTO: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 DTYPE_F32: DType
 DTYPE_F16: DType
+DTYPE_Q8_0: DType
+DTYPE_AUTO: DType
 
 class InfoRequest(_message.Message):
     __slots__ = ("challenge",)
@@ -349,16 +353,18 @@ class PipelineHop(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
 
 class RunPipelineRequest(_message.Message):
-    __slots__ = ("request", "stages", "n_ctx", "step_timeout_s")
+    __slots__ = ("request", "stages", "n_ctx", "step_timeout_s", "activation_dtype")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     STEP_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_DTYPE_FIELD_NUMBER: _ClassVar[int]
     request: GenerateRequest
     stages: _containers.RepeatedCompositeFieldContainer[PipelineHop]
     n_ctx: int
     step_timeout_s: float
-    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[PipelineHop, _Mapping]]] = ..., n_ctx: _Optional[int] = ..., step_timeout_s: _Optional[float] = ...) -> None: ...
+    activation_dtype: DType
+    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[PipelineHop, _Mapping]]] = ..., n_ctx: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., activation_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model_sha256", "n_ctx", "controller_id")

@@ -8,6 +8,10 @@ yields. What the loop guarantees, for both:
 - a failover replay evaluates the already generated tokens one per step, exactly as they were
   first evaluated, and marks them generated so a grammar is advanced over them, so the
   continuation is what the failed attempt would have produced;
+- a step whose output nobody reads (a prefill chunk or replayed token that another step
+  follows before the next token is chosen) is fed `ahead`: a pipeline sends it on without
+  waiting for it, so the stages work on consecutive chunks at once, and the steps, and so the
+  numbers, stay exactly those of a run that waited;
 - a stream ends on a stop token ("stop"), at max_tokens or at the end of the context
   ("length"), or, with no event, as soon as `cancelled()` turns true between steps.
 """
@@ -26,9 +30,12 @@ PREFILL_CHUNK = 512  # llama.cpp's default n_batch: the prompt is evaluated in t
 class Stepper(Protocol):
     """One forward pass at a time over one session, blocking."""
 
-    def feed(self, tokens: Sequence[int], start: int, history: Sequence[int], generated: bool) -> None:
+    def feed(self, tokens: Sequence[int], start: int, history: Sequence[int], generated: bool,
+             ahead: bool = False) -> None:
         """Evaluate `tokens` at positions start, start+1, ... `history` is every token so far,
-        these included. `generated`: they were generated (or replayed), not prompt."""
+        these included. `generated`: they were generated (or replayed), not prompt. `ahead`:
+        another feed follows before `choose`, so this one's output is never read (a stepper
+        may return before the step is done; a failure then surfaces at a later feed)."""
 
     def choose(self, history: Sequence[int]) -> Sampled:
         """The token at position len(history), from the logits of the last `feed`."""
@@ -43,13 +50,16 @@ def generate_tokens(request: GenerationRequest, n_ctx: int, stepper: Stepper,
     """The tokens of one request; the caller has validated it (replay_tokens fewer than
     max_tokens, prompt and replay inside the context)."""
     history = list(request.prompt_tokens)
+    replay = request.replay_tokens
     for lo in range(0, len(history), PREFILL_CHUNK):
-        stepper.feed(history[lo:lo + PREFILL_CHUNK], lo, history, generated=False)
-    for token in request.replay_tokens:  # one per step, as they were first generated
+        last_chunk = lo + PREFILL_CHUNK >= len(history)
+        stepper.feed(history[lo:lo + PREFILL_CHUNK], lo, history, generated=False,
+                     ahead=not last_chunk or bool(replay))
+    for index, token in enumerate(replay):  # one per step, as they were first generated
         if cancelled():
             return
         history.append(token)
-        stepper.feed([token], len(history) - 1, history, generated=True)
+        stepper.feed([token], len(history) - 1, history, generated=True, ahead=index < len(replay) - 1)
     produced = len(request.replay_tokens)
     # At least one token even past max_tokens (a replay as long as it, which only the replica
     # refuses up front): every stream that is not cancelled ends with a finish_reason.

@@ -62,6 +62,11 @@ class LaterStages(Protocol):
         driver thread; the last stage's output. A PeerError names the node that failed. Each
         hidden-state send the head makes is counted (hidden_wire.CountSent)."""
 
+    def send_ahead(self, steps: Sequence[StageStep]) -> bool:
+        """Start a step whose output is not needed and return without waiting for it (True), or
+        do nothing (False: the caller runs it). A step sent ahead is waited for, and checked, by
+        the next `run`; its failure is raised there."""
+
     def interrupt(self) -> None:
         """From any thread: end a step in progress soon."""
 
@@ -98,6 +103,9 @@ class HubStages:
             if index < last:
                 hidden = _checked_hidden(out, steps[index].n_tokens, link.address, self._nodes[index])
         return out
+
+    def send_ahead(self, steps: Sequence[StageStep]) -> bool:
+        return False  # each stage's step waits for the one before it: nothing to overlap
 
     def interrupt(self) -> None:
         for link in self._links:
@@ -196,10 +204,12 @@ class PipelineRun:
         assert out.token_id is not None  # feed() refuses a last stage that sent none
         return Sampled(token_id=out.token_id, logprob=out.logprob, top=out.top_logprobs)
 
-    def feed(self, tokens: Sequence[int], start: int, history: Sequence[int], generated: bool) -> None:
+    def feed(self, tokens: Sequence[int], start: int, history: Sequence[int], generated: bool,
+             ahead: bool = False) -> None:
         """One step through every stage, on the driver thread; keeps the last stage's sampled token.
         `generated`: the step's tokens were generated (or replayed), not prompt: a constrained last
-        stage advances its grammar over them."""
+        stage advances its grammar over them. `ahead`: its output is not needed, so a ring is only
+        handed the step, and the head goes on to compute the next one while the ring works."""
         request = self._job.request
         self._step += 1
         constrained = request.constraint is not None
@@ -222,6 +232,8 @@ class PipelineRun:
         if self._later is not None:
             hidden = _checked_hidden(out, len(tokens), self._head.address, self._job.stages[0].node_id)
             steps[1] = replace(steps[1], hidden=hidden)
+            if ahead and self._later.send_ahead(steps[1:]):
+                return
             out = self._later.run(steps[1:])
         if out.token_id is None:
             raise PeerError(f"the last stage of {self._job.stages[last].node_id} returned no token",

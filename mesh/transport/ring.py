@@ -162,21 +162,45 @@ class RingLink:
         self._probe = probe
         self._probe_s = probe_s
         self._session_id = ""
+        self._ahead: list[int] = []  # steps sent ahead whose outputs are still to come, in order
         self._selector = selectors.DefaultSelector()
         self._selector.register(first.fileno(), selectors.EVENT_READ, first)
         self._selector.register(back.fileno(), selectors.EVENT_READ, back)
 
-    def run(self, steps: Sequence[StageStep]) -> StageOutput:
-        """One step through every later stage; the last stage's output. A PeerError names the
-        node that failed."""
-        first_node, last_node = self._hops[0].node_id, self._hops[-1].node_id
+    def send_ahead(self, steps: Sequence[StageStep]) -> bool:
+        """Hand stage 1 a step and return: the stages work on it while the head computes the
+        next one (a prefill chunk, a replayed token). Each stage takes its steps in order on
+        its connection, so the KV caches fill as if every step had been waited for."""
+        if len(self._ahead) >= len(self._hops):
+            # One step in flight per later stage keeps every stage busy beside the head's own
+            # next step; more would only fill the socket buffers (a send into full ones blocks
+            # until the stage reads).
+            self._collect(self._ahead[0], self._timeouts.first_token_s)
+        self._start(steps)
+        self._ahead.append(steps[-1].step)
+        return True
+
+    def _start(self, steps: Sequence[StageStep]) -> None:
         session_id = steps[0].session_id
         if session_id != self._session_id:
             self._session_id = session_id
-            self._send(self._back, wire.RETURN, session_id.encode(), last_node)
+            self._send(self._back, wire.RETURN, session_id.encode(), self._hops[-1].node_id)
         request = ring_request(steps, self._hops[1:], send_dtype(steps[0], self.rtt_s, self._count_sent))
-        self._send(self._first, wire.STEP, request.SerializeToString(), first_node)
-        wait = self._timeouts.first_token_s if steps[0].n_tokens > 1 else self._step_timeout_s
+        self._send(self._first, wire.STEP, request.SerializeToString(), self._hops[0].node_id)
+
+    def run(self, steps: Sequence[StageStep]) -> StageOutput:
+        """One step through every later stage; the last stage's output, once the outputs of the
+        steps sent ahead came first. A PeerError names the node that failed."""
+        wait = self._timeouts.first_token_s if steps[0].n_tokens > 1 or self._ahead else self._step_timeout_s
+        self._start(steps)
+        self._ahead.append(steps[-1].step)
+        return self._collect(steps[-1].step, wait)
+
+    def _collect(self, step: int, wait: float) -> StageOutput:
+        """Read until the output of `step` comes; the outputs of the steps sent before it come
+        first, in order, and are checked and dropped. Each output that comes gives the next
+        one `wait` more."""
+        first_node, last_node = self._hops[0].node_id, self._hops[-1].node_id
         deadline = time.monotonic() + wait
         while True:
             for conn in self._ready(deadline, wait):
@@ -187,8 +211,13 @@ class RingLink:
                     if conn is self._back:
                         self._blame_from_first()
                     raise
-                if conn is self._back and frame.kind == wire.OUTPUT:
-                    return self._output(frame.payload, steps[-1].step, node)
+                if conn is self._back and frame.kind == wire.OUTPUT and self._ahead:
+                    expected = self._ahead.pop(0)
+                    output = self._output(frame.payload, expected, node)
+                    if expected == step:
+                        return output
+                    deadline = time.monotonic() + wait  # the output of a step sent before: not needed
+                    continue
                 if conn is self._first and frame.kind == wire.FAILED:
                     raise error_from_failed(frame.payload, f"ring step from {self.address}")
                 if frame.kind == wire.ERROR:

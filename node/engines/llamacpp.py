@@ -145,7 +145,8 @@ class _ReplicaStepper:
         self._matcher = matcher
         slot.llm.reset()  # type: ignore[no-untyped-call]
 
-    def feed(self, tokens: Sequence[int], start: int, history: Sequence[int], generated: bool) -> None:
+    def feed(self, tokens: Sequence[int], start: int, history: Sequence[int], generated: bool,
+             ahead: bool = False) -> None:  # one process: nothing to overlap, `ahead` changes nothing
         if generated and self._matcher is not None:
             self._matcher.consume(tokens)  # a replay's mask is the first run's
         self._slot.llm.eval(tokens)

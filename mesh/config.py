@@ -237,7 +237,7 @@ class GatewayConfig:
     activation_dtype: str = setting(
         "f32", "how pipeline stages hand on hidden states: f32 (output identical to llama.cpp's), f16 or q8_0 "
         "(half or about a quarter of the bytes; the output may drift), or auto (each link picks by its measured "
-        "round trip: f32 below 2 ms, f16 below 12 ms, q8_0 beyond)", choices=ACTIVATION_DTYPES)
+        "round trip: f32 below 2 ms, f16 below 8 ms, q8_0 beyond)", choices=ACTIVATION_DTYPES)
     insecure_plaintext: bool = setting(False, "debugging only, loopback only: speak plain text to the nodes "
                                        "instead of mutual TLS (every node must say it too)")
     placement: bool = setting(True, "place the model on the nodes (load, re-plan, release); --no-placement only "

@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any
 
+from mesh.transport import hidden_wire
+
 MDNS_GROUP = "224.0.0.251"  # mDNS's group: multicast leaves by the shaped veth like any packet
 UDP_SIZE = 200
 
@@ -82,7 +84,10 @@ def serve(host: str, port: int) -> None:
                         sock.sendall(b"pong\n" if line == b"ping" else json.dumps(tally.kinds).encode() + b"\n")
 
 
-def _ask(host: str, port: int, line: bytes) -> tuple[float, float, bytes]:
+def _ask(host: str, port: int, line: bytes) -> tuple[float, float, bytes, float | None]:
+    """Connect, send `line`, read the answer: the connect and answer times, the answer, and
+    the least round trip the kernel measured on the connection (what --activation-dtype auto
+    chooses by, mesh.transport.hidden_wire)."""
     started = time.perf_counter()
     with socket.create_connection((host, port), timeout=30) as conn:
         connected = time.perf_counter()
@@ -95,7 +100,8 @@ def _ask(host: str, port: int, line: bytes) -> tuple[float, float, bytes]:
                 break
             reply += chunk
         answered = time.perf_counter()
-    return connected - started, answered - connected, bytes(reply)
+        rtt = hidden_wire.tcp_rtt_s(conn)
+    return connected - started, answered - connected, bytes(reply), rtt
 
 
 def measure(host: str, port: int, samples: int, udp: int, udp_rate: float, bulk: int) -> dict[str, Any]:
@@ -108,12 +114,14 @@ def measure(host: str, port: int, samples: int, udp: int, udp_rate: float, bulk:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-    connect_ms, request_ms = [], []
+    connect_ms, request_ms, kernel_rtt_ms = [], [], []
     for _ in range(samples):
-        c, r, reply = _ask(host, port, b"ping\n")
+        c, r, reply, rtt = _ask(host, port, b"ping\n")
         assert reply == b"pong\n", reply
         connect_ms.append(c * 1e3)
         request_ms.append(r * 1e3)
+        if rtt is not None:
+            kernel_rtt_ms.append(rtt * 1e3)
     send_errors = 0
     if udp:
         out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -138,7 +146,7 @@ def measure(host: str, port: int, samples: int, udp: int, udp_rate: float, bulk:
         empty = {"received": 0, "reordered": 0, "highest": -1}
         tally = {kind: kinds.get(f"{kind}-{run.decode()}", empty) for kind in ("unicast", "multicast")}
     bulk_s = _ask(host, port, b"bulk %d\n" % bulk)[1] if bulk else 0.0
-    return {"connect_ms": connect_ms, "request_ms": request_ms, "udp_sent": udp, "udp_send_errors": send_errors,
+    return {"connect_ms": connect_ms, "request_ms": request_ms, "kernel_rtt_ms": kernel_rtt_ms, "udp_sent": udp, "udp_send_errors": send_errors,
             "udp": tally, "bulk_bytes": bulk, "bulk_s": bulk_s}
 
 

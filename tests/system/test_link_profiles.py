@@ -15,6 +15,7 @@ same profile, so a round trip pays the profile's one-way delay twice.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from mesh.transport import hidden_wire
 from tests.conftest import REPO
 from tests.harness.link_profiles import PROFILES, LinkProfile
 from tests.system.netns import TestNet, unavailable_link_reason
@@ -97,6 +99,22 @@ def test_wifi_round_trip_is_3_to_7_ms_and_loopback_is_not_delayed(net: TestNet) 
     assert local_connect < 1.0 and local_request < 1.0
     # multicast to mDNS's group crosses the shaped link (less its 0.5 % loss)
     assert result["udp"]["multicast"]["received"] >= 0.97 * result["udp_sent"]
+
+
+@pytest.mark.parametrize(("profile", "picked"), [("ethernet", "f32"), ("wifi", "f16"), ("bad-wifi", "q8_0")])
+def test_activation_dtype_auto_picks_by_the_profile_from_the_kernels_round_trip(net: TestNet, profile: str,
+                                                                                picked: str) -> None:
+    """What --activation-dtype auto sends hidden states as on each link: chosen per connection
+    from the least round trip the kernel measured (hidden_wire.tcp_rtt_s). A connection's few
+    round trips are a sample of the jitter, so a bad-wifi connection may see one that looks
+    like wifi; nine in ten pick the profile's dtype."""
+    shape_both(net, PROFILES[profile])
+    rtts = probe(net, 0, 1, 40)["kernel_rtt_ms"]
+    assert len(rtts) == 40
+    picks = collections.Counter(hidden_wire.dtype_for_link("auto", rtt / 1e3) for rtt in rtts)
+    report(f"{profile} kernel min_rtt", f"{min(rtts):.2f}-{max(rtts):.2f} ms (median {statistics.median(rtts):.2f}): "
+                                        f"{dict(picks)}")
+    assert picks[picked] >= 0.9 * len(rtts), picks
 
 
 def test_bad_wifi_loses_3_percent_silently_in_order(net: TestNet) -> None:

@@ -60,7 +60,7 @@ def test_rows_that_are_not_whole_blocks_or_out_of_f16_range_fall_back() -> None:
 @pytest.mark.parametrize(("policy", "rtt_ms", "want"), [
     ("f32", 30.0, "f32"), ("f16", 0.01, "f16"), ("q8_0", None, "q8_0"),
     ("auto", None, "f32"), ("auto", 0.05, "f32"), ("auto", 1.9, "f32"),
-    ("auto", 5.0, "f16"), ("auto", 11.9, "f16"), ("auto", 20.0, "q8_0")])
+    ("auto", 5.0, "f16"), ("auto", 7.9, "f16"), ("auto", 8.1, "q8_0"), ("auto", 20.0, "q8_0")])
 def test_auto_picks_by_the_links_round_trip(policy: str, rtt_ms: float | None, want: str) -> None:
     rtt_s = None if rtt_ms is None else rtt_ms / 1000
     assert hidden_wire.dtype_for_link(policy, rtt_s) == want  # type: ignore[arg-type]

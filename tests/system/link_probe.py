@@ -146,7 +146,8 @@ def measure(host: str, port: int, samples: int, udp: int, udp_rate: float, bulk:
         empty = {"received": 0, "reordered": 0, "highest": -1}
         tally = {kind: kinds.get(f"{kind}-{run.decode()}", empty) for kind in ("unicast", "multicast")}
     bulk_s = _ask(host, port, b"bulk %d\n" % bulk)[1] if bulk else 0.0
-    return {"connect_ms": connect_ms, "request_ms": request_ms, "kernel_rtt_ms": kernel_rtt_ms, "udp_sent": udp, "udp_send_errors": send_errors,
+    return {"connect_ms": connect_ms, "request_ms": request_ms, "kernel_rtt_ms": kernel_rtt_ms,
+            "udp_sent": udp, "udp_send_errors": send_errors,
             "udp": tally, "bulk_bytes": bulk, "bulk_s": bulk_s}
 
 

@@ -8,9 +8,9 @@ drift (`--activation-dtype f16|q8_0|auto`).
 With `auto`, each sender picks for its own link from the least round-trip time the kernel
 measured on that TCP connection (TCP_INFO's min_rtt, which the connection's handshake already
 gives and which, unlike the smoothed rtt, does not count the peer's time to answer): only the
-sender sees its link, and a hop that crosses a slow
-Wi-Fi link is the one whose bytes cost time. The choice is made once per connection, so one
-run's hop never switches encoding mid-stream.
+sender sees its link, and a hop that crosses a slow Wi-Fi link is the one whose bytes cost
+time. The choice is made once per connection, so one run's hop never switches encoding
+mid-stream.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ CountSent = Callable[[int, str, HiddenDType], None]
 # auto: below this round trip a link is a wired LAN or loopback, where f32's bytes cost less
 # than the drift is worth; up to the next, Wi-Fi (f16); beyond, a poor link (q8_0). The kernel's
 # least round trip of a connection on the emulated profiles (tests/system/test_link_profiles.py):
-# ethernet 0.6-0.9 ms, wifi 3.7-6.2 ms, bad-wifi 12-24 ms.
+# ethernet 0.6-1.0 ms, wifi 3.0-6.2 ms, bad-wifi 9.9-24 ms.
 AUTO_F32_BELOW_S = 0.002
 AUTO_F16_BELOW_S = 0.008
 

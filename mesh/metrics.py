@@ -101,6 +101,12 @@ class GatewayMetrics:
         self.in_flight = Gauge("edgemesh_in_flight_requests", "Requests being served", registry=registry)
         self.queue_depth = Gauge("edgemesh_queue_depth", "Requests admitted and waiting for their first token",
                                  registry=registry)
+        self.queued = Gauge("edgemesh_admission_queued_requests", "Requests waiting in the gateway's queue because "
+                            "every placement was full (a pipeline's stages queue nothing themselves)",
+                            registry=registry)
+        self.queue_wait = Histogram("edgemesh_admission_queue_wait_seconds", "How long a request that found every "
+                                    "placement full waited in the gateway's queue", buckets=LATENCY_BUCKETS,
+                                    registry=registry)
         self.retries = Counter("edgemesh_retries_total",
                                "Requests moved to another node before their first token, by reason",
                                ["reason"], registry=registry)

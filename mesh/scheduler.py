@@ -2,7 +2,8 @@
 
 The scheduler turns the membership view into placements (whole-model replicas, and
 pipelines of loaded stages: see mesh.placement.routes), admits a request onto the placement
-with the least outstanding work that still has capacity, and keeps the session's token
+with the least outstanding work that still has capacity (when every one is full, the
+request waits its turn in the admission queue, mesh.admission), and keeps the session's token
 history. A placement that fails before the first token is replaced once by another; one
 that fails mid-stream is replaced by replaying the history (prompt plus tokens already
 sent) onto another placement, and because sampling depends only on (logits, params,
@@ -19,6 +20,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from mesh.admission import AdmissionQueue
 from mesh.config import Timeouts
 from mesh.errors import CapacityExhausted, InvalidInput, NotFound, PeerError, Unavailable
 from mesh.membership import Membership
@@ -87,6 +89,9 @@ class AttachPolicy:
     # After a move, how long nothing being ready is waited out (the re-plan that moved it is
     # still loading) before Unavailable; 0: at once.
     moved_wait_s: float = 0.0
+    # When every placement is full, wait in the gateway's admission queue (mesh.admission) rather
+    # than refuse at once.
+    queues: bool = False
     exhausted: str | None = None  # Unavailable(this) when attempts run out; None: the last error itself
     no_placement: str | None = None  # Unavailable(this: why) when nothing is left; None: pick's error itself
 
@@ -101,7 +106,7 @@ class AttachPolicy:
 # Before the first token: one other placement; a move (a re-plan under way) is looked at once more.
 FIRST_PLACEMENT = AttachPolicy(retries=FIRST_TOKEN_RETRIES, moved_retries=FIRST_TOKEN_RETRIES + 1, pause_s=0.0,
                                full_excludes=True, blame_unknown=False, count_retries=True,
-                               moved_wait_s=MOVED_WAIT_S)
+                               moved_wait_s=MOVED_WAIT_S, queues=True)
 # Mid-stream: the replacement may be full or moving for a moment (others fail over at the same
 # time), so those are waited out; the session counts the failover itself, once.
 MIDSTREAM = AttachPolicy(retries=MIDSTREAM_FAILOVERS - 1, moved_retries=MIDSTREAM_FAILOVERS - 1,
@@ -127,6 +132,8 @@ class Scheduler:
         self._timeouts = timeouts or Timeouts()
         self._activation_dtype = activation_dtype  # how a pipeline's stages hand on hidden states
         self._outstanding: dict[NodeId, int] = {}
+        self._queue = AdmissionQueue()
+        metrics.queued.set_function(lambda: len(self._queue))
         self.replanner: Replanner | None = None  # set by the gateway (mesh.placement.controller)
 
     # ------------------------------------------------------------------ placements
@@ -171,13 +178,21 @@ class Scheduler:
 
     def capacity(self, placement: Placement) -> int:
         """Sessions a placement takes at once: a replica's slots plus queue; a pipeline's
-        smallest stage slot count (stages do not queue)."""
+        smallest stage slot count (stages do not queue: the gateway's admission queue does)."""
         infos = self._infos()
         if placement.kind == "replica":
             info = infos.get(placement.stages[0].node_id)
             return info.capacity if info is not None else 0
         return min((stage_slots(infos[s.node_id], self._model_sha, s.layers) if s.node_id in infos else 0)
                    for s in placement.stages)
+
+    def queue_limit(self, exclude: set[NodeId]) -> int:
+        """Requests that may wait in the gateway's queue: what the heads of the pipelines were
+        started to queue (`--max-queue`). A replica's queue is its node's, already part of its
+        capacity."""
+        infos = self._infos()
+        return sum(infos[p.node_ids[0]].max_queue for p in self.placements()
+                   if p.kind == "pipeline" and p.node_ids[0] in infos and not exclude.intersection(p.node_ids))
 
     def _load(self, placement: Placement) -> tuple[float, int]:
         busiest = max(self.outstanding(n) for n in placement.node_ids)
@@ -253,6 +268,15 @@ class Scheduler:
         for node_id in placement.node_ids:
             self._outstanding[node_id] = max(0, self.outstanding(node_id) - 1)
             self._metrics.node_in_flight.labels(node_id).set(self._outstanding[node_id])
+        self._queue.wake()
+
+    async def _admit(self, excluded: set[NodeId], failed: Failure | None, policy: AttachPolicy) -> Placement:
+        """A placement for the request, waiting in the admission queue when all are full and
+        the policy queues."""
+        if not policy.queues:
+            return await self.pick_or_repair(excluded, failed)
+        return await self._queue.admit(lambda: self.pick_or_repair(excluded, failed), self.queue_limit(excluded),
+                                       self._timeouts.first_token_s, self._metrics.queue_wait.observe)
 
     def _runner(self, placement: Placement, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         clients = [self._membership.client_for(n) for n in placement.node_ids]
@@ -294,7 +318,7 @@ class Scheduler:
         moved_at: float | None = None
         while True:
             try:
-                placement = await self.pick_or_repair(excluded, failed)
+                placement = await self._admit(excluded, failed, policy)
             except (Unavailable, CapacityExhausted) as exc:
                 if (isinstance(exc, Unavailable) and moved_at is not None
                         and time.monotonic() - moved_at < policy.moved_wait_s):

@@ -122,6 +122,13 @@ class Claimed:
     expires_in_s: float
 
 
+# Where a node's decode_tokens_per_second comes from. A start-up probe often runs while the
+# device loads a model or its neighbours on the same machine probe too; an idle probe runs
+# after quiet (node.speed). Only idle probes compare across nodes.
+STARTUP_PROBE = "start-up probe"
+IDLE_PROBE = "idle probe"
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     """What a node says about itself (the Info RPC)."""
@@ -148,7 +155,7 @@ class NodeInfo:
     step_port: int = 0  # the step socket (mesh.transport.step_socket); 0 = none, heads use Forward
     stage_only: bool = False  # started with --role stage: never a whole-model replica
     memory_budget: int = 0  # bytes it may use for models, counting what it holds now (0 = not reported)
-    speed_source: str = "start-up probe"  # or "idle probe": where decode_tokens_per_second comes from
+    speed_source: str = STARTUP_PROBE  # or IDLE_PROBE: where decode_tokens_per_second comes from
     step_tokens_per_second: float = 0.0  # real decode steps, scaled to the whole model (0 = none yet)
     activity: str = ""  # what the node is busy with now (a shard transfer, a load); empty: nothing
     activity_progress: float = -1.0  # 0..1, or -1 when it has no measure of progress

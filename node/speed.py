@@ -18,6 +18,8 @@ import random
 import threading
 import time
 
+from mesh.types import IDLE_PROBE, STARTUP_PROBE
+
 SMOOTHING = 0.2  # weight of the newest real-step measurement
 REPROBE_FIRST_S = 15.0  # the first re-probe, once the start-up rush is over
 REPROBE_EVERY_S = 60.0
@@ -30,7 +32,7 @@ class SpeedMeter:
         self._probe = probe_tokens_per_second
         # Nodes started together must not re-probe together (they would measure each other).
         self._probed_at = time.monotonic() + random.uniform(0, REPROBE_JITTER_S)
-        self._source = "start-up probe"
+        self._source = STARTUP_PROBE
         self._steps = 0.0  # smoothed real-step speed (0 = none yet)
         self._active_at = 0.0
         self._lock = threading.Lock()
@@ -58,7 +60,7 @@ class SpeedMeter:
 
     def record_probe(self, tokens_per_second: float) -> None:
         with self._lock:
-            self._source = "idle probe"
+            self._source = IDLE_PROBE
             self._probe = tokens_per_second
             self._probed_at = time.monotonic() + random.uniform(0, REPROBE_JITTER_S)
 
@@ -76,7 +78,7 @@ class SpeedMeter:
         """Whether a re-probe should run now: due, and the node has been quiet."""
         now = time.monotonic()
         with self._lock:
-            wait = REPROBE_FIRST_S if self._source == "start-up probe" else REPROBE_EVERY_S
+            wait = REPROBE_FIRST_S if self._source == STARTUP_PROBE else REPROBE_EVERY_S
             due = now - max(self._probed_at, started_at) >= wait
             return due and now - self._active_at >= IDLE_BEFORE_PROBE_S
 

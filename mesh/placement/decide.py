@@ -11,6 +11,11 @@ plan replaces what runs only when `may_switch` (the controller spaces such switc
 and it is clearly better: more than IMPROVEMENT faster per token, more placements, back the
 longer context the mesh served before a failure shrank it (`restore_ctx`), or the stage count
 asked for when what runs has fewer.
+
+"Faster" is judged only on speeds measured alike: every node of both plans must have had an
+idle probe. A start-up probe often runs while the device loads or its neighbours probe too
+(measured here: 36 tok/s at start-up, 67 idle, on one node), so comparing it with an idle
+probe finds a gain that is only noise, and the switch would move stages of a mesh that serves.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ def decide(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Polic
         return _decision(fresh.placements, [fresh_shape] * len(fresh.placements), peers, fresh, change, planned,
                          policy, fresh.n_ctx)
 
-    roles = _kept_roles(current, fresh)
+    roles = _kept_roles(current, fresh, _measured_alike([*current, *fresh.placements], peers))
     lost = {n for b in broken for n in b.node_ids}
     for p in repaired:
         for index, s in enumerate(p.stages):
@@ -117,7 +122,8 @@ def decide(peers: Sequence[PeerCapability], profile: ModelProfile, policy: Polic
 def _better(fresh: Plan, kept: Sequence[Placement], peers: Sequence[PeerCapability], profile: ModelProfile,
             asked_stages: int, kept_ctx: int, restore_ctx: int) -> str:
     """Why the fresh plan should replace what runs ('' when it should not)."""
-    if best_token_seconds(fresh.placements, peers, profile.n_layers) < \
+    if _measured_alike([*kept, *fresh.placements], peers) and \
+            best_token_seconds(fresh.placements, peers, profile.n_layers) < \
             (1 - IMPROVEMENT) * best_token_seconds(kept, peers, profile.n_layers):
         return "better"
     if len(fresh.placements) > len(kept):
@@ -131,7 +137,13 @@ def _better(fresh: Plan, kept: Sequence[Placement], peers: Sequence[PeerCapabili
     return ""
 
 
-def _kept_roles(current: Sequence[Placement], fresh: Plan) -> dict[NodeId, str]:
+def _measured_alike(placements: Sequence[Placement], peers: Sequence[PeerCapability]) -> bool:
+    """Every node of `placements` has an idle-probed speed (see the module's doc)."""
+    settled = {p.node_id for p in peers if p.speed_settled}
+    return all(n in settled for p in placements for n in p.node_ids)
+
+
+def _kept_roles(current: Sequence[Placement], fresh: Plan, compared: bool) -> dict[NodeId, str]:
     planned = dict(fresh.roles)
     fresh_stages = {(s.node_id, s.layers, p.kind) for p in fresh.placements for s in p.stages}
     roles: dict[NodeId, str] = {}
@@ -142,8 +154,9 @@ def _kept_roles(current: Sequence[Placement], fresh: Plan) -> dict[NodeId, str]:
             elif p.kind == "replica":
                 roles[s.node_id] = "replica (kept: it already serves the whole model)"
             else:
-                roles[s.node_id] = (f"{stage_text(index, len(p.stages), s.layers)} (kept: it runs, and a fresh "
-                                    f"plan is not {IMPROVEMENT:.0%} faster)")
+                why = f"a fresh plan is not {IMPROVEMENT:.0%} faster" if compared else \
+                    "speeds are compared once every node has had an idle probe"
+                roles[s.node_id] = f"{stage_text(index, len(p.stages), s.layers)} (kept: it runs, and {why})"
     return roles
 
 

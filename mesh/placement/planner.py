@@ -33,6 +33,9 @@ class PeerCapability:
     # The first layer it serves now (-1: none). Among peers of one speed class, incumbents keep
     # their order, so a re-plan moves as few layers as it can.
     held_first: int = -1
+    # Its speed comes from an idle probe (mesh.types.IDLE_PROBE): only such speeds compare
+    # across nodes, so only they may justify replacing a running placement (decide._better).
+    speed_settled: bool = True
 
 
 # Measured speeds are noisy (devices share cores, probes run while others load); speeds

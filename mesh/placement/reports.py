@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from mesh.placement.planner import PeerCapability, Policy
-from mesh.types import ModelSha, NodeInfo
+from mesh.types import IDLE_PROBE, ModelSha, NodeInfo
 
 
 def _file(info: NodeInfo, model_sha: ModelSha) -> tuple[bool, bool]:
@@ -21,7 +21,8 @@ def capability(info: NodeInfo, model_sha: ModelSha) -> PeerCapability:
                                     else info.memory_free)
     return PeerCapability(node_id=info.node_id, name=info.name, memory_budget=budget,
                           tokens_per_second=info.decode_tokens_per_second, has_file=has_file,
-                          can_replica=whole and not info.stage_only, held_first=min(held, default=-1))
+                          can_replica=whole and not info.stage_only, held_first=min(held, default=-1),
+                          speed_settled=info.speed_source == IDLE_PROBE)
 
 
 def capabilities(infos: Iterable[NodeInfo], model_sha: ModelSha) -> list[PeerCapability]:

@@ -15,6 +15,7 @@ from mesh.transport import hidden_wire
 from mesh.transport.generated import edgemesh_pb2 as pb
 from mesh.types import (
     CONSTRAINT_KINDS,
+    STARTUP_PROBE,
     ActivationDType,
     Claimed,
     Constraint,
@@ -209,7 +210,7 @@ def node_info_from_pb(msg: pb.NodeInfo) -> NodeInfo:
         stages=tuple(stage_from_pb(s) for s in msg.stages),
         decode_tokens_per_second=msg.decode_tokens_per_second,
         stage_only=msg.stage_only, memory_budget=msg.memory_budget,
-        speed_source=msg.speed_source or "start-up probe", claims=tuple(claimed_from_pb(c) for c in msg.claims),
+        speed_source=msg.speed_source or STARTUP_PROBE, claims=tuple(claimed_from_pb(c) for c in msg.claims),
         step_tokens_per_second=msg.step_tokens_per_second, activity=msg.activity,
         activity_progress=msg.activity_progress,
         # Shown by the gateway: bounded, whatever a peer sends.

@@ -220,6 +220,29 @@ def test_the_fresh_plan_replaces_a_running_one_only_when_more_than_ten_percent_f
     assert "not 10% faster" in dict(kept.roles)[NodeId("node01")]
 
 
+@pytest.mark.parametrize("unsettled", ["node01", "node02"])
+def test_no_switch_to_a_faster_plan_while_a_node_has_only_its_start_up_probe(unsettled: str) -> None:
+    # The same 13% faster plan as above, but one node's speed was measured at start-up (while
+    # others loaded), so it does not compare with the other's idle probe: keep what runs.
+    peers = [replace(p, speed_settled=p.node_id != unsettled) for p in (FAST, SLOW)]
+    slower = pipeline((1, 0, 20), (2, 20, N))
+    decision = decide(held(peers, [slower]), PROFILE, POLICY, [slower], may_switch=True)
+    assert decision.change == "keep" and decision.placements == (slower,)
+    assert "once every node has had an idle probe" in dict(decision.roles)[NodeId("node01")]
+    settled = [replace(p, speed_settled=True) for p in peers]
+    assert decide(held(settled, [slower]), PROFILE, POLICY, [slower], may_switch=True).change == "better"
+
+
+def test_a_node_outside_both_plans_does_not_hold_back_a_faster_one() -> None:
+    # a node without the model's file, its speed from start-up: no plan uses it
+    idle_spare = replace(peer(3, 400, 10.0), has_file=False, speed_settled=False)
+    peers = [FAST, SLOW, idle_spare]
+    slower = pipeline((1, 0, 20), (2, 20, N))
+    assert plan(peers, PROFILE, POLICY).placements == plan([FAST, SLOW], PROFILE, POLICY).placements
+    decision = decide(held(peers, [slower]), PROFILE, POLICY, [slower], may_switch=True)
+    assert decision.change == "better"
+
+
 def test_no_switch_to_a_better_plan_while_switches_are_held_back() -> None:
     peers = [FAST, SLOW]
     slower = pipeline((1, 0, 15), (2, 15, N))

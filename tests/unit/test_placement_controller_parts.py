@@ -12,7 +12,17 @@ from mesh.placement.planner import Policy
 from mesh.placement.reports import capabilities, capability, policy_for
 from mesh.placement.routes import routable as routes
 from mesh.placement.routes import stage_slots
-from mesh.types import LayerRange, ModelHeld, ModelSha, NodeId, NodeInfo, Placement, StageHeld, StagePlacement
+from mesh.types import (
+    IDLE_PROBE,
+    LayerRange,
+    ModelHeld,
+    ModelSha,
+    NodeId,
+    NodeInfo,
+    Placement,
+    StageHeld,
+    StagePlacement,
+)
 from tests.unit.test_planner import PROFILE, MiB, peer
 
 SHA = PROFILE.sha256
@@ -59,6 +69,8 @@ def test_a_report_becomes_the_planners_capability() -> None:
     assert cap.has_file and cap.can_replica
     assert cap.held_first == 10  # the first layer it holds of this model (not of another)
     assert capability(info(1), SHA).held_first == -1
+    assert not capability(info(1), SHA).speed_settled  # a start-up probe does not compare across nodes
+    assert capability(info(1, speed_source=IDLE_PROBE), SHA).speed_settled
 
 
 def test_without_a_reported_budget_the_limit_and_free_memory_decide() -> None:

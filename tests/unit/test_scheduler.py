@@ -152,6 +152,77 @@ def test_unavailable_says_why(mesh: Mesh) -> None:
     run(scenario())
 
 
+# ---------------------------------------------------------------------- the admission queue
+
+
+def patient(gw: Any, pool: NodePool, first_token_s: float) -> tuple[Scheduler, GatewayMetrics]:
+    """A scheduler on the gateway's membership whose queue wait (the first-token deadline) is
+    long enough for the requests ahead to finish on a busy machine."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    return Scheduler(gw.membership, pool.model_sha, metrics,
+                     dataclasses.replace(pool.timeouts, first_token_s=first_token_s)), metrics
+
+
+def sample(metrics: GatewayMetrics, name: str) -> float:
+    return metrics.registry.get_sample_value(name, {}) or 0.0
+
+
+def test_requests_beyond_a_pipelines_slots_wait_their_turn_first_come_first_served(mesh: Mesh) -> None:
+    """The pipeline has one slot per stage and its stages queue nothing: before the gateway's
+    queue, the second and third requests got 429 at once. Now they wait, in order, and each
+    answer is the one it gets alone."""
+    async def tokens(session: Session) -> list[int]:
+        return [e.token_id for e in await drain(session)]
+
+    async def scenario() -> None:
+        async with gateway(mesh.pool, [mesh.s1, mesh.s2]) as gw:
+            s, metrics = patient(gw, mesh.pool, 20.0)
+            alone = {seed: await tokens(await s.open(request(seed=seed))) for seed in (1, 2, 3)}
+            assert s.queue_limit(set()) == mesh.s1.config.max_queue > 2
+            running = await s.open(request(seed=1))
+            second = asyncio.create_task(s.open(request(seed=2)))
+            await asyncio.sleep(0.05)
+            third = asyncio.create_task(s.open(request(seed=3)))
+            await asyncio.sleep(0.3)
+            assert not second.done() and not third.done()
+            assert sample(metrics, "edgemesh_admission_queued_requests") == 2
+            assert await tokens(running) == alone[1]
+            got_second = await second  # first in line gets the freed slot
+            assert not third.done()
+            assert await tokens(got_second) == alone[2]
+            assert await tokens(await third) == alone[3]
+            assert sample(metrics, "edgemesh_admission_queued_requests") == 0
+            assert sample(metrics, "edgemesh_admission_queue_wait_seconds_count") == 2
+            assert s.outstanding(mesh.s1.node_id) == s.outstanding(mesh.s2.node_id) == 0
+
+    run(scenario())
+
+
+def test_the_queue_is_bounded_a_cancelled_waiter_gives_way_and_a_wait_has_a_deadline(mesh: Mesh) -> None:
+    async def scenario() -> None:
+        async with gateway(mesh.pool, [mesh.s1, mesh.s2]) as gw:
+            s, _ = patient(gw, mesh.pool, 3.0)
+            limit = s.queue_limit(set())
+            running = await s.open(request(max_tokens=4))
+            waiting = [asyncio.create_task(s.open(request(max_tokens=4))) for _ in range(limit)]
+            await asyncio.sleep(0.2)
+            with pytest.raises(CapacityExhausted, match=rf"{limit} request\(s\) already wait in the queue"):
+                await s.open(request())
+            waiting[0].cancel()  # the client of the first in line went away
+            await asyncio.sleep(0.05)
+            await drain(running)
+            served = await waiting[1]  # the next one got the turn the cancelled one could not use
+            assert [e.position for e in await drain(served)] == [4, 5, 6, 7]
+            # The rest wait longer than the first-token deadline behind a stream held open.
+            held = await waiting[2]
+            late = await asyncio.gather(*waiting[3:], return_exceptions=True)
+            assert late and all(isinstance(e, CapacityExhausted) and "stayed at capacity" in str(e) for e in late)
+            await drain(held)
+            assert s.outstanding(mesh.s1.node_id) == 0 and len(s._queue) == 0
+
+    run(scenario())
+
+
 # ---------------------------------------------------------------------- the attach loop
 
 

@@ -23,7 +23,9 @@ from typing import Any
 
 import httpx
 
+from mesh.bench_concurrency import run_concurrency
 from mesh.config import BenchConfig, UpConfig, check_thread_counts
+from mesh.errors import ConfigError
 from mesh.local_mesh import run_local_mesh
 from mesh.model_store import resolve
 from mesh.ready_file import read_gateway_ready
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 # Counting keeps a small model going for hundreds of tokens under greedy decoding, so both
 # sides generate the full --tokens and the runs compare like with like.
 BENCH_PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
+MAX_STREAMS = 64
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ async def _bench(options: BenchConfig) -> dict[str, float]:
             nodes=options.nodes, port=0, model=str(model_path), strategy=options.strategy,
             threads=options.threads if options.threads else (threads if options.nodes == 1 else 0),
             decode_threads=options.decode_threads, insecure_plaintext=options.insecure_plaintext,
-            ready_file=str(ready), timeouts=options.timeouts, limits=options.limits), stop))
+            slots=options.slots, ready_file=str(ready), timeouts=options.timeouts, limits=options.limits), stop))
         try:
             while (written := read_gateway_ready(ready)) is None:
                 if mesh.done():
@@ -137,6 +140,13 @@ async def _bench(options: BenchConfig) -> dict[str, float]:
                     raise RuntimeError("the local mesh stopped before it was ready")
                 await asyncio.sleep(0.1)
             url = written.url
+            if options.concurrency:
+                label = (f"{model_path.name}, edgemesh {options.strategy} x{options.nodes} with {options.slots} "
+                         f"slot(s) per node, {threads} thread(s), {options.tokens} tokens per stream, "
+                         f"{options.runs} run(s)")
+                rows = await run_concurrency(url, model_path, levels(options.concurrency), options.tokens,
+                                             options.runs, threads, label)
+                return {f"ratio_at_{r['streams']}": statistics.median(r["ratios"]) for r in rows}
             base: list[RunTiming] = []
             ours: list[RunTiming] = []
             prefill_prompt = long_prompt(llm, options.prefill_tokens)
@@ -178,5 +188,18 @@ async def _bench(options: BenchConfig) -> dict[str, float]:
     return result
 
 
+def levels(text: str) -> list[int]:
+    """`--concurrency 1,2,4,8` as numbers (ConfigError for anything else)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 or v > MAX_STREAMS for v in values):
+        raise ConfigError(f"--concurrency takes stream counts from 1 to {MAX_STREAMS}, e.g. 1,2,4,8; got {text!r}")
+    return values
+
+
 def run_bench(options: BenchConfig) -> dict[str, float]:
+    if options.concurrency:
+        levels(options.concurrency)  # before minutes of set-up
     return asyncio.run(_bench(options))

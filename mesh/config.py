@@ -366,6 +366,9 @@ class BenchConfig:
     prefill_tokens: int = setting(512, "prompt length of the prefill measurement")
     decode_threads: int = setting(0, "threads of single-token pipeline steps (0 = the mesh's default)")
     insecure_plaintext: bool = setting(False, "run the benchmarked mesh without TLS (to measure what TLS costs)")
+    concurrency: str = setting("", "streams at once, e.g. 1,2,4,8: aggregate speed against llama.cpp's batched "
+                                   "decode of as many sequences, instead of the single-stream figures")
+    slots: int = same_as(NodeConfig, "slots")
     timeouts: Timeouts = nested(Timeouts, "timeouts (seconds; of the benchmarked mesh)")
     limits: Limits = nested(Limits, "limits (of the benchmarked mesh)")
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,6 +122,48 @@ def test_auto_strategy_forms_a_pipeline_when_no_node_holds_the_model(launcher: L
     got = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello, my name is", "max_tokens": 24,
                                                     "temperature": 0}, timeout=120).json()
     assert got["choices"][0]["text"] == expected
+
+    # Many users at once. The pipeline takes one session per stage slot (1 here) and its first
+    # stage was started to queue 8 (`--max-queue`'s default). While one long stream holds it,
+    # 10 requests sent together: 8 wait their turn, 2 are told the queue is full; when the
+    # stream ends the 8 are answered, each as llama.cpp answers it alone.
+    asks = [(f"Question {i}: what is {i} plus {i}?", 6 + 2 * i) for i in range(10)]
+    wanted = {}
+    for prompt, max_tokens in asks:
+        reference_llm.reset()  # type: ignore[attr-defined]
+        wanted[prompt] = reference_llm.create_completion(  # type: ignore[attr-defined]
+            prompt, max_tokens=max_tokens, temperature=0)["choices"][0]["text"]
+    answers: list[httpx.Response] = []
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(timeout=180) as client:
+            answers.extend(await asyncio.gather(*(client.post(f"{url}/v1/completions", json={
+                "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}) for prompt, max_tokens in asks)))
+
+    def queued() -> float:
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        return sum(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("edgemesh_admission_queued_requests "))
+
+    holder = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 1000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=holder, timeout=180) as held:
+        assert held.status_code == 200
+        next(held.iter_lines())  # it streams: the pipeline's one slot is taken
+        sender = threading.Thread(target=lambda: asyncio.run(burst()))
+        sender.start()
+        deadline = time.monotonic() + 60
+        while queued() < 8 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert queued() == 8 and sender.is_alive()
+    sender.join(timeout=300)  # the held stream is closed: the queue moves
+    assert sorted(r.status_code for r in answers) == [200] * 8 + [429] * 2, [r.text for r in answers]
+    for (prompt, _), answer in zip(asks, answers, strict=True):
+        if answer.status_code == 429:
+            assert "already wait in the queue" in answer.json()["error"]["message"], answer.text
+            assert answer.headers.get("retry-after")
+        else:
+            assert answer.json()["choices"][0]["text"] == wanted[prompt], prompt
+    assert queued() == 0
 
 
 def test_auto_strategy_serves_replicas_when_the_model_fits(launcher: Launcher, default_model: Path) -> None:

@@ -65,6 +65,7 @@ class AdmissionQueue:
         waiter = _Waiter()
         self._waiting.append(waiter)
         started = time.monotonic()
+        trying = False  # between taking a turn and using it
         try:
             while True:
                 left = wait_s - (time.monotonic() - started)
@@ -77,15 +78,18 @@ class AdmissionQueue:
                     if self._waiting[0] is not waiter:
                         continue  # unwoken and not first: those ahead look first
                 waiter.turn.clear()
+                trying = True
                 try:
                     chosen = await pick()
                 except CapacityExhausted:
+                    trying = False
                     continue  # someone else took the room: keep the place in line
+                trying = False
                 self._waiting.remove(waiter)
                 on_wait(time.monotonic() - started)
                 return chosen
         finally:
             if waiter in self._waiting:
                 self._waiting.remove(waiter)
-                if waiter.turn.is_set():
+                if waiter.turn.is_set() or trying:
                     self.wake()  # a turn this request could not use goes to the next

@@ -68,6 +68,9 @@ class NodeMetrics:
                                     ["kind"], buckets=LATENCY_BUCKETS, registry=registry)
         self.stage_sessions = Gauge("edgemesh_node_stage_sessions", "Pipeline sessions holding a KV slot",
                                     registry=registry)
+        self.decode_batch_rows = Histogram("edgemesh_node_decode_batch_rows",
+                                           "Replica sessions decoded together in one step (one llama_decode)",
+                                           buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=registry)
         self.stage_memory = Gauge("edgemesh_node_stage_memory_bytes",
                                   "Memory of the loaded pipeline stage, by kind (weights, kv_cache, compute)",
                                   ["kind"], registry=registry)

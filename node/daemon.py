@@ -137,15 +137,22 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         log.info("approved models (--allow-model): %s", identity.allowed.describe())
     budget = MemoryBudget(identity.memory_limit)
     activity = Activity()
+    registry = CollectorRegistry()
+    metrics = NodeMetrics(registry)
+    compute = ComputeThread()
     replica = ReplicaHost(local, n_ctx=config.n_ctx, threads=threads, slots=config.slots, budget=budget,
-                          stage_only=identity.stage_only, activity=activity)
+                          stage_only=identity.stage_only, activity=activity, compute=compute,
+                          on_decode_step=metrics.decode_batch_rows.observe)
     if config.role == "replica":
         try:
             await asyncio.to_thread(replica.load, model.sha256)
         except CapacityExhausted as exc:
+            compute.close()
             raise ConfigError(f"--role replica: {exc}; raise --memory-limit or drop --role replica "
                               "(the gateway then plans this node as a pipeline stage)") from None
-    compute = ComputeThread()
+        except BaseException:
+            compute.close()
+            raise
     try:
         speed = await asyncio.wrap_future(compute.call(
             partial(probe.measure_decode_speed, model_path, model.n_layers, threads)))
@@ -154,8 +161,6 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         log.info("probe: decode speed not measured (%s)", exc)
         speed = 0.0
 
-    registry = CollectorRegistry()
-    metrics = NodeMetrics(registry)
     metrics.info.labels(identity.node_id, identity.name, __version__).set(1)
     mem = probe.memory()
     metrics.memory.labels("total").set(mem.total)

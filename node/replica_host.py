@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from mesh.errors import InvalidInput, NotFound, Unavailable
 from mesh.types import EMBED_CONTEXT_TOKENS, ModelHeld, ModelSha
 from node.activity import Activity
 from node.budget import MemoryBudget
+from node.compute import ComputeThread
 from node.engines.embedder import Embedder, embedding_bytes
 from node.engines.llamacpp import LlamaCppEngine
 from node.stage_host import MAX_STAGE_CTX, LocalFile
@@ -26,8 +27,11 @@ log = logging.getLogger(__name__)
 
 class ReplicaHost:
     def __init__(self, local: LocalFile, *, n_ctx: int, threads: int, slots: int, budget: MemoryBudget,
-                 stage_only: bool, activity: Activity | None = None) -> None:
+                 stage_only: bool, activity: Activity | None = None, compute: ComputeThread | None = None,
+                 on_decode_step: Callable[[int], None] = lambda _rows: None) -> None:
         self._local = local
+        self._compute = compute  # where the engine runs llama.cpp (None: a thread of its own)
+        self._on_decode_step = on_decode_step
         self._activity = activity or Activity()
         self._n_ctx = n_ctx
         self._threads = threads
@@ -87,7 +91,8 @@ class ReplicaHost:
             started = time.monotonic()
             log.info("loading %s with llama.cpp (%d threads, context %d, %d slot(s))", local.path.name,
                      self._threads, n_ctx, self._slots)
-            engine = LlamaCppEngine(local.path, n_ctx=n_ctx, threads=self._threads, slots=self._slots)
+            engine = LlamaCppEngine(local.path, n_ctx=n_ctx, threads=self._threads, slots=self._slots,
+                                    compute=self._compute, on_step=self._on_decode_step)
             with self._lock:
                 old, self._engine = self._engine, engine
                 self._embedder, self._embedder_of, self._embedding_bytes = None, None, 0  # made anew on use
@@ -96,7 +101,8 @@ class ReplicaHost:
                                         n_ctx=n_ctx, architecture=local.model.architecture,
                                         n_vocab=local.model.n_vocab)
                 self._bytes, self._retiring = need, False
-            del old  # llama.cpp frees a context when its Llama object goes
+            if old is not None:
+                old.close()  # it served no stream: a replica with streams is not reloaded (above)
             log.info("replica of %s ready in %.1fs", local.model.name, time.monotonic() - started)
             return self._model
 
@@ -114,6 +120,8 @@ class ReplicaHost:
         return "released"
 
     def _free_locked(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
         self._engine, self._model, self._bytes, self._retiring = None, None, 0, False
         self._embedder, self._embedder_of, self._embedding_bytes = None, None, 0
 

@@ -303,9 +303,9 @@ class NodeService(pb_grpc.NodeServicer):
 
     async def _run_on_worker(self, request: GenerationRequest,
                              engine: LlamaCppEngine) -> AsyncGenerator[TokenEvent, None]:
-        """Run the blocking engine generator on the compute thread and relay its events.
-        When the consumer stops (client cancelled), the generator is told to stop and awaited,
-        so the slot is free again before the next request takes it."""
+        """Run the engine's stream (its session thread; its llama.cpp steps on the compute
+        thread) and relay its events. When the consumer stops (client cancelled), the stream is
+        told to stop and awaited, so the slot is free again before the next request takes it."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         stop = threading.Event()
@@ -319,7 +319,7 @@ class NodeService(pb_grpc.NodeServicer):
                 put(error)  # relayed to the event loop and raised there
             put(_END)
 
-        future = self._compute.stream(engine.generate(request, stop.is_set), put)
+        future = engine.stream(request, stop.is_set, put)
         future.add_done_callback(relay_end)
         try:
             while True:

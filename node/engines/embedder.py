@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -54,14 +54,18 @@ def embedding_bytes(kv_bytes_per_token_layer: int, n_layers: int, n_head: int, n
     return kv + scores + logits + activations + 64 * 2**20
 
 
+def _no_chat_formatting(**_kwargs: Any) -> NoReturn:
+    """llama-cpp-python's chat handler, never used: this context takes token ids, and chats are
+    rendered by the gateway's sandboxed renderer (mesh.tokenizer)."""
+    raise InvalidInput("the embedding context takes token ids; it formats no chats")
+
+
 class Embedder:
     """A llama.cpp context with embeddings on and the model's pooling; one input at a time."""
 
     def __init__(self, model_path: Path, *, n_ctx: int, threads: int, n_vocab: int,
                  metadata: Mapping[str, str]) -> None:
         from llama_cpp import Llama
-
-        from node.engines.llamacpp import _no_chat_formatting
 
         self.pooling = declared_pooling(metadata)
         self.n_ctx = n_ctx

@@ -1,16 +1,18 @@
-"""Whole-model replica engine on llama-cpp-python.
+"""Whole-model replica engine on llama.cpp, every session of it decoding in one batch.
 
-llama.cpp runs the forward pass (prefill in n_batch chunks, then one token per step);
-the token is chosen by mesh.sampling so that a replica and a pipeline draw identical
-tokens for the same session. Each slot is one llama.cpp context over the same mmap'd
-weights.
+llama.cpp runs the forward pass (prefill in n_batch chunks, then one token per step); the
+token is chosen by mesh.sampling so that a replica and a pipeline draw identical tokens for
+the same session. The `slots` sessions are sequences of one llama.cpp context
+(node.engines.decode_batch): their single-token steps go through one `llama_decode`
+together, each row's numbers those of the same session decoded alone.
 
 Determinism over prefix caching: llama.cpp's kernels give slightly different numbers
-for a token evaluated alone and the same token evaluated inside a batch, which is enough
-to flip a greedy choice. So every request is evaluated exactly as a fresh llama.cpp run
-would: the prompt in n_batch chunks, then one token per step, and a failover replay
+for a token evaluated alone and the same token evaluated inside a prompt chunk, which is
+enough to flip a greedy choice. So every request is evaluated exactly as a fresh llama.cpp
+run would: the prompt in n_batch chunks, then one token per step, and a failover replay
 evaluates the already generated tokens one per step too. The output then depends only
-on the request, never on which node served it or what that node served before.
+on the request, never on which node served it, what that node served before, or what it
+serves beside it.
 """
 
 from __future__ import annotations
@@ -18,87 +20,78 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, NoReturn
 
 import numpy as np
 
 from mesh.constraints import Matcher
-from mesh.errors import CapacityExhausted, InvalidInput, ModelError
-from mesh.generation import PREFILL_CHUNK, generate_tokens
+from mesh.errors import CapacityExhausted, InvalidInput, ModelError, Unavailable
+from mesh.generation import generate_tokens
 from mesh.sampling import Sampled, check_request, sample
 from mesh.template_check import check_model_templates
 from mesh.types import GenerationRequest, TokenEvent
+from node.compute import ComputeThread
+from node.engines.decode_batch import DecodeBatch
 
 log = logging.getLogger(__name__)
 
 
-def _no_chat_formatting(**_kwargs: Any) -> NoReturn:
-    """llama-cpp-python's chat handler, never used: this engine takes token ids, and chats are
-    rendered by the gateway's sandboxed renderer (mesh.tokenizer)."""
-    raise InvalidInput("the replica engine takes token ids; it formats no chats")
-
-
-class _Slot:
-    def __init__(self, model_path: Path, n_ctx: int, threads: int) -> None:
-        from llama_cpp import Llama  # heavy import kept out of module import
-
-        self.llm = Llama(
-            model_path=str(model_path),
-            n_ctx=n_ctx,
-            n_batch=PREFILL_CHUNK,  # the generation loop's chunks: llama.cpp's default, so outputs are its own
-            n_threads=threads,
-            n_threads_batch=threads,
-            # pinned to what the stage engine matches (llama-cpp-python's defaults today): attention
-            # by mul_mat + soft_max, and a sliding-window cache as long as the context, whose cells
-            # hold the positions in order (a shorter one wraps around and sums in another order)
-            flash_attn=False,
-            swa_full=True,
-            # so that llama-cpp-python neither guesses a chat format nor renders the file's
-            # template itself (it still compiles it: see the check in LlamaCppEngine)
-            chat_handler=_no_chat_formatting,
-            verbose=False,
-        )
-        self.n_vocab = int(self.llm.n_vocab())
-
-    def last_logits(self) -> np.ndarray:
-        import llama_cpp
-
-        pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        logits: np.ndarray = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
-        return logits
-
-
 class LlamaCppEngine:
-    """Generates whole streams on llama.cpp, `slots` at a time."""
+    """Generates whole streams on llama.cpp, `slots` at a time, their steps batched.
 
-    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, slots: int) -> None:
+    The llama.cpp calls run on `compute` (the node's one compute thread; without one the
+    engine starts its own); the sessions' loops run on the engine's own threads."""
+
+    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, slots: int,
+                 compute: ComputeThread | None = None, on_step: Callable[[int], None] = lambda _rows: None) -> None:
         if slots < 1:
             raise ModelError("a replica engine needs at least one slot")
         self.model_path = model_path
         self.n_ctx = n_ctx
-        # Before llama.cpp: Llama() compiles every chat template in the file (CVE-2024-34359 was
-        # its rendering of one outside a sandbox; compiling folds constants with no budget).
+        # Before llama.cpp: the engine's chat templates are compiled by nobody here, but a
+        # file whose template would blow up whoever compiles it is refused anyway (CVE-2024-34359
+        # was llama-cpp-python rendering one outside a sandbox).
         check_model_templates(model_path)
+        self._own_compute = compute is None
+        self._compute = compute or ComputeThread("replica-compute")
         try:
-            self._free = [_Slot(model_path, n_ctx, threads) for _ in range(slots)]
-        except ValueError as exc:  # llama-cpp-python reports load failures as ValueError
-            raise ModelError(f"llama.cpp could not load {model_path}: {exc}") from exc
-        self.n_vocab = self._free[0].n_vocab
-        self.metadata: dict[str, str] = dict(self._free[0].llm.metadata or {})  # the GGUF's keys, as text
+            self._batch = DecodeBatch(model_path, n_ctx=n_ctx, threads=threads, n_seqs=slots,
+                                      compute=self._compute, on_step=on_step)
+        except BaseException:
+            if self._own_compute:
+                self._compute.close()
+            raise
+        self.n_vocab = self._batch.n_vocab
+        self.metadata: dict[str, str] = self._batch.metadata  # the GGUF's keys, as text
         self.threads = threads
         self.slots = slots
+        self._free = list(range(slots))  # sequence ids of the context
         self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()  # sessions' threads (see stream)
+        self._closed = False
 
-    def _acquire(self) -> _Slot:
+    def close(self) -> None:
+        """Free llama.cpp's context and model, once the streams in flight have ended."""
+        with self._lock:
+            self._closed = True
+            running = list(self._threads)
+        for thread in running:
+            thread.join()
+        self._batch.close()
+        if self._own_compute:
+            self._compute.close()
+
+    def _acquire(self) -> int:
         with self._lock:
             if not self._free:
                 raise CapacityExhausted("no free generation slot")
-            return self._free.pop()
+            return self._free.pop(0)
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, seq: int) -> None:
+        self._batch.leave(seq)
         with self._lock:
-            self._free.append(slot)
+            self._free.append(seq)
 
     def validate(self, request: GenerationRequest) -> None:
         prompt = request.prompt_tokens
@@ -121,39 +114,74 @@ class LlamaCppEngine:
         check_request(request.sampling, request.top_logprobs, self.n_vocab)
 
     def generate(self, request: GenerationRequest, cancelled: Callable[[], bool]) -> Iterator[TokenEvent]:
-        """Blocking generator of tokens; run it on a worker thread. Stops early when
-        `cancelled()` turns true, and always returns its slot."""
+        """Blocking generator of tokens; run it on a thread of its own, not on the compute
+        thread (its steps wait for that thread). Stops early when `cancelled()` turns true,
+        and always returns its slot."""
         self.validate(request)
-        slot = self._acquire()
+        seq = self._acquire()
         try:
-            # Here on the worker thread, not in validate(): compiling a large grammar takes a while.
+            # Here on the session's thread, not in validate(): compiling a large grammar takes a while.
             matcher = Matcher.for_model(self.model_path, request.constraint) if request.constraint else None
             log.debug("request %s: %d prompt tokens, %d to replay", request.request_id,
                       len(request.prompt_tokens), len(request.replay_tokens))
-            yield from generate_tokens(request, self.n_ctx, _ReplicaStepper(slot, request, matcher), cancelled)
+            yield from generate_tokens(request, self.n_ctx, _ReplicaStepper(self._batch, seq, request, matcher),
+                                       cancelled)
         finally:
-            self._release(slot)
+            self._release(seq)
+
+    def stream(self, request: GenerationRequest, cancelled: Callable[[], bool],
+               emit: Callable[[TokenEvent], None]) -> Future[None]:
+        """`generate` on a thread of its own (it ends with the stream), each event passed to
+        `emit`; the future ends with the stream, with its exception if it failed. A request
+        that is invalid raises here, at once."""
+        self.validate(request)
+        done: Future[None] = Future()
+        done.set_running_or_notify_cancel()
+
+        def run() -> None:
+            try:
+                for event in self.generate(request, cancelled):
+                    emit(event)
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the stream
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+            finally:
+                with self._lock:
+                    self._threads.discard(threading.current_thread())
+
+        thread = threading.Thread(target=run, name=f"replica-session-{request.request_id}", daemon=True)
+        with self._lock:
+            if self._closed:
+                raise Unavailable("this replica was released; retry on another placement")
+            self._threads.add(thread)
+        thread.start()
+        return done
 
 
 class _ReplicaStepper:
-    """The generation loop's steps on one llama.cpp slot; the token is sampled here, under
-    the request's grammar when it has one."""
+    """The generation loop's steps on one sequence of the batch; the token is sampled here,
+    under the request's grammar when it has one."""
 
-    def __init__(self, slot: _Slot, request: GenerationRequest, matcher: Matcher | None) -> None:
-        self._slot = slot
+    def __init__(self, batch: DecodeBatch, seq: int, request: GenerationRequest, matcher: Matcher | None) -> None:
+        self._batch = batch
+        self._seq = seq
         self._request = request
         self._matcher = matcher
-        slot.llm.reset()  # type: ignore[no-untyped-call]
+        self._fresh = True  # the first step clears what the sequence held for an earlier session
+        self._logits: np.ndarray | None = None
 
     def feed(self, tokens: Sequence[int], start: int, history: Sequence[int], generated: bool,
              ahead: bool = False) -> None:  # one process: nothing to overlap, `ahead` changes nothing
         if generated and self._matcher is not None:
             self._matcher.consume(tokens)  # a replay's mask is the first run's
-        self._slot.llm.eval(tokens)
+        self._logits = self._batch.step(self._seq, tokens, start, fresh=self._fresh)
+        self._fresh = False
 
     def choose(self, history: Sequence[int]) -> Sampled:
         request = self._request
-        logits = self._slot.last_logits()
+        assert self._logits is not None, "choose before any feed"
+        logits = self._logits
         masked = logits if self._matcher is None else self._matcher.mask(logits)
         return sample(masked, request.sampling, history, len(history), request.logprobs, request.top_logprobs,
                       raw_logits=logits)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,10 @@ def reference(model: Path) -> tuple[list[int], list[int]]:
 
 
 @pytest.fixture(scope="module")
-def engine(model: Path) -> LlamaCppEngine:
-    return LlamaCppEngine(model, n_ctx=N_CTX, threads=1, slots=1)
+def engine(model: Path) -> Iterator[LlamaCppEngine]:
+    engine = LlamaCppEngine(model, n_ctx=N_CTX, threads=1, slots=1)
+    yield engine
+    engine.close()
 
 
 def request(prompt: list[int], **fields: object) -> GenerationRequest:
@@ -88,7 +91,10 @@ def test_stop_token_context_end_and_cancellation(engine: LlamaCppEngine,
     assert [e.token_id for e in events] == continuation[:first + 1] and events[-1].finish_reason == "stop"
 
     short = LlamaCppEngine(engine.model_path, n_ctx=len(prompt) + 3, threads=1, slots=1)
-    events = run(short, request(prompt, max_tokens=50))
+    try:
+        events = run(short, request(prompt, max_tokens=50))
+    finally:
+        short.close()
     assert len(events) == 3 and events[-1].finish_reason == "length"  # the context is full
 
     events = run(engine, request(prompt), cancel_after=2)

@@ -1,0 +1,108 @@
+"""The replica engine decodes its sessions together, and each answer is still the one it gets
+alone: greedy output is llama.cpp's, seeded sampling is the solo seeded run, and a session
+cancelled mid-batch frees its slot while the others go on unchanged. The default model, since
+parity is the point."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.types import GenerationRequest, RequestId, SamplingParams, TokenEvent
+from node.engines.llamacpp import LlamaCppEngine
+
+N_CTX = 512
+SLOTS = 8
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea:",
+    "1, 2, 3, 4,",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the mountains, there lived",
+    "Q: What is the boiling point of water? A:",
+    "Translate to French: good morning",
+    "The three primary colours are",
+]
+LENGTHS = [24, 9, 31, 16, 40, 12, 20, 28]  # different lengths: sessions leave the batch at different steps
+
+
+@pytest.fixture(scope="module")
+def engine(default_model: Path) -> Iterator[LlamaCppEngine]:
+    engine = LlamaCppEngine(default_model, n_ctx=N_CTX, threads=2, slots=SLOTS, on_step=ROWS.append)
+    yield engine
+    engine.close()
+
+
+ROWS: list[int] = []  # rows of every batched step, as the engine reports them
+
+
+def request(i: int, tokens: list[int], sampling: SamplingParams) -> GenerationRequest:
+    return GenerationRequest(RequestId(f"b{i}"), tuple(tokens), sampling, LENGTHS[i], frozenset())
+
+
+def together(engine: LlamaCppEngine, requests: list[GenerationRequest],
+             cancel: dict[int, int] | None = None) -> list[list[TokenEvent]]:
+    """All requests at once through the engine's streams; cancel[i] = n stops request i after n tokens."""
+    got: list[list[TokenEvent]] = [[] for _ in requests]
+    cancel = cancel or {}
+    futures = []
+    for i, req in enumerate(requests):
+        stop = threading.Event()
+
+        def emit(event: TokenEvent, i: int = i, stop: threading.Event = stop) -> None:
+            got[i].append(event)
+            if i in cancel and len(got[i]) >= cancel[i]:
+                stop.set()
+
+        futures.append(engine.stream(req, stop.is_set, emit))
+    for future in futures:
+        future.result(timeout=300)
+    return got
+
+
+def alone(engine: LlamaCppEngine, req: GenerationRequest) -> list[int]:
+    return [e.token_id for e in engine.generate(req, lambda: False)]
+
+
+def test_eight_greedy_sessions_at_once_are_each_llama_cpps_own_answer(engine: LlamaCppEngine,
+                                                                       reference_llm: Any) -> None:
+    encoded = [reference_llm.tokenize(p.encode(), add_bos=True, special=True) for p in PROMPTS]
+    greedy = SamplingParams(temperature=0.0)
+    ROWS.clear()
+    got = together(engine, [request(i, t, greedy) for i, t in enumerate(encoded)])
+    assert max(ROWS) >= SLOTS // 2, ROWS  # they did decode together
+    for i, tokens in enumerate(encoded):
+        want = list(itertools.islice(reference_llm.generate(tokens, temp=0.0, reset=True), LENGTHS[i]))
+        ids = [e.token_id for e in got[i]]
+        # llama.cpp's generator goes on past an end-of-text token; the engine stops there
+        assert ids == want[:len(ids)] and (len(ids) == LENGTHS[i] or got[i][-1].finish_reason == "stop"), PROMPTS[i]
+        assert [e.position for e in got[i]] == list(range(len(tokens), len(tokens) + len(ids)))
+
+
+def test_seeded_sampling_at_once_is_the_solo_seeded_run(engine: LlamaCppEngine, reference_llm: Any) -> None:
+    encoded = [reference_llm.tokenize(p.encode(), add_bos=True, special=True) for p in PROMPTS]
+    requests = [request(i, t, SamplingParams(temperature=0.8, seed=100 + i)) for i, t in enumerate(encoded)]
+    solo = [alone(engine, r) for r in requests]
+    got = together(engine, requests)
+    assert [[e.token_id for e in g] for g in got] == solo
+
+
+def test_a_session_cancelled_mid_batch_frees_its_slot_and_the_others_go_on_unchanged(
+        engine: LlamaCppEngine, reference_llm: Any) -> None:
+    encoded = [reference_llm.tokenize(p.encode(), add_bos=True, special=True) for p in PROMPTS]
+    greedy = SamplingParams(temperature=0.0)
+    requests = [request(i, t, greedy) for i, t in enumerate(encoded)]
+    solo = [alone(engine, r) for r in requests]
+    got = together(engine, requests, cancel={4: 5})
+    assert [e.token_id for e in got[4]] == solo[4][:len(got[4])] and 5 <= len(got[4]) < len(solo[4])
+    assert all(e.finish_reason is None for e in got[4])
+    for i in (0, 1, 2, 3, 5, 6, 7):
+        assert [e.token_id for e in got[i]] == solo[i]
+    # every slot is free again: eight more at once are all taken
+    again = together(engine, requests)
+    assert [[e.token_id for e in g] for g in again] == solo

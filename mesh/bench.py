@@ -9,7 +9,6 @@ mesh side is a real `edgemesh up` (node processes + gateway) measured over HTTP/
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import statistics
@@ -23,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from mesh.bench_concurrency import run_concurrency
+from mesh.bench_concurrency import mesh_stream, run_concurrency
 from mesh.config import BenchConfig, UpConfig, check_thread_counts
 from mesh.errors import ConfigError
 from mesh.local_mesh import run_local_mesh
@@ -80,23 +79,9 @@ def baseline_run(llm: Any, tokens: int, prompt: str = BENCH_PROMPT) -> RunTiming
 
 
 async def mesh_run(client: httpx.AsyncClient, url: str, tokens: int, prompt: str = BENCH_PROMPT) -> RunTiming:
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first = 0.0
-    usage_tokens = 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage_tokens = int(chunk["usage"]["completion_tokens"])
-            elif chunk.get("choices") and chunk["choices"][0].get("text") and not first:
-                first = time.perf_counter() - start
-    end = time.perf_counter() - start
-    return RunTiming(usage_tokens, first, end)
+    count, times = await mesh_stream(client, url, prompt, tokens, start)
+    return RunTiming(count, times[0] if times else 0.0, time.perf_counter() - start)
 
 
 def _summary(name: str, runs: list[RunTiming]) -> tuple[float, float, float]:

@@ -10,6 +10,8 @@ first-token deadline, so a client learns where it stands.
 A request leaves the queue when it is woken (a stream ended: `wake`), when it polls and
 finds room (a placement appeared), or when it gives up; a woken request that cannot use
 its turn (it was cancelled, or someone else took the room) hands the turn to the next.
+While it waits, a placement that goes away (a stage failed and the controller repairs the
+pipeline) is waited for like a full one; at the deadline the request gets the last reason.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from mesh.errors import CapacityExhausted
+from mesh.errors import CapacityExhausted, Unavailable
 
 T = TypeVar("T")
 
@@ -66,10 +68,13 @@ class AdmissionQueue:
         self._waiting.append(waiter)
         started = time.monotonic()
         trying = False  # between taking a turn and using it
+        gone: Unavailable | None = None  # the last pick found no placement at all
         try:
             while True:
                 left = wait_s - (time.monotonic() - started)
                 if left <= 0:
+                    if gone is not None:
+                        raise gone
                     raise CapacityExhausted(f"every placement stayed at capacity for the {wait_s:.0f} s this "
                                             "request waited in the queue; retry later")
                 try:
@@ -81,9 +86,11 @@ class AdmissionQueue:
                 trying = True
                 try:
                     chosen = await pick()
-                except CapacityExhausted:
+                except (CapacityExhausted, Unavailable) as exc:
+                    # someone else took the room, or the placement is being replaced: keep the place in line
                     trying = False
-                    continue  # someone else took the room: keep the place in line
+                    gone = exc if isinstance(exc, Unavailable) else None
+                    continue
                 trying = False
                 self._waiting.remove(waiter)
                 on_wait(time.monotonic() - started)

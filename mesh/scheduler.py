@@ -14,9 +14,10 @@ goes on as if nothing happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -133,6 +134,7 @@ class Scheduler:
         self._activation_dtype = activation_dtype  # how a pipeline's stages hand on hidden states
         self._outstanding: dict[NodeId, int] = {}
         self._queue = AdmissionQueue()
+        self._failing_over = 0  # mid-stream failovers attaching now
         metrics.queued.set_function(lambda: len(self._queue))
         self.replanner: Replanner | None = None  # set by the gateway (mesh.placement.controller)
 
@@ -275,8 +277,18 @@ class Scheduler:
         the policy queues."""
         if not policy.queues:
             return await self.pick_or_repair(excluded, failed)
-        return await self._queue.admit(lambda: self.pick_or_repair(excluded, failed), self.queue_limit(excluded),
-                                       self._timeouts.first_token_s, self._metrics.queue_wait.observe)
+
+        limit = self.queue_limit(excluded)
+
+        async def pick() -> Placement:
+            if self._failing_over and limit:
+                # A stream that lost its node goes first: a new request waits rather than take
+                # the session its replay needs on the repaired pipeline. (With no queue, as on
+                # replicas alone, nobody is held back.)
+                raise CapacityExhausted("a failover in progress goes first")
+            return await self.pick_or_repair(excluded, failed)
+
+        return await self._queue.admit(pick, limit, self._timeouts.first_token_s, self._metrics.queue_wait.observe)
 
     def _runner(self, placement: Placement, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         clients = [self._membership.client_for(n) for n in placement.node_ids]
@@ -293,6 +305,17 @@ class Scheduler:
                           n_ctx=self.context_length() or 0, step_timeout_s=self._timeouts.stage_step_s,
                           activation_dtype=self._activation_dtype)
         return ready[0].run_pipeline(job)
+
+    @contextlib.contextmanager
+    def failing_over(self) -> Iterator[None]:
+        """A stream that lost its node is being moved: until it is, requests that wait in the
+        queue (or arrive) do not take a placement (see _admit)."""
+        self._failing_over += 1
+        try:
+            yield
+        finally:
+            self._failing_over -= 1
+            self._queue.wake()
 
     async def pick_or_repair(self, exclude: set[NodeId], failed: Failure | None) -> Placement:
         """Pick a placement; when none is left after a failure, the placement controller
@@ -473,6 +496,13 @@ class Session:
         who = name(culprit) if culprit else (",".join(name(n) for n in failed.node_ids) if failed else "?")
         log.warning("request %s: %s failed after %d tokens (%s); replaying on another placement",
                     self.request.request_id, who, len(self.generated), cause)
+        with self._s.failing_over():
+            attached = await self._reattach(failed, culprit, cause)
+        self._hold(attached)
+        self._s.failover_done(failed, attached.placement, f"{who} failed after {len(self.generated)} tokens",
+                              time.monotonic() - detected_at, len(self.generated))
+
+    async def _reattach(self, failed: Placement | None, culprit: NodeId | None, cause: PeerError) -> Attachment:
         await self._release()
         # Mid-stream, a pipeline error that names no stage leaves the whole pipeline out.
         excluded = {culprit} if culprit else set(failed.node_ids if failed else ())
@@ -482,12 +512,9 @@ class Session:
         policy = replace(MIDSTREAM, no_placement=f"no capacity left to continue after {culprit or 'a node'} failed",
                          exhausted=f"no placement could continue request {self.request.request_id}")
         try:
-            attached = await self._s.attach(replay, excluded, (failed, culprit) if failed else None, policy)
+            return await self._s.attach(replay, excluded, (failed, culprit) if failed else None, policy)
         except Unavailable as exc:
             raise exc from cause
-        self._hold(attached)
-        self._s.failover_done(failed, attached.placement, f"{who} failed after {len(self.generated)} tokens",
-                              time.monotonic() - detected_at, len(self.generated))
 
 
 def _culprit(placement: Placement, exc: Exception) -> NodeId | None:

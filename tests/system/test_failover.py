@@ -6,6 +6,7 @@ import itertools
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,33 @@ def test_sigkill_of_a_stage_at_token_20_with_a_spare(launcher: Launcher, default
     recover = next(li for li in metrics.splitlines() if li.startswith("edgemesh_failover_recover_seconds_sum"))
     detect = next(li for li in metrics.splitlines() if li.startswith("edgemesh_failover_detect_seconds_sum"))
     print(f"detected in {float(detect.split()[-1]):.3f}s, recovered in {float(recover.split()[-1]):.3f}s")
+
+    # Four users at once on the repaired pipeline: it takes one session per stage, so three
+    # wait in the gateway's queue. Its middle stage is SIGKILLed during the first stream, and
+    # with no spare left the survivors take the layers: all four complete, each as llama.cpp
+    # answers it alone (the waiting ones wait through the repair instead of failing).
+    asks = [PROMPT, "A short history of the bicycle", "The life cycle of a star", "How bread is made"]
+    wanted = {}
+    for prompt in asks:
+        reference_llm.reset()
+        wanted[prompt] = reference_llm.create_completion(prompt, max_tokens=64, temperature=0)["choices"][0]["text"]
+    second_victim = new_stages[1]["node"]
+    pid_of = {n["id"]: n["pid"] for n in after["nodes"]}
+    killed_again: list[float] = []
+
+    def kill_at_10(chunks: int) -> None:
+        if chunks == 10 and not killed_again:
+            os.kill(pid_of[second_victim], signal.SIGKILL)
+            killed_again.append(time.monotonic())
+
+    with ThreadPoolExecutor(max_workers=len(asks)) as pool:
+        answers = list(pool.map(lambda p: stream_completion(url, {**BODY, "prompt": p}, kill_at_10), asks))
+    assert killed_again, "no stream reached token 10"
+    for prompt, (got, _, finish) in zip(asks, answers, strict=True):
+        assert got == wanted[prompt] and finish == "length", prompt
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    waited = next(li for li in metrics.splitlines() if li.startswith("edgemesh_admission_queue_wait_seconds_count"))
+    assert float(waited.split()[-1]) >= 3, waited
 
 
 def test_with_no_capacity_left_the_client_gets_a_clear_error_fast(launcher: Launcher,

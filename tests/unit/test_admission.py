@@ -10,12 +10,13 @@ import asyncio
 import pytest
 
 from mesh.admission import AdmissionQueue
-from mesh.errors import CapacityExhausted
+from mesh.errors import CapacityExhausted, Unavailable
 
 
 class Pool:
     def __init__(self, free: int) -> None:
         self.free = free
+        self.gone = False  # no placement at all (one failed and is being repaired)
         self.block = asyncio.Event()  # a pick waits on it while `stall` is set
         self.stall = False
         self.picks = 0
@@ -24,6 +25,8 @@ class Pool:
         self.picks += 1
         if self.stall:
             await self.block.wait()
+        if self.gone:
+            raise Unavailable("no node serving this model is ready")
         if self.free <= 0:
             raise CapacityExhausted("full")
         self.free -= 1
@@ -101,5 +104,31 @@ def test_a_turn_its_waiter_cannot_use_goes_to_the_next() -> None:
         pool.stall = False
         pool.block.set()
         assert await asyncio.wait_for(second, 0.5) > 0  # woken at once, not by its poll a second later
+
+    asyncio.run(scenario())
+
+
+def test_a_placement_that_goes_away_while_requests_wait_is_waited_for() -> None:
+    async def scenario() -> None:
+        queue, pool = AdmissionQueue(), Pool(free=0)
+        waiting = asyncio.create_task(queue.admit(pool.pick, limit=2, wait_s=5))
+        await asyncio.sleep(0.05)
+        pool.gone = True  # the pipeline's stage failed: nothing serves for a moment
+        queue.wake()
+        await asyncio.sleep(0.1)
+        assert not waiting.done() and len(queue) == 1
+        pool.gone, pool.free = False, 1  # the controller repaired it
+        queue.wake()
+        assert await asyncio.wait_for(waiting, 1.0) > 0
+        # nothing comes back: at the deadline the request hears that nothing serves (503), not "full"
+        pool.free = 0
+        late = asyncio.create_task(queue.admit(pool.pick, limit=2, wait_s=1.2))
+        await asyncio.sleep(0.05)
+        pool.gone = True
+        with pytest.raises(Unavailable, match="no node serving"):
+            await late
+        # with nobody waiting, no placement is said at once
+        with pytest.raises(Unavailable):
+            await queue.admit(pool.pick, limit=2, wait_s=5)
 
     asyncio.run(scenario())

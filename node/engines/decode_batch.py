@@ -130,10 +130,22 @@ class DecodeBatch:
         with self._cond:
             self._pending.append(row)
             self._cond.notify_all()
-            if not self._scheduled:
-                self._scheduled = True
-                self._compute.call(self._run)
+            schedule, self._scheduled = not self._scheduled, True
+        if schedule:
+            self._compute.call(self._run).add_done_callback(self._turn_refused)
         return row.done.result()
+
+    def _turn_refused(self, turn: Future[None]) -> None:
+        """The compute thread stopped before the step ran: the sessions waiting for it hear why
+        instead of waiting forever."""
+        error = turn.exception()
+        if error is None:
+            return
+        with self._cond:
+            rows, self._pending, self._scheduled = self._pending, [], False
+        for row in rows:
+            if not row.done.done():
+                row.done.set_exception(error)
 
     def leave(self, seq: int) -> None:
         """The session ends (or stops decoding for a while): no step waits for it."""

@@ -161,3 +161,21 @@ def test_a_pipeline_draws_the_same_tokens_through_the_same_loop(model: Path,
     finally:
         compute.close()
         stages.close()
+
+
+def test_a_step_after_the_compute_thread_stopped_fails_at_once_instead_of_hanging(model: Path) -> None:
+    from mesh.errors import Unavailable
+    from node.compute import ComputeThread
+    from node.engines.decode_batch import DecodeBatch
+
+    compute = ComputeThread()
+    batch = DecodeBatch(model, n_ctx=N_CTX, threads=1, n_seqs=1, compute=compute)
+    try:
+        assert batch.step(0, [1, 2, 3], 0, fresh=True).shape == (batch.n_vocab,)
+        compute.close()  # the node is stopping
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="compute thread has stopped"):
+            batch.step(0, [4], 3)
+        assert time.monotonic() - started < 1.0
+    finally:
+        batch.close()

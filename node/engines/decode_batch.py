@@ -171,6 +171,10 @@ class DecodeBatch:
         rows = self._gather()
         singles = [r for r in rows if len(r.tokens) == 1]
         chunks = [r for r in rows if len(r.tokens) > 1]
+        with self._cond:
+            # Before any result is handed out: a session that gets its last token and leaves
+            # at once must not be added back after it left (the next steps would wait for it).
+            self._decoding.update(r.seq for r in rows)
         try:
             for row in rows:
                 if row.fresh:
@@ -185,8 +189,6 @@ class DecodeBatch:
                 if not row.done.done():
                     row.done.set_exception(exc)
             return
-        with self._cond:
-            self._decoding.update(r.seq for r in rows)
 
     def _decode(self, rows: list[_Row]) -> None:
         lc, batch = self._lc, self._batch

@@ -49,9 +49,10 @@ class LlamaCppEngine:
             raise ModelError("a replica engine needs at least one slot")
         self.model_path = model_path
         self.n_ctx = n_ctx
-        # Before llama.cpp: the engine's chat templates are compiled by nobody here, but a
-        # file whose template would blow up whoever compiles it is refused anyway (CVE-2024-34359
-        # was llama-cpp-python rendering one outside a sandbox).
+        # Before llama.cpp: this engine compiles no chat template, but the embedding context
+        # opened beside it (llama-cpp-python's Llama(), node.engines.embedder) compiles every
+        # one in the file, so a template that would blow up its compiler is refused here, at
+        # load (CVE-2024-34359 was llama-cpp-python rendering one outside a sandbox).
         check_model_templates(model_path)
         self._own_compute = compute is None
         self._compute = compute or ComputeThread("replica-compute")

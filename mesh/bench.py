@@ -22,9 +22,8 @@ from typing import Any
 
 import httpx
 
-from mesh.bench_concurrency import mesh_stream, run_concurrency
+from mesh.bench_concurrency import mesh_stream, run_concurrency, stream_counts
 from mesh.config import BenchConfig, UpConfig, check_thread_counts
-from mesh.errors import ConfigError
 from mesh.local_mesh import run_local_mesh
 from mesh.model_store import resolve
 from mesh.ready_file import read_gateway_ready
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 # Counting keeps a small model going for hundreds of tokens under greedy decoding, so both
 # sides generate the full --tokens and the runs compare like with like.
 BENCH_PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
-MAX_STREAMS = 64
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,8 @@ def _summary(name: str, runs: list[RunTiming]) -> tuple[float, float, float]:
     return decode, e2e, ttft
 
 
-async def _bench(options: BenchConfig) -> dict[str, float]:
+async def _bench(options: BenchConfig, streams: list[int]) -> dict[str, float]:
+    """`streams`: the --concurrency levels (none: the single-stream figures)."""
     import llama_cpp
 
     check_thread_counts(options.threads, options.decode_threads)  # before minutes of set-up
@@ -125,11 +124,11 @@ async def _bench(options: BenchConfig) -> dict[str, float]:
                     raise RuntimeError("the local mesh stopped before it was ready")
                 await asyncio.sleep(0.1)
             url = written.url
-            if options.concurrency:
+            if streams:
                 label = (f"{model_path.name}, edgemesh {options.strategy} x{options.nodes} with {options.slots} "
                          f"slot(s) per node, {threads} thread(s), {options.tokens} tokens per stream, "
                          f"{options.runs} run(s)")
-                rows = await run_concurrency(url, model_path, levels(options.concurrency), options.tokens,
+                rows = await run_concurrency(url, model_path, streams, options.tokens,
                                              options.runs, threads, label)
                 return {f"ratio_at_{r['streams']}": statistics.median(r["ratios"]) for r in rows}
             base: list[RunTiming] = []
@@ -173,18 +172,6 @@ async def _bench(options: BenchConfig) -> dict[str, float]:
     return result
 
 
-def levels(text: str) -> list[int]:
-    """`--concurrency 1,2,4,8` as numbers (ConfigError for anything else)."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 or v > MAX_STREAMS for v in values):
-        raise ConfigError(f"--concurrency takes stream counts from 1 to {MAX_STREAMS}, e.g. 1,2,4,8; got {text!r}")
-    return values
-
-
 def run_bench(options: BenchConfig) -> dict[str, float]:
-    if options.concurrency:
-        levels(options.concurrency)  # before minutes of set-up
-    return asyncio.run(_bench(options))
+    streams = stream_counts(options.concurrency) if options.concurrency else []  # before minutes of set-up
+    return asyncio.run(_bench(options, streams))

@@ -27,7 +27,21 @@ from typing import Any
 import httpx
 import numpy as np
 
+from mesh.errors import ConfigError
+
 PROMPT_OF = "Count on from {start}: {start}, {next},"  # a distinct prompt per stream, each easy to continue
+MAX_STREAMS = 64
+
+
+def stream_counts(text: str) -> list[int]:
+    """`--concurrency 1,2,4,8` as numbers (ConfigError for anything else)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 or v > MAX_STREAMS for v in values):
+        raise ConfigError(f"--concurrency takes stream counts from 1 to {MAX_STREAMS}, e.g. 1,2,4,8; got {text!r}")
+    return values
 
 
 def prompts(n: int) -> list[str]:
@@ -72,6 +86,7 @@ class BatchedLlama:
         params.n_threads = params.n_threads_batch = threads
         self._ctx = lc.llama_init_from_model(self._model, params)
         if not self._ctx:
+            lc.llama_model_free(self._model)
             raise RuntimeError("llama.cpp could not create a context")
         self._vocab = lc.llama_model_get_vocab(self._model)
         self._n_vocab = lc.llama_vocab_n_tokens(self._vocab)

@@ -5,16 +5,19 @@ parity is the point."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from mesh.types import GenerationRequest, RequestId, SamplingParams, TokenEvent
 from node.engines.llamacpp import LlamaCppEngine
+from tests.conftest import Launcher, gateway_url, wait_for_nodes
 
 N_CTX = 512
 SLOTS = 8
@@ -106,3 +109,32 @@ def test_a_session_cancelled_mid_batch_frees_its_slot_and_the_others_go_on_uncha
     # every slot is free again: eight more at once are all taken
     again = together(engine, requests)
     assert [[e.token_id for e in g] for g in again] == solo
+
+
+def test_a_replica_node_started_as_a_device_batches_concurrent_chats_through_the_gateway(
+        launcher: Launcher, default_model: Path, reference_llm: Any) -> None:
+    """The README's device commands, one by one (`edgemesh node --role replica --slots 4`, then
+    `edgemesh gateway --peer`): four completions sent at once are decoded together on the node
+    and each is llama.cpp's own greedy answer."""
+    node = launcher.node("desk", default_model, "--role", "replica", "--slots", "4", "--threads", "2")
+    url = gateway_url(launcher.gateway("gw", default_model, "--no-discovery", "--peer", f"127.0.0.1:{node.ready[1]}"))
+    wait_for_nodes(url, 1)
+    asks = PROMPTS[:4]
+    wanted = []
+    for prompt in asks:
+        reference_llm.reset()
+        wanted.append(reference_llm.create_completion(prompt, max_tokens=24, temperature=0)["choices"][0]["text"])
+
+    async def together() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(client.post(f"{url}/v1/completions", json={
+                "prompt": p, "max_tokens": 24, "temperature": 0}) for p in asks))
+
+    answers = asyncio.run(together())
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    assert [r.json()["choices"][0]["text"] for r in answers] == wanted
+    metrics = httpx.get(f"http://127.0.0.1:{node.ready[2]}/metrics", timeout=10).text
+    rows = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+            if line.startswith("edgemesh_node_decode_batch_rows_")}
+    steps, row_total = rows["edgemesh_node_decode_batch_rows_count"], rows["edgemesh_node_decode_batch_rows_sum"]
+    assert row_total / steps > 1.5, rows  # the four decoded together, not one after another

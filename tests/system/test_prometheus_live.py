@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import random
 import re
 import shutil
 import socket
@@ -47,6 +48,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def reusable_port() -> int:
+    """A free port below the kernel's ephemeral range: a test that closes its listener and
+    binds the port again later must not find it taken meanwhile by one of the many outgoing
+    connections (scrapes, probes), which the kernel gives ports from that range."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(20000, low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 20000-{low}")
 
 
 class _Models(http.server.BaseHTTPRequestHandler):
@@ -158,7 +174,7 @@ def live_config(gateway: str, key_file: Path) -> str:
 
 def test_dashboards_and_alerts_against_a_live_mesh(launcher: Launcher, default_model: Path, tmp_path: Path,
                                                    prometheus_binary: str) -> None:
-    cloud_port = free_port()  # nothing listens here yet: the cloud starts out down
+    cloud_port = reusable_port()  # nothing listens here yet: the cloud starts out down
     nodes: list[Proc] = [launcher.node(f"node-{i}", default_model) for i in (1, 2)]
     peers = [a for n in nodes for a in ("--peer", f"127.0.0.1:{n.ready[1]}")]
     api_key = "prometheus-test-key"

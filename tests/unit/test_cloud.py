@@ -305,7 +305,7 @@ def test_a_stream_broken_mid_answer_reports_the_text_so_far(standin: StandIn) ->
 
 
 def test_an_outage_mid_answer_breaks_the_stream(standin: StandIn) -> None:
-    standin.slow_chunk_s = 0.1
+    standin.slow_chunk_s = 0.3
     upstream = upstream_for(standin)
 
     async def cut() -> tuple[list[str], CloudError | None]:
@@ -321,7 +321,11 @@ def test_an_outage_mid_answer_breaks_the_stream(standin: StandIn) -> None:
 
     texts, error = run(cut, upstream)
     assert error is not None and error.reason == "broken"
-    assert error.text_so_far == "".join(texts) == answer_prefix(3)
+    # The outage lands between two of the stand-in's words; on a loaded box one more word
+    # can leave before it does, so the check is that the stream ends early and the text
+    # carried by the error is exactly what the caller saw.
+    assert 3 <= len(texts) <= 4
+    assert error.text_so_far == "".join(texts) == answer_prefix(len(texts))
 
 
 def test_a_stall_between_words_trips_the_idle_deadline(standin: StandIn) -> None:

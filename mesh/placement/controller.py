@@ -174,10 +174,13 @@ class PlacementController:
     async def _round(self, urgent: bool) -> None:
         started = self._round_started = time.monotonic()
         infos = self._ready_infos()
-        self.active = False
+        # Set once the claims are answered, never cleared first: a status read made while
+        # the round awaits them would otherwise show a placing gateway as only routing.
+        active = False
         if self.settings.acting:
-            self.active, silent = await self.claims.claim_all(infos)
+            active, silent = await self.claims.claim_all(infos)
             infos = [i for i in infos if i.node_id not in silent]
+        self.active = active
         peers = capabilities(infos, self.model_sha)
         policy = policy_for(infos, self.model_sha, self.settings.strategy, self.settings.stages)
         running = routable(infos, self.model_sha)

@@ -160,7 +160,9 @@ def test_every_tiny_fixture_passes_the_header_check(tmp_path: Path) -> None:
 def test_the_default_model_passes_the_header_check_quickly(default_model: Path) -> None:
     started = time.monotonic()
     gguf.check_header(default_model)  # 49k-token vocabulary and 48k merges walked, nothing materialised
-    assert time.monotonic() - started < 2.0
+    # About 3 s here beside two other test workers on 2 cores. The bound is not a speed
+    # figure: it catches a walk gone quadratic or a read of the tensor data, which take minutes.
+    assert time.monotonic() - started < 20.0
 
 
 def test_random_damage_to_a_header_is_a_model_error_or_a_readable_file(tiny: Path, tmp_path: Path) -> None:

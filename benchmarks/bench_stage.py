@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mesh.llama_runtime import install
 from node.engines.stage import StageEngine
 
 log = logging.getLogger("bench_stage")
@@ -42,6 +43,7 @@ N_CTX = 1024
 def prefill_llama(path: Path, prompt: list[int], threads: int) -> float:
     import llama_cpp
 
+    install()  # loaded as a node loads it (mesh.llama_runtime)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
                           n_batch=512, verbose=False, seed=0)
     llm.eval(prompt)  # warm-up: pages of the mapped file and the compute buffer, as a served model has them
@@ -70,6 +72,7 @@ def prefill_stages(path: Path, prompt: list[int], threads: int, bounds: list[tup
 def bench_llama(path: Path, tokens: list[int], n: int, threads: int) -> tuple[float, list[int]]:
     import llama_cpp
 
+    install()  # loaded as a node loads it (mesh.llama_runtime)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
                           verbose=False, seed=0)
     n_vocab = llm.n_vocab()

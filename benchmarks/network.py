@@ -56,6 +56,7 @@ import httpx
 
 from mesh.bench import BENCH_PROMPT, RunTiming, baseline_run, long_prompt, mesh_run
 from mesh.errors import EdgeMeshError
+from mesh.llama_runtime import install
 from mesh.ready_file import read_ready
 
 log = logging.getLogger("network_bench")
@@ -534,6 +535,7 @@ def _run(args: argparse.Namespace, profiles: list[str], shapes: list[int]) -> in
     n_embd = inspect(model).n_embd
     settings = Settings(model, args.threads, args.tokens, args.prompt_tokens, args.runs, args.activation_dtype,
                         args.stage_wire)
+    install()  # loaded as a node loads it (mesh.llama_runtime)
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
                           n_batch=512, verbose=False)
     prefill_prompt = long_prompt(llm, args.prompt_tokens)

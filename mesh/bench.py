@@ -22,8 +22,10 @@ from typing import Any
 
 import httpx
 
-from mesh.bench_concurrency import mesh_stream, run_concurrency, stream_counts
+from mesh.bench_concurrency import MAX_STREAMS, mesh_stream, run_concurrency, run_prefill_gap, stream_counts
 from mesh.config import BenchConfig, UpConfig, check_thread_counts
+from mesh.errors import ConfigError
+from mesh.llama_runtime import install
 from mesh.local_mesh import run_local_mesh
 from mesh.model_store import resolve
 from mesh.ready_file import read_gateway_ready
@@ -107,6 +109,7 @@ async def _bench(options: BenchConfig, streams: list[int]) -> dict[str, float]:
         return await loop.run_in_executor(baseline_thread, baseline_run, llm, tokens, prompt)
 
     check_model_templates(model_path)  # Llama() compiles the file's chat templates (mesh.template_check)
+    install()  # the baseline loads the model as a node does (mesh.llama_runtime)
     llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                           n_batch=512, verbose=False)
     stop = asyncio.Event()
@@ -125,12 +128,19 @@ async def _bench(options: BenchConfig, streams: list[int]) -> dict[str, float]:
                 await asyncio.sleep(0.1)
             url = written.url
             if streams:
-                label = (f"{model_path.name}, edgemesh {options.strategy} x{options.nodes} with {options.slots} "
+                slots = options.slots or "auto"
+                label = (f"{model_path.name}, edgemesh {options.strategy} x{options.nodes} with {slots} "
                          f"slot(s) per node, {threads} thread(s), {options.tokens} tokens per stream, "
                          f"{options.runs} run(s)")
                 rows = await run_concurrency(url, model_path, streams, options.tokens,
                                              options.runs, threads, label)
-                return {f"ratio_at_{r['streams']}": statistics.median(r["ratios"]) for r in rows}
+                figures = {f"ratio_at_{r['streams']}": statistics.median(r["ratios"]) for r in rows}
+                if options.prefill_beside:
+                    gaps = await run_prefill_gap(url, options.prefill_beside,
+                                                 long_prompt(llm, options.prefill_tokens),
+                                                 options.prefill_tokens, options.runs)
+                    figures["prefill_gap_ratio"] = statistics.median(g.ratio for g in gaps)
+                return figures
             base: list[RunTiming] = []
             ours: list[RunTiming] = []
             prefill_prompt = long_prompt(llm, options.prefill_tokens)
@@ -174,4 +184,7 @@ async def _bench(options: BenchConfig, streams: list[int]) -> dict[str, float]:
 
 def run_bench(options: BenchConfig) -> dict[str, float]:
     streams = stream_counts(options.concurrency) if options.concurrency else []  # before minutes of set-up
+    if (options.prefill_beside and not streams) or not 0 <= options.prefill_beside <= MAX_STREAMS:
+        raise ConfigError(f"--prefill-beside takes 0 to {MAX_STREAMS} running streams, with --concurrency; "
+                          f"got {options.prefill_beside}")
     return asyncio.run(_bench(options, streams))

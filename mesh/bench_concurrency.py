@@ -28,6 +28,7 @@ import httpx
 import numpy as np
 
 from mesh.errors import ConfigError
+from mesh.llama_runtime import model_params
 
 PROMPT_OF = "Count on from {start}: {start}, {next},"  # a distinct prompt per stream, each easy to continue
 MAX_STREAMS = 64
@@ -76,7 +77,7 @@ class BatchedLlama:
         self._lc = lc
         set_verbose(False)  # llama.cpp's own start-up log is not part of the table
         lc.llama_backend_init()
-        self._model = lc.llama_model_load_from_file(str(model_path).encode(), lc.llama_model_default_params())
+        self._model = lc.llama_model_load_from_file(str(model_path).encode(), model_params())
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {model_path}")
         params = lc.llama_context_default_params()
@@ -147,11 +148,12 @@ class BatchedLlama:
 
 
 async def mesh_stream(client: httpx.AsyncClient, url: str, prompt: str, tokens: int,
-                      started: float) -> tuple[int, list[float]]:
-    """One greedy stream; (tokens, arrival time of each, from `started`)."""
+                      started: float, times: list[float] | None = None) -> tuple[int, list[float]]:
+    """One greedy stream; (tokens, arrival time of each, from `started`). `times`, when given,
+    is filled as the tokens arrive, so a caller can watch a stream in flight."""
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    times: list[float] = []
+    times = [] if times is None else times
     count = 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
@@ -172,6 +174,71 @@ async def mesh_burst(client: httpx.AsyncClient, url: str, texts: list[str], toke
     seconds = time.perf_counter() - started
     gaps = [b - a for _, times in streams for a, b in itertools.pairwise(times)]
     return Burst(sum(n for n, _ in streams), seconds, [times[0] for _, times in streams if times], gaps)
+
+
+@dataclass(frozen=True)
+class PrefillGap:
+    """Running streams while a long prompt is prefilled beside them."""
+
+    normal_gap_s: float  # their median gap between tokens before the long prompt came
+    longest_gap_s: float  # their longest gap that overlaps the long prompt's prefill
+    prefill_s: float  # the long prompt sent -> its first token
+
+    @property
+    def ratio(self) -> float:
+        return self.longest_gap_s / self.normal_gap_s if self.normal_gap_s > 0 else 0.0
+
+
+# Tokens each running stream has produced before the long prompt goes in: their normal pace.
+STEADY_TOKENS = 12
+# Tokens each running stream produces after the long prompt's first token before the run ends.
+AFTER_TOKENS = 3
+
+
+async def prefill_gap_run(client: httpx.AsyncClient, url: str, streams: int, long_text: str) -> PrefillGap:
+    """`streams` greedy streams; once each runs steadily, a request with `long_text` as its
+    prompt; the streams are ended (a client disconnect) a few tokens after its first token."""
+    started = time.perf_counter()
+    times: list[list[float]] = [[] for _ in range(streams)]
+    running = [asyncio.create_task(mesh_stream(client, url, text, 4096, started, times[i]))
+               for i, text in enumerate(prompts(streams))]
+    try:
+        while min(len(t) for t in times) < STEADY_TOKENS:
+            for task in running:
+                if task.done():
+                    task.result()  # a stream that failed says why
+                    raise RuntimeError("a running stream ended before the long prompt was sent")
+            await asyncio.sleep(0.005)
+        sent = time.perf_counter() - started
+        _, long_times = await mesh_stream(client, url, long_text, 1, started)
+        if not long_times:
+            raise RuntimeError("the long prompt got no token")
+        first = long_times[0]
+        while any(len([x for x in t if x > first]) < AFTER_TOKENS for t in times):
+            await asyncio.sleep(0.005)
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    normal = [b - a for t in times for a, b in itertools.pairwise(t) if b <= sent]
+    during = [b - a for t in times for a, b in itertools.pairwise(t) if b > sent and a < first]
+    return PrefillGap(statistics.median(normal), max(during, default=0.0), first - sent)
+
+
+async def run_prefill_gap(url: str, streams: int, long_text: str, n_tokens: int, runs: int) -> list[PrefillGap]:
+    """The prefill-gap table: `runs` runs of `streams` streams beside a prompt of `n_tokens`."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        results = [await prefill_gap_run(client, url, streams, long_text) for _ in range(runs)]
+    out = sys.stdout
+    out.write(f"\n{streams} running stream(s) while a {n_tokens}-token prompt is prefilled beside them, "
+              f"{runs} run(s)\n{'run':>4} {'normal gap':>11} {'longest gap':>12} {'ratio':>7} {'prefill':>9}\n")
+    for i, r in enumerate(results, 1):
+        out.write(f"{i:>4} {r.normal_gap_s * 1000:>9.1f}ms {r.longest_gap_s * 1000:>10.1f}ms {r.ratio:>6.2f}x "
+                  f"{r.prefill_s * 1000:>7.0f}ms\n")
+    ratios = [r.ratio for r in results]
+    out.write(f"longest gap / normal gap: median {statistics.median(ratios):.2f}x "
+              f"[{min(ratios):.2f}-{max(ratios):.2f}]\n")
+    return results
 
 
 def table(rows: list[dict[str, Any]], label: str) -> None:

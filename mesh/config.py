@@ -186,7 +186,8 @@ class NodeConfig:
     memory_limit: str = setting("0", "memory this node may use, e.g. 2GiB (0 = free memory)")
     cluster_key: str = setting("", "shared secret of the mesh (default: $EDGEMESH_HOME/cluster.key)",
                                secret=True)
-    slots: int = setting(1, "requests generated at the same time")
+    slots: int = setting(0, "requests generated at the same time (0 = as many as the memory budget holds, "
+                         "at most 8)")
     max_queue: int = setting(8, "requests queued beyond the running ones before RESOURCE_EXHAUSTED")
     n_ctx: int = setting(2048, "context length (tokens) per request")
     model_from_peers: bool = setting(False, "no local model file: fetch the layers this node is asked to serve "
@@ -368,6 +369,9 @@ class BenchConfig:
     insecure_plaintext: bool = setting(False, "run the benchmarked mesh without TLS (to measure what TLS costs)")
     concurrency: str = setting("", "streams at once, e.g. 1,2,4,8: aggregate speed against llama.cpp's batched "
                                    "decode of as many sequences, instead of the single-stream figures")
+    prefill_beside: int = setting(0, "with --concurrency: also the longest gap between tokens of this many "
+                                     "running streams while a --prefill-tokens prompt is prefilled beside "
+                                     "them (0 = not measured)")
     slots: int = same_as(NodeConfig, "slots")
     timeouts: Timeouts = nested(Timeouts, "timeouts (seconds; of the benchmarked mesh)")
     limits: Limits = nested(Limits, "limits (of the benchmarked mesh)")

@@ -161,6 +161,7 @@ class NodeInfo:
     activity_progress: float = -1.0  # 0..1, or -1 when it has no measure of progress
     claims: tuple[Claimed, ...] = ()  # placement claims held on the node, one per model
     allowed_models: tuple[str, ...] = ()  # its --allow-model sha256s; empty: any model
+    stage_sessions: int = 0  # sessions a stage it loads is sized for (0 = not reported: slots)
 
     @property
     def capacity(self) -> int:

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from mesh.discovery import Advertisement, Advertiser
 from mesh.errors import CapacityExhausted, ConfigError, EdgeMeshError
 from mesh.metrics import NodeMetrics
 from mesh.model_store import ProgressLog, resolve
+from mesh.placement.planner import slots_for_budget
 from mesh.ready_file import NodeReady, write_ready
 from mesh.template_check import check_model_templates
 from mesh.transport import tls
@@ -38,6 +40,7 @@ from node.claims import ClaimTable
 from node.compute import ComputeThread
 from node.metrics_server import start_metrics_server
 from node.pipeline_head import PeerLinks, PipelineHead
+from node.profile import model_profile
 from node.replica_host import ReplicaHost
 from node.service import Holdings, NodeIdentity, NodeService, NodeState
 from node.shard_source import ShardPeers, shard_file_from_peers
@@ -97,6 +100,21 @@ async def keep_speed_current(meter: SpeedMeter, compute: ComputeThread, model_pa
         meter.record_probe(speed)
 
 
+def auto_slots(local: LocalFile, n_ctx: int, budget: MemoryBudget, stage_only: bool) -> int:
+    """--slots 0: as many streams as a replica of the node's file holds in its budget."""
+    if stage_only or local.shards is not None:
+        return 1  # never a replica: its streams are a pipeline's sessions (see NodeIdentity)
+    try:
+        profile = model_profile(local.path, local.model.sha256)
+    except EdgeMeshError as exc:  # a header the planner cannot read: the load will say why
+        log.info("slots: 1 (%s)", exc)
+        return 1
+    slots = slots_for_budget(profile, n_ctx, budget.total())
+    log.info("slots: %d streams at once fit %.0f MiB (--slots sets another number)", slots,
+             budget.total() / 2**20)
+    return slots
+
+
 def export_holdings(metrics: NodeMetrics, holdings: Holdings) -> None:
     """Role and layer gauges read what the node holds at scrape time, so they never go stale."""
     metrics.role.labels("replica").set_function(lambda: 1 if holdings.replica.model is not None else 0)
@@ -112,10 +130,13 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
     identity = NodeIdentity(
         node_id=NodeId(uuid.uuid4().hex[:16]), name=config.name or default_node_name(), threads=threads,
         memory_limit=parse_bytes(config.memory_limit), slots=config.slots, max_queue=config.max_queue,
-        stage_only=config.role == "stage", allowed=AllowedModels(config.allowed_models))
+        stage_only=config.role == "stage", allowed=AllowedModels(config.allowed_models),
+        stage_sessions=max(1, config.slots))
 
     if config.role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {config.role!r}")
+    if config.slots < 0:
+        raise ConfigError(f"--slots must be 0 (as many as the memory budget holds) or more, not {config.slots}")
     if not -1 <= config.step_port <= 65535:
         raise ConfigError(f"--step-port must be a port, 0 (a free one) or -1 (off), not {config.step_port}")
     # Before anything calls a peer (--model-from-peers does): this process's certificate.
@@ -136,11 +157,14 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
     if identity.allowed.restricted:
         log.info("approved models (--allow-model): %s", identity.allowed.describe())
     budget = MemoryBudget(identity.memory_limit)
+    if not config.slots:
+        identity = replace(identity, slots=await asyncio.to_thread(
+            auto_slots, local, config.n_ctx, budget, identity.stage_only))
     activity = Activity()
     registry = CollectorRegistry()
     metrics = NodeMetrics(registry)
     compute = ComputeThread()
-    replica = ReplicaHost(local, n_ctx=config.n_ctx, threads=threads, slots=config.slots, budget=budget,
+    replica = ReplicaHost(local, n_ctx=config.n_ctx, threads=threads, slots=identity.slots, budget=budget,
                           stage_only=identity.stage_only, activity=activity, compute=compute,
                           on_decode_step=metrics.decode_batch_rows.observe)
     if config.role == "replica":

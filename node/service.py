@@ -98,6 +98,10 @@ class NodeIdentity:
     max_queue: int
     stage_only: bool = False  # --role stage: never a whole-model replica
     allowed: AllowedModels = field(default_factory=AllowedModels)  # --allow-model: all it loads, serves, ships
+    # Sessions each pipeline stage it holds is sized for. --slots 0 sizes the replica's slots
+    # from memory but keeps stages at one session: a stage allocates every session's KV cache at
+    # load and runs its sessions one at a time (issue 16 part 3), so more would only cost memory.
+    stage_sessions: int = 1
 
 
 class NodeState:
@@ -175,6 +179,7 @@ class NodeService(pb_grpc.NodeServicer):
             memory_free=mem.free, memory_limit=self._id.memory_limit, threads=self._id.threads,
             models=(model,) if model is not None else (), files=self._stages.files,
             stages=self._stages.held(), slots=self._id.slots, max_queue=self._id.max_queue,
+            stage_sessions=self._id.stage_sessions,
             in_flight=self._state.in_flight, draining=self._state.draining,
             grpc_port=self._state.grpc_port, metrics_port=self._state.metrics_port, step_port=self._state.step_port,
             decode_tokens_per_second=self._speed.tokens_per_second, speed_source=self._speed.source,

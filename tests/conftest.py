@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from mesh.llama_runtime import install as plain_llama_buffers
 from mesh.ready_file import read_ready
 from tests.fixtures.xdist_order import pytest_collection_modifyitems  # noqa: F401 (a hook: see that module)
 from tests.harness import guards, processes
@@ -44,6 +45,8 @@ def pytest_configure(config: pytest.Config) -> None:
         pass
     else:
         tqdm.tqdm.monitor_interval = 0
+    # Every reference llama.cpp run here loads its model as the nodes do (mesh.llama_runtime).
+    plain_llama_buffers()
     guards.register(config)
 
 

@@ -20,6 +20,11 @@ from mesh.types import LayerRange, ModelSha, NodeId, Placement, StagePlacement
 # Memory a whole-model llama.cpp replica needs beyond the file and KV cache (compute
 # buffers, context), measured for small models; the planner keeps this much headroom.
 REPLICA_OVERHEAD_BYTES = 64 * 2**20
+# A node started without --slots serves as many streams at once as its memory budget holds,
+# up to this many: past 8 rows a step of a small model on a few cores gains little (llama.cpp's
+# own batched decode here: 8 sequences 1.3x one, 16 sequences 1.4x), while each slot holds a
+# whole context of KV cache.
+AUTO_SLOTS_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -117,9 +122,19 @@ def stage_bytes(profile: ModelProfile, policy: Policy, layers: LayerRange) -> in
 
 
 def replica_bytes(profile: ModelProfile, policy: Policy) -> int:
-    """The file (mapped once), and per slot (each one a llama.cpp context) its KV cache and buffers."""
+    """The file (mapped once), a KV cache of a whole context per slot, and once for all slots
+    (they are sequences of one llama.cpp context, node.engines.decode_batch) its buffers."""
     kv = profile.kv_bytes_per_token_layer * policy.n_ctx * profile.n_layers
-    return profile.file_bytes + max(1, policy.sessions_per_stage) * (kv + REPLICA_OVERHEAD_BYTES)
+    return profile.file_bytes + max(1, policy.sessions_per_stage) * kv + REPLICA_OVERHEAD_BYTES
+
+
+def slots_for_budget(profile: ModelProfile, n_ctx: int, budget: int) -> int:
+    """Streams a replica of `profile` serves at once within `budget` bytes: as many as fit,
+    from 1 (a node that cannot hold even one still reports one; its load is refused with the
+    reason) to AUTO_SLOTS_MAX."""
+    fits = [n for n in range(1, AUTO_SLOTS_MAX + 1)
+            if replica_bytes(profile, Policy(n_ctx=n_ctx, sessions_per_stage=n)) <= budget]
+    return max(fits, default=1)
 
 
 def effective_speeds(peers: Sequence[PeerCapability]) -> dict[NodeId, float]:

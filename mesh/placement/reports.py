@@ -30,9 +30,9 @@ def capabilities(infos: Iterable[NodeInfo], model_sha: ModelSha) -> list[PeerCap
 
 
 def policy_for(infos: Sequence[NodeInfo], model_sha: ModelSha, strategy: str, stages: int) -> Policy:
-    """The planner's policy from the nodes: the smallest context and slot count they were
-    started with (the planner may shrink the context further to fit their memory)."""
+    """The planner's policy from the nodes: the smallest context and stage session count they
+    were started with (the planner may shrink the context further to fit their memory)."""
     contexts = [m.n_ctx for i in infos for m in (*i.files, *i.models) if m.sha256 == model_sha and m.n_ctx]
-    slots = [i.slots for i in infos if i.slots]
+    slots = [i.stage_sessions or i.slots for i in infos if i.stage_sessions or i.slots]
     return Policy(n_ctx=min(contexts, default=2048), sessions_per_stage=max(1, min(slots, default=1)),
                   strategy=strategy, stages=stages)

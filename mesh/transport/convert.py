@@ -195,7 +195,7 @@ def node_info_to_pb(info: NodeInfo) -> pb.NodeInfo:
         stage_only=info.stage_only, memory_budget=info.memory_budget, speed_source=info.speed_source,
         claims=[claimed_to_pb(c) for c in info.claims], step_tokens_per_second=info.step_tokens_per_second,
         activity=info.activity, activity_progress=info.activity_progress,
-        allowed_models=list(info.allowed_models),
+        allowed_models=list(info.allowed_models), stage_sessions=info.stage_sessions,
     )
 
 
@@ -215,6 +215,7 @@ def node_info_from_pb(msg: pb.NodeInfo) -> NodeInfo:
         activity_progress=msg.activity_progress,
         # Shown by the gateway: bounded, whatever a peer sends.
         allowed_models=tuple(sha[:64] for sha in msg.allowed_models[:MAX_ALLOWED_MODELS]),
+        stage_sessions=msg.stage_sessions,
     )
 
 

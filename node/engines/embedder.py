@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mesh.errors import InvalidInput, ModelError
+from mesh.llama_runtime import install
 from mesh.types import EMBED_BATCH_INPUTS, EmbedBatch
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Embedder:
                  metadata: Mapping[str, str]) -> None:
         from llama_cpp import Llama
 
+        install()  # the weights in plain buffers, as every model here (mesh.llama_runtime)
         self.pooling = declared_pooling(metadata)
         self.n_ctx = n_ctx
         self.n_vocab = n_vocab

@@ -6,8 +6,10 @@ parity is the point."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,43 @@ def test_a_session_cancelled_mid_batch_frees_its_slot_and_the_others_go_on_uncha
     # every slot is free again: eight more at once are all taken
     again = together(engine, requests)
     assert [[e.token_id for e in g] for g in again] == solo
+
+
+def test_a_long_prompt_beside_decoding_sessions_goes_in_between_their_steps_and_changes_no_answer(
+        engine: LlamaCppEngine, reference_llm: Any) -> None:
+    greedy = SamplingParams(temperature=0.0)
+    running = [GenerationRequest(RequestId(f"run{i}"), tuple(reference_llm.tokenize(p.encode(), add_bos=True)),
+                                 greedy, 80, frozenset()) for i, p in enumerate(PROMPTS[:4])]
+    numbers = ", ".join(str(i) for i in range(1, 400)).encode()
+    long_prompt = tuple(reference_llm.tokenize(numbers, add_bos=True)[:400])
+    long = GenerationRequest(RequestId("long"), long_prompt, greedy, 8, frozenset())
+    solo = [alone(engine, r) for r in [*running, long]]
+
+    arrivals: list[list[float]] = [[] for _ in running]
+    got: list[list[int]] = [[] for _ in running]
+
+    def emit(i: int, event: TokenEvent) -> None:
+        got[i].append(event.token_id)
+        arrivals[i].append(time.monotonic())
+
+    futures = [engine.stream(r, lambda: False, functools.partial(emit, i)) for i, r in enumerate(running)]
+    deadline = time.monotonic() + 120
+    while min(len(a) for a in arrivals) < 3:
+        assert time.monotonic() < deadline, "the running sessions did not start"
+        time.sleep(0.005)
+    sent = time.monotonic()
+    long_tokens = []
+    for event in engine.generate(long, lambda: False):
+        if not long_tokens:
+            first = time.monotonic()
+        long_tokens.append(event.token_id)
+    for future in futures:
+        future.result(timeout=300)
+    assert [*got, long_tokens] == solo
+    # Fed whole, the 400-token chunk would sit between two of their steps: one token each at
+    # most while it is evaluated. Fed in pieces, the running sessions go on decoding.
+    during = [len([t for t in a if sent < t < first]) for a in arrivals]
+    assert min(during) >= 4, during
 
 
 def test_a_replica_node_started_as_a_device_batches_concurrent_chats_through_the_gateway(

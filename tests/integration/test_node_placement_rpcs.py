@@ -11,6 +11,7 @@ import asyncio
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 
 from mesh.config import Limits, Timeouts
 from mesh.errors import CapacityExhausted, InvalidInput, NotClaimHolder, NotFound
+from mesh.placement.planner import AUTO_SLOTS_MAX, Policy, replica_bytes
 from mesh.transport import auth, convert
 from mesh.transport.channels import SERVICE, NodeClient
 from mesh.transport.generated import edgemesh_pb2 as pb
@@ -120,6 +122,8 @@ def test_a_node_with_role_auto_starts_holding_nothing(auto_node: Proc, sha: str,
             assert [f.sha256 for f in info.files] == [sha]  # it has the file to load from
             assert not info.stage_only and info.memory_budget > 0
             assert info.decode_tokens_per_second > 0 and info.speed_source == "start-up probe"
+            # Started without --slots on a box with memory to spare: the most streams, stages one.
+            assert (info.slots, info.stage_sessions) == (AUTO_SLOTS_MAX, 1)
             with pytest.raises(NotFound, match="no whole-model replica"):
                 await tokens(client, request(sha, 4))
 
@@ -171,12 +175,42 @@ def test_load_model_serves_the_replica_and_a_release_waits_for_the_stream_in_fli
     assert metric(auto_node, "edgemesh_node_layers_held") == 0
 
 
+def test_a_node_without_slots_serves_as_many_streams_at_once_as_its_budget_holds(
+        module_launcher: Launcher, default_model: Path, sha: str) -> None:
+    from node.profile import model_profile
+
+    limit = replica_bytes(model_profile(default_model, sha), Policy(n_ctx=2048, sessions_per_stage=3))
+    node = module_launcher.node("three-slots", default_model, "--memory-limit", str(limit))
+    prompts = [PROMPT, PROMPT[:5], (1, 504, 2783, 282, 30)]
+
+    async def scenario() -> None:
+        async with client_of(node, module_launcher.cluster_key) as client:
+            info = await client.info()
+            assert (info.slots, info.stage_sessions, info.memory_limit) == (3, 1, limit)
+            await client.load_model(sha, 0, 120, "")  # the three slots fit the limit they were sized by
+
+            def one(i: int, prompt: tuple[int, ...]) -> GenerationRequest:
+                return replace(request(sha, 24, f"slot-{i}"), prompt_tokens=prompt)
+
+            alone = [[e.token_id for e in await tokens(client, one(i, p))] for i, p in enumerate(prompts)]
+            steps_before = metric(node, "edgemesh_node_decode_batch_rows_count")
+            at_most_two = metric(node, "edgemesh_node_decode_batch_rows_bucket", 'le="2.0"')
+            together = await asyncio.gather(*(tokens(client, one(i, p)) for i, p in enumerate(prompts)))
+            assert [[e.token_id for e in t] for t in together] == alone
+            # Some step decoded all three: its row count is past the le=2 bucket.
+            assert metric(node, "edgemesh_node_decode_batch_rows_count") - steps_before > \
+                metric(node, "edgemesh_node_decode_batch_rows_bucket", 'le="2.0"') - at_most_two
+
+    asyncio.run(scenario())
+
+
 def test_load_model_past_the_memory_limit_is_refused_and_the_node_serves_on(
         small_node: Proc, sha: str, module_launcher: Launcher) -> None:
     async def scenario() -> None:
         async with client_of(small_node, module_launcher.cluster_key) as client:
             info = await client.info()
             assert info.memory_budget <= 60_000_000 and info.memory_limit == 60_000_000
+            assert info.slots == 1  # not even one fits: one, and the load below says why
             with pytest.raises(CapacityExhausted) as refused:
                 await client.load_model(sha, 0, 120, "")
             message = str(refused.value)

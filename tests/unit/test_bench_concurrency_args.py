@@ -27,3 +27,13 @@ def test_the_cli_refuses_garbage_before_any_set_up() -> None:
     assert done.returncode == 2, done.stderr
     assert "--concurrency takes stream counts from 1 to" in done.stderr and "'8,lots'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args", [["--prefill-beside", "4"], ["--concurrency", "8", "--prefill-beside", "-1"],
+                                  ["--concurrency", "8", "--prefill-beside", "65"]])
+def test_prefill_beside_needs_running_streams_and_a_count_in_bounds(args: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "mesh.cli", "bench", *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    assert "--prefill-beside takes 0 to 64 running streams, with --concurrency" in done.stderr
+    assert "Traceback" not in done.stderr

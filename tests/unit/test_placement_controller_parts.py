@@ -105,6 +105,15 @@ def test_the_policy_takes_the_smallest_context_and_slot_count_of_the_nodes() -> 
     assert policy_for([info(1, slots=0)], SHA, "auto", 0).sessions_per_stage == 1
 
 
+def test_stages_are_sized_for_the_sessions_a_node_reports_for_them_not_its_replica_slots() -> None:
+    # A node with auto slots serves 8 streams as a replica and one session per stage; an older
+    # node reports no stage sessions and its slots count.
+    auto, older = info(1, slots=8, stage_sessions=1), info(2, slots=3)
+    assert policy_for([auto], SHA, "pipeline", 2).sessions_per_stage == 1
+    assert policy_for([older], SHA, "pipeline", 2).sessions_per_stage == 3
+    assert policy_for([info(3, slots=8, stage_sessions=4), older], SHA, "pipeline", 2).sessions_per_stage == 3
+
+
 # ---------------------------------------------------------------------------- holdings
 
 

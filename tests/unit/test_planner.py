@@ -17,6 +17,8 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from mesh.placement.planner import (
+    AUTO_SLOTS_MAX,
+    REPLICA_OVERHEAD_BYTES,
     SIMILAR_SPEED,
     ModelProfile,
     PeerCapability,
@@ -25,6 +27,7 @@ from mesh.placement.planner import (
     effective_speeds,
     plan,
     replica_bytes,
+    slots_for_budget,
     stage_bytes,
     substitute,
     token_seconds,
@@ -218,6 +221,24 @@ def test_replica_memory_includes_its_kv_cache_and_overhead() -> None:
     short = plan([PeerCapability(NodeId("node01"), "n1", need - 1, 10.0)], PROFILE, POLICY)
     assert just.placements[0].kind == "replica"
     assert not any(p.kind == "replica" for p in short.placements)
+
+
+def test_replica_slots_share_one_context_so_each_more_costs_only_its_kv_cache() -> None:
+    one, eight = (replica_bytes(PROFILE, Policy(n_ctx=2048, sessions_per_stage=n)) for n in (1, 8))
+    kv = PROFILE.kv_bytes_per_token_layer * 2048 * PROFILE.n_layers
+    assert one == PROFILE.file_bytes + kv + REPLICA_OVERHEAD_BYTES
+    assert eight - one == 7 * kv
+
+
+@pytest.mark.parametrize("room_for", [0, 1, 2, 5, AUTO_SLOTS_MAX, 20])
+def test_auto_slots_are_as_many_as_the_budget_holds_up_to_the_cap(room_for: int) -> None:
+    budget = replica_bytes(PROFILE, Policy(n_ctx=2048, sessions_per_stage=max(1, room_for)))
+    budget -= 1 if room_for == 0 else 0  # not even one slot fits: still one (the load says why)
+    slots = slots_for_budget(PROFILE, 2048, budget)
+    assert slots == min(max(1, room_for), AUTO_SLOTS_MAX)
+    if 1 <= room_for < AUTO_SLOTS_MAX:  # one byte short of a slot more: that slot is not taken
+        assert slots_for_budget(PROFILE, 2048, budget + 1) == slots
+        assert replica_bytes(PROFILE, Policy(n_ctx=2048, sessions_per_stage=slots + 1)) > budget
 
 
 def test_a_node_that_may_not_be_a_replica_serves_layers_instead() -> None:

@@ -75,7 +75,7 @@ class StageHeld(_message.Message):
     def __init__(self, model_sha256: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., slots: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., compute_bytes: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., n_ctx: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "version", "protocol_version", "pid", "memory_total", "memory_free", "memory_limit", "threads", "models", "slots", "max_queue", "in_flight", "draining", "grpc_port", "metrics_port", "stages", "decode_tokens_per_second", "files", "proof", "step_port", "stage_only", "memory_budget", "speed_source", "claims", "step_tokens_per_second", "activity", "activity_progress", "allowed_models")
+    __slots__ = ("node_id", "name", "version", "protocol_version", "pid", "memory_total", "memory_free", "memory_limit", "threads", "models", "slots", "max_queue", "in_flight", "draining", "grpc_port", "metrics_port", "stages", "decode_tokens_per_second", "files", "proof", "step_port", "stage_only", "memory_budget", "speed_source", "claims", "step_tokens_per_second", "activity", "activity_progress", "allowed_models", "stage_sessions")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class NodeInfo(_message.Message):
     ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     version: str
@@ -134,7 +135,8 @@ class NodeInfo(_message.Message):
     activity: str
     activity_progress: float
     allowed_models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., pid: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., memory_limit: _Optional[int] = ..., threads: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelHeld, _Mapping]]] = ..., slots: _Optional[int] = ..., max_queue: _Optional[int] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., grpc_port: _Optional[int] = ..., metrics_port: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageHeld, _Mapping]]] = ..., decode_tokens_per_second: _Optional[float] = ..., files: _Optional[_Iterable[_Union[ModelHeld, _Mapping]]] = ..., proof: _Optional[str] = ..., step_port: _Optional[int] = ..., stage_only: _Optional[bool] = ..., memory_budget: _Optional[int] = ..., speed_source: _Optional[str] = ..., claims: _Optional[_Iterable[_Union[Claimed, _Mapping]]] = ..., step_tokens_per_second: _Optional[float] = ..., activity: _Optional[str] = ..., activity_progress: _Optional[float] = ..., allowed_models: _Optional[_Iterable[str]] = ...) -> None: ...
+    stage_sessions: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., pid: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., memory_limit: _Optional[int] = ..., threads: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelHeld, _Mapping]]] = ..., slots: _Optional[int] = ..., max_queue: _Optional[int] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., grpc_port: _Optional[int] = ..., metrics_port: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageHeld, _Mapping]]] = ..., decode_tokens_per_second: _Optional[float] = ..., files: _Optional[_Iterable[_Union[ModelHeld, _Mapping]]] = ..., proof: _Optional[str] = ..., step_port: _Optional[int] = ..., stage_only: _Optional[bool] = ..., memory_budget: _Optional[int] = ..., speed_source: _Optional[str] = ..., claims: _Optional[_Iterable[_Union[Claimed, _Mapping]]] = ..., step_tokens_per_second: _Optional[float] = ..., activity: _Optional[str] = ..., activity_progress: _Optional[float] = ..., allowed_models: _Optional[_Iterable[str]] = ..., stage_sessions: _Optional[int] = ...) -> None: ...
 
 class Claimed(_message.Message):
     __slots__ = ("model_sha256", "controller_id", "expires_in_s")

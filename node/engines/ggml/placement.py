@@ -8,7 +8,10 @@ weight in the plain layout would differ from llama.cpp in the last bits (enough 
 a greedy token of gemma-3 within a few dozen). So the stage engine asks the backend the
 same question with the same probe (a matrix product of the weight by a 512-row batch,
 the weight sitting in an empty buffer of the candidate type) and places the weight where
-llama.cpp does.
+llama.cpp does. EdgeMesh loads llama.cpp without extra buffer types (see
+mesh.llama_runtime: their kernels depend on the number of rows), so with
+EXTRA_BUFFER_TYPES off every weight is in the plain buffer here too; the probe stays for the
+day that switch is turned on, when both sides must again agree weight by weight.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ctypes
 import functools
 import logging
 
+from mesh.llama_runtime import EXTRA_BUFFER_TYPES
 from node.engines.ggml import ops
 from node.engines.ggml._lib import F
 from node.engines.ggml.backend import GgmlError, MetaContext, tensor_struct
@@ -51,6 +55,8 @@ def _cpu_device_and_extras() -> tuple[int, tuple[int, ...]]:
 def extra_buffer_type_for_matmul(weight: ops.Tensor) -> int | None:
     """The extra buffer type llama.cpp would load `weight` into when a matrix product uses it,
     or None for the plain CPU buffer. `weight` must not be allocated yet."""
+    if not EXTRA_BUFFER_TYPES:
+        return None
     dev, extras = _cpu_device_and_extras()
     if not extras:
         return None

@@ -164,6 +164,8 @@ class DecodeBatch:
             return
         with self._cond:
             rows, self._pending, self._scheduled = self._pending, [], False
+        # (the compute thread is gone: no turn of it reads the chunks being fed any more)
+        rows, self._feeding = [*rows, *self._feeding], []
         for row in rows:
             if not row.done.done():
                 row.done.set_exception(error)

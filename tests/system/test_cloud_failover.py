@@ -145,7 +145,8 @@ def test_local_first_uses_the_cloud_only_when_the_mesh_is_full(launcher: Launche
     # short answer (two 2-thread decoders spin against each other), which is a property of the
     # test machine, not of the routing under test.
     with run_standin() as cloud:
-        local = launcher.start("local", ["up", "--nodes", "1", "--port", "0", "--threads", "1",
+        # One slot (not as many as memory holds): nine requests fill the node.
+        local = launcher.start("local", ["up", "--nodes", "1", "--port", "0", "--threads", "1", "--slots", "1",
                                          "--model", str(default_model), "--policy", "local-first",
                                          "--cloud-url", cloud.url])
         url = gateway_url(local)

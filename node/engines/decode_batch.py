@@ -16,12 +16,25 @@ attention sums in another order, and the same check gave 0 of 8 identical. A pro
 single-token steps (decode, a replayed token, a one-token prompt) are batched.
 
 Why a long prompt does not freeze the others: while other sessions decode, a prompt chunk is
-fed in pieces of INTERLEAVE_TOKENS, one piece between two of their steps, so their gap
-between tokens grows by a piece's time, not a whole 512-token chunk's. Alone, a chunk goes in
-at once, as llama.cpp's n_batch. The pieces change no number: with the weights in plain
-buffers (mesh.llama_runtime) a token's K, V and logits do not depend on how many tokens were
-evaluated with it (measured: a 1,500-token prompt fed in pieces of 16 to 512 gave
-bit-identical logits and the same greedy continuation, default model and gemma-3).
+fed in pieces, one piece between two of their steps, each piece costing about PIECE_TO_STEP
+of their step's time; so their gap between tokens grows by that much, not by a whole
+512-token chunk's time (1.5 s for the default model on 2 cores). Alone, a chunk goes in at
+once, as llama.cpp's n_batch. The pieces change no number as long as none is shorter than
+MIN_PIECE tokens: with the weights in plain buffers (mesh.llama_runtime), a 1,500-token prompt
+fed in pieces of 16, 20, 32, 64, 100, 128 or 256 tokens (tails of 12 included) gave logits
+bit-identical to 512-token chunks, default model and gemma-3; pieces of 8 or 10 did not on
+gemma-3 (ggml takes another path for so few rows), nor single tokens on the default model.
+
+Why a step may be cut into groups of rows: whether a row's numbers stay the same beside others
+depends on the model's kernels. The default model's do at every row count tried (2-8);
+gemma-3-270m's (Q4_K) were bit-identical for 2 and 4 rows but not for 8, which turned 2 of 8
+greedy answers from their solo runs. So at load the batch measures it (`_invariant_rows`):
+the same token on k sequences at once against one alone, for k = 2..n_seqs, and a step decodes
+at most `max_rows` rows per llama_decode, the most for which every count up to it agreed bit
+for bit. A model that agrees nowhere decodes one row at a time. This is a guard, not a proof:
+on gemma-3 whether 8 rows agree depends on the values (the probe's tokens 1, 2, 3 then 4
+agreed at 8 rows; 2, 651, 6037 then 1000 did not, and with that probe, steps of at most 7
+rows, 8 of 8 greedy answers equalled their solo runs).
 
 Why the rows go in sequence order: with one KV stream per sequence llama.cpp cuts a batch
 into ubatches whose sequence ids run consecutively (split_equal, sequential), and each
@@ -56,10 +69,11 @@ log = logging.getLogger(__name__)
 # sampling's time (well under a millisecond for greedy); a session that is slower (a grammar
 # mask, a lagging consumer) is left for the next step rather than holding everyone.
 GATHER_S = 0.01
-# A prompt's piece between two steps of other decoding sessions. On 2 cores a 32-token piece
-# of the default model costs about what a 4-row decode step does, so the running sessions'
-# longest gap stays about twice their normal one; larger pieces prefill faster and stall more.
-INTERLEAVE_TOKENS = 32
+# The fewest tokens a prompt piece has (see the module's doc: fewer change the numbers).
+MIN_PIECE = 16
+# A piece costs about this many of the others' decode steps: their gap while a prompt is read
+# is then ~2.5x the normal one. Larger pieces prefill faster and stall the others more.
+PIECE_TO_STEP = 1.5
 
 
 @dataclass
@@ -133,11 +147,18 @@ class DecodeBatch:
         self.metadata = _metadata(model)
         self.n_seqs = n_seqs
         self._finalizer = weakref.finalize(self, _free, lc, self._batch, ctx, model)
+        self.max_rows = compute.call(self._invariant_rows).result()  # before any session: see the doc
+        if self.max_rows < n_seqs:
+            log.info("%s: rows beside more than %d others change its numbers: steps of at most %d rows",
+                     model_path.name, self.max_rows - 1, self.max_rows)
         self._cond = threading.Condition()
         self._pending: list[_Row] = []
         self._scheduled = False
         self._decoding: set[int] = set()  # sessions between steps of their decode: a step waits for them
         self._feeding: list[_Row] = []  # prompt chunks fed in pieces, oldest first (compute thread only)
+        # Measured on the compute thread: seconds of the last decode step and of a piece's token.
+        self._step_s = 0.0
+        self._token_s = 0.0
 
     def close(self) -> None:
         self._finalizer()
@@ -206,12 +227,19 @@ class DecodeBatch:
                     self._lc.llama_memory_seq_rm(self._memory, row.seq, -1, -1)
             # With others decoding, the oldest chunk gets one piece; alone, every chunk goes in whole.
             for row in self._feeding[:1] if others else list(self._feeding):
-                piece = len(row.tokens) - row.fed if not others else min(INTERLEAVE_TOKENS, len(row.tokens) - row.fed)
-                self._decode([row], piece)
+                n = self._piece(len(row.tokens) - row.fed) if others else len(row.tokens) - row.fed
+                started = time.perf_counter()
+                self._decode([row], n)
+                self._token_s = (time.perf_counter() - started) / n
             self._feeding = [r for r in self._feeding if not r.done.done()]
             if singles:
-                self._decode(sorted(singles, key=lambda r: r.seq), 1)
-                self._on_step(len(singles))
+                started = time.perf_counter()
+                ordered = sorted(singles, key=lambda r: r.seq)
+                for lo in range(0, len(ordered), self.max_rows):
+                    group = ordered[lo:lo + self.max_rows]
+                    self._decode(group, 1)
+                    self._on_step(len(group))
+                self._step_s = time.perf_counter() - started
         except BaseException as exc:  # noqa: BLE001 - every waiting session hears of it
             for row in [*rows, *self._feeding]:
                 if not row.done.done():
@@ -223,6 +251,37 @@ class DecodeBatch:
                 schedule, self._scheduled = not self._scheduled, True
             if schedule:
                 self._compute.call(self._run).add_done_callback(self._turn_refused)
+
+    def _invariant_rows(self) -> int:
+        """The most rows a step may decode together and give each row the numbers it gets
+        alone (compute thread; the context is left empty)."""
+        prompt = [t % self.n_vocab for t in (2, 651, 6037)]  # any ids: every sequence gets the same ones
+        token = 1000 % self.n_vocab
+        probe = [_Row(s, prompt, 0, False) for s in range(self.n_seqs)]
+        try:
+            for row in probe:
+                self._decode([row], len(prompt))
+            alone = _Row(0, [token], len(prompt), False)
+            self._decode([alone], 1)
+            want = alone.done.result()
+            best = 1
+            for k in range(2, self.n_seqs + 1):
+                for s in range(k):
+                    self._lc.llama_memory_seq_rm(self._memory, s, len(prompt), -1)
+                rows = [_Row(s, [token], len(prompt), False) for s in range(k)]
+                self._decode(rows, 1)
+                if not all(np.array_equal(r.done.result(), want) for r in rows):
+                    break
+                best = k
+            return best
+        finally:
+            self._lc.llama_memory_clear(self._memory, True)
+
+    def _piece(self, left: int) -> int:
+        """Tokens of a prompt chunk to feed between two decode steps of the others."""
+        want = int(PIECE_TO_STEP * self._step_s / self._token_s) if self._step_s and self._token_s else MIN_PIECE
+        want = max(MIN_PIECE, want)
+        return left if left - want < MIN_PIECE else want  # never a tail shorter than MIN_PIECE
 
     def _decode(self, rows: list[_Row], n: int) -> None:
         """The next `n` tokens of each row in one llama_decode; a row that is then whole gets

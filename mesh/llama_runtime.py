@@ -21,10 +21,7 @@ benchmark loads the model exactly as a node does. Call it before a model is load
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 _MARK = "_edgemesh_plain_buffers"
 # Whether weights may go into ggml's extra (repacked, AMX) buffer types: llama.cpp's

@@ -22,8 +22,8 @@ from mesh.types import LayerRange, ModelSha, NodeId, Placement, StagePlacement
 REPLICA_OVERHEAD_BYTES = 64 * 2**20
 # A node started without --slots serves as many streams at once as its memory budget holds,
 # up to this many: past 8 rows a step of a small model on a few cores gains little (llama.cpp's
-# own batched decode here: 8 sequences 1.3x one, 16 sequences 1.4x), while each slot holds a
-# whole context of KV cache.
+# own batched decode of the default model on 2 cores, 2026-12-04: 8 sequences 1.7x one, 16
+# sequences 1.9x), while each slot holds a whole context of KV cache.
 AUTO_SLOTS_MAX = 8
 
 

@@ -109,9 +109,9 @@ def auto_slots(local: LocalFile, n_ctx: int, budget: MemoryBudget, stage_only: b
     except EdgeMeshError as exc:  # a header the planner cannot read: the load will say why
         log.info("slots: 1 (%s)", exc)
         return 1
-    slots = slots_for_budget(profile, n_ctx, budget.total())
-    log.info("slots: %d streams at once fit %.0f MiB (--slots sets another number)", slots,
-             budget.total() / 2**20)
+    total = budget.total()  # one reading of free memory: the number logged is the one used
+    slots = slots_for_budget(profile, n_ctx, total)
+    log.info("slots: %d streams at once fit %.0f MiB (--slots sets another number)", slots, total / 2**20)
     return slots
 
 

@@ -156,6 +156,13 @@ def test_a_node_port_in_use_is_a_one_line_error(taken_port: int, flag: str, defa
     assert time.monotonic() - started < 30  # said before the model is hashed and probed
 
 
+def test_negative_slots_are_a_one_line_error_before_the_model_is_read(default_model: Path) -> None:
+    started = time.monotonic()
+    done = run_cli(*NODE, "--slots", "-1", "--model", str(default_model))
+    assert_one_line_error(done, "--slots must be 0 (as many as the memory budget holds) or more, not -1")
+    assert time.monotonic() - started < 30  # said before the model is hashed and probed
+
+
 def test_a_gateway_port_in_use_is_a_one_line_error(taken_port: int, default_model: Path) -> None:
     done = run_cli("gateway", "--port", str(taken_port), "--no-discovery", "--model", str(default_model))
     assert_one_line_error(done, f"127.0.0.1:{taken_port}", "--port")

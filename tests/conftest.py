@@ -31,11 +31,21 @@ from tests.harness import guards, processes
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 180.0
+# Threads of every llama.cpp/ggml computation the suite runs (references, engines, the nodes it
+# starts): one. The suite's workers share two cores, and ggml's threads spin at each barrier
+# waiting for one another; once two computations of two threads overlap, each one's threads
+# wait on a thread that is not running. Measured here: 96 greedy tokens of the default model
+# take 1.0 s alone at 2 threads, 15.7 s each with two such runs at once, and about 4 s each
+# with three runs at 1 thread. A test about thread counts names its own.
+TEST_THREADS = 1
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # mDNS and the node/gateway processes stay on loopback in tests.
     os.environ.setdefault("EDGEMESH_LOG_LEVEL", "INFO")
+    # Every node, gateway and `up` the suite starts (and any config read here) computes on
+    # TEST_THREADS unless its test passes --threads (a flag wins over the environment).
+    os.environ.setdefault("EDGEMESH_THREADS", str(TEST_THREADS))
     # tqdm (used by the gguf package and pip's helpers) starts one monitor thread per process
     # the first time a bar is drawn and keeps it for good: not a test's leak. Without the
     # monitor, bars simply refresh as they are updated.
@@ -71,8 +81,9 @@ def reference_llm(default_model: Path) -> Any:
     """llama-cpp-python itself, the reference every parity test compares against."""
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(default_model), n_ctx=2048, n_threads=2, n_batch=512,
-                           verbose=False, seed=0)
+    # n_threads_batch too: llama-cpp-python's default for prompts is every core.
+    return llama_cpp.Llama(model_path=str(default_model), n_ctx=2048, n_threads=TEST_THREADS,
+                           n_threads_batch=TEST_THREADS, n_batch=512, verbose=False, seed=0)
 
 
 @dataclass

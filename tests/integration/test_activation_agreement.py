@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import activation_dtype as bench
+from tests.conftest import TEST_THREADS
 
 PROMPTS = bench.PROMPTS[:2]
 TOKENS = 24
@@ -16,7 +17,7 @@ TOKENS = 24
 
 def test_f32_over_the_wire_is_llama_cpp_and_the_report_counts_drift(default_model: Path, reference_llm: Any) -> None:
     encoded = bench.tokenize(default_model, PROMPTS)
-    runs = bench.greedy_runs(default_model, encoded, TOKENS, n_stages=3, threads=2)
+    runs = bench.greedy_runs(default_model, encoded, TOKENS, n_stages=3, threads=TEST_THREADS)
     for prompt, tokens, got in zip(PROMPTS, encoded, runs["f32"], strict=True):
         reference_llm.reset()  # llama.cpp's greedy tokens, past an end-of-text token as the benchmark goes
         want = list(itertools.islice(reference_llm.generate(tokens, temp=0.0, reset=True), TOKENS))

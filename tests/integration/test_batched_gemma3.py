@@ -15,6 +15,7 @@ import pytest
 
 from mesh.types import GenerationRequest, RequestId, SamplingParams, TokenEvent
 from node.engines.llamacpp import LlamaCppEngine
+from tests.conftest import TEST_THREADS
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea:", "1, 2, 3,
 
 @pytest.fixture(scope="module")
 def engine(gemma3_model: Path) -> Iterator[LlamaCppEngine]:
-    engine = LlamaCppEngine(gemma3_model, n_ctx=256, threads=2, slots=len(PROMPTS))
+    engine = LlamaCppEngine(gemma3_model, n_ctx=256, threads=TEST_THREADS, slots=len(PROMPTS))
     yield engine
     engine.close()
 

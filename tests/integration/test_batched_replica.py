@@ -19,7 +19,7 @@ import pytest
 
 from mesh.types import GenerationRequest, RequestId, SamplingParams, TokenEvent
 from node.engines.llamacpp import LlamaCppEngine
-from tests.conftest import Launcher, gateway_url, wait_for_nodes
+from tests.conftest import TEST_THREADS, Launcher, gateway_url, wait_for_nodes
 
 N_CTX = 512
 SLOTS = 8
@@ -38,7 +38,7 @@ LENGTHS = [24, 9, 31, 16, 40, 12, 20, 28]  # different lengths: sessions leave t
 
 @pytest.fixture(scope="module")
 def engine(default_model: Path) -> Iterator[LlamaCppEngine]:
-    engine = LlamaCppEngine(default_model, n_ctx=N_CTX, threads=2, slots=SLOTS, on_step=ROWS.append)
+    engine = LlamaCppEngine(default_model, n_ctx=N_CTX, threads=TEST_THREADS, slots=SLOTS, on_step=ROWS.append)
     yield engine
     engine.close()
 
@@ -155,7 +155,7 @@ def test_a_replica_node_started_as_a_device_batches_concurrent_chats_through_the
     """The README's device commands, one by one (`edgemesh node --role replica --slots 4`, then
     `edgemesh gateway --peer`): four completions sent at once are decoded together on the node
     and each is llama.cpp's own greedy answer."""
-    node = launcher.node("desk", default_model, "--role", "replica", "--slots", "4", "--threads", "2")
+    node = launcher.node("desk", default_model, "--role", "replica", "--slots", "4")
     url = gateway_url(launcher.gateway("gw", default_model, "--no-discovery", "--peer", f"127.0.0.1:{node.ready[1]}"))
     wait_for_nodes(url, 1)
     asks = PROMPTS[:4]

@@ -15,7 +15,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import Launcher, Proc, gateway_url, metric_lines, wait_for_nodes
+from tests.conftest import TEST_THREADS, Launcher, Proc, gateway_url, metric_lines, wait_for_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,8 @@ def reference(default_model: Path) -> list[np.ndarray]:
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(default_model), embedding=True, n_ctx=512, n_batch=512, n_ubatch=512,
-                          pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, n_threads=1, verbose=False)
+                          pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, n_threads=TEST_THREADS,
+                          n_threads_batch=TEST_THREADS, verbose=False)
     return [np.asarray(v, dtype=np.float32) for v in llm.embed(TEXTS, normalize=True)]
 
 

@@ -32,7 +32,8 @@ def reference(model: Path) -> tuple[list[int], list[int]]:
     """A prompt and llama.cpp's own greedy continuation of it."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(model), logits_all=True, n_ctx=N_CTX, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(model), logits_all=True, n_ctx=N_CTX, n_threads=1, n_threads_batch=1,
+                          verbose=False)
     prompt = llm.tokenize(b"the cat in the hat sat", add_bos=True, special=True)
     llm.eval(prompt)
     continuation: list[int] = []

@@ -31,7 +31,8 @@ def llama_reference(path: Path, prompt: bytes, steps: int) -> tuple[list[int], n
     """Tokens (prompt + greedy continuation) and llama.cpp's logits for each of them."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=256, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=256, n_threads=1, n_threads_batch=1,
+                          verbose=False)
     tokens = llm.tokenize(prompt, add_bos=True, special=True)
     llm.eval(tokens)
     for _ in range(steps):
@@ -287,7 +288,7 @@ def _llama_cpp_repacked(path: Path, capfd: pytest.CaptureFixture[str]) -> set[st
     import llama_cpp
 
     capfd.readouterr()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=True)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, n_threads_batch=1, verbose=True)
     llm.close()
     return set(re.findall(r"repack tensor (\S+) with", capfd.readouterr().err))
 
